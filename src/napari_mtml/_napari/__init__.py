@@ -1,0 +1,1 @@
+"""napari integration: the only place that imports napari or Qt."""

@@ -1,0 +1,1 @@
+"""Training: task/fold splits, the loop, safe checkpoints."""
