@@ -1,0 +1,212 @@
+"""Random anomaly shapes: ellipse/ellipsoid or rectangle/cuboid, sheared and rotated (METHOD.md §1).
+
+A `Shape` is rasterised on the integer grid of its own tight bounding box, so every later step
+(placement, the tasks, the label) can work on that box instead of the whole image. It also knows
+the exact distance from a point inside it to its edge along any ray, which the radial deformations
+(sink, source) need.
+
+Coordinates: a point of the shape's box is given in array-index units of the box (axis order of the
+image, voxels); the shape's own frame is centred on the shape with its axes along the shape's
+(un-sheared, un-rotated) sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+KINDS = ("ellipse", "rectangle")
+
+#: the Gamma law of the per-axis size (METHOD.md §1): d = (0.03 + Gamma(2, 0.1)) * D
+SIZE_OFFSET = 0.03
+SIZE_GAMMA_SHAPE = 2.0
+SIZE_GAMMA_SCALE = 0.1
+SHEAR_STD = 0.2
+
+
+@dataclass(frozen=True, eq=False)
+class Shape:
+    """One rasterised anomaly shape.
+
+    Attributes
+    ----------
+    kind : "ellipse" or "rectangle" (ellipsoid / cuboid in 3D).
+    half_sizes : (n,) float64, half side lengths (radii) in the shape's own frame, voxels.
+    matrix : (n, n) float64, linear map from the shape's own frame to image axes (shear, rotation).
+    mask : bool array, n-D, the shape on its tight bounding box (at least one voxel is set).
+    centre : (n,) float64, the shape's centre in box coordinates (array indices of `mask`).
+    """
+
+    kind: str
+    half_sizes: np.ndarray
+    matrix: np.ndarray
+    mask: np.ndarray
+    centre: np.ndarray
+
+    @property
+    def ndim(self) -> int:
+        return self.mask.ndim
+
+    def to_own_frame(self, points: np.ndarray) -> np.ndarray:
+        """Box coordinates `(..., n)` -> the shape's own frame `(..., n)` (float64)."""
+        inv = np.linalg.inv(self.matrix)
+        return (np.asarray(points, dtype=np.float64) - self.centre) @ inv.T
+
+    def edge_distance(self, origin: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """Exact distance from `origin` to the shape's edge along each ray.
+
+        Parameters
+        ----------
+        origin : (n,) box coordinates of a point inside the shape.
+        directions : (m, n) unit vectors in image axes (voxel units).
+
+        Returns
+        -------
+        (m,) float64, distance in voxels along each direction (the analytic shape, not the raster).
+        """
+        inv = np.linalg.inv(self.matrix)
+        o = inv @ (np.asarray(origin, dtype=np.float64) - self.centre)
+        u = np.asarray(directions, dtype=np.float64) @ inv.T
+        return ray_to_edge(self.kind, self.half_sizes, o, u)
+
+
+def ray_to_edge(kind: str, half_sizes: np.ndarray, origin: np.ndarray, directions: np.ndarray):
+    """Distance `t >= 0` with `origin + t * directions` on the edge of an axis-aligned shape.
+
+    Everything is in the shape's own frame, centred on the shape. The ellipse uses the positive
+    root of the quadratic `sum(((o + t u) / r)^2) = 1`; the rectangle the slab test
+    `|o_i + t u_i| <= h_i`.
+    `directions` need not be unit vectors: `t` is in units of their length. `origin` (n,) must lie
+    inside the shape; `directions` is (m, n); the result is (m,) float64.
+    """
+    h = np.asarray(half_sizes, dtype=np.float64)
+    o = np.asarray(origin, dtype=np.float64)
+    u = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+    if kind == "ellipse":
+        on = o / h
+        un = u / h
+        a = np.einsum("ij,ij->i", un, un)
+        b = 2.0 * (un @ on)
+        c = float(on @ on) - 1.0
+        # c <= 0 inside, so the discriminant is >= b^2 and the larger root is >= 0
+        disc = np.sqrt(np.maximum(b * b - 4.0 * a * c, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (disc - b) / (2.0 * a)
+        return np.where(a > 0, np.maximum(t, 0.0), np.inf)
+    if kind == "rectangle":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # leave through the face the ray points at, on every axis; the nearest one wins
+            t_axis = (np.copysign(h, u) - o) / u
+        t_axis = np.where(u == 0, np.inf, t_axis)
+        return np.maximum(t_axis.min(axis=1), 0.0)
+    raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
+
+
+def size_bounds(image_shape, min_size: float = 0.06, max_size: float = 0.8):
+    """Per-axis size bounds `(lb, ub)` in voxels, int arrays (at least 1 voxel)."""
+    dims = np.asarray(image_shape, dtype=np.float64)
+    lb = np.maximum(np.round(min_size * dims), 1).astype(np.int64)
+    ub = np.maximum(np.round(max_size * dims), lb).astype(np.int64)
+    return lb, ub
+
+
+def random_matrix(ndim: int, rng: np.random.Generator) -> np.ndarray:
+    """Shear then rotate: one N(0, 0.2) shear per axis, a U(-pi/2, pi/2) rotation per axis pair."""
+    t = np.eye(ndim)
+    for d in range(ndim):
+        other = rng.choice([a for a in range(ndim) if a != d])
+        t[d, other] = rng.normal(0.0, SHEAR_STD)
+    for i, j in combinations(range(ndim), 2):
+        angle = rng.uniform(-np.pi / 2, np.pi / 2)
+        rot = np.eye(ndim)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rot[i, i], rot[i, j], rot[j, i], rot[j, j] = cos, -sin, sin, cos
+        t = rot @ t
+    return t
+
+
+def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
+    """Rasterise a shape on the integer grid of its tight bounding box.
+
+    Each grid point is mapped back into the shape's own frame and tested (ellipse:
+    `sum((x / r)^2) <= 1`; rectangle: `|x_i| <= h_i`). A shape too thin to cover any grid point
+    keeps its central voxel, so a shape is never empty.
+    """
+    h = np.asarray(half_sizes, dtype=np.float64)
+    extent = 2.0 * (np.abs(matrix) @ h)
+    box = np.maximum(np.ceil(extent).astype(np.int64), 1)
+    centre = (box - 1) / 2.0
+    inv = np.linalg.inv(matrix)
+    # separable broadcasting: x_own = sum_j inv[:, j] * grid_j, without building an (N, n) array
+    grids = [np.arange(b, dtype=np.float64) - c for b, c in zip(box, centre, strict=True)]
+    ndim = len(box)
+    own = []
+    for i in range(ndim):
+        acc = 0.0
+        for j in range(ndim):
+            shape = [1] * ndim
+            shape[j] = box[j]
+            acc = acc + (inv[i, j] / h[i]) * grids[j].reshape(shape)
+        own.append(acc)
+    if kind == "ellipse":
+        mask = sum(x * x for x in own) <= 1.0
+    elif kind == "rectangle":
+        mask = np.ones(tuple(box), dtype=bool)
+        for x in own:
+            mask &= np.abs(x) <= 1.0
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
+    mask = np.broadcast_to(mask, tuple(box))
+    if not mask.any():
+        mask = np.zeros(tuple(box), dtype=bool)
+        mask[tuple(int(c) for c in np.floor(centre))] = True
+    # trim to the tight bounding box so that placement is uniform over the valid corners
+    lo, hi = [], []
+    for ax in range(ndim):
+        other = tuple(a for a in range(ndim) if a != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        lo.append(idx[0])
+        hi.append(idx[-1] + 1)
+    tight = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+    return Shape(
+        kind=kind,
+        half_sizes=h,
+        matrix=np.asarray(matrix, dtype=np.float64),
+        mask=tight,
+        centre=centre - np.asarray(lo, dtype=np.float64),
+    )
+
+
+def random_shape(
+    image_shape,
+    rng: np.random.Generator,
+    min_size: float = 0.06,
+    max_size: float = 0.8,
+    shape: str = "random",
+) -> Shape:
+    """Draw one anomaly shape for an image of `image_shape` (METHOD.md §1).
+
+    Per axis, independently, `d_i = int(clip((0.03 + Gamma(2, 0.1)) * D_i, lb_i, ub_i))` voxels with
+    `lb_i = round(min_size * D_i)`, `ub_i = round(max_size * D_i)`; kind 50/50 unless `shape` is
+    `"ellipse"` or `"rectangle"`; a random shear and rotation; scaled down uniformly when its
+    bounding box would exceed `ub_i` on any axis. Returns a rasterised `Shape`.
+    """
+    dims = np.asarray(image_shape, dtype=np.float64)
+    ndim = dims.size
+    if shape == "random":
+        kind = KINDS[int(rng.integers(2))]
+    elif shape in KINDS:
+        kind = shape
+    else:
+        raise ValueError(f"shape={shape!r} is not valid: use 'random', 'ellipse' or 'rectangle'")
+    lb, ub = size_bounds(image_shape, min_size, max_size)
+    frac = SIZE_OFFSET + rng.gamma(SIZE_GAMMA_SHAPE, SIZE_GAMMA_SCALE, size=ndim)
+    sizes = np.clip(frac * dims, lb, ub).astype(np.int64).astype(np.float64)
+    matrix = random_matrix(ndim, rng)
+    extent = np.abs(matrix) @ sizes
+    fit = float(np.min(ub / extent))
+    if fit < 1.0:
+        sizes = sizes * fit
+    return rasterise(kind, sizes / 2.0, matrix)

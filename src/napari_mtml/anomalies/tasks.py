@@ -1,0 +1,375 @@
+"""The five synthetic anomaly tasks (METHOD.md §2), ids 0..4.
+
+Every task is a small callable object with the same signature::
+
+    patch = task(image, placed, rng, context)
+
+`image` is the current (possibly already changed) float32 image, which the task does not modify;
+`placed` a `PlacedShape`; `context` the call's `TaskContext`. The task returns a `Patch`: a box of
+the image, the new float32 values on that box and the bool mask of the voxels that changed (the
+anomaly). Only the box is ever touched: the cost is that of the box, not of the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+from scipy import ndimage
+
+from napari_mtml.anomalies.placement import PlacedShape
+
+#: spill rule of the blending tasks: a voxel of the box that changed more than this joins the mask
+SPILL_THRESHOLD = 0.001
+#: voxels of context around a box for the cubic spline's prefilter (its influence decays as
+#: 0.268^k, so 6 voxels keep the crop's own border effect below 4e-4 of a local step)
+SPLINE_MARGIN = 6
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """The task parameters the paper varies, with its defaults (brain; CXR uses max_push=10).
+
+    Sizes are fractions of the image size per axis; push distances are voxels; `intensity_scale` is
+    in image units (z-score for brain MRI, [-1, 1] for X-rays); `margin_base` is a fraction of the
+    smallest image side.
+    """
+
+    min_size: float = 0.06
+    max_size: float = 0.8
+    max_anomalies: int = 4
+    repeat_prob: float = 0.5
+    min_push: float = 0.5
+    max_push: float = 5.0
+    intensity_scale: float = 0.2
+    margin_base: float = 0.02
+    sigma: float = 0.2
+    shape: str = "random"
+    max_attempts: int = 100
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first parameter out of its range."""
+        checks = [
+            (0 < self.min_size <= self.max_size <= 1, "need 0 < min_size <= max_size <= 1"),
+            (int(self.max_anomalies) >= 1, "max_anomalies must be >= 1"),
+            (0 <= self.repeat_prob <= 1, "repeat_prob must be in [0, 1]"),
+            (0 <= self.min_push <= self.max_push, "need 0 <= min_push <= max_push"),
+            (self.intensity_scale >= 0, "intensity_scale must be >= 0"),
+            (self.margin_base > 0, "margin_base must be > 0"),
+            (self.sigma > 0, "sigma must be > 0"),
+            (self.shape in ("random", "ellipse", "rectangle"),
+             "shape must be 'random', 'ellipse' or 'rectangle'"),
+            (int(self.max_attempts) >= 1, "max_attempts must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"bad task parameter: {message} (got {self})")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A blending source: float32 array, optional bool foreground mask, its global value range."""
+
+    array: np.ndarray
+    mask: np.ndarray | None
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task needs besides the image and the shape.
+
+    `value_range` is the image's global (min, max), to which every task clips; `source` returns a
+    `SourceImage` for the blending tasks (called once per blended anomaly).
+    """
+
+    params: TaskParams
+    value_range: tuple[float, float]
+    source: Callable[[np.random.Generator], SourceImage] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """A task's output: `values` (float32) on the image's `box`; `mask` (bool) marks the anomaly."""
+
+    box: tuple[slice, ...]
+    values: np.ndarray
+    mask: np.ndarray
+
+
+def _shape_in_box(placed: PlacedShape, image_shape, margin: int):
+    outer, inner = placed.padded_box(image_shape, margin)
+    size = tuple(s.stop - s.start for s in outer)
+    mask = np.zeros(size, dtype=bool)
+    mask[inner] = placed.mask
+    offset = np.array([s.start for s in inner], dtype=np.float64)
+    return outer, mask, offset
+
+
+# ---------------------------------------------------------------- sink / source (tasks 2 and 3)
+
+
+def push_factor(mean_radius: float, rng: np.random.Generator, kind: str,
+                min_push: float = 0.5, max_push: float = 5.0) -> float:
+    """The deformation factor f from a random push distance (METHOD.md §2).
+
+    `mean_radius` is A, the mean distance (voxels) from the centre to the shape's boundary voxels.
+    `p ~ U(max(0.1 A/sqrt2, min_push), min(0.9 A/sqrt2, max_push))`, `m± = A/2 ± p/sqrt2`; source
+    `f = ln(m-/A) / ln(m+/A)`, sink `f = ln(1 - m+/A) / ln(1 - m-/A)`. Returns 1 (identity) for a
+    shape too small to push (A = 0).
+    """
+    a = float(mean_radius)
+    if a <= 0:
+        return 1.0
+    low = max(0.1 * a / np.sqrt(2), min_push)
+    high = min(0.9 * a / np.sqrt(2), max_push)
+    push = rng.uniform(low, high) if high > low else high
+    # never past 0.9 A / sqrt2, where m- would approach 0 and f blow up
+    push = min(max(push, 0.0), 0.9 * a / np.sqrt(2))
+    m_minus = a / 2 - push / np.sqrt(2)
+    m_plus = a / 2 + push / np.sqrt(2)
+    if kind == "source":
+        return float(np.log(m_minus / a) / np.log(m_plus / a))
+    if kind == "sink":
+        return float(np.log(1 - m_plus / a) / np.log(1 - m_minus / a))
+    raise ValueError(f"kind must be 'sink' or 'source', got {kind!r}")
+
+
+def warped_radius(r: np.ndarray, edge: np.ndarray, factor: float, kind: str) -> np.ndarray:
+    """Paper Eqs. 1-2: where the value landing at radius `r` is read from.
+
+    source `r' = R (r / R)^f`, sink `r' = R - (R - r)^f / R^(f-1)`, with R = `edge`, the distance
+    from the centre to the shape's edge along the ray. Both keep r' = r at 0 and at R.
+    """
+    edge = np.maximum(edge, r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(edge > 0, r / edge, 0.0)
+    if kind == "source":
+        return edge * ratio**factor
+    if kind == "sink":
+        return edge * (1.0 - (1.0 - ratio) ** factor)
+    raise ValueError(f"kind must be 'sink' or 'source', got {kind!r}")
+
+
+def radial_warp(
+    image: np.ndarray,
+    mask: np.ndarray,
+    centre,
+    factor: float,
+    kind: str,
+    edge_distance: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Sink or source deformation of `image` inside `mask` around `centre` (deterministic part).
+
+    Parameters
+    ----------
+    image : float32 n-D array (a box of the image with context around the shape).
+    mask : bool array, same shape, the shape's voxels.
+    centre : (n,) index of a voxel of `mask`.
+    factor : f > 0.
+    kind : "sink" or "source".
+    edge_distance : `(origin (n,), unit directions (m, n)) -> (m,)` distance to the shape's edge.
+
+    Returns
+    -------
+    float32 array, a copy of `image` where every shape voxel at `c + r u` holds the cubic-spline
+    (order 3, mode nearest) sample of `image` at `c + r' u`; identity outside the shape.
+    """
+    out = np.array(image, dtype=np.float32, copy=True)
+    points = np.nonzero(mask)
+    c = np.asarray(centre, dtype=np.float64)
+    delta = np.stack(points, axis=1).astype(np.float64) - c
+    r = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+    moving = r > 0
+    u = delta[moving] / r[moving, None]
+    r_new = warped_radius(r[moving], edge_distance(c, u), factor, kind)
+    coords = np.empty_like(delta)
+    coords[:] = c
+    coords[moving] = c + r_new[:, None] * u
+    values = ndimage.map_coordinates(
+        np.asarray(image, dtype=np.float32), coords.T, order=3, mode="nearest", output=np.float32
+    )
+    out[points] = values
+    return out
+
+
+class _RadialTask:
+    """Sink (2) or source (3): move intensities radially, never change them (METHOD.md §2)."""
+
+    def __init__(self, name: str, task_id: int):
+        self.name = name
+        self.id = task_id
+
+    def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
+        params = context.params
+        outer, mask, offset = _shape_in_box(placed, image.shape, SPLINE_MARGIN)
+        points = np.nonzero(mask)
+        pick = int(rng.integers(points[0].size))
+        centre = np.array([p[pick] for p in points], dtype=np.float64)
+        boundary = mask & ~ndimage.binary_erosion(mask)
+        bpts = np.stack(np.nonzero(boundary), axis=1).astype(np.float64)
+        mean_radius = float(np.sqrt(((bpts - centre) ** 2).sum(axis=1)).mean())
+        factor = push_factor(mean_radius, rng, self.name, params.min_push, params.max_push)
+        shape = placed.shape
+
+        def edge(origin, directions):
+            return shape.edge_distance(origin - offset, directions)
+
+        crop = image[outer]
+        values = radial_warp(crop, mask, centre, factor, self.name, edge)
+        # the spline can overshoot a little: stay in the image's range like every task
+        np.clip(values, *context.value_range, out=values)
+        return Patch(outer, values, mask)
+
+
+# ---------------------------------------------------------------- smooth intensity (task 4)
+
+
+def smooth_intensity_change(image, mask, amplitude: float, margin: float) -> np.ndarray:
+    """Add `w * amplitude` inside `mask`, `w = min(dist / margin, 1)` (deterministic part).
+
+    `dist` is the Euclidean distance transform of the shape (voxels; 1 on its edge voxels), so the
+    change ramps up over `margin` voxels from the edge. Returns a float32 copy of `image`, unchanged
+    outside `mask` (no clipping here).
+    """
+    padded = np.pad(mask, 1)
+    dist = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
+    weight = np.minimum(dist / max(float(margin), 1e-12), 1.0)
+    out = np.array(image, dtype=np.float32, copy=True)
+    out[mask] += (weight[mask] * amplitude).astype(np.float32)
+    return out
+
+
+class _SmoothIntensityTask:
+    """Smooth intensity change (4): a ramped offset of Gamma amplitude (METHOD.md §2)."""
+
+    name = "smooth_intensity"
+    id = 4
+
+    def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
+        params = context.params
+        box = placed.box
+        mask = placed.mask
+        padded = np.pad(mask, 1)
+        dist = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
+        margin = min(
+            min(image.shape) * (params.margin_base + rng.gamma(3.0, 0.01)), float(dist.max())
+        )
+        s = params.intensity_scale
+        amplitude = (s / 2 + rng.gamma(3.0, s)) * (1.0 if rng.random() < 0.5 else -1.0)
+        weight = np.minimum(dist[mask] / margin, 1.0)
+        values = np.array(image[box], dtype=np.float32, copy=True)
+        changed = values[mask] + (weight * amplitude).astype(np.float32)
+        values[mask] = np.clip(changed, *context.value_range)
+        return Patch(box, values, mask.copy())
+
+
+# ---------------------------------------------------------------- Poisson blending (tasks 0 and 1)
+
+
+def _rotation(ndim: int, rng: np.random.Generator, max_angle: float) -> np.ndarray:
+    rot = np.eye(ndim)
+    for i, j in combinations(range(ndim), 2):
+        angle = rng.uniform(-max_angle, max_angle)
+        r = np.eye(ndim)
+        cos, sin = np.cos(angle), np.sin(angle)
+        r[i, i], r[i, j], r[j, i], r[j, j] = cos, -sin, sin, cos
+        rot = r @ rot
+    return rot
+
+
+def sample_source_patch(source: SourceImage, out_shape, rng: np.random.Generator) -> np.ndarray:
+    """A randomly rotated and scaled window of the source, resampled to `out_shape` (float32).
+
+    Backward map target -> source: rotation U(-pi/4, pi/4) per axis pair, scale `1 + Exp(0.1)` or
+    its inverse (p = 0.5), shrunk so the mapped window fits in 0.8 of the source on every axis; the
+    window's centre is uniform over the positions that keep it inside the source (with a source
+    mask: a centre voxel on the mask); cubic spline resampling; clipped to the source's range.
+    """
+    src = source.array
+    ndim = src.ndim
+    out = np.asarray(out_shape, dtype=np.float64)
+    dims = np.asarray(src.shape, dtype=np.float64)
+    scale = 1.0 + rng.exponential(0.1)
+    if rng.random() < 0.5:
+        scale = 1.0 / scale
+    matrix = scale * _rotation(ndim, rng, np.pi / 4)
+    extent = np.abs(matrix) @ out
+    fit = float(np.min(0.8 * dims / extent))
+    if fit < 1.0:
+        matrix *= fit
+        extent *= fit
+    low = np.ceil(extent / 2).astype(np.int64)
+    high = np.maximum(np.floor(dims - 1 - extent / 2).astype(np.int64), low)
+    centre = _window_centre(source, low, high, rng)
+    margin = SPLINE_MARGIN
+    lo = np.maximum(np.floor(centre - extent / 2).astype(np.int64) - margin, 0)
+    hi = np.minimum(np.ceil(centre + extent / 2).astype(np.int64) + margin + 1, src.shape)
+    crop = src[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    offset = (centre - lo) - matrix @ ((out - 1) / 2)
+    patch = ndimage.affine_transform(
+        np.asarray(crop, dtype=np.float32), matrix, offset=offset,
+        output_shape=tuple(int(s) for s in out), order=3, mode="nearest", output=np.float32,
+    )
+    np.clip(patch, source.low, source.high, out=patch)
+    return patch
+
+
+def _window_centre(source: SourceImage, low, high, rng, attempts: int = 100) -> np.ndarray:
+    if source.mask is None:
+        return np.array([rng.integers(a, b + 1) for a, b in zip(low, high, strict=True)], float)
+    for _ in range(attempts):
+        c = tuple(int(rng.integers(a, b + 1)) for a, b in zip(low, high, strict=True))
+        if source.mask[c]:
+            return np.asarray(c, dtype=np.float64)
+    # a thin source foreground: choose among its voxels directly rather than keep guessing
+    region = tuple(slice(a, b + 1) for a, b in zip(low, high, strict=True))
+    candidates = np.nonzero(source.mask[region])
+    if candidates[0].size == 0:
+        raise ValueError(
+            "the blending source's foreground mask has no voxel where a source window fits: pass a "
+            "source with a larger foreground, or mask=None"
+        )
+    pick = int(rng.integers(candidates[0].size))
+    return np.array([c[pick] + a for c, a in zip(candidates, low, strict=True)], dtype=np.float64)
+
+
+class _BlendTask:
+    """Poisson blending (0 intra-dataset, 1 inter-dataset): mixed gradients on the mask's box."""
+
+    def __init__(self, name: str, task_id: int):
+        self.name = name
+        self.id = task_id
+
+    def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
+        from napari_mtml.anomalies.poisson import poisson_blend
+
+        if context.source is None:
+            raise ValueError(f"task {self.name!r} needs a blending source")
+        # one voxel of target around the shape is the Dirichlet border of the solve
+        outer, mask, _ = _shape_in_box(placed, image.shape, 1)
+        target = np.asarray(image[outer], dtype=np.float32)
+        patch = sample_source_patch(context.source(rng), target.shape, rng)
+        blended = np.asarray(poisson_blend(target, patch, mask, mix_gradients=True), np.float32)
+        np.clip(blended, *context.value_range, out=blended)
+        spill = np.abs(blended - target) > SPILL_THRESHOLD
+        changed = mask | spill
+        values = np.where(changed, blended, target).astype(np.float32, copy=False)
+        return Patch(outer, values, changed)
+
+
+def _make_tasks():
+    return (
+        _BlendTask("intra_blend", 0),
+        _BlendTask("inter_blend", 1),
+        _RadialTask("sink", 2),
+        _RadialTask("source", 3),
+        _SmoothIntensityTask(),
+    )
+
+
+#: the five tasks, index = task id
+TASK_OBJECTS = _make_tasks()
