@@ -1,1 +1,36 @@
-"""Training: task/fold splits, the loop, safe checkpoints."""
+"""Training: task/fold splits, the loop, safe checkpoints.
+
+```python
+from napari_mtml.config import TrainConfig
+from napari_mtml.training import train
+gen = train(TrainConfig(healthy=["scans/"], out="run"))
+for event in gen: ...          # events of napari_mtml.training.events; gen.close() cancels
+```
+"""
+
+from napari_mtml.training.crossval import FoldSplit, task_folds
+from napari_mtml.training.events import (
+    FoldFinished,
+    FoldStarted,
+    Notice,
+    RunFinished,
+    RunResult,
+    StepEvent,
+    ValidationEvent,
+)
+from napari_mtml.training.trainer import TrainingOutOfMemory, WarmupExponentialLR, train
+
+__all__ = [
+    "train",
+    "task_folds",
+    "FoldSplit",
+    "FoldStarted",
+    "StepEvent",
+    "ValidationEvent",
+    "FoldFinished",
+    "RunFinished",
+    "Notice",
+    "RunResult",
+    "TrainingOutOfMemory",
+    "WarmupExponentialLR",
+]

@@ -1,0 +1,419 @@
+"""One configuration object per training run.
+
+`TrainConfig` holds every setting of a run: the `mtml train` flags, the model, the preprocessing,
+the optimiser schedule, validation and the synthetic task parameters. The CLI, the napari widget
+and a TOML file all fill this same dataclass; `RUN/config.json` stores it (resolved: every `None`
+default replaced by the value actually used) beside the checkpoints, so that inference can rebuild
+the model and the preprocessing from the run folder alone.
+
+Defaults that depend on the data (`None` below) follow the paper (METHOD.md sections 5-6):
+
+=================  ==============================  ==============================
+setting            brain MRI, 3D                   chest X-ray, 2D
+=================  ==============================  ==============================
+batch_size         8                               50
+lr (peak)          1e-3                            5e-3
+max_push           5.0                             10.0
+flip (last axis)   yes, p = 0.5                    no
+model "paper"      depth 5, 32 base, max 320       depth 7, 32 base, max 512
+model "light"      depth 4, 16 base, max 128       depth 4, 16 base, max 128
+=================  ==============================  ==============================
+
+2D slices of MRI volumes (`dims=2` with volumes) use the MRI task settings (push 5, flip) and the
+2D batch size, learning rate and model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "MODEL_PRESETS"]
+
+# (base_features, depth, max_features) per preset and number of spatial dimensions.
+MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
+    "paper": {3: (32, 5, 320), 2: (32, 7, 512)},
+    "light": {3: (16, 4, 128), 2: (16, 4, 128)},
+}
+
+_KINDS = ("auto", "mri", "cxr")
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run (all folds).
+
+    Data and run
+        healthy: files or folders of healthy scans (NIfTI, DICOM, PNG/TIFF/JPEG).
+        out: the run folder (`config.json`, `folds.json`, `fold_K/`).
+        dims: 2 or 3, or None for the scans' own number of dimensions (3D volumes with
+            `dims=2` train on their axial slices).
+        train_tasks: T of the T/(5-T) split, 1..4 (C(5, T) models).
+        fold: the fold index to train (0..C(5,T)-1), or "all" (sequentially).
+        external: folder of the external dataset for the inter-dataset blending task (task 1);
+            None = task 1 draws its sources from the training data (announced by a `Notice`).
+        max_steps: optimiser steps per fold (upper bound; early stopping may end sooner).
+        batch_size: global batch (split over DDP ranks); None = 8 (3D) / 50 (2D).
+        frame: the model's input shape, None = the preprocessing default for the data.
+        device: "auto" (cuda > mps > cpu), "cpu", "cuda" or "mps" ("cuda:1" also accepted).
+        workers: DataLoader worker processes generating anomalies (0 = in the training process).
+        seed: base seed of everything random (model init, batches, validation set).
+        resume: continue each fold from its `last.pt`.
+
+    Model (`napari_mtml.model.UNet`)
+        preset: "paper" or "light"; base_features / depth / max_features override it.
+        pos_encoding: add the coordinate + Fourier-feature input channels.
+
+    Preprocessing (`napari_mtml.preprocess.to_frame`)
+        kind: "auto", "mri" or "cxr"; downsample: in-plane/volume factor (MRI), usually 2.
+        min_foreground: with `dims=2` from volumes, slices whose foreground covers less than this
+            fraction of the slice are dropped (no brain, nothing to learn).
+
+    Optimisation (METHOD.md section 6)
+        lr: peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
+        warmup_steps, warmup_start: linear warm-up from `warmup_start * lr` over `warmup_steps`.
+        lr_decay: multiplicative factor per step after warm-up (0.9997122 in the paper),
+            down to `final_lr_fraction * lr` (1/20), then constant.
+
+    Validation and selection
+        val_interval: validate every this many steps (and at the last step).
+        patience: early stop this many steps after the best validation loss.
+        val_size: number of augmented validation items (each with its healthy image);
+            None = 16 (3D) / 64 (2D). Drawn once, from `seed`, over the held-out tasks.
+
+    Task parameters (`napari_mtml.anomalies.synthesize`)
+        min_push, max_push (None = 5 MRI / 10 CXR), intensity_scale, sigma (label),
+        max_anomalies, flip (None = yes for MRI, no for CXR).
+    """
+
+    healthy: tuple[str, ...] = ()
+    out: str = "mtml_run"
+    dims: int | None = None
+    train_tasks: int = 1
+    fold: int | str = "all"
+    external: str | None = None
+    max_steps: int = 20000
+    batch_size: int | None = None
+    frame: tuple[int, ...] | None = None
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    resume: bool = False
+    # model
+    preset: str = "paper"
+    base_features: int | None = None
+    depth: int | None = None
+    max_features: int | None = None
+    pos_encoding: bool = True
+    # preprocessing
+    kind: str = "auto"
+    downsample: int = 2
+    min_foreground: float = 0.05
+    # optimisation
+    lr: float | None = None
+    warmup_steps: int = 100
+    warmup_start: float = 0.01
+    lr_decay: float = 0.9997122
+    final_lr_fraction: float = 0.05
+    # validation and selection
+    val_interval: int = 250
+    patience: int = 5000
+    val_size: int | None = None
+    # task parameters
+    min_push: float = 0.5
+    max_push: float | None = None
+    intensity_scale: float = 0.2
+    sigma: float = 0.2
+    max_anomalies: int = 4
+    flip: bool | None = None
+    # filled by `resolve` once the data is known; saved in config.json
+    resolved_kind: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        # Normalise the container types that JSON/TOML/argparse hand over as lists or strings.
+        if isinstance(self.healthy, (str, Path)):
+            self.healthy = (str(self.healthy),)
+        self.healthy = tuple(str(p) for p in self.healthy)
+        self.out = str(self.out)
+        if self.external is not None:
+            self.external = str(self.external)
+        if isinstance(self.frame, str):
+            self.frame = _parse_frame(self.frame)
+        if self.frame is not None:
+            self.frame = tuple(int(v) for v in self.frame)
+        if isinstance(self.fold, str) and self.fold != "all":
+            try:
+                self.fold = int(self.fold)
+            except ValueError:
+                raise ValueError(
+                    f"fold must be an integer or 'all', got {self.fold!r}"
+                ) from None
+        self.validate()
+
+    # ----------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise `ValueError` naming the setting, the bad value and what is allowed."""
+
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"{name} = {getattr(self, name)!r} is invalid: {allowed}")
+
+        def positive_int(name: str, allow_none: bool = False, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise bad(name, f"use an integer >= {minimum}")
+
+        def positive_float(name: str, allow_none: bool = False, upper: float | None = None) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "use a finite positive number")
+            if v <= 0 or (upper is not None and v > upper):
+                limit = f" and <= {upper}" if upper is not None else ""
+                raise bad(name, f"use a number > 0{limit}")
+
+        if self.dims not in (None, 2, 3):
+            raise bad("dims", "use 2, 3, or leave unset for the scans' own")
+        if isinstance(self.train_tasks, bool) or self.train_tasks not in (1, 2, 3, 4):
+            raise bad("train_tasks", "the T of a T/(5-T) split is 1, 2, 3 or 4")
+        n_folds = math.comb(5, self.train_tasks)
+        if self.fold != "all" and (
+            isinstance(self.fold, bool) or not isinstance(self.fold, int)
+            or not 0 <= self.fold < n_folds
+        ):
+            raise bad("fold", f"with train_tasks = {self.train_tasks} there are {n_folds} folds: "
+                      f"use 0..{n_folds - 1} or 'all'")
+        positive_int("max_steps")
+        positive_int("batch_size", allow_none=True)
+        positive_int("workers", minimum=0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "use a non-negative integer")
+        if self.frame is not None and (
+            len(self.frame) not in (2, 3) or any(v < 8 for v in self.frame)
+        ):
+            raise bad("frame", "use 2 or 3 sizes of at least 8, e.g. 80,112,80 or 256,256")
+        if self.frame is not None and self.dims is not None and len(self.frame) != self.dims:
+            raise ValueError(f"frame {self.frame} has {len(self.frame)} sizes but dims = "
+                             f"{self.dims}: give one size per spatial axis")
+        dev = str(self.device)
+        if dev.split(":")[0] not in _DEVICES:
+            raise bad("device", f"use one of {', '.join(_DEVICES)} (or cuda:N)")
+        if self.preset not in MODEL_PRESETS:
+            raise bad("preset", f"use one of {', '.join(MODEL_PRESETS)}")
+        positive_int("base_features", allow_none=True)
+        positive_int("depth", allow_none=True)
+        positive_int("max_features", allow_none=True)
+        if self.kind not in _KINDS:
+            raise bad("kind", f"use one of {', '.join(_KINDS)}")
+        positive_int("downsample")
+        if not 0 <= self.min_foreground < 1:
+            raise bad("min_foreground", "use a fraction in [0, 1)")
+        positive_float("lr", allow_none=True)
+        positive_int("warmup_steps", minimum=0)
+        positive_float("warmup_start", upper=1.0)
+        positive_float("lr_decay", upper=1.0)
+        positive_float("final_lr_fraction", upper=1.0)
+        positive_int("val_interval")
+        positive_int("patience")
+        positive_int("val_size", allow_none=True)
+        positive_float("min_push")
+        positive_float("max_push", allow_none=True)
+        if self.max_push is not None and self.max_push < self.min_push:
+            raise ValueError(f"max_push = {self.max_push} is below min_push = {self.min_push}: "
+                             "raise max_push or lower min_push")
+        positive_float("intensity_scale")
+        positive_float("sigma")
+        positive_int("max_anomalies")
+        for name in ("resume", "pos_encoding"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "use true or false")
+        if self.flip is not None and not isinstance(self.flip, bool):
+            raise bad("flip", "use true, false, or leave unset")
+        if not self.out:
+            raise bad("out", "give a run folder")
+
+    # ----------------------------------------------------------------------------- overrides
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """A validated copy with some settings changed; unknown names raise `ValueError`."""
+        _check_names(overrides, "replace()")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_args(cls, namespace: Any, base: TrainConfig | None = None) -> TrainConfig:
+        """Fill a config from an argparse namespace.
+
+        Attributes named like fields (dashes become underscores) that are not `None` override
+        `base` (default: a `TrainConfig()`, or the TOML file of `namespace.config` when that
+        attribute is set). So declare argparse defaults as `None` to let TOML values stand;
+        `resume` is taken when true. Attributes that are not fields (`command`, `func`,
+        `config`) are ignored.
+        """
+        values = dict(vars(namespace))
+        toml = values.pop("config", None)
+        if base is None:
+            base = cls.from_toml(toml) if toml else cls()
+        names = {f.name for f in fields(cls)}
+        overrides = {}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key in names and value is not None and not (key == "resume" and value is False):
+                overrides[key] = value
+        return dataclasses.replace(base, **overrides)
+
+    # ----------------------------------------------------------------------------- files
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML file: flat `key = value` pairs named like the fields, optionally grouped
+        in tables (`[model]`, `[training]`, ... whose keys are field names). Relative paths in
+        `healthy`, `external` and `out` are taken relative to the TOML file's folder."""
+        path = Path(path)
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise ValueError(f"{path}: reading TOML on Python 3.10 needs the 'tomli' "
+                                 "package: pip install tomli") from None
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found; check the path") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc}); fix the file") from None
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():
+            items = value.items() if isinstance(value, dict) else [(key, value)]
+            for k, v in items:
+                flat[k.replace("-", "_")] = v
+        _check_names(flat, str(path))
+        base = path.parent
+        if "healthy" in flat:
+            h = flat["healthy"]
+            flat["healthy"] = [str(base / p) for p in ([h] if isinstance(h, str) else h)]
+        for key in ("external", "out"):
+            if isinstance(flat.get(key), str):
+                flat[key] = str(base / flat[key])
+        flat.update(overrides)
+        try:
+            return cls(**flat)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["healthy"] = list(self.healthy)
+        d["frame"] = list(self.frame) if self.frame is not None else None
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; with `path`, also written there atomically."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> TrainConfig:
+        """Read a config from a JSON file path, or from JSON text."""
+        text = str(source)
+        name = "JSON text"
+        if not text.lstrip().startswith("{"):
+            name = text
+            try:
+                text = Path(source).read_text()
+            except FileNotFoundError:
+                raise ValueError(f"{name}: config file not found; is this a run folder's "
+                                 "config.json?") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{name}: expected a JSON object of settings")
+        _check_names(data, name)
+        return cls(**data)
+
+    # ----------------------------------------------------------------------------- resolution
+    def resolve(self, dims: int, kind: str, frame: tuple[int, ...]) -> TrainConfig:
+        """A copy with every data-dependent default filled in, for `dims` (2 or 3), the data's
+        preprocessing `kind` ("mri" or "cxr") and the model input `frame`."""
+        if dims not in (2, 3) or kind not in ("mri", "cxr"):
+            raise ValueError(f"resolve needs dims 2 or 3 and kind mri or cxr, got {dims}, {kind}")
+        base, depth, maxf = MODEL_PRESETS[self.preset][dims]
+        return self.replace(
+            dims=dims,
+            frame=tuple(int(v) for v in frame),
+            resolved_kind=kind,
+            batch_size=self.batch_size or (8 if dims == 3 else 50),
+            lr=self.lr or (1e-3 if dims == 3 else 5e-3),
+            max_push=self.max_push if self.max_push is not None else (5.0 if kind == "mri"
+                                                                       else 10.0),
+            flip=self.flip if self.flip is not None else (kind == "mri"),
+            val_size=self.val_size or (16 if dims == 3 else 64),
+            base_features=self.base_features or base,
+            depth=self.depth or depth,
+            max_features=self.max_features or maxf,
+        )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `napari_mtml.model.UNet` for this (resolved) config."""
+        if self.dims is None or self.frame is None:
+            raise ValueError("model_kwargs needs a resolved config (dims and frame known): "
+                             "call resolve() or read the run's config.json")
+        base, depth, maxf = MODEL_PRESETS[self.preset][self.dims]
+        return {
+            "dims": self.dims,
+            "frame": tuple(self.frame),
+            "base_features": self.base_features or base,
+            "max_features": self.max_features or maxf,
+            "depth": self.depth or depth,
+            "pos_encoding": self.pos_encoding,
+        }
+
+    def task_params(self) -> dict[str, Any]:
+        """Keyword arguments for `napari_mtml.anomalies.synthesize` (resolved config)."""
+        return {
+            "min_push": self.min_push,
+            "max_push": self.max_push if self.max_push is not None else 5.0,
+            "intensity_scale": self.intensity_scale,
+            "sigma": self.sigma,
+            "max_anomalies": self.max_anomalies,
+        }
+
+    @property
+    def n_folds(self) -> int:
+        """C(5, T): the number of models of the T/(5-T) split."""
+        return math.comb(5, self.train_tasks)
+
+    def fold_indices(self) -> list[int]:
+        """The folds this config trains: all of them, or the one of `fold`."""
+        return list(range(self.n_folds)) if self.fold == "all" else [int(self.fold)]
+
+
+def _parse_frame(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"frame {text!r} is invalid: use sizes separated by commas, "
+                         "e.g. 80,112,80 or 256,256") from None
+
+
+def _check_names(values: dict[str, Any], where: str) -> None:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: "
+                         f"{', '.join(sorted(names))}")

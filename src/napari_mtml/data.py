@@ -1,0 +1,557 @@
+"""Healthy-image collections, fold assignment and the on-the-fly synthetic anomaly dataset.
+
+Flow: files/folders -> `expand_paths` (sorted) -> `read_image` -> `to_frame` -> a
+`HealthyCollection` of framed float32 arrays held in memory -> data folds (`assign_folds`) ->
+`SyntheticDataset` (training items, fresh anomalies every time) and `make_validation_set` (drawn
+once from a fixed seed).
+
+Seeding. A training item is a pure function of (base seed, rank, epoch, index): its generator is
+`numpy.random.Generator(PCG64(SeedSequence([seed, rank, epoch, index])))`. Which healthy image it
+starts from is fixed by a per-epoch permutation (seeded by `(seed, epoch)`), of which rank r of W
+takes every W-th entry (as `DistributedSampler` does). So the items do not depend on the number
+of DataLoader workers nor on which worker builds them, no two workers or ranks repeat anomalies,
+and a resumed run reproduces the exact batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "HealthySample",
+    "HealthyCollection",
+    "expand_paths",
+    "assign_folds",
+    "SyntheticDataset",
+    "StepBatchSampler",
+    "ValidationSet",
+    "make_validation_set",
+]
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+N_DATA_FOLDS = 5
+_PERM_KEY = 0x5EED  # separates the per-epoch permutation streams from the per-item streams
+_VAL_KEY = 0x7A1  # separates the validation stream
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files and folders of healthy scans -> a sorted list of readable items.
+
+    A folder is searched recursively for NIfTI, DICOM and 2D image files. A folder whose DICOM
+    files form one series (several files, one SeriesInstanceUID) is one item (a volume); other
+    DICOM files are one item each (e.g. radiographs). The result is sorted by path, so the fold
+    assignment does not depend on the file system's order.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    items: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            items.add(p)
+        elif p.is_dir():
+            found = _expand_folder(p)
+            if not found:
+                raise ValueError(f"{p}: folder holds no NIfTI, DICOM or image files "
+                                 f"({', '.join(IMAGE_SUFFIXES)}); point at the healthy scans")
+            items.update(found)
+        else:
+            raise ValueError(f"{p}: no such file or folder; check the healthy-scan paths")
+    if not items:
+        raise ValueError("no healthy files given: pass at least five healthy scans or folders")
+    return sorted(items, key=lambda q: str(q))
+
+
+def _expand_folder(folder: Path) -> list[Path]:
+    out: list[Path] = []
+    dicoms: dict[Path, list[Path]] = {}
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        suffix = _suffix(f)
+        if suffix == ".dcm":
+            dicoms.setdefault(f.parent, []).append(f)
+        elif suffix in IMAGE_SUFFIXES:
+            out.append(f)
+    for parent, files in dicoms.items():
+        if len(files) > 1 and _one_series(files):
+            out.append(parent)
+        else:
+            out.extend(files)
+    return out
+
+
+def _one_series(files: list[Path]) -> bool:
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return False
+    uids = set()
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:
+            return False
+        uids.add(str(getattr(ds, "SeriesInstanceUID", f)))
+        if len(uids) > 1:
+            return False
+    return True
+
+
+def assign_folds(n_items: int, groups: Sequence[int] | None = None,
+                 n_folds: int = N_DATA_FOLDS) -> np.ndarray:
+    """Data fold (0..n_folds-1) of each item: a contiguous split of the sorted item list.
+
+    n_items: number of items (in sorted order). groups: optional (n_items,) non-decreasing group
+    id per item (e.g. the volume a 2D slice comes from). With at least `n_folds` groups, whole
+    groups are split (slices of one volume never straddle folds, so train and validation data
+    share no volume); with fewer groups the items themselves are split. Returns an int64
+    (n_items,) array; fold sizes differ by at most one unit (item or group).
+    """
+    if n_items < n_folds:
+        raise ValueError(f"{n_items} healthy item(s) is too few: the {n_folds} data folds need at "
+                         f"least {n_folds}; add more healthy scans (or use --dims 2 with volumes)")
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (n_items,):
+            raise ValueError(f"groups must have one entry per item ({n_items}), got {groups.shape}")
+        uniq, inverse = np.unique(groups, return_inverse=True)
+        if len(uniq) >= n_folds:
+            return (np.arange(len(uniq)) * n_folds // len(uniq))[inverse].astype(np.int64)
+    return (np.arange(n_items) * n_folds // n_items).astype(np.int64)
+
+
+@dataclass
+class HealthySample:
+    """One healthy training item in the model's frame.
+
+    image: float32 `(*frame)`; foreground: bool `(*frame)` or None (= everywhere, X-rays);
+    name: the file name (with `[z=K]` for a slice of a volume); group: index of the file.
+    """
+
+    image: np.ndarray
+    foreground: np.ndarray | None
+    name: str
+    group: int
+
+
+class HealthyCollection:
+    """Healthy images, framed and held in memory, in sorted order, with their data folds.
+
+    Build with `from_paths` (files) or `from_arrays` (arrays already in a common frame, e.g. from
+    napari layers or tests). Attributes: `samples` (list of `HealthySample`), `dims` (2 or 3),
+    `kind` ("mri" or "cxr"), `frame` (tuple), `from_slices` (2D items cut from volumes),
+    `folds` (int64 `(len(samples),)` data fold per sample, see `assign_folds`).
+    """
+
+    def __init__(self, samples: list[HealthySample], dims: int, kind: str,
+                 from_slices: bool = False, notes: Sequence[str] = ()):
+        if not samples:
+            raise ValueError("no healthy images: pass at least five healthy scans")
+        frame = samples[0].image.shape
+        for s in samples:
+            if s.image.shape != frame:
+                raise ValueError(f"{s.name}: framed shape {s.image.shape} differs from "
+                                 f"{frame} of {samples[0].name}; use one frame for all images")
+            if s.foreground is not None and s.foreground.shape != frame:
+                raise ValueError(f"{s.name}: foreground shape {s.foreground.shape} differs "
+                                 f"from its image's {frame}")
+        self.samples = samples
+        self.dims = int(dims)
+        self.kind = kind
+        self.frame = tuple(int(v) for v in frame)
+        self.from_slices = from_slices
+        self.notes = list(notes)
+        groups = [s.group for s in samples]
+        self.folds = assign_folds(len(samples), groups if from_slices else None)
+        self.split_by = ("volume" if from_slices and len(set(groups)) >= N_DATA_FOLDS
+                         else ("slice" if from_slices else "file"))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def indices(self, data_folds: Sequence[int]) -> list[int]:
+        """Sample indices whose data fold is in `data_folds` (sorted)."""
+        return [i for i, f in enumerate(self.folds) if int(f) in set(data_folds)]
+
+    def subset(self, data_folds: Sequence[int]) -> list[HealthySample]:
+        return [self.samples[i] for i in self.indices(data_folds)]
+
+    def names(self, data_folds: Sequence[int] | None = None) -> list[str]:
+        idx = range(len(self)) if data_folds is None else self.indices(data_folds)
+        return [self.samples[i].name for i in idx]
+
+    @classmethod
+    def from_arrays(cls, images: Sequence[np.ndarray] | np.ndarray,
+                    foregrounds: Sequence[np.ndarray | None] | None = None,
+                    names: Sequence[str] | None = None, kind: str = "mri",
+                    groups: Sequence[int] | None = None) -> HealthyCollection:
+        """Images already in one frame: `images` (N, *frame) or a list of equal-shape arrays,
+        2D or 3D; `foregrounds` bool arrays of the same shapes (or None each); `groups` the
+        volume of each item when they are slices (contiguous split by group, see
+        `assign_folds`). Arrays are converted to float32 copies (inputs are never mutated)."""
+        images = list(images)
+        if not images:
+            raise ValueError("no healthy images given")
+        if foregrounds is None:
+            foregrounds = [None] * len(images)
+        if names is None:
+            names = [f"image_{i:04d}" for i in range(len(images))]
+        if len(foregrounds) != len(images) or len(names) != len(images):
+            raise ValueError("give one foreground and one name per image")
+        samples = []
+        for i, (im, fg, name) in enumerate(zip(images, foregrounds, names, strict=True)):
+            im = np.array(im, dtype=np.float32, copy=True)
+            if im.ndim not in (2, 3):
+                raise ValueError(f"{name}: image has {im.ndim} dimensions; use 2D or 3D arrays")
+            if not np.isfinite(im).all():
+                raise ValueError(f"{name}: image holds NaN or infinite values; clean it first")
+            fg = None if fg is None else np.array(fg, dtype=bool, copy=True)
+            samples.append(HealthySample(im, fg, str(name),
+                                         int(groups[i]) if groups is not None else i))
+        dims = {s.image.ndim for s in samples}
+        if len(dims) > 1:
+            raise ValueError("healthy images mix 2D and 3D arrays; use one kind")
+        return cls(samples, dims.pop(), kind, from_slices=groups is not None)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | Path] | str | Path, dims: int | None = None,
+                   kind: str = "auto", frame: Sequence[int] | None = None, downsample: int = 2,
+                   min_foreground: float = 0.05) -> HealthyCollection:
+        """Read healthy scans from files/folders and bring each into the model's frame.
+
+        dims: None (the scans' own), 3, or 2 (3D volumes become their axial slices; slices whose
+        foreground covers less than `min_foreground` of the slice are dropped). kind, frame,
+        downsample: as `napari_mtml.preprocess.to_frame`. Raises `ValueError` naming the file for
+        unreadable files, 2D and 3D scans mixed, `dims=3` with 2D images, content too big for
+        the frame, NaN values, and fewer than five items in total.
+        """
+        files = expand_paths(paths)
+        samples: list[HealthySample] = []
+        first: tuple[Path, int] | None = None
+        kinds: set[str] = set()
+        from_slices = False
+        dropped = 0
+        for group, path in enumerate(files):
+            array, fg, scan_ndim, item_kind = _read_and_frame(path, kind, dims, frame, downsample)
+            if first is None:
+                first = (path, scan_ndim)
+            elif scan_ndim != first[1]:
+                raise ValueError(f"{path}: a {scan_ndim}D scan among {first[1]}D scans (first: "
+                                 f"{first[0]}); train 2D and 3D data separately")
+            if dims == 3 and scan_ndim != 3:
+                raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
+            if not np.isfinite(array).all():
+                raise ValueError(f"{path}: holds NaN or infinite values after preprocessing")
+            kinds.add(item_kind)
+            if dims == 2 and scan_ndim == 3:
+                from_slices = True
+                for z in range(array.shape[0]):
+                    sl_fg = None if fg is None else fg[z]
+                    cover = (np.count_nonzero(array[z]) if sl_fg is None
+                             else np.count_nonzero(sl_fg)) / array[z].size
+                    if cover < max(min_foreground, 1e-12):
+                        dropped += 1
+                        continue
+                    samples.append(HealthySample(
+                        np.ascontiguousarray(array[z], dtype=np.float32),
+                        None if sl_fg is None else np.ascontiguousarray(sl_fg, dtype=bool),
+                        f"{_display_name(path)}[z={z}]", group))
+            else:
+                samples.append(HealthySample(np.asarray(array, dtype=np.float32),
+                                             None if fg is None else np.asarray(fg, dtype=bool),
+                                             _display_name(path), group))
+        if not samples:
+            raise ValueError(f"no usable slices: all {dropped} slices of {len(files)} volume(s) "
+                             f"have (almost) no foreground; lower min_foreground")
+        notes = []
+        if dropped:
+            notes.append(f"dropped {dropped} slice(s) with less than {min_foreground:.0%} "
+                         "foreground")
+        out_dims = 2 if from_slices else first[1]
+        return cls(samples, out_dims, kinds.pop() if len(kinds) == 1 else "mri",
+                   from_slices=from_slices, notes=notes)
+
+
+def _display_name(path: Path) -> str:
+    return path.name
+
+
+def _read_and_frame(path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
+                    downsample: int) -> tuple[np.ndarray, np.ndarray | None, int, str]:
+    """Read one scan and bring it into the frame: (array, foreground, scan ndim, kind).
+
+    With dims=2 and a 3D scan, array and foreground are stacks `(Z, *frame2d)`."""
+    from napari_mtml.io import read_image
+    from napari_mtml.preprocess import to_frame
+
+    try:
+        scan = read_image(path)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+    except Exception as exc:  # a reader failing in an unforeseen way still names the file
+        raise ValueError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
+    scan_ndim = int(np.asarray(scan.array).ndim)
+    if scan_ndim not in (2, 3):
+        raise ValueError(f"{path}: a {scan_ndim}D image; healthy scans must be 2D or 3D")
+    try:
+        array, fg, transform = to_frame(scan, kind=kind, dims=dims,
+                                        frame=tuple(frame) if frame else None,
+                                        downsample=downsample)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+    item_kind = getattr(transform, "kind", None)
+    if item_kind not in ("mri", "cxr"):
+        item_kind = kind if kind in ("mri", "cxr") else _auto_kind(scan, scan_ndim)
+    array = np.asarray(array, dtype=np.float32)
+    fg = None if fg is None else np.asarray(fg, dtype=bool)
+    return array, fg, scan_ndim, item_kind
+
+
+def _auto_kind(scan: Any, ndim: int) -> str:
+    # The rule of preprocess.to_frame(kind="auto"), used when the transform does not say.
+    if ndim != 2:
+        return "mri"
+    modality = str((getattr(scan, "metadata", None) or {}).get("modality", "")).upper()
+    return "cxr" if modality in ("", "CR", "DX", "XR", "MG", "OT") else "mri"
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+SourcePool = Sequence[HealthySample]
+
+
+def _source_sampler(pool: SourcePool) -> Callable[[np.random.Generator], tuple]:
+    def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        s = pool[int(rng.integers(len(pool)))]
+        return s.image, s.foreground
+
+    return draw
+
+
+def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator, *,
+                     flip: bool, task_params: dict, intra: SourcePool,
+                     external: SourcePool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                           np.ndarray | None, np.ndarray]:
+    """(healthy, augmented, label, foreground, mask) for one item; healthy possibly flipped."""
+    from napari_mtml.anomalies import synthesize
+
+    image, fg = sample.image, sample.foreground
+    if flip and rng.random() < 0.5:
+        image = np.ascontiguousarray(image[..., ::-1])
+        fg = None if fg is None else np.ascontiguousarray(fg[..., ::-1])
+    pool = external if (task == 1 and external) else intra
+    source = _source_sampler(pool) if task in (0, 1) else None
+    # A synthesis whose anomaly changed nothing would give an all-zero label: training items
+    # must each hold an anomaly, so draw again (rare; bounded).
+    for _ in range(4):
+        result = synthesize(image, foreground=fg, task=task, rng=rng, source=source,
+                            **task_params)
+        if float(result.label.max()) > 0:
+            break
+    return image, result.image, result.label, fg, result.mask
+
+
+class SyntheticDataset:
+    """Training items with fresh synthetic anomalies, a map-style torch dataset.
+
+    `dataset[k]` for the rank's k-th item (k = 0, 1, 2, ... over the whole run; epoch
+    e = k // items_per_epoch) returns `(image, label, task)`: float32 tensors `(1, *frame)` and
+    the task id. The task is drawn uniformly from `tasks` per item; a blending task draws its
+    source from `intra` (task 0; default: the training samples) or `external` (task 1; falls
+    back to `intra` when None). With `flip`, the last axis is flipped with p = 0.5 (brain).
+
+    samples: the fold's training data; seed: the fold's base seed; rank/world_size: DDP.
+    """
+
+    def __init__(self, samples: SourcePool, tasks: Sequence[int], *, seed: int, rank: int = 0,
+                 world_size: int = 1, flip: bool = False, task_params: dict | None = None,
+                 intra: SourcePool | None = None, external: SourcePool | None = None):
+        if not samples:
+            raise ValueError("the fold has no training samples; add more healthy scans")
+        if not tasks:
+            raise ValueError("no training tasks given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        self.samples = list(samples)
+        self.tasks = [int(t) for t in tasks]
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.flip = bool(flip)
+        self.task_params = dict(task_params or {})
+        self.intra = list(intra) if intra is not None else self.samples
+        self.external = list(external) if external else None
+        self.items_per_epoch = math.ceil(len(self.samples) / self.world_size)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.items_per_epoch
+
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """(epoch, index within the epoch, sample id) of the rank's k-th item."""
+        epoch, index = divmod(int(k), self.items_per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            ss = np.random.SeedSequence([self.seed, epoch], spawn_key=(_PERM_KEY,))
+            perm = self._perms[epoch] = np.random.Generator(np.random.PCG64(ss)).permutation(
+                len(self.samples))
+        return epoch, index, int(perm[(self.rank + index * self.world_size) % len(perm)])
+
+    def item_rng(self, k: int) -> np.random.Generator:
+        epoch, index, _ = self.locate(k)
+        ss = np.random.SeedSequence([self.seed, self.rank, epoch, index])
+        return np.random.Generator(np.random.PCG64(ss))
+
+    def draw(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The k-th item as numpy arrays: (augmented (*frame), label (*frame), task id)."""
+        _, _, sid = self.locate(k)
+        rng = self.item_rng(k)
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        last_error: ValueError | None = None
+        # Placement can fail on a thin foreground; try other healthy images before giving up.
+        for _ in range(5):
+            sample = self.samples[sid]
+            try:
+                _, aug, label, _, _ = _synthesize_item(
+                    sample, task, rng, flip=self.flip, task_params=self.task_params,
+                    intra=self.intra, external=self.external)
+                return aug, label, task
+            except ValueError as exc:
+                last_error = exc
+                sid = int(rng.integers(len(self.samples)))
+        raise ValueError(f"could not place a {task}-task anomaly on {sample.name} and 4 other "
+                         f"images ({last_error}); check the foreground masks") from last_error
+
+    def __getitem__(self, k: int):
+        import torch
+
+        aug, label, task = self.draw(k)
+        return (torch.from_numpy(np.ascontiguousarray(aug, dtype=np.float32))[None],
+                torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None], task)
+
+
+class StepBatchSampler:
+    """Batches of item indices for steps `start_step, start_step + 1, ...` (endless).
+
+    Step s holds the rank's items `s * batch .. (s + 1) * batch - 1`, so a run resumed at step s
+    draws exactly the batches an uninterrupted run would have drawn."""
+
+    def __init__(self, batch_size: int, start_step: int = 0):
+        self.batch_size = int(batch_size)
+        self.start_step = int(start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield list(range(step * self.batch_size, (step + 1) * self.batch_size))
+            step += 1
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    # Loader workers do numpy/scipy work; one thread each avoids oversubscribing the cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: SyntheticDataset, batch_size: int, start_step: int = 0,
+                workers: int = 0, pin_memory: bool = False):
+    """A torch DataLoader over `dataset` yielding `(images, labels, tasks)` batches from
+    `start_step` on; items do not depend on `workers`."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=StepBatchSampler(batch_size, start_step),
+                      num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=False)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+@dataclass
+class ValidationSet:
+    """Validation items drawn once: for item j, `healthy[j]` (target all zero) and
+    `augmented[j]` (target `label[j]`), both float32 `(*frame)`, stacked `(N, *frame)`;
+    `mask` bool (anomaly mask, the AP ground truth), `foreground` bool (where AP is scored),
+    `tasks` int64 `(N,)` the task of each augmented item, `names` the healthy image names."""
+
+    healthy: np.ndarray
+    augmented: np.ndarray
+    label: np.ndarray
+    mask: np.ndarray
+    foreground: np.ndarray
+    tasks: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, seed: int, *,
+                        task_params: dict | None = None, external: SourcePool | None = None,
+                        ) -> ValidationSet:
+    """Draw the validation set once, deterministically from `seed`.
+
+    samples: the held-out data; tasks: the held-out tasks, assigned round-robin to the `size`
+    items; each item's healthy image is taken in a seeded random order over `samples` (cycled
+    when size > len(samples)). Blending sources: other held-out samples (task 0) or `external`
+    (task 1, else the held-out samples). No flip.
+    """
+    if not samples:
+        raise ValueError("no validation samples; add more healthy scans")
+    if not tasks:
+        raise ValueError("no validation tasks given")
+    samples = list(samples)
+    root = np.random.SeedSequence([int(seed)], spawn_key=(_VAL_KEY,))
+    order_rng, *item_seeds = [np.random.Generator(np.random.PCG64(s))
+                              for s in root.spawn(size + 1)]
+    order = order_rng.permutation(len(samples))
+    healthy, augmented, labels, masks, fgs, task_ids, names = [], [], [], [], [], [], []
+    for j in range(size):
+        task = int(tasks[j % len(tasks)])
+        rng = item_seeds[j]
+        sid = int(order[j % len(order)])
+        last_error = None
+        for _ in range(5):
+            try:
+                h, aug, label, fg, mask = _synthesize_item(
+                    samples[sid], task, rng, flip=False, task_params=task_params or {},
+                    intra=samples, external=external)
+                break
+            except ValueError as exc:
+                last_error = exc
+                sid = int(rng.integers(len(samples)))
+        else:
+            raise ValueError(f"could not build validation item {j} ({last_error})")
+        healthy.append(h)
+        augmented.append(aug)
+        labels.append(label)
+        masks.append(mask)
+        fgs.append(np.ones(h.shape, bool) if fg is None else fg)
+        task_ids.append(task)
+        names.append(samples[sid].name)
+    return ValidationSet(np.stack(healthy).astype(np.float32), np.stack(augmented).astype(
+        np.float32), np.stack(labels).astype(np.float32), np.stack(masks).astype(bool),
+        np.stack(fgs), np.asarray(task_ids, dtype=np.int64), names)
+
+
+NO_EXTERNAL_NOTICE = (
+    "no external dataset given (--external): the inter-dataset blending task (task 1) draws its "
+    "sources from the healthy training data instead, like the intra-dataset task (task 0)")

@@ -1,0 +1,55 @@
+"""Checkpoints that are safe to load and never half-written.
+
+Every file is written to a temporary name beside its target, flushed to disk, then moved into
+place with `os.replace` (atomic on POSIX and Windows): a crash or a cancelled run leaves either
+the previous checkpoint or the new one, never a torn file. Contents are tensors, plain containers,
+numbers and strings only, so `torch.load(path, weights_only=True)` loads them without unpickling
+arbitrary objects.
+
+`best.pt`: the model's `state_dict()` alone (keys without a DDP `module.` prefix).
+`last.pt`: a dict with `model`, `optimizer`, `scheduler` (plain dicts), `step`, `best_step`,
+`best_val_loss`, `finished`, `rng` (`torch_cpu`, `torch_cuda` states and the data stream position
+`{"seed", "rank", "world_size", "next_item"}`) and `format` (an int, currently 1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_atomic", "load_checkpoint", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path` via a temporary file and `os.replace`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Interrupted (error, Ctrl-C, generator closed): drop the partial file, keep the old one.
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with `weights_only=True`; `ValueError` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: checkpoint not found; was this fold trained (see the run's "
+                         "folds.json)?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc}); "
+                         "retrain this fold or restore the file") from None

@@ -1,0 +1,456 @@
+"""The training loop: one readable loop per fold, as a generator of events.
+
+`train(config)` reads the healthy data once, writes `RUN/config.json` (resolved) and
+`RUN/folds.json`, then trains every fold of the T/(5-T) split (or the one of `config.fold`) in
+turn, yielding `napari_mtml.training.events` and returning a `RunResult`. Closing the generator
+(`gen.close()`) cancels: every file is written atomically between steps, so the last good
+checkpoint stays intact and nothing is half-written.
+
+Per fold (METHOD.md section 6): AdamW (weight decay 0); linear warm-up from 0.01 x lr over 100
+steps, then x0.9997122 per step down to lr/20, then constant; MSE against the soft label; bf16
+autocast on CUDA; validation every `val_interval` steps (val loss = MSE(healthy) + MSE(augmented),
+pixel AP per held-out task); `best.pt` at the lowest val loss; early stop `patience` steps after
+it; `last.pt` at every validation and at the end.
+
+Distributed: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) each fold is
+trained with DistributedDataParallel (gloo on CPU, nccl on CUDA); the global batch is split over
+the ranks, each rank draws its own items (per-rank seeds), rank 0 validates, writes checkpoints
+and logs, and broadcasts the validation loss so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_mtml.config import TrainConfig
+from napari_mtml.data import (
+    NO_EXTERNAL_NOTICE,
+    HealthyCollection,
+    SyntheticDataset,
+    ValidationSet,
+    make_loader,
+    make_validation_set,
+)
+from napari_mtml.training.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
+from napari_mtml.training.crossval import FoldSplit, task_folds
+from napari_mtml.training.events import (
+    FoldFinished,
+    FoldStarted,
+    Notice,
+    RunFinished,
+    RunResult,
+    StepEvent,
+    ValidationEvent,
+)
+
+__all__ = ["train", "WarmupExponentialLR", "pick_device", "TrainingOutOfMemory", "TASK_NAMES"]
+
+TASK_NAMES = ("intra_blend", "inter_blend", "sink", "source", "smooth_intensity")
+# Settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_CHANGES = {"resume", "device", "workers", "max_steps", "fold", "patience",
+                      "val_interval"}
+
+Event = Any
+ModelFactory = Callable[[TrainConfig], torch.nn.Module]
+
+
+class TrainingOutOfMemory(ValueError):
+    """The accelerator ran out of memory (a `ValueError`: the user can fix it by a setting)."""
+
+
+class WarmupExponentialLR:
+    """Learning-rate factor per step: linear warm-up from `start` to 1 over `warmup_steps`,
+    then `decay ** (step - warmup_steps)` down to `floor`, then constant.
+
+    With the paper's numbers (0.01, 100, 0.9997122, 1/20) the floor is reached at step ~10,508.
+    The state is the step alone, which `last.pt` stores."""
+
+    def __init__(self, warmup_steps: int = 100, start: float = 0.01, decay: float = 0.9997122,
+                 floor: float = 0.05):
+        self.warmup_steps, self.start, self.decay, self.floor = warmup_steps, start, decay, floor
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start + (1.0 - self.start) * step / self.warmup_steps
+        return max(self.decay ** (step - self.warmup_steps), self.floor)
+
+    def state_dict(self) -> dict:
+        return {"warmup_steps": self.warmup_steps, "start": self.start, "decay": self.decay,
+                "floor": self.floor}
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist_from_env() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    return _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
+    """The torch device for `name` ("auto": cuda > mps > cpu) and a notice when auto falls back
+    to the CPU. An explicit device that is not available raises `ValueError`."""
+    kind = name.split(":")[0]
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count()), None
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps"), None
+        return torch.device("cpu"), ("no GPU found: training on the CPU, which is slow; the light "
+                                     "model (preset 'light') and few workers > 0 help")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
+                         "or auto")
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device 'mps' requested but it is not available; use --device cpu")
+    if kind == "cuda" and ":" not in name:
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
+    return torch.device(name), None
+
+
+def _build_unet(cfg: TrainConfig) -> torch.nn.Module:
+    from napari_mtml.model import UNet
+
+    return UNet(**cfg.model_kwargs())
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+
+
+def _task_names(ids) -> tuple[str, ...]:
+    return tuple(TASK_NAMES[int(t)] for t in ids)
+
+
+def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
+          external: HealthyCollection | None = None,
+          model_factory: ModelFactory | None = None) -> Generator[Event, None, RunResult]:
+    """Train the task cross-validation ensemble; a generator of events returning a `RunResult`.
+
+    config: the run's `TrainConfig` (its `healthy` paths are read unless `collection` is given).
+    collection / external: already-framed healthy data and external dataset (e.g. from napari
+        layers or tests), instead of reading `config.healthy` / `config.external`.
+    model_factory: builds the network from the resolved config (default: `UNet` with
+        `config.model_kwargs()`).
+
+    Raises `ValueError` for bad input (files, settings, an existing run without `resume`).
+    """
+    config.validate()
+    dist = _dist_from_env()
+    device, cpu_notice = pick_device(config.device, dist.local_rank)
+    if dist.active and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend, rank=dist.rank,
+                                             world_size=dist.world_size)
+        dist.owns_group = True
+    try:
+        return (yield from _train_run(config, collection, external, model_factory, dist,
+                                      device, cpu_notice))
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_run(config, collection, external, model_factory, dist, device, cpu_notice):
+    if cpu_notice and dist.main:
+        yield Notice(cpu_notice)
+    if collection is None:
+        if not config.healthy:
+            raise ValueError("no healthy scans given: pass files or folders of healthy images")
+        collection = HealthyCollection.from_paths(
+            config.healthy, dims=config.dims, kind=config.kind, frame=config.frame,
+            downsample=config.downsample, min_foreground=config.min_foreground)
+    if config.dims is not None and collection.dims != config.dims:
+        raise ValueError(f"the healthy data is {collection.dims}D but dims = {config.dims}")
+    if config.frame is not None and tuple(config.frame) != collection.frame:
+        raise ValueError(f"frame {tuple(config.frame)} differs from the data's frame "
+                         f"{collection.frame}")
+    kind = config.kind if config.kind in ("mri", "cxr") else collection.kind
+    cfg = config.resolve(collection.dims, kind, collection.frame)
+    if external is None and cfg.external:
+        external = HealthyCollection.from_paths(
+            cfg.external, dims=cfg.dims, kind=kind, frame=cfg.frame,
+            downsample=cfg.downsample, min_foreground=cfg.min_foreground)
+    if external is not None and external.frame != collection.frame:
+        raise ValueError(f"external dataset frame {external.frame} differs from the healthy "
+                         f"data's {collection.frame}; frame both the same way")
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {dist.world_size} "
+                         "ranks; use a multiple of the number of processes")
+    if dist.main:
+        for note in collection.notes:
+            yield Notice(note)
+    splits = [s for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
+    if external is None and dist.main and any(1 in s.train_tasks + s.val_tasks for s in splits):
+        yield Notice(NO_EXTERNAL_NOTICE)
+
+    run_dir = Path(cfg.out)
+    if dist.main:
+        _prepare_run_dir(run_dir, cfg, splits, collection)
+    if dist.active:
+        torch.distributed.barrier()
+
+    finished: list[FoldFinished] = []
+    for split in splits:
+        result = yield from _train_fold(cfg, split, collection, external, model_factory or
+                                        _build_unet, dist, device, run_dir)
+        finished.append(result)
+    if dist.main:
+        yield RunFinished(str(run_dir), finished)
+    return RunResult(str(run_dir), finished)
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
+                     collection: HealthyCollection) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    if cfg.resume and cfg_path.is_file():
+        saved = TrainConfig.from_json(cfg_path).to_dict()
+        now = cfg.to_dict()
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"{cfg_path}: cannot resume, these settings differ from the saved "
+                             f"run: {', '.join(changed)}; use the same settings or a new --out")
+    if not cfg.resume:
+        for s in splits:
+            if (run_dir / f"fold_{s.index}" / "last.pt").exists():
+                raise ValueError(f"{run_dir / f'fold_{s.index}'}: already holds a training; pass "
+                                 "--resume to continue it or choose another --out")
+    cfg.to_json(cfg_path)
+    folds = []
+    for s in task_folds(cfg.train_tasks):
+        d = s.to_dict()
+        d["train_task_names"] = list(_task_names(s.train_tasks))
+        d["val_task_names"] = list(_task_names(s.val_tasks))
+        d["train_data"] = collection.names(s.train_data)
+        d["val_data"] = collection.names(s.val_data)
+        folds.append(d)
+    doc = {"train_tasks": cfg.train_tasks, "n_folds": cfg.n_folds, "split_by": collection.split_by,
+           "data_folds": {str(k): collection.names([k]) for k in range(5)}, "folds": folds}
+    tmp = run_dir / ".folds.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(run_dir / "folds.json")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a hard kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    tmp.replace(path)
+
+
+def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
+                external: HealthyCollection | None, model_factory: ModelFactory, dist: _Dist,
+                device: torch.device, run_dir: Path):
+    fold_dir = run_dir / f"fold_{split.index}"
+    last_path, best_path, log_path = (fold_dir / "last.pt", fold_dir / "best.pt",
+                                      fold_dir / "log.jsonl")
+    if dist.main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    seed = _fold_seed(cfg.seed, split.index)
+
+    # Model initialisation from the fold's seed without touching the global RNG afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.manual_seed(seed)
+        model = model_factory(cfg)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = WarmupExponentialLR(cfg.warmup_steps, cfg.warmup_start, cfg.lr_decay,
+                                   cfg.final_lr_fraction)
+    step, best_step, best_val, done = 0, 0, math.inf, False
+    if cfg.resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_step = int(state["step"]), int(state["best_step"])
+        best_val, done = float(state["best_val_loss"]), bool(state.get("finished", False))
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        if device.type == "cuda" and state["rng"].get("torch_cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
+        if dist.main:
+            _truncate_log(log_path, step)
+    if done or step >= cfg.max_steps:
+        if dist.main:
+            yield FoldFinished(split.index, best_step, best_val, str(best_path))
+        return FoldFinished(split.index, best_step, best_val, str(best_path))
+
+    net = model
+    if dist.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    local_batch = cfg.batch_size // dist.world_size
+    train_samples = collection.subset(split.train_data)
+    ext = external.samples if external is not None else None
+    task_params = cfg.task_params()
+    dataset = SyntheticDataset(train_samples, split.train_tasks, seed=seed, rank=dist.rank,
+                               world_size=dist.world_size, flip=bool(cfg.flip),
+                               task_params=task_params, external=ext)
+    val_set = None
+    if dist.main:
+        val_set = make_validation_set(collection.subset(split.val_data), split.val_tasks,
+                                      int(cfg.val_size), seed, task_params=task_params,
+                                      external=ext)
+        yield FoldStarted(split.index, cfg.n_folds, _task_names(split.train_tasks),
+                          _task_names(split.val_tasks), cfg.max_steps, step)
+
+    loader = make_loader(dataset, local_batch, start_step=step, workers=cfg.workers,
+                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    log = open(log_path, "a") if dist.main else None  # noqa: SIM115 - closed in finally
+    amp = device.type == "cuda"
+    stopped_early = False
+    try:
+        net.train()
+        while step < cfg.max_steps:
+            images, labels, _ = next(batches)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = cfg.lr * schedule.factor(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    pred = net(images)
+                loss = torch.nn.functional.mse_loss(pred.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            except torch.OutOfMemoryError as exc:
+                raise TrainingOutOfMemory(
+                    f"out of {device.type} memory at batch size {cfg.batch_size} with the "
+                    f"'{cfg.preset}' model ({exc.__class__.__name__}); use a smaller "
+                    "--batch-size or --preset light") from None
+            step += 1
+            loss_value = loss.detach()
+            if dist.active:
+                torch.distributed.all_reduce(loss_value)
+                loss_value = loss_value / dist.world_size
+            loss_value = float(loss_value)
+            if dist.main:
+                log.write(json.dumps({"type": "step", "step": step, "loss": loss_value,
+                                      "lr": lr}) + "\n")
+                log.flush()
+                yield StepEvent(split.index, step, cfg.max_steps, loss_value, lr)
+
+            if step % cfg.val_interval == 0 or step == cfg.max_steps:
+                val_loss, ap = math.nan, {}
+                if dist.main:
+                    val_loss, ap = _validate(model, val_set, local_batch, device, amp)
+                if dist.active:
+                    t = torch.tensor([val_loss], dtype=torch.float64, device=device)
+                    torch.distributed.broadcast(t, src=0)
+                    val_loss = float(t.item())
+                best = val_loss < best_val
+                if best:
+                    best_val, best_step = val_loss, step
+                stopped_early = step - best_step >= cfg.patience
+                if dist.main:
+                    if best:
+                        save_atomic(_cpu_state_dict(model), best_path)
+                    finished = stopped_early or step >= cfg.max_steps
+                    save_atomic(_last_state(model, optimizer, schedule, step, best_step,
+                                            best_val, finished, seed, dist, local_batch,
+                                            device), last_path)
+                    log.write(json.dumps({"type": "validation", "step": step,
+                                          "val_loss": val_loss, "ap": ap, "best": best}) + "\n")
+                    log.flush()
+                    yield ValidationEvent(split.index, step, val_loss, ap, best)
+                if stopped_early:
+                    break
+    finally:
+        del batches  # shuts loader workers down, also when the generator is closed
+        if log is not None:
+            log.close()
+    if dist.active:
+        torch.distributed.barrier()
+    result = FoldFinished(split.index, best_step, best_val, str(best_path), stopped_early)
+    if dist.main:
+        yield result
+    return result
+
+
+def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _last_state(model, optimizer, schedule, step, best_step, best_val, finished, seed, dist,
+                local_batch, device) -> dict:
+    rng = {"torch_cpu": torch.get_rng_state(),
+           "torch_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+           "data": {"seed": int(seed), "rank": dist.rank, "world_size": dist.world_size,
+                    "next_item": int(step * local_batch)}}
+    return {"format": FORMAT_VERSION, "model": _cpu_state_dict(model),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+            "step": int(step), "best_step": int(best_step), "best_val_loss": float(best_val),
+            "finished": bool(finished), "rng": rng}
+
+
+@torch.no_grad()
+def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: torch.device,
+              amp: bool) -> tuple[float, dict[str, float]]:
+    """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
+    over voxels; AP pooled over each task's items (healthy and augmented) inside the
+    foreground, predictions clipped to [0, 1]."""
+    from napari_mtml.metrics import average_precision
+
+    was_training = model.training
+    model.eval()
+    n = len(val)
+    pred_h = np.empty(val.healthy.shape, np.float32)
+    pred_a = np.empty(val.augmented.shape, np.float32)
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        for src, dst in ((val.healthy, pred_h), (val.augmented, pred_a)):
+            x = torch.from_numpy(src[lo:hi]).unsqueeze(1).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                y = model(x)
+            dst[lo:hi] = y.float().squeeze(1).cpu().numpy()
+    model.train(was_training)
+    val_loss = float(np.mean(pred_h.astype(np.float64) ** 2)
+                     + np.mean((pred_a.astype(np.float64) - val.label) ** 2))
+    ap: dict[str, float] = {}
+    for task in np.unique(val.tasks):
+        sel = val.tasks == task
+        fg = val.foreground[sel]
+        scores = np.concatenate([np.clip(pred_a[sel][fg], 0, 1), np.clip(pred_h[sel][fg], 0, 1)])
+        labels = np.concatenate([val.mask[sel][fg], np.zeros(int(fg.sum()), bool)])
+        ap[TASK_NAMES[int(task)]] = (float(average_precision(scores, labels)) if labels.any()
+                                     else math.nan)
+    return val_loss, ap
