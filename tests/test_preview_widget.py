@@ -1,0 +1,150 @@
+"""The anomaly preview widget, docked through the plugin manifest, on a real Qt viewer (Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.qt
+
+PLUGIN = "napari-mtml"
+
+
+def _dock(viewer, name="Anomaly preview"):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def _disc(shape, rng):
+    """A bright textured disc/ball on a zero background: a foreground that tasks can use."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = sum(g**2 for g in grids) < 0.7
+    image = (100 + 20 * rng.standard_normal(shape)) * inside
+    return image.astype(np.float32)
+
+
+def _errors():
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records
+            if getattr(n.severity, "value", n.severity) == "error"]
+
+
+def _next_update(qtbot, widget, after: int):
+    qtbot.waitUntil(lambda: widget.n_updates > after and not widget.busy, timeout=20000)
+
+
+def test_preview_updates_layers_in_place(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    rng = np.random.default_rng(0)
+    image = _disc((64, 72), rng)
+    layer = viewer.add_image(image, name="scan", scale=(0.5, 0.7), translate=(3.0, -4.0))
+    before = image.copy()
+    _next_update(qtbot, widget, 0)  # opening an image picks it and previews it
+
+    assert widget.image_combo.current_layer() is layer
+    preview, label = widget.preview_layer, widget.label_layer
+    for out in (preview, label):
+        assert out in viewer.layers
+        np.testing.assert_allclose(out.scale, layer.scale)
+        np.testing.assert_allclose(out.translate, layer.translate)
+        assert out.data.shape == image.shape and out.data.dtype == np.float32
+    assert label.blending == "additive"
+    assert 0 <= label.data.min() and label.data.max() < 1
+    assert label.data.max() > 0, "an anomaly must be labelled"
+    np.testing.assert_array_equal(layer.data, before)  # the source is never touched
+    n_layers = len(viewer.layers)
+
+    # A slider change recomputes into the SAME two layers.
+    old = preview.data.copy()
+    count = widget.n_updates
+    widget.task_combo.setCurrentIndex(1 + 4)  # smooth_intensity
+    widget.sliders["intensity_scale"].setValue(1.5)
+    _next_update(qtbot, widget, count)
+    assert widget.last_result.task == "smooth_intensity"
+    assert widget.preview_layer is preview and widget.label_layer is label
+    assert len(viewer.layers) == n_layers
+    assert not np.array_equal(preview.data, old)
+
+    # Sink with a new seed: same layers again, different result; the seed gives reproducibility.
+    count = widget.n_updates
+    widget.task_combo.setCurrentIndex(1 + 2)
+    seed = widget.seed_spin.value()
+    widget.new_seed()
+    assert widget.seed_spin.value() != seed
+    _next_update(qtbot, widget, count)
+    first = preview.data.copy()
+    assert widget.last_result.task == "sink" and len(viewer.layers) == n_layers
+
+    # Keep: two new layers on the same grid, the preview pair stays.
+    kept = widget.keep()
+    assert kept is not None and len(viewer.layers) == n_layers + 2
+    for out in kept:
+        np.testing.assert_allclose(out.scale, layer.scale)
+    np.testing.assert_array_equal(kept[0].data, first)
+
+    count = widget.n_updates
+    widget.update_now()
+    _next_update(qtbot, widget, count)
+    np.testing.assert_array_equal(preview.data, first)  # same seed, same parameters, same image
+    widget.stop()
+
+
+def test_preview_3d_random_task_and_layer_source(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    rng = np.random.default_rng(1)
+    vol = viewer.add_image(_disc((20, 28, 24), rng), name="vol", scale=(2.0, 1.0, 1.0))
+    other = viewer.add_image(_disc((16, 24, 24), rng), name="other")
+    widget.image_combo.set_layer(vol)
+    widget.source_combo.set_layer(other)
+    widget.task_combo.setCurrentIndex(1)  # intra_blend from the other layer
+    count = widget.n_updates
+    widget.update_now()
+    _next_update(qtbot, widget, count)
+    assert widget.last_result.task == "intra_blend"
+    assert widget.preview_layer.data.shape == vol.data.shape
+    np.testing.assert_allclose(widget.label_layer.scale, vol.scale)
+
+    widget.task_combo.setCurrentIndex(0)  # random task: drawn from the seed
+    tasks = set()
+    for seed in range(6):
+        count = widget.n_updates
+        widget.seed_spin.setValue(seed)
+        widget.update_now()
+        _next_update(qtbot, widget, count)
+        tasks.add(widget.last_result.task)
+    assert len(tasks) >= 2
+    widget.stop()
+
+
+def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    widget.update_now()  # no image layer at all
+    assert widget.preview_layer is None
+    assert any("image layer" in m for m in _errors())
+
+    rng = np.random.default_rng(2)
+    viewer.add_image(_disc((40, 40), rng), name="scan")
+    _next_update(qtbot, widget, 0)
+    widget.task_combo.setCurrentIndex(2)  # inter_blend
+    widget.folder_edit.setText(str(tmp_path))  # an empty folder
+    widget._folder_changed()
+    widget.update_now()
+    assert any("holds no images" in m for m in _errors())
+    widget.stop()
+
+
+def test_preview_on_builtin_sample(make_napari_viewer, qtbot):
+    pytest.importorskip("napari_mtml._napari.sample_data")
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    viewer.open_sample(PLUGIN, "chest_xray")
+    layer = viewer.layers[-1]
+    _next_update(qtbot, widget, 0)
+    assert widget.preview_layer.data.shape == layer.data.shape
+    np.testing.assert_allclose(widget.preview_layer.scale, layer.scale)
+    widget.stop()
