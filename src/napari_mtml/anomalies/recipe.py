@@ -104,12 +104,13 @@ def _source_provider(source, image, foreground, image_range) -> Callable:
     """Normalise `source` to `rng -> SourceImage`, validating what it gives."""
 
     def checked(array, mask, value_range=None) -> SourceImage:
-        array = _check_image(array, "the blending source")
+        array = np.asarray(array)
         if array.ndim != image.ndim:
             raise ValueError(
                 f"the blending source is {array.ndim}D but the image is {image.ndim}D: "
                 "give a source with the same number of dimensions"
             )
+        array = _check_image(array, "the blending source")
         array = np.asarray(array, dtype=np.float32)
         if mask is not None:
             mask = _check_mask(mask, array.shape, "the blending source's mask")

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mtml.anomalies.placement import PlacedShape
+from napari_mtml.anomalies.poisson import solve_poisson_box
 
 #: spill rule of the blending tasks: a voxel of the box that changed more than this joins the mask
 SPILL_THRESHOLD = 0.001
@@ -345,15 +346,13 @@ class _BlendTask:
         self.id = task_id
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
-        from napari_mtml.anomalies.poisson import poisson_blend
-
         if context.source is None:
             raise ValueError(f"task {self.name!r} needs a blending source")
         # one voxel of target around the shape is the Dirichlet border of the solve
         outer, mask, _ = _shape_in_box(placed, image.shape, 1)
         target = np.asarray(image[outer], dtype=np.float32)
         patch = sample_source_patch(context.source(rng), target.shape, rng)
-        blended = np.asarray(poisson_blend(target, patch, mask, mix_gradients=True), np.float32)
+        blended = solve_poisson_box(target, patch, mask, mix_gradients=True)
         np.clip(blended, *context.value_range, out=blended)
         spill = np.abs(blended - target) > SPILL_THRESHOLD
         changed = mask | spill
