@@ -1,0 +1,422 @@
+"""Ensemble inference: load a trained run and predict anomaly heatmaps on an image's own grid.
+
+A run folder (see docs/api.md) holds `config.json` and one `fold_K/best.pt` per cross-validation
+fold. `load_ensemble` rebuilds each fold's U-Net from the run's settings and loads its best
+weights (`torch.load(..., weights_only=True)`: no arbitrary unpickling). `Ensemble.predict`
+
+1. brings the scan into the run's frame with the run's own preprocessing (`to_frame`),
+2. runs every fold model on it (batched, under `torch.inference_mode`), clips each output to
+   [0, 1] (the models regress a label in [0, 1) without a final activation),
+3. takes the mean over folds (the paper's ensemble) and the standard deviation over folds (the
+   fold disagreement, population std, ddof=0),
+4. maps both back onto the scan's grid (`from_frame`).
+
+Dimensionality: a 3D run predicts 3D volumes; a 2D run predicts 2D images, and 3D volumes slice by
+slice along the first (axial, z) axis, all slices batched. A 2D image given to a 3D run is refused.
+
+Volumes larger than the frame: the frame must hold the preprocessed foreground (cropped to its
+bounding box and downsampled by the run's factor). When it does not, prediction is refused with a
+`ValueError` that names the image, the run's frame and the frame that would fit: the models carry a
+positional encoding tied to the frame, so neither tiling nor a silent extra downsampling (which
+changes the physical scale the models learnt anomalies at) would give trustworthy maps. Retrain with
+a larger `--frame`, or crop the image to the region of interest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """An ensemble prediction on the input's own grid.
+
+    Attributes
+    ----------
+    anomaly : float32 array, the input's shape; ensemble mean of the fold outputs, in [0, 1].
+    disagreement : float32 array, the input's shape; standard deviation over folds (ddof=0), in
+        [0, 0.5].
+    score : float; sample-level anomaly score, the mean of the ensemble map over the foreground (in
+        the model's frame; the whole frame when the foreground is empty).
+    fold_scores : tuple of float; the same score for each fold model on its own.
+    """
+
+    anomaly: np.ndarray
+    disagreement: np.ndarray
+    score: float
+    fold_scores: tuple[float, ...] = field(default=())
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` -> CUDA if available, else Apple MPS if available, else CPU; others as given.
+
+    Raises `ValueError` for a device name torch does not know or one that is not available here.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available: use auto or cpu")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device {device!r} asked for but MPS is not available: use auto or cpu"
+            )
+    return dev
+
+
+# --------------------------------------------------------------------------------------------
+# Run settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunSettings:
+    """What inference needs from a run's config.json."""
+
+    dims: int
+    frame: tuple[int, ...]
+    kind: str
+    downsample: float
+    model_kwargs: dict[str, Any]
+    n_folds: int
+    folds: tuple[int, ...] | None  # the folds this run trains, None = all n_folds
+
+
+def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
+    """The run's settings from `RUN/config.json` (a resolved `TrainConfig`), and its raw dict."""
+    from napari_mtml.config import TrainConfig
+
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise ValueError(
+            f"run folder {run_dir} does not exist: pass the --out folder of `mtml train`"
+        )
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing: {run_dir} is not a napari-mtml run folder (train one with "
+            "`mtml train HEALTHY... --out RUN`)"
+        )
+    try:
+        text = path.read_text()
+        config = TrainConfig.from_json(text)
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}; re-create the run") from exc
+    try:
+        model_kwargs = config.model_kwargs()
+    except ValueError as exc:
+        raise ValueError(
+            f"{path} has no resolved model settings (dims/frame unset): {exc}; did training "
+            "start? re-run `mtml train`"
+        ) from exc
+    kind = config.resolved_kind or config.kind
+    dims = int(model_kwargs.pop("dims"))
+    frame = tuple(int(f) for f in model_kwargs.pop("frame"))
+    folds = None if config.fold == "all" else (int(config.fold),)
+    settings = _RunSettings(
+        dims, frame, kind, config.downsample, model_kwargs, config.n_folds, folds
+    )
+    return settings, json.loads(text)
+
+
+def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | None) -> list[int]:
+    """The fold indices to load; every one must have its `best.pt` (else a ValueError naming it).
+
+    Default: every fold of the split. A run trained one fold per job (`--fold K`) shares one
+    folder whose config.json names the last job's fold; it is loaded once all its folds exist.
+    """
+    if folds is not None:
+        wanted = sorted({int(k) for k in folds})
+        bad = [k for k in wanted if not 0 <= k < settings.n_folds]
+        if bad:
+            raise ValueError(
+                f"fold(s) {bad} out of range for {run_dir}: it has folds 0..{settings.n_folds - 1}"
+            )
+        if not wanted:
+            raise ValueError("folds=[] selects no model: pass None for every fold of the run")
+    else:
+        wanted = list(range(settings.n_folds))
+    present = [k for k in range(settings.n_folds) if (run_dir / f"fold_{k}" / "best.pt").is_file()]
+    if not present:
+        raise ValueError(
+            f"{run_dir} holds no trained fold (no fold_K/best.pt): training did not finish a "
+            "validation; train it (again) with `mtml train ... --out RUN`"
+        )
+    missing = [k for k in wanted if k not in present]
+    if missing:
+        files = ", ".join(str(run_dir / f"fold_{k}" / "best.pt") for k in missing)
+        raise ValueError(
+            f"missing fold checkpoint(s): {files}; train them with `mtml train ... --fold K "
+            f"--out {run_dir}` or load only the present folds {present} (folds=...)"
+        )
+    return wanted
+
+
+def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); re-train this fold"
+        ) from exc
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a model state dict; re-train this fold")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# The ensemble
+# --------------------------------------------------------------------------------------------
+
+
+class Ensemble:
+    """The fold models of one run, ready to predict.
+
+    Build it with `load_ensemble`. Attributes: `run_dir` (Path), `dims` (2 or 3), `frame` (tuple of
+    int, voxels), `kind` ("mri", "cxr" or "auto"), `downsample` (float), `folds` (the fold indices
+    loaded), `models` (list of `torch.nn.Module` in eval mode), `device`, `config` (the run's
+    config.json as a dict). `batch_size`: frames per forward call (default: 16 in 2D, 1 in 3D).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        *,
+        dims: int,
+        frame: Sequence[int],
+        kind: str = "auto",
+        downsample: float = 2,
+        folds: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        run_dir: Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.models = list(models)
+        self.dims = int(dims)
+        self.frame = tuple(int(f) for f in frame)
+        self.kind = kind
+        self.downsample = downsample
+        self.folds = tuple(folds) if folds is not None else tuple(range(len(self.models)))
+        self.device = resolve_device(device)
+        self.run_dir = run_dir
+        self.config = dict(config or {})
+        self.batch_size = int(batch_size or (16 if self.dims == 2 else 1))
+        for m in self.models:
+            m.eval()
+
+    def __repr__(self) -> str:
+        return (
+            f"Ensemble({len(self.models)} folds {list(self.folds)}, {self.dims}D frame "
+            f"{self.frame}, kind={self.kind!r}, device={self.device})"
+        )
+
+    # ---- the forward pass in the frame ----
+
+    def predict_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run every fold on a batch of frames.
+
+        Parameters
+        ----------
+        frames : float array `(N, *frame)` (preprocessed, as `to_frame` returns them).
+
+        Returns
+        -------
+        mean, std : float32 `(N, *frame)`; per-voxel mean and std (ddof=0) over folds of the
+            fold outputs clipped to [0, 1].
+        per_fold : float32 `(F, N, *frame)`; the clipped output of each fold.
+        """
+        frames = np.asarray(frames, dtype=np.float32)
+        if frames.shape[1:] != self.frame:
+            raise ValueError(
+                f"frames of shape {frames.shape[1:]} given to a run with frame {self.frame}"
+            )
+        n = frames.shape[0]
+        per_fold = np.empty((len(self.models), *frames.shape), dtype=np.float32)
+        x_all = torch.from_numpy(frames).unsqueeze(1)  # (N, 1, *frame): one input channel
+        with torch.inference_mode():
+            for f, model in enumerate(self.models):
+                for start in range(0, n, self.batch_size):
+                    x = x_all[start : start + self.batch_size].to(self.device)
+                    y = model(x).float().clamp_(0.0, 1.0)
+                    per_fold[f, start : start + x.shape[0]] = y[:, 0].cpu().numpy()
+        mean = per_fold.mean(axis=0, dtype=np.float64).astype(np.float32)
+        std = per_fold.std(axis=0, dtype=np.float64).astype(np.float32)
+        return mean, std, per_fold
+
+    # ---- on a scan's own grid ----
+
+    def predict(self, scan: Any) -> Prediction:
+        """Ensemble heatmaps for one scan, on the scan's own grid.
+
+        Parameters
+        ----------
+        scan : `napari_mtml.io.Scan` (2D `(Y, X)` or 3D `(Z, Y, X)` float32 array with spacing
+            in mm). A 3D scan given to a 2D run is predicted slice by slice along axis 0.
+
+        Returns
+        -------
+        Prediction with `anomaly` and `disagreement` float32 of `scan.array.shape`.
+
+        Raises
+        ------
+        ValueError : a 2D image for a 3D run, or content that does not fit the run's frame.
+        """
+        from napari_mtml.preprocess import from_frame, to_frame
+
+        array = np.asarray(scan.array)
+        name = _scan_name(scan)
+        if array.ndim not in (2, 3):
+            raise ValueError(f"{name}: expected a 2D or 3D image, got shape {array.shape}")
+        if array.ndim == 2 and self.dims == 3:
+            raise ValueError(
+                f"{name} is a 2D image but the run's models are 3D (frame {self.frame}): use a "
+                "run trained with --dims 2 for 2D images"
+            )
+        try:
+            frames, foreground, transform = to_frame(
+                scan, kind=self.kind, dims=self.dims, frame=self.frame, downsample=self.downsample
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"{name} does not fit the run's {self.dims}D frame {self.frame} at downsample "
+                f"{self.downsample:g}: {exc} (retrain with a larger --frame, or crop the image)"
+            ) from exc
+        frames = np.asarray(frames, dtype=np.float32)
+        foreground = np.asarray(foreground, dtype=bool)
+        stacked = frames.ndim == self.dims + 1  # dims=2 on a 3D scan: (Z, *frame2d)
+        if not stacked:
+            frames = frames[None]
+            foreground = foreground[None]
+        mean, std, per_fold = self.predict_frames(frames)
+        fg = foreground if foreground.any() else np.ones_like(foreground)
+        score = float(mean[fg].mean())
+        fold_scores = tuple(float(p[fg].mean()) for p in per_fold)
+        if not stacked:
+            mean, std = mean[0], std[0]
+        anomaly = np.clip(np.asarray(from_frame(mean, transform), dtype=np.float32), 0.0, 1.0)
+        disagreement = np.clip(np.asarray(from_frame(std, transform), dtype=np.float32), 0.0, 1.0)
+        if anomaly.shape != array.shape:  # a contract breach upstream, not a user error
+            raise RuntimeError(
+                f"from_frame returned shape {anomaly.shape} for a scan of shape {array.shape}"
+            )
+        return Prediction(anomaly, disagreement, score, fold_scores)
+
+    def predict_array(
+        self,
+        array: np.ndarray,
+        spacing: Sequence[float] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Prediction:
+        """`predict` for a plain array (e.g. a napari layer's data).
+
+        Parameters
+        ----------
+        array : 2D `(Y, X)` or 3D `(Z, Y, X)` numeric array; converted to float32, not mutated.
+        spacing : mm per axis in the array's axis order (a layer's `scale`); default 1 mm.
+        metadata : optional Scan metadata (e.g. `{"modality": "CR"}` for `kind="auto"` runs).
+        """
+        from napari_mtml.io import Scan
+
+        arr = np.asarray(array, dtype=np.float32)
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"expected a 2D or 3D array, got shape {arr.shape}")
+        spacing = tuple(float(s) for s in (spacing or (1.0,) * arr.ndim))
+        if len(spacing) != arr.ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
+            raise ValueError(
+                f"spacing {spacing} must give one positive mm value per axis of the "
+                f"{arr.ndim}D array"
+            )
+        # The array axes are (z, y, x); a NIfTI voxel-to-world affine is indexed (x, y, z).
+        affine = np.diag([*spacing[::-1], *([1.0] * (4 - arr.ndim))]).astype(np.float64)
+        meta = {"path": None, "warnings": []}
+        meta.update(metadata or {})
+        return self.predict(Scan(array=arr, spacing=spacing, affine=affine, metadata=meta))
+
+
+def _scan_name(scan: Any) -> str:
+    meta = getattr(scan, "metadata", None) or {}
+    path = meta.get("path") if isinstance(meta, Mapping) else None
+    return str(path) if path else "the image"
+
+
+def load_ensemble(
+    run_dir: str | Path,
+    device: str | torch.device = "auto",
+    *,
+    folds: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> Ensemble:
+    """Load every fold of a trained run.
+
+    Parameters
+    ----------
+    run_dir : the folder `mtml train --out RUN` wrote (`config.json`, `fold_K/best.pt`).
+    device : "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
+    folds : fold indices to load (default: every fold of the run's T/(5-T) split, C(5, T) of them).
+    batch_size : frames per forward call (default 16 for 2D runs, 1 for 3D).
+
+    Raises
+    ------
+    ValueError : naming the file, for a missing folder/config, no trained fold, a missing fold
+        checkpoint, a corrupt checkpoint or one that does not match the run's model settings.
+    """
+    from napari_mtml.model import UNet
+
+    run_dir = Path(run_dir)
+    settings, cfg = _read_settings(run_dir)
+    dev = resolve_device(device)
+    wanted = _find_folds(run_dir, settings, folds)
+    models = []
+    for k in wanted:
+        path = run_dir / f"fold_{k}" / "best.pt"
+        state = _load_state_dict(path, dev)
+        model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(
+                f"{path} does not match the model described in {run_dir / 'config.json'} "
+                f"({first}); was the config edited? re-train this fold"
+            ) from exc
+        models.append(model.to(dev).eval())
+    return Ensemble(
+        models,
+        dims=settings.dims,
+        frame=settings.frame,
+        kind=settings.kind,
+        downsample=settings.downsample,
+        folds=wanted,
+        device=dev,
+        run_dir=run_dir,
+        config=cfg,
+        batch_size=batch_size,
+    )
