@@ -1,0 +1,398 @@
+"""Heatmap widget: predict an image layer with a trained ensemble and inspect the result.
+
+`HeatmapWidget(napari_viewer)` is a `QWidget` (manifest command `napari-mtml.heatmap_widget`,
+display name "Heatmap"). Predict loads the run with `napari_mtml.inference.load_ensemble` and calls
+`Ensemble.predict` on the chosen layer, in a worker thread. It adds, on the image's grid (same
+`scale` and `translate`):
+
+- `<image> anomaly`: the ensemble mean, an Image layer (inferno, additive, opacity 0.6, contrast
+  limits 0-1);
+- `<image> disagreement`: the standard deviation over folds (hidden);
+- `<image> suspicious`: a Labels layer of the connected regions above the threshold, listed in a
+  table with their size (mm^2 in 2D, mm^3 in 3D, from the layer's scale), peak and mean score.
+
+The threshold can be set from a healthy reference layer: the score that a chosen percentile of
+that scan's foreground voxels stays under. Save writes the heatmap as NIfTI on the image's
+original geometry (`napari_mtml.io.write_image`, using the layer's metadata).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from scipy import ndimage
+from superqt import QLabeledDoubleSlider
+
+from ._common import (
+    RUN_BUS,
+    LayerCombo,
+    available_devices,
+    notify_error,
+    notify_info,
+    scan_from_layer,
+    set_or_add_image,
+    set_or_add_labels,
+    start_worker,
+)
+
+__all__ = ["HeatmapWidget", "Region", "regions_above"]
+
+ANOMALY = " anomaly"
+DISAGREEMENT = " disagreement"
+SUSPICIOUS = " suspicious"
+MAX_ROWS = 100
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected region above the threshold: `label` (its value in the Labels layer),
+    `voxels`, `size_mm` (mm^2 in 2D, mm^3 in 3D), `peak` and `mean` heatmap score."""
+
+    label: int
+    voxels: int
+    size_mm: float
+    peak: float
+    mean: float
+
+
+def regions_above(heat: np.ndarray, threshold: float,
+                  spacing: tuple[float, ...]) -> tuple[np.ndarray, list[Region]]:
+    """Connected regions of `heat >= threshold` (face connectivity), largest first.
+
+    `heat`: float `(H, W)` or `(D, H, W)`; `spacing`: mm per axis. Returns an int32 label image of
+    the same shape (0 = background, 1 = largest region, ...) and one `Region` per label.
+    """
+    labels, n = ndimage.label(heat >= threshold)
+    if n == 0:
+        return labels.astype(np.int32), []
+    flat = labels.ravel()
+    voxels = np.bincount(flat, minlength=n + 1)[1:]
+    sums = np.bincount(flat, weights=heat.ravel().astype(np.float64), minlength=n + 1)[1:]
+    peaks = np.asarray(ndimage.maximum(heat, labels, index=np.arange(1, n + 1)), dtype=float)
+    order = np.argsort(-voxels, kind="stable")
+    # Renumber so that label 1 is the largest region (the table's first row).
+    remap = np.zeros(n + 1, dtype=np.int32)
+    remap[order + 1] = np.arange(1, n + 1, dtype=np.int32)
+    voxel_mm = float(np.prod(spacing))
+    regions = [
+        Region(int(remap[i + 1]), int(voxels[i]), float(voxels[i] * voxel_mm), float(peaks[i]),
+               float(sums[i] / voxels[i]))
+        for i in order
+    ]
+    return remap[labels], regions
+
+
+class HeatmapWidget(QWidget):
+    """Predict with a trained run and show heatmap, disagreement and suspicious regions.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+
+    Tests and scripts may use `run_edit`, `image_combo`, `reference_combo`, `percentile_spin`,
+    `threshold_slider`, `table`, `score_label`, `predict()`, `threshold_from_reference()`,
+    `save(path)`, `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`,
+    `labels_layer`, `busy` and `wait()`.
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.prediction = None
+        self.regions: list[Region] = []
+        self.heatmap_layer: Image | None = None
+        self.disagreement_layer: Image | None = None
+        self.labels_layer: Labels | None = None
+        self._source_layer = None
+        self._worker = None
+        self._ensembles: dict = {}
+        self._reference_cache: dict = {}
+
+        self.run_edit = QLineEdit()
+        self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt)")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse)
+        mine = self._is_output
+        self.image_combo = LayerCombo(napari_viewer, Image, exclude=mine, auto_pick=True)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices()[0])
+        self.predict_button = QPushButton("Predict")
+        self.predict_button.clicked.connect(self.predict)
+        self.score_label = QLabel("sample score: -")
+        self.score_label.setWordWrap(True)
+        self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0.0, 1.0)
+        self.threshold_slider.setDecimals(3)
+        self.threshold_slider.setValue(0.5)
+        self.reference_combo = LayerCombo(napari_viewer, Image, exclude=mine)
+        self.percentile_spin = QDoubleSpinBox()
+        self.percentile_spin.setRange(50.0, 100.0)
+        self.percentile_spin.setDecimals(2)
+        self.percentile_spin.setValue(99.0)
+        self.percentile_spin.setSuffix(" %")
+        self.reference_button = QPushButton("From healthy reference")
+        self.reference_button.setToolTip("Predict the reference layer and set the threshold to the "
+                                         "score this percentile of its foreground stays under.")
+        self.reference_button.clicked.connect(self.threshold_from_reference)
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["region", "size", "peak", "mean"])
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setMinimumHeight(140)
+        self.save_button = QPushButton("Save heatmap (NIfTI)…")
+        self.save_button.clicked.connect(lambda: self.save())
+        self.status = QLabel("Choose a run folder and an image, then Predict.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        run_row = QHBoxLayout()
+        run_row.setContentsMargins(0, 0, 0, 0)
+        run_row.addWidget(self.run_edit)
+        run_row.addWidget(browse)
+        run_widget = QWidget()
+        run_widget.setLayout(run_row)
+        form.addRow("run", run_widget)
+        form.addRow("image", self.image_combo)
+        form.addRow("device", self.device_combo)
+        form.addRow(self.predict_button)
+        form.addRow(self.score_label)
+        form.addRow("threshold", self.threshold_slider)
+        form.addRow("healthy reference", self.reference_combo)
+        form.addRow("percentile", self.percentile_spin)
+        form.addRow(self.reference_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.table)
+        layout.addWidget(self.save_button)
+        layout.addWidget(self.status)
+
+        self._threshold_timer = QTimer(self)
+        self._threshold_timer.setSingleShot(True)
+        self._threshold_timer.setInterval(60)
+        self._threshold_timer.timeout.connect(self.apply_threshold)
+        self.threshold_slider.valueChanged.connect(lambda *_: self._threshold_timer.start())
+        napari_viewer.layers.events.removed.connect(self._layer_removed)
+        RUN_BUS.run_finished.connect(self.set_run)
+        if RUN_BUS.last_run:
+            self.set_run(RUN_BUS.last_run)
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def wait(self, timeout_s: float = 60.0) -> bool:
+        """Process events until the running prediction is done; True if it ended."""
+        deadline = time.monotonic() + timeout_s
+        while self._worker is not None and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return self._worker is None
+
+    def _is_output(self, layer) -> bool:
+        return layer in (self.heatmap_layer, self.disagreement_layer) or \
+            layer.name.endswith((ANOMALY, DISAGREEMENT))
+
+    def set_run(self, run_dir: str) -> None:
+        """Use this run folder (the training widget calls it when a run finishes)."""
+        self.run_edit.setText(str(run_dir))
+        self.status.setText(f"run {run_dir} ready: choose an image and Predict.")
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Run folder (mtml train --out)")
+        if folder:
+            self.set_run(folder)
+
+    def _layer_removed(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        for attr in ("heatmap_layer", "disagreement_layer", "labels_layer"):
+            if getattr(self, attr) is layer:
+                setattr(self, attr, None)
+        if layer is self._source_layer:
+            self._source_layer = None
+        self._reference_cache = {k: v for k, v in self._reference_cache.items()
+                                 if k[0] != id(layer)}
+
+    # ----------------------------------------------------------------------------- predict
+    def _ensemble(self, run_dir: str, device: str):
+        """The loaded run (cached per folder, device and config.json time; worker thread)."""
+        from napari_mtml.inference import load_ensemble
+
+        folder = Path(run_dir).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"run folder '{folder}' does not exist: choose the folder that "
+                             "training wrote (it holds config.json and fold_K/best.pt).")
+        cfg = folder / "config.json"
+        key = (str(folder.resolve()), device, cfg.stat().st_mtime_ns if cfg.exists() else None)
+        if key not in self._ensembles:
+            self._ensembles = {key: load_ensemble(folder, device=device)}
+        return self._ensembles[key]
+
+    def _job(self, run_dir, device, scan):
+        return self._ensemble(run_dir, device).predict(scan)
+
+    def predict(self) -> None:
+        """Predict the chosen image layer in a worker thread."""
+        if self._worker is not None:
+            return
+        layer = self.image_combo.current_layer()
+        run_dir = self.run_edit.text().strip()
+        try:
+            if not run_dir:
+                raise ValueError("no run folder chosen: train one with the Training widget or "
+                                 "`mtml train`, then choose its folder.")
+            scan = scan_from_layer(layer, "Predict")
+        except ValueError as exc:
+            self._error(exc)
+            return
+        self.status.setText(f"predicting '{layer.name}' …")
+        self.predict_button.setEnabled(False)
+        self._worker = start_worker(
+            self._job, run_dir, self.device_combo.currentText(), scan,
+            on_return=lambda pred: self._show(layer, pred),
+            on_error=self._error, on_finish=self._done,
+        )
+
+    def _show(self, layer, prediction) -> None:
+        if layer not in self.viewer.layers:
+            return
+        self.prediction = prediction
+        self._source_layer = layer
+        self.heatmap_layer = set_or_add_image(
+            self.viewer, self.heatmap_layer, prediction.anomaly, layer.name + ANOMALY, layer,
+            colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
+        )
+        self.disagreement_layer = set_or_add_image(
+            self.viewer, self.disagreement_layer, prediction.disagreement,
+            layer.name + DISAGREEMENT, layer, colormap="viridis", blending="additive",
+            contrast_limits=(0.0, 0.5), visible=False,
+        )
+        folds = ", ".join(f"{s:.3f}" for s in getattr(prediction, "fold_scores", ()))
+        self.score_label.setText(
+            f"sample score (mean inside the foreground): {prediction.score:.4f}"
+            + (f"\nper fold: {folds}" if folds else "")
+        )
+        self.status.setText(f"heatmap of '{layer.name}' ready.")
+        self.apply_threshold()
+
+    def _error(self, exc) -> None:
+        self.status.setText(f"error: {exc}")
+        notify_error("Heatmap", exc)
+
+    def _done(self) -> None:
+        self._worker = None
+        self.predict_button.setEnabled(True)
+        self.reference_button.setEnabled(True)
+
+    # ----------------------------------------------------------------------------- threshold
+    def apply_threshold(self) -> None:
+        """Labels layer and table of the regions above the current threshold."""
+        self._threshold_timer.stop()
+        layer = self._source_layer
+        if self.prediction is None or layer is None:
+            return
+        ndim = self.prediction.anomaly.ndim
+        spacing = tuple(float(s) for s in layer.scale[-ndim:])
+        labels, self.regions = regions_above(self.prediction.anomaly,
+                                             self.threshold_slider.value(), spacing)
+        self.labels_layer = set_or_add_labels(self.viewer, self.labels_layer, labels,
+                                              layer.name + SUSPICIOUS, layer, opacity=0.5)
+        unit = "mm²" if ndim == 2 else "mm³"
+        shown = self.regions[:MAX_ROWS]
+        self.table.setRowCount(len(shown))
+        for row, r in enumerate(shown):
+            for col, text in enumerate((str(r.label), f"{r.size_mm:.1f} {unit}", f"{r.peak:.3f}",
+                                        f"{r.mean:.3f}")):
+                item = QTableWidgetItem(text)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                self.table.setItem(row, col, item)
+        more = f" (table shows the {MAX_ROWS} largest)" if len(self.regions) > MAX_ROWS else ""
+        self.status.setText(f"{len(self.regions)} region(s) at threshold "
+                            f"{self.threshold_slider.value():.3f}{more}")
+
+    def threshold_from_reference(self) -> None:
+        """Set the threshold to the chosen percentile of a healthy layer's foreground scores."""
+        if self._worker is not None:
+            return
+        ref = self.reference_combo.current_layer()
+        run_dir = self.run_edit.text().strip()
+        pct = self.percentile_spin.value()
+        try:
+            if not run_dir:
+                raise ValueError("no run folder chosen: choose the run first.")
+            scan = scan_from_layer(ref, "the healthy reference")
+        except ValueError as exc:
+            self._error(exc)
+            return
+        self.reference_button.setEnabled(False)
+        self.status.setText(f"predicting the healthy reference '{ref.name}' …")
+        self._worker = start_worker(
+            self._reference_job, run_dir, self.device_combo.currentText(), scan, ref, pct,
+            on_return=self._set_threshold, on_error=self._error, on_finish=self._done,
+        )
+
+    def _reference_job(self, run_dir, device, scan, ref, pct) -> tuple[float, str]:
+        from napari_mtml.preprocess import foreground_mask
+
+        key = (id(ref), id(ref.data), run_dir, device)
+        if key not in self._reference_cache:
+            heat = self._ensemble(run_dir, device).predict(scan).anomaly
+            fg = np.asarray(foreground_mask(scan), dtype=bool)
+            self._reference_cache[key] = heat[fg] if fg.any() else heat.ravel()
+        scores = self._reference_cache[key]
+        return float(np.percentile(scores, pct)), ref.name
+
+    def _set_threshold(self, value_and_name) -> None:
+        value, name = value_and_name
+        self.threshold_slider.setValue(value)
+        self.apply_threshold()
+        notify_info(f"Heatmap: threshold {value:.4f} = {self.percentile_spin.value():g}th "
+                    f"percentile of '{name}' foreground scores")
+
+    # ----------------------------------------------------------------------------- save
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Write the heatmap as NIfTI on the image's original geometry; returns the path."""
+        from napari_mtml.io import write_image
+
+        layer = self._source_layer
+        if self.prediction is None or layer is None:
+            notify_error("Heatmap", "nothing to save: Predict an image first.")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save heatmap",
+                                                  f"{layer.name}_anomaly.nii.gz",
+                                                  "NIfTI (*.nii.gz *.nii)")
+            if not path:
+                return None
+        path = Path(path)
+        if not path.name.endswith((".nii", ".nii.gz")):
+            path = path.with_name(path.name + ".nii.gz")
+        try:
+            write_image(path, self.prediction.anomaly, like=scan_from_layer(layer, "Save"))
+        except (ValueError, OSError) as exc:
+            self._error(exc)
+            return None
+        self.status.setText(f"saved {path}")
+        return path

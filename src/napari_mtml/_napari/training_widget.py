@@ -1,0 +1,481 @@
+"""Training widget: fill a `TrainConfig`, run `napari_mtml.training.train` in the background.
+
+`TrainingWidget(napari_viewer)` is a `QWidget` (manifest command `napari-mtml.training_widget`,
+display name "Training"). Start builds a `napari_mtml.config.TrainConfig` from the fields and runs
+the core's training generator in a thread worker; each yielded event updates a progress bar (in
+the widget and in napari's activity dock) and a live plot of the training loss and of the
+validation AP per held-out task, per fold. Cancel asks the worker to stop after the current step;
+the generator is then closed in the worker thread, which keeps the last good checkpoint
+(`RUN/fold_K/best.pt`). When a run finishes it is offered to every Heatmap widget.
+
+The widget holds no science: it only fills the config and renders the events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.layers import Image
+from napari.utils import progress
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_mtml.config import TrainConfig
+from napari_mtml.training import train
+from napari_mtml.training.events import (
+    FoldFinished,
+    FoldStarted,
+    Notice,
+    RunFinished,
+    StepEvent,
+    ValidationEvent,
+)
+
+from ._common import (
+    RUN_BUS,
+    available_devices,
+    notify_error,
+    notify_info,
+    scan_from_layer,
+    start_worker,
+)
+
+__all__ = ["TrainingWidget", "available_devices"]
+
+FROM_FOLDER = "files / folder"
+FROM_LAYERS = "open image layers"
+TASK_COLOURS = {"intra_blend": "#1f77b4", "inter_blend": "#ff7f0e", "sink": "#2ca02c",
+                "source": "#d62728", "smooth_intensity": "#9467bd"}
+
+
+def _write_layers(layers, folder: Path) -> list[str]:
+    """Save image layers as NIfTI files for `TrainConfig.healthy` (worker thread)."""
+    from napari_mtml.io import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, layer in enumerate(layers):
+        scan = scan_from_layer(layer, "training")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in layer.name)
+        path = folder / f"{i:02d}_{safe}.nii.gz"
+        write_image(path, scan.array, like=scan)
+        paths.append(str(path))
+    return paths
+
+
+def _run_training(config: TrainConfig, layers=None):
+    """The worker's generator: optional layer export, then the core's training events."""
+    if layers:
+        folder = Path(config.out) / "healthy_layers"
+        yield Notice(f"writing {len(layers)} image layer(s) to {folder}")
+        config = config.replace(healthy=tuple(_write_layers(layers, folder)))
+    result = yield from train(config)
+    return result
+
+
+class TrainingWidget(QWidget):
+    """Train a T/(5-T) cross-validation ensemble from the viewer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        Its image layers can serve as the healthy training data.
+
+    Tests and scripts may use `config()` (the `TrainConfig` the fields describe), `start()`,
+    `cancel()`, `worker`, `run_dir`, `events` (every event received), `message` (a `QLabel`) and
+    the field widgets (`healthy_edit`, `out_edit`, `steps_spin`, ...).
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.run_dir: str | None = None
+        self.events: list = []
+        self._pbar = None
+        self._folds = 1
+        self._fold_pos: dict[int, int] = {}
+        self._max_steps = 1
+        self._cancelled = False
+        self._last_best: dict[int, str] = {}
+        self._curves: dict = {}
+        self._plot_dirty = False
+
+        # --- data
+        self.source_combo = QComboBox()
+        self.source_combo.addItems([FROM_FOLDER, FROM_LAYERS])
+        self.healthy_edit = QLineEdit()
+        self.healthy_edit.setPlaceholderText("healthy scans: files or folders, ';'-separated")
+        self.layer_list = QListWidget()
+        self.layer_list.setMaximumHeight(70)
+        self.external_edit = QLineEdit()
+        self.external_edit.setPlaceholderText("optional: external images for task 1")
+        self.out_edit = QLineEdit(str(Path.cwd() / "mtml_run"))
+        # --- split and budget
+        self.dims_combo = QComboBox()
+        self.dims_combo.addItems(["auto", "2", "3"])
+        self.frame_edit = QLineEdit()
+        self.frame_edit.setPlaceholderText("auto (80,112,80 brain; 256,256 X-ray)")
+        self.tasks_spin = _spin(1, 4, 1)
+        self.fold_combo = QComboBox()
+        self.steps_spin = _spin(1, 10_000_000, 2000)
+        self.batch_spin = _spin(0, 4096, 0)
+        self.batch_spin.setSpecialValueText("auto (8 in 3D, 50 in 2D)")
+        self.val_spin = _spin(1, 1_000_000, 250)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(["light", "paper"])
+        self.preset_combo.setToolTip("light: 16-128 features, depth 4 (CPU friendly); "
+                                     "paper: the published U-Net (13.9 M / 29.1 M parameters)")
+        devices, note = available_devices()
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(devices)
+        self.device_note = QLabel(note)
+        self.device_note.setWordWrap(True)
+        if "fall" in note:
+            self.device_note.setStyleSheet("color: #e0a040")
+        self.workers_spin = _spin(0, 64, 0)
+        self.seed_spin = _spin(0, 2**31 - 1, 0)
+        self.resume_check = QCheckBox("resume from last.pt")
+        # --- actions and feedback
+        self.start_button = QPushButton("Start")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setFormat("%v / %m steps")
+        self.message = QLabel("Set the healthy data and press Start.")
+        self.message.setWordWrap(True)
+        self.figure = Figure(figsize=(4, 3.6), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(260)
+        self.ax_loss = self.figure.add_subplot(211)
+        self.ax_ap = self.figure.add_subplot(212)
+        self._reset_plot()
+
+        form = QFormLayout()
+        form.addRow("healthy data", self.source_combo)
+        form.addRow("", _row(self.healthy_edit, _browse_button(self, self.healthy_edit, True)))
+        form.addRow("", self.layer_list)
+        form.addRow("external", _row(self.external_edit,
+                                     _browse_button(self, self.external_edit, True)))
+        form.addRow("dims", self.dims_combo)
+        form.addRow("frame", self.frame_edit)
+        form.addRow("train tasks T", self.tasks_spin)
+        form.addRow("fold", self.fold_combo)
+        form.addRow("max steps", self.steps_spin)
+        form.addRow("batch size", self.batch_spin)
+        form.addRow("validate every", self.val_spin)
+        form.addRow("model", self.preset_combo)
+        form.addRow("device", self.device_combo)
+        form.addRow("", self.device_note)
+        form.addRow("workers", self.workers_spin)
+        form.addRow("seed", self.seed_spin)
+        form.addRow("output folder", _row(self.out_edit,
+                                          _browse_button(self, self.out_edit, True)))
+        form.addRow("", self.resume_check)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(_hbox(self.start_button, self.cancel_button))
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.message)
+        layout.addWidget(self.canvas)
+
+        self.source_combo.currentIndexChanged.connect(self._source_changed)
+        self.tasks_spin.valueChanged.connect(self._tasks_changed)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        events = napari_viewer.layers.events
+        events.inserted.connect(self._refresh_layers)
+        events.removed.connect(self._refresh_layers)
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setInterval(300)  # a redraw per step would starve the event loop
+        self._redraw_timer.timeout.connect(self._redraw)
+        self._tasks_changed()
+        self._source_changed()
+
+    # ----------------------------------------------------------------------------- fields
+    def _tasks_changed(self, *args) -> None:
+        n = math.comb(5, self.tasks_spin.value())
+        self.fold_combo.clear()
+        self.fold_combo.addItems(["all"] + [str(i) for i in range(n)])
+
+    def _source_changed(self, *args) -> None:
+        from_layers = self.source_combo.currentText() == FROM_LAYERS
+        self.healthy_edit.setVisible(not from_layers)
+        self.layer_list.setVisible(from_layers)
+        self._refresh_layers()
+
+    def _refresh_layers(self, event=None) -> None:
+        checked = {self.layer_list.item(i).text() for i in range(self.layer_list.count())
+                   if self.layer_list.item(i).checkState() == Qt.CheckState.Checked}
+        self.layer_list.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and not layer.rgb:
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if layer.name in checked
+                                   else Qt.CheckState.Unchecked)
+                self.layer_list.addItem(item)
+
+    def set_layers(self, names) -> None:
+        """Use these image layers (by name) as the healthy data."""
+        self.source_combo.setCurrentText(FROM_LAYERS)
+        for i in range(self.layer_list.count()):
+            item = self.layer_list.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.text() in names
+                               else Qt.CheckState.Unchecked)
+
+    def _chosen_layers(self) -> list:
+        names = [self.layer_list.item(i).text() for i in range(self.layer_list.count())
+                 if self.layer_list.item(i).checkState() == Qt.CheckState.Checked]
+        return [self.viewer.layers[n] for n in names if n in self.viewer.layers]
+
+    def config(self) -> TrainConfig:
+        """The `TrainConfig` the fields describe; `ValueError` (the core's message) if invalid."""
+        from_layers = self.source_combo.currentText() == FROM_LAYERS
+        if from_layers:
+            healthy: tuple[str, ...] = ()
+            if not self._chosen_layers():
+                raise ValueError("no healthy image layer is ticked: open healthy scans and tick "
+                                 "them, or choose 'files / folder'.")
+        else:
+            healthy = tuple(p.strip() for p in self.healthy_edit.text().split(";") if p.strip())
+            if not healthy:
+                raise ValueError("no healthy data given: type or browse a folder of healthy "
+                                 "scans (NIfTI, DICOM, PNG), or train on open image layers.")
+            missing = [p for p in healthy if not Path(p).expanduser().exists()]
+            if missing:
+                raise ValueError(f"healthy data not found: {', '.join(missing)}; check the path.")
+        fold = self.fold_combo.currentText()
+        return TrainConfig(
+            healthy=healthy,
+            out=self.out_edit.text().strip(),
+            dims=None if self.dims_combo.currentText() == "auto"
+            else int(self.dims_combo.currentText()),
+            frame=self.frame_edit.text().strip() or None,
+            train_tasks=self.tasks_spin.value(),
+            fold="all" if fold == "all" else int(fold),
+            external=self.external_edit.text().strip() or None,
+            max_steps=self.steps_spin.value(),
+            batch_size=self.batch_spin.value() or None,
+            val_interval=self.val_spin.value(),
+            preset=self.preset_combo.currentText(),
+            device=self.device_combo.currentText(),
+            workers=self.workers_spin.value(),
+            seed=self.seed_spin.value(),
+            resume=self.resume_check.isChecked(),
+        )
+
+    # ----------------------------------------------------------------------------- run
+    def start(self) -> None:
+        """Start training in a worker thread (errors in the fields become a notification)."""
+        if self.worker is not None:
+            return
+        try:
+            config = self.config()
+        except ValueError as exc:
+            self._error(exc)
+            return
+        layers = self._chosen_layers() if self.source_combo.currentText() == FROM_LAYERS else None
+        self.events = []
+        self.run_dir = config.out
+        self._cancelled = False
+        self._last_best = {}
+        self._folds = len(config.fold_indices())
+        self._fold_pos = {}
+        self._max_steps = config.max_steps
+        self._reset_plot()
+        total = self._folds * config.max_steps
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(0)
+        self._pbar = progress(total=total, desc="mtml training")
+        self.message.setText(f"training into {config.out} …")
+        self.start_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self._redraw_timer.start()
+        self.worker = start_worker(
+            _run_training, config, layers,
+            on_yield=self._on_event, on_return=self._on_return, on_error=self._error,
+            on_finish=self._on_finish, on_abort=self._on_abort,
+        )
+
+    def cancel(self) -> None:
+        """Stop after the current training step; the last good checkpoint is kept."""
+        if self.worker is not None:
+            self._cancelled = True
+            self.message.setText("cancelling after the current step …")
+            self.worker.quit()
+
+    def wait(self, timeout_s: float = 60.0) -> bool:
+        """Process events until the worker is done (scripts and tests); True if it ended."""
+        deadline = time.monotonic() + timeout_s
+        while self.worker is not None and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return self.worker is None
+
+    # ----------------------------------------------------------------------------- events
+    def _on_event(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, FoldStarted):
+            self._fold_pos.setdefault(event.fold, len(self._fold_pos))
+            self._max_steps = event.max_steps
+            self.message.setText(
+                f"fold {event.fold + 1}/{event.n_folds}: train on {', '.join(event.train_tasks)}"
+                f"; validate on {', '.join(event.val_tasks)}"
+            )
+        elif isinstance(event, StepEvent):
+            self._fold_pos.setdefault(event.fold, len(self._fold_pos))
+            done = self._fold_pos[event.fold] * self._max_steps + event.step
+            if self._pbar is not None:
+                self._pbar.update(max(0, done - self.progress_bar.value()))
+            self.progress_bar.setValue(min(done, self.progress_bar.maximum()))
+            self._curve(("loss", event.fold)).append((event.step, event.loss))
+            self._plot_dirty = True
+        elif isinstance(event, ValidationEvent):
+            for task, ap in event.ap.items():
+                self._curve(("ap", event.fold, task)).append((event.step, ap))
+            self._plot_dirty = True
+            if event.best:
+                self._last_best[event.fold] = str(Path(self.run_dir) / f"fold_{event.fold}" /
+                                                  "best.pt")
+            mean_ap = np.mean(list(event.ap.values())) if event.ap else float("nan")
+            self.message.setText(f"fold {event.fold}, step {event.step}: val loss "
+                                 f"{event.val_loss:.4f}, mean AP {mean_ap:.3f}"
+                                 + (" (best so far)" if event.best else ""))
+        elif isinstance(event, FoldFinished):
+            self._last_best[event.fold] = event.checkpoint
+        elif isinstance(event, Notice):
+            notify_info(f"Training: {event.text}")
+        elif isinstance(event, RunFinished):
+            self.run_dir = event.run_dir
+
+    def _on_return(self, result) -> None:
+        run_dir = getattr(result, "run_dir", None) or self.run_dir
+        self.run_dir = str(run_dir)
+        self.progress_bar.setValue(self.progress_bar.maximum())
+        self.message.setText(f"done: {self.run_dir} (offered to the Heatmap widget)")
+        notify_info(f"Training finished: {self.run_dir}")
+        RUN_BUS.run_finished.emit(self.run_dir)
+
+    def _on_abort(self) -> None:
+        kept = [p for p in self._last_best.values() if Path(p).exists()]
+        if kept:
+            text = "cancelled; the last good checkpoint is kept: " + ", ".join(kept)
+        else:
+            text = ("cancelled before the first validation: no checkpoint was selected yet "
+                    "(the run folder keeps last.pt for --resume, if one was written)")
+        self.message.setText(text)
+        notify_info(f"Training {text}")
+
+    def _error(self, exc) -> None:
+        self.message.setText(f"error: {exc}")
+        notify_error("Training", exc)
+
+    def _on_finish(self) -> None:
+        self.worker = None
+        self.start_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self._redraw_timer.stop()
+        self._redraw()
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    # ----------------------------------------------------------------------------- plot
+    def _curve(self, key) -> list:
+        return self._curves.setdefault(key, [])
+
+    def _reset_plot(self) -> None:
+        self._curves = {}
+        self._plot_dirty = True
+        self._redraw()
+
+    def _redraw(self) -> None:
+        if not self._plot_dirty:
+            return
+        self._plot_dirty = False
+        for ax in (self.ax_loss, self.ax_ap):
+            ax.clear()
+            ax.grid(alpha=0.3)
+        self.ax_loss.set_ylabel("training loss (MSE)")
+        self.ax_ap.set_ylabel("validation AP")
+        self.ax_ap.set_xlabel("step")
+        self.ax_ap.set_ylim(0, 1)
+        markers = "os^vDP*X"
+        seen_tasks = set()
+        for key, points in sorted(self._curves.items(), key=lambda kv: str(kv[0])):
+            if not points:
+                continue
+            x, y = np.asarray(points, dtype=float).T
+            if key[0] == "loss":
+                self.ax_loss.plot(x, y, lw=1, label=f"fold {key[1]}")
+            else:
+                _, fold, task = key
+                label = task if task not in seen_tasks else None
+                seen_tasks.add(task)
+                self.ax_ap.plot(x, y, marker=markers[fold % len(markers)], ms=3, lw=1,
+                                color=TASK_COLOURS.get(task), label=label)
+        if any(k[0] == "loss" for k in self._curves):
+            self.ax_loss.legend(fontsize=7, loc="upper right")
+            self.ax_loss.set_yscale("log")
+        if seen_tasks:
+            self.ax_ap.legend(fontsize=7, loc="lower right", title="held-out task (marker = "
+                              "fold)", title_fontsize=7)
+        self.canvas.draw_idle()
+
+
+def _spin(lo: int, hi: int, value: int) -> QSpinBox:
+    s = QSpinBox()
+    s.setRange(lo, hi)
+    s.setValue(value)
+    return s
+
+
+def _hbox(*widgets) -> QHBoxLayout:
+    box = QHBoxLayout()
+    for w in widgets:
+        box.addWidget(w)
+    return box
+
+
+def _row(*widgets) -> QWidget:
+    w = QWidget()
+    box = _hbox(*widgets)
+    box.setContentsMargins(0, 0, 0, 0)
+    w.setLayout(box)
+    return w
+
+
+def _browse_button(parent, edit: QLineEdit, folder: bool) -> QPushButton:
+    button = QPushButton("…")
+    button.setMaximumWidth(30)
+
+    def browse():
+        path = (QFileDialog.getExistingDirectory(parent, "Choose a folder") if folder
+                else QFileDialog.getOpenFileName(parent, "Choose a file")[0])
+        if path:
+            edit.setText(path)
+
+    button.clicked.connect(browse)
+    return button

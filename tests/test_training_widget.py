@@ -1,0 +1,127 @@
+"""The training widget: a tiny run in a worker, cancel, bad input; the run offered onward."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.qt
+
+PLUGIN = "napari-mtml"
+
+
+def _errors():
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records
+            if getattr(n.severity, "value", n.severity) == "error"]
+
+
+def _healthy_folder(folder, n=6, shape=(40, 40)):
+    """n small 2D 'brains' (textured discs on zero background) as 2D NIfTI files."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    for i in range(n):
+        inside = (yy / 0.8) ** 2 + (xx / (0.6 + 0.03 * i)) ** 2 < 1
+        img = (50 + 10 * rng.standard_normal(shape)) * inside
+        nib.save(nib.Nifti1Image(img.astype(np.float32).T, np.eye(4)), folder / f"h{i}.nii.gz")
+    return folder
+
+
+def _fill(widget, healthy, out, steps):
+    widget.healthy_edit.setText(str(healthy))
+    widget.out_edit.setText(str(out))
+    widget.frame_edit.setText("32,32")
+    widget.fold_combo.setCurrentText("0")
+    widget.steps_spin.setValue(steps)
+    widget.batch_spin.setValue(2)
+    widget.val_spin.setValue(2)
+    widget.preset_combo.setCurrentText("light")
+    widget.device_combo.setCurrentText("cpu")
+
+
+def test_training_runs_to_the_end_and_offers_the_run(make_napari_viewer, qtbot, tmp_path):
+    from napari_mtml.training.events import RunFinished, StepEvent, ValidationEvent
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    _, heat = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    healthy = _healthy_folder(tmp_path / "healthy")
+    out = tmp_path / "run"
+    _fill(widget, healthy, out, steps=4)
+    config = widget.config()
+    assert config.max_steps == 4 and config.fold == 0 and config.frame == (32, 32)
+
+    widget.start()
+    assert widget.worker is not None and not widget.start_button.isEnabled()
+    assert widget.wait(120), "the tiny run did not finish"
+    steps = [e.step for e in widget.events if isinstance(e, StepEvent)]
+    assert steps[-1] == 4
+    assert any(isinstance(e, ValidationEvent) for e in widget.events)
+    assert isinstance(widget.events[-1], RunFinished)
+    assert widget.progress_bar.value() == widget.progress_bar.maximum() == 4
+    assert (out / "fold_0" / "best.pt").is_file() and (out / "config.json").is_file()
+    assert widget.ax_loss.lines and widget.ax_ap.lines  # the live plot drew loss and AP
+    assert heat.run_edit.text() == str(out)  # offered to the heatmap widget
+    assert widget.start_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(make_napari_viewer, qtbot,
+                                                            tmp_path):
+    import torch
+
+    from napari_mtml.training.events import RunFinished, StepEvent
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    healthy = _healthy_folder(tmp_path / "healthy")
+    out = tmp_path / "run"
+    _fill(widget, healthy, out, steps=100_000)
+    widget.start()
+    qtbot.waitUntil(lambda: sum(isinstance(e, StepEvent) for e in widget.events) >= 3,
+                    timeout=60000)
+    widget.cancel()
+    n_at_cancel = sum(isinstance(e, StepEvent) for e in widget.events)
+    assert widget.wait(30)
+    n_steps = sum(isinstance(e, StepEvent) for e in widget.events)
+    assert n_steps <= n_at_cancel + 1, "more than one step ran after Cancel"
+    assert not any(isinstance(e, RunFinished) for e in widget.events)
+    best = out / "fold_0" / "best.pt"
+    assert best.is_file() and "kept" in widget.message.text()
+    state = torch.load(best, weights_only=True)
+    assert isinstance(state, dict) and state
+
+
+def test_training_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    widget.start()  # nothing filled in
+    assert widget.worker is None
+    assert any("no healthy data" in m for m in _errors())
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fill(widget, empty, tmp_path / "run", steps=2)
+    widget.start()  # the folder exists but holds nothing: the core says so, in a notification
+    assert widget.wait(60)
+    assert "error" in widget.message.text()
+    assert len(_errors()) >= 2
+
+    widget.source_combo.setCurrentText("open image layers")
+    widget.start()  # no layer ticked
+    assert any("no healthy image layer" in m for m in _errors())
+
+
+def test_device_list_and_cpu_note(make_napari_viewer):
+    import torch
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    items = [widget.device_combo.itemText(i) for i in range(widget.device_combo.count())]
+    assert items[:2] == ["auto", "cpu"]
+    if not torch.cuda.is_available():
+        assert "cuda" not in items
+        assert "CPU" in widget.device_note.text()
