@@ -1,0 +1,481 @@
+"""Bringing scans into the model's fixed frame (METHOD.md section 7), and maps back out of it.
+
+```python
+from napari_mtml.preprocess import foreground_mask, to_frame, from_frame, FrameTransform
+fg = foreground_mask(scan)
+array, foreground, transform = to_frame(scan)        # float32 in the frame, bool, the recipe
+heat = from_frame(map_in_frame, transform)           # float32 on scan.array's grid
+```
+
+Two pipelines:
+
+- **MRI** (2D or 3D): z-score over the foreground (background set to 0), crop to the foreground's
+  bounding box, downsample by an integer-like factor (linear interpolation after a Gaussian
+  anti-aliasing filter of sigma `(factor - 1) / 2` voxels, as scikit-image's `rescale` does), zero
+  outside the downsampled foreground, zero-pad centred into the frame.
+  Default frames: 3D `(80, 112, 80)` (the paper's brain frame: a 160x224x160 mm crop at 1 mm,
+  halved); 2D `(128, 128)`: an axial brain slice at ~1 mm halved fits it, and 128 is divisible by
+  64, so the paper's 2D U-Net (6 downsamplings) runs on it.
+- **CXR** (2D X-ray): resize to `frame * downsample` (512x512 by default; cubic, anti-aliased),
+  clip to the DICOM window (WindowCenter +- WindowWidth / 2) if the file has one, histogram
+  equalisation (256 bins), MONOCHROME1 inverted if the reader has not already done it, rescale to
+  [-1, 1], resize to the frame (default 256x256; linear, anti-aliased). The aspect ratio is not
+  kept, as in the paper. The frame's foreground is the whole frame (the paper used no X-ray mask).
+
+Maps go back by the exact inverse geometry (un-pad, linear upsampling on the same pixel-centre
+grid, un-crop; 0 outside the crop), so a heatmap predicted in the frame lands on the scan's voxels.
+All arguments of `to_frame` are plain values (str, int, float, tuple) so that a run configuration
+can record them and `predict` can repeat them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from napari_mtml.io import Scan
+
+__all__ = [
+    "CXR_FRAME",
+    "CXR_MODALITIES",
+    "MRI_FRAME_2D",
+    "MRI_FRAME_3D",
+    "FrameTransform",
+    "foreground_mask",
+    "from_frame",
+    "infer_kind",
+    "to_frame",
+]
+
+MRI_FRAME_3D = (80, 112, 80)
+MRI_FRAME_2D = (128, 128)
+CXR_FRAME = (256, 256)
+CXR_MODALITIES = ("CR", "DX", "XR", "MG")
+# A volume whose exact-minimum voxels make up at least this fraction is taken as skull-stripped
+# (its background was set to one value); scanners' unstripped images have noisy backgrounds.
+STRIPPED_BACKGROUND_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """How a scan was brought into the frame; `from_frame` undoes it for maps.
+
+    Attributes (all plain values)
+    -----------------------------
+    kind : "mri" or "cxr".
+    scan_shape : shape of `scan.array`.
+    frame : the frame shape of one image (2D or 3D).
+    stacked : True when a 3D scan was cut into axial 2D slices (`dims=2`); arrays in the frame
+        then have shape `(Z, *frame)`.
+    crop : `(start, stop)` voxel range per scan axis that was kept (the foreground's bounding box
+        for MRI; the whole image for CXR).
+    scale : input voxels per frame voxel, per scan axis (1.0 on the stacked axis).
+    scaled_shape : size of the cropped content after downsampling, per scan axis.
+    offset : where the content starts inside the frame, per scan axis (0 on the stacked axis).
+    mean, std : the z-score (MRI), in the scan's units; NaN for CXR.
+    window : the intensity window clipped to (CXR), or None.
+    """
+
+    kind: str
+    scan_shape: tuple
+    frame: tuple
+    stacked: bool
+    crop: tuple
+    scale: tuple
+    scaled_shape: tuple
+    offset: tuple
+    mean: float = float("nan")
+    std: float = float("nan")
+    window: tuple | None = None
+
+    @property
+    def frame_array_shape(self) -> tuple:
+        """Shape of `to_frame`'s array (and what `from_frame` expects)."""
+        return (self.scan_shape[0], *self.frame) if self.stacked else tuple(self.frame)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _as_scan(scan) -> Scan:
+    if isinstance(scan, Scan):
+        return scan
+    arr = np.asarray(scan)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected a Scan or a 2D/3D array; got an array of shape {arr.shape}.")
+    return Scan(array=arr, spacing=(1.0,) * arr.ndim)
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} holds NaN or infinite values; replace them (e.g. with 0) first.")
+
+
+def _name(scan: Scan) -> str:
+    path = scan.metadata.get("path")
+    return f"{path}" if path else "the image"
+
+
+def infer_kind(scan: Scan) -> str:
+    """ "cxr" for 2D images with modality CR/DX/XR/MG or none (plain 2D files); else "mri"."""
+    scan = _as_scan(scan)
+    if scan.ndim != 2:
+        return "mri"
+    modality = str(scan.metadata.get("modality", "") or "").upper()
+    return "cxr" if modality in CXR_MODALITIES or modality == "" else "mri"
+
+
+def _resample(array: np.ndarray, scale, out_shape, order: int, anti_alias: bool) -> np.ndarray:
+    """`out[o] = array[scale * (o + 0.5) - 0.5]` per axis (pixel-centre aligned), float32.
+
+    With `anti_alias`, a Gaussian of sigma `max(0, (scale - 1) / 2)` input voxels is applied
+    first, so that downsampling does not alias.
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    a = np.asarray(array, dtype=np.float32)
+    if anti_alias:
+        sigma = np.maximum(0.0, (scale - 1.0) / 2.0)
+        if np.any(sigma > 0):
+            a = ndimage.gaussian_filter(a, sigma, mode="nearest")
+    if np.all(scale == 1.0) and tuple(out_shape) == a.shape:
+        return a.copy() if a is array else a
+    offset = 0.5 * scale - 0.5
+    return ndimage.affine_transform(
+        a, scale, offset=offset, output_shape=tuple(int(s) for s in out_shape), order=order,
+        mode="nearest", prefilter=order > 1,
+    ).astype(np.float32, copy=False)
+
+
+def _bbox(mask: np.ndarray) -> tuple:
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        out.append((int(hits[0]), int(hits[-1]) + 1))
+    return tuple(out)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample (maximal between-class variance over a histogram)."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        return lo
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Hole filling in N-D, then per axial slice (holes open at the volume's top or bottom)."""
+    filled = ndimage.binary_fill_holes(mask)
+    if filled.ndim == 3:
+        for z in range(filled.shape[0]):
+            if filled[z].any():
+                filled[z] = ndimage.binary_fill_holes(filled[z])
+    return filled
+
+
+# --------------------------------------------------------------------------------------------
+# Foreground
+# --------------------------------------------------------------------------------------------
+def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarray:
+    """The anatomy to z-score over and to place anomalies on: bool, `scan.array`'s shape.
+
+    Methods
+    -------
+    "nonzero" (skull-stripped data): `binary_fill_holes(array != background)`, where the
+        background is the array's minimum value (0 for skull-stripped MRI), as in the paper.
+    "head" (unstripped scans): Otsu's threshold, the largest connected component, one binary
+        closing to bridge thin gaps, then hole filling in 3D and per axial slice (dark bone,
+        CSF and air spaces inside the head are included).
+    "all": every voxel (X-rays: the paper placed anomalies anywhere in the frame).
+    "auto": "all" for X-rays (`kind` "cxr", or "auto" resolved by `infer_kind`); otherwise
+        "nonzero" when at least 25% of the voxels hold exactly the minimum value (a background
+        set to one value by skull-stripping), else "head".
+
+    Raises `ValueError` for NaN/inf values or an unknown `method`/`kind`.
+    """
+    scan = _as_scan(scan)
+    arr = scan.array
+    _check_finite(arr, _name(scan))
+    if kind == "auto":
+        kind = infer_kind(scan)
+    if kind not in ("mri", "cxr"):
+        raise ValueError(f"kind must be 'mri', 'cxr' or 'auto'; got {kind!r}.")
+    if method == "auto":
+        if kind == "cxr":
+            method = "all"
+        else:
+            lo = arr.min()
+            method = "nonzero" if np.mean(arr == lo) >= STRIPPED_BACKGROUND_FRACTION else "head"
+    if method == "all":
+        return np.ones(arr.shape, dtype=bool)
+    if method == "nonzero":
+        inside = arr != arr.min()
+        if not inside.any():
+            return inside
+        box = tuple(slice(a, b) for a, b in _bbox(inside))
+        out = np.zeros(arr.shape, dtype=bool)
+        out[box] = ndimage.binary_fill_holes(inside[box])
+        return out
+    if method != "head":
+        raise ValueError(f"method must be 'auto', 'nonzero', 'head' or 'all'; got {method!r}.")
+    if arr.min() == arr.max():
+        return np.zeros(arr.shape, dtype=bool)
+    # Otsu on a subsample: the threshold needs the histogram's shape, not every voxel.
+    step = max(1, int(round((arr.size / 2_000_000) ** (1 / arr.ndim))))
+    thr = _otsu(arr[(slice(None, None, step),) * arr.ndim].ravel())
+    above = arr > thr
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return np.zeros(arr.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = labels == int(np.argmax(sizes))
+    box = _bbox(largest)
+    # Work on the bounding box plus a margin so that the closing can reach past the edge.
+    pad = 2
+    sl = tuple(slice(max(0, a - pad), min(s, b + pad)) for (a, b), s in zip(box, arr.shape,
+                                                                           strict=True))
+    sub = ndimage.binary_closing(largest[sl], iterations=1)
+    sub = _fill_holes(sub | largest[sl])
+    out = np.zeros(arr.shape, dtype=bool)
+    out[sl] = sub
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Into the frame
+# --------------------------------------------------------------------------------------------
+def _plain_frame(frame, n: int, default: tuple) -> tuple:
+    if frame is None:
+        return default
+    try:
+        out = tuple(int(f) for f in frame)
+    except TypeError:
+        raise ValueError(f"frame must be a tuple of {n} positive ints; got {frame!r}.") from None
+    if len(out) != n or any(f <= 0 for f in out) or any(
+            float(f) != float(g) for f, g in zip(out, frame, strict=True)):
+        raise ValueError(f"frame must be a tuple of {n} positive ints; got {frame!r}.")
+    return out
+
+
+def _plain_factors(downsample, n: int) -> tuple:
+    values = np.atleast_1d(np.asarray(downsample, dtype=float))
+    if values.size == 1:
+        values = np.repeat(values, n)
+    if values.size != n or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(
+            f"downsample must be a positive number or a tuple of {n}; got {downsample!r}."
+        )
+    return tuple(float(v) for v in values)
+
+
+def _fit_error(content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, what: str,
+               multiple: int) -> ValueError:
+    need = tuple(int(math.ceil(c / multiple) * multiple) for c in content)
+    fit = tuple(max(f, n) for f, n in zip(frame, need, strict=True))
+    ds = max(math.ceil(max(c / f for c, f in zip(crop_shape, frame, strict=True))), 1)
+    return ValueError(
+        f"{what}: the foreground crop {crop_shape} downsampled by {factors} is {content} voxels, "
+        f"larger than the frame {frame}. A frame of {fit} would fit (frame={fit}), or "
+        f"downsample={ds} keeps this frame."
+    )
+
+
+def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, downsample=2,
+             foreground=None):
+    """Bring a scan into the model's frame (see the module docstring for both pipelines).
+
+    Parameters
+    ----------
+    scan : Scan (or a 2D/3D array, taken as 1 mm, modality unknown).
+    kind : "mri", "cxr" or "auto" (`infer_kind`: 2D CR/DX/XR/MG or plain 2D files -> "cxr").
+    dims : None (the scan's own), 3, or 2. `dims=2` on a 3D scan cuts it into axial slices that
+        share one in-plane crop (the foreground's bounding box over all slices) and one z-score.
+    frame : frame shape of one image; default MRI 3D (80, 112, 80), MRI 2D (128, 128),
+        CXR (256, 256).
+    downsample : MRI: input voxels per frame voxel (a number, or one per frame axis); CXR: the
+        intermediate resize is `frame * downsample` (2 -> 512x512, as in the paper).
+    foreground : optional bool array of `scan.array`'s shape; default `foreground_mask(scan)`.
+
+    Returns
+    -------
+    array : float32, the frame's shape (`(Z, *frame)` when stacked); MRI in z-score units with
+        0 outside the foreground, CXR in [-1, 1].
+    foreground : bool, same shape as `array`.
+    transform : FrameTransform for `from_frame`.
+
+    Raises
+    ------
+    ValueError
+        NaN/inf values, an empty foreground, a constant foreground, content that does not fit
+        the frame (the message gives a frame that fits), bad arguments.
+    """
+    scan = _as_scan(scan)
+    name = _name(scan)
+    _check_finite(scan.array, name)
+    if kind == "auto":
+        kind = infer_kind(scan)
+    if kind not in ("mri", "cxr"):
+        raise ValueError(f"kind must be 'mri', 'cxr' or 'auto'; got {kind!r}.")
+    if dims is None:
+        dims = scan.ndim
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be None, 2 or 3; got {dims!r}.")
+    if dims > scan.ndim:
+        raise ValueError(f"{name} is {scan.ndim}D; dims={dims} needs a 3D volume.")
+    if foreground is not None:
+        foreground = np.asarray(foreground, dtype=bool)
+        if foreground.shape != scan.array.shape:
+            raise ValueError(
+                f"foreground has shape {foreground.shape} but {name} has {scan.array.shape}."
+            )
+    if kind == "cxr":
+        if scan.ndim != 2:
+            raise ValueError(
+                f"{name} is a 3D volume; the X-ray pipeline (kind='cxr') needs a 2D image."
+            )
+        return _cxr_to_frame(scan, _plain_frame(frame, 2, CXR_FRAME),
+                             _plain_factors(downsample, 2), name)
+    stacked = scan.ndim == 3 and dims == 2
+    frame = _plain_frame(frame, dims, MRI_FRAME_2D if dims == 2 else MRI_FRAME_3D)
+    return _mri_to_frame(scan, frame, _plain_factors(downsample, dims), stacked, foreground,
+                         name)
+
+
+def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
+    arr = scan.array
+    fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
+    if not fg.any():
+        raise ValueError(
+            f"{name}: the foreground is empty (the image is blank or constant); nothing to "
+            "z-score or to place anomalies on. Check the file or pass a foreground mask."
+        )
+    values = arr[fg].astype(np.float64)
+    mean, std = float(values.mean()), float(values.std())
+    if not std > 0:
+        raise ValueError(
+            f"{name}: the image is constant inside its foreground ({mean:g}); a z-score is "
+            "undefined. Check the file."
+        )
+    box = list(_bbox(fg))
+    if stacked:
+        box[0] = (0, arr.shape[0])  # every slice is kept, so that maps return to (Z, Y, X)
+        scale = (1.0, *factors)
+    else:
+        scale = tuple(factors)
+    crop = tuple(box)
+    sl = tuple(slice(a, b) for a, b in crop)
+    crop_shape = tuple(b - a for a, b in crop)
+    scaled = tuple(int(math.ceil(n / s)) for n, s in zip(crop_shape, scale, strict=True))
+    content = scaled[1:] if stacked else scaled
+    if any(c > f for c, f in zip(content, frame, strict=True)):
+        raise _fit_error(content, frame, tuple(factors),
+                         crop_shape[1:] if stacked else crop_shape, name,
+                         64 if len(frame) == 2 else 16)
+    z = np.where(fg[sl], (arr[sl] - np.float32(mean)) / np.float32(std), np.float32(0.0))
+    small = _resample(z, scale, scaled, order=1, anti_alias=True)
+    small_fg = _resample(fg[sl].astype(np.float32), scale, scaled, order=1,
+                         anti_alias=True) >= 0.5
+    small[~small_fg] = 0.0
+    offset = tuple((f - c) // 2 for f, c in zip(frame, content, strict=True))
+    if stacked:
+        offset = (0, *offset)
+    out_shape = (arr.shape[0], *frame) if stacked else tuple(frame)
+    out = np.zeros(out_shape, dtype=np.float32)
+    out_fg = np.zeros(out_shape, dtype=bool)
+    place = tuple(slice(o, o + s) for o, s in zip(offset, scaled, strict=True))
+    out[place] = small
+    out_fg[place] = small_fg
+    transform = FrameTransform(
+        kind="mri", scan_shape=tuple(arr.shape), frame=tuple(frame), stacked=stacked, crop=crop,
+        scale=tuple(float(s) for s in scale), scaled_shape=scaled, offset=offset, mean=mean,
+        std=std, window=None,
+    )
+    return out, out_fg, transform
+
+
+def _equalise(x: np.ndarray, lo: float, hi: float, bins: int = 256) -> np.ndarray:
+    """Histogram equalisation to [0, 1]: each value -> the CDF at its bin centre."""
+    hist, edges = np.histogram(x, bins=bins, range=(lo, hi))
+    cdf = np.cumsum(hist).astype(np.float64)
+    cdf /= cdf[-1]
+    centres = (edges[:-1] + edges[1:]) / 2
+    return np.interp(x, centres, cdf).astype(np.float32)
+
+
+def _cxr_to_frame(scan: Scan, frame, factors, name):
+    arr = scan.array
+    mid = tuple(int(round(f * d)) for f, d in zip(frame, factors, strict=True))
+    x = _resample(arr, [n / m for n, m in zip(arr.shape, mid, strict=True)], mid, order=3,
+                  anti_alias=True)
+    window = scan.metadata.get("window")
+    if window is not None:
+        c, w = float(window[0]), float(window[1])
+        lo, hi = c - w / 2, c + w / 2
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+    x = np.clip(x, lo, hi)
+    if not hi > lo or float(x.max()) == float(x.min()):
+        raise ValueError(
+            f"{name}: the X-ray is constant inside its window [{lo:g}, {hi:g}]; there is "
+            "nothing to equalise. Check the file (or its WindowCenter/WindowWidth)."
+        )
+    eq = _equalise(x, lo, hi)
+    if (str(scan.metadata.get("photometric", "")).upper() == "MONOCHROME1"
+            and not scan.metadata.get("inverted", False)):
+        eq = 1.0 - eq  # a raw MONOCHROME1 array: bright would mean air otherwise
+    mn, mx = float(eq.min()), float(eq.max())
+    eq = (2.0 * (eq - mn) / (mx - mn) - 1.0).astype(np.float32)
+    out = _resample(eq, [m / f for m, f in zip(mid, frame, strict=True)], frame, order=1,
+                    anti_alias=True)
+    np.clip(out, -1.0, 1.0, out=out)
+    scale = tuple(n / f for n, f in zip(arr.shape, frame, strict=True))
+    transform = FrameTransform(
+        kind="cxr", scan_shape=tuple(arr.shape), frame=tuple(frame), stacked=False,
+        crop=tuple((0, n) for n in arr.shape), scale=scale, scaled_shape=tuple(frame),
+        offset=(0, 0), window=None if window is None else (lo + (hi - lo) / 2, hi - lo),
+    )
+    return out, np.ones(frame, dtype=bool), transform
+
+
+# --------------------------------------------------------------------------------------------
+# Out of the frame
+# --------------------------------------------------------------------------------------------
+def from_frame(map_in_frame, transform: FrameTransform, fill: float = 0.0) -> np.ndarray:
+    """A map in the frame (e.g. a heatmap) back on the scan's grid, float32 `transform.scan_shape`.
+
+    The content region is un-padded, upsampled linearly on the same pixel-centre grid that
+    `to_frame` downsampled on, and put back at the crop; voxels outside the crop get `fill`.
+    """
+    if not isinstance(transform, FrameTransform):
+        raise ValueError("transform must be the FrameTransform returned by to_frame.")
+    m = np.asarray(map_in_frame, dtype=np.float32)
+    expected = transform.frame_array_shape
+    if m.shape != expected:
+        raise ValueError(
+            f"the map has shape {m.shape}; this transform's frame is {expected}."
+        )
+    _check_finite(m, "the map")
+    place = tuple(slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape,
+                                                    strict=True))
+    content = m[place]
+    crop_shape = tuple(b - a for a, b in transform.crop)
+    inverse = [1.0 / s for s in transform.scale]
+    up = _resample(content, inverse, crop_shape, order=1, anti_alias=False)
+    out = np.full(transform.scan_shape, fill, dtype=np.float32)
+    out[tuple(slice(a, b) for a, b in transform.crop)] = up
+    return out
