@@ -1,0 +1,114 @@
+"""napari reader contribution: NIfTI, DICOM files and DICOM series folders via `napari_mtml.io`.
+
+Layers sit in world millimetres with a diagonal `scale` (the spacing) and `translate` (the RAS
+position of the first voxel), never a rotated affine: the array is already RAS-canonical. The
+file's own affine and the `Scan` itself are kept in `layer.metadata` ("affine", "scan") so that
+maps can be written back in the file's geometry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from napari_mtml.io import ImageReadError, Scan, image_kind, read_image
+
+__all__ = ["get_reader", "layer_data_from_scan", "read_layers"]
+
+_READABLE = {"nifti", "dicom", "dicom-series"}
+
+
+def _accepts(path) -> bool:
+    p = Path(path)
+    if not p.exists():
+        return False
+    if p.is_dir():
+        # A DICOM folder: look at a few files only, so that the check stays instant.
+        from napari_mtml.io.dicom import looks_like_dicom
+
+        for i, (root, _dirs, files) in enumerate(os.walk(p)):
+            for name in files[:20]:
+                if looks_like_dicom(Path(root) / name):
+                    return True
+            if i > 20:
+                break
+        return False
+    return image_kind(p) in _READABLE
+
+
+def get_reader(path) -> Callable | None:
+    """Return a reader function for a NIfTI/DICOM file or DICOM folder (or a list of them).
+
+    Returns None for anything else; never raises.
+    """
+    try:
+        paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+        if not paths or not all(_accepts(p) for p in paths):
+            return None
+    except Exception:
+        return None
+    return read_layers
+
+
+def _origin_and_scale(scan: Scan) -> tuple[tuple, tuple]:
+    aff = scan.array_affine()
+    n = scan.ndim
+    # Diagonal part only: for RAS-canonical arrays the off-diagonal terms are an oblique tilt
+    # that a layer cannot show without resampling.
+    if n == 3:
+        translate = (aff[2, 3], aff[1, 3], aff[0, 3])
+    else:
+        # A 2D slice or radiograph is shown in its own plane: its world tilt has no 2D meaning.
+        translate = (0.0, 0.0)
+    return tuple(float(t) for t in translate), tuple(float(s) for s in scan.spacing)
+
+
+def layer_data_from_scan(scan: Scan, name: str, layer_type: str = "image", **kwargs) -> tuple:
+    """A napari LayerData tuple for a Scan: `scale` = spacing (mm), gray colormap, metadata.
+
+    `layer_type` "labels" gives an integer Labels layer of the (rounded) array.
+    """
+    translate, scale = _origin_and_scale(scan)
+    meta = dict(scan.metadata)
+    meta["affine"] = np.asarray(scan.affine)
+    meta["spacing"] = tuple(scan.spacing)
+    meta["scan"] = scan
+    layer_kwargs = {"name": name, "scale": scale, "translate": translate, "metadata": meta}
+    if layer_type == "labels":
+        data = np.rint(scan.array).astype(np.int32)
+    else:
+        data = scan.array
+        layer_kwargs["colormap"] = "gray"
+        lo, hi = float(data.min()), float(data.max())
+        if hi > lo:
+            layer_kwargs["contrast_limits"] = (lo, hi)
+    layer_kwargs.update(kwargs)
+    return (data, layer_kwargs, layer_type)
+
+
+def _layer_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".DCM", ".ima", ".IMA"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def read_layers(path) -> list[tuple]:
+    """Read one path (or a list of paths) into napari LayerData tuples.
+
+    Raises `ImageReadError` with the file's name and the problem when a file cannot be read
+    (napari shows it as a notification).
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers = []
+    for p in paths:
+        p = Path(p)
+        scan = read_image(p)
+        layers.append(layer_data_from_scan(scan, _layer_name(p)))
+    if not layers:
+        raise ImageReadError("no file given to read.")
+    return layers
