@@ -259,6 +259,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         workers=args.workers,
+        render=lambda gen: _render_training(gen, show=True),
     )
     return 0
 

@@ -49,12 +49,15 @@ class Prediction:
     score : float; sample-level anomaly score, the mean of the ensemble map over the foreground (in
         the model's frame; the whole frame when the foreground is empty).
     fold_scores : tuple of float; the same score for each fold model on its own.
+    fold_maps : tuple of float32 arrays of the input's shape, each fold's own clipped map
+        (only with `predict(..., keep_folds=True)`; empty otherwise).
     """
 
     anomaly: np.ndarray
     disagreement: np.ndarray
     score: float
     fold_scores: tuple[float, ...] = field(default=())
+    fold_maps: tuple[np.ndarray, ...] = field(default=())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -272,13 +275,14 @@ class Ensemble:
 
     # ---- on a scan's own grid ----
 
-    def predict(self, scan: Any) -> Prediction:
+    def predict(self, scan: Any, *, keep_folds: bool = False) -> Prediction:
         """Ensemble heatmaps for one scan, on the scan's own grid.
 
         Parameters
         ----------
         scan : `napari_mtml.io.Scan` (2D `(Y, X)` or 3D `(Z, Y, X)` float32 array with spacing
             in mm). A 3D scan given to a 2D run is predicted slice by slice along axis 0.
+        keep_folds : also map each fold's output back (`Prediction.fold_maps`).
 
         Returns
         -------
@@ -319,14 +323,20 @@ class Ensemble:
         score = float(mean[fg].mean())
         fold_scores = tuple(float(p[fg].mean()) for p in per_fold)
         if not stacked:
-            mean, std = mean[0], std[0]
+            mean, std, per_fold = mean[0], std[0], per_fold[:, 0]
+        fold_maps = ()
+        if keep_folds:
+            fold_maps = tuple(
+                np.clip(np.asarray(from_frame(p, transform), dtype=np.float32), 0.0, 1.0)
+                for p in per_fold
+            )
         anomaly = np.clip(np.asarray(from_frame(mean, transform), dtype=np.float32), 0.0, 1.0)
         disagreement = np.clip(np.asarray(from_frame(std, transform), dtype=np.float32), 0.0, 1.0)
         if anomaly.shape != array.shape:  # a contract breach upstream, not a user error
             raise RuntimeError(
                 f"from_frame returned shape {anomaly.shape} for a scan of shape {array.shape}"
             )
-        return Prediction(anomaly, disagreement, score, fold_scores)
+        return Prediction(anomaly, disagreement, score, fold_scores, fold_maps)
 
     def predict_array(
         self,

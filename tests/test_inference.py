@@ -1,0 +1,186 @@
+"""Ensemble inference: run folders -> heatmaps on the input's own grid."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_mtml.config import TrainConfig
+from napari_mtml.inference import Ensemble, load_ensemble
+from napari_mtml.io import Scan, read_image, write_image
+from napari_mtml.model import UNet
+
+TINY = {"preset": "light", "base_features": 4, "depth": 2, "max_features": 8}
+
+
+def make_run(root, dims=2, frame=(16, 16), missing=(), train_tasks=1):
+    """A run folder as `train` leaves it, with randomly initialised tiny U-Nets."""
+    run = root / "run"
+    run.mkdir()
+    cfg = TrainConfig(
+        healthy=("unused",), out=str(run), dims=dims, frame=frame, kind="mri",
+        train_tasks=train_tasks, **TINY,
+    ).resolve(dims, "mri", frame)
+    cfg.to_json(run / "config.json")
+    for k in range(math.comb(5, train_tasks)):
+        if k in missing:
+            continue
+        (run / f"fold_{k}").mkdir()
+        net = UNet(**cfg.model_kwargs(), init_seed=k)
+        torch.save(net.state_dict(), run / f"fold_{k}" / "best.pt")
+    return run
+
+
+def disc_image(shape, rng, radius=0.3):
+    """A bright noisy disc/ball on a zero background (skull-stripped-like), float32."""
+    grids = np.meshgrid(*[np.linspace(-0.5, 0.5, n) for n in shape[-2:]], indexing="ij")
+    inside = (grids[0] ** 2 + grids[1] ** 2) < radius**2
+    img = np.where(inside, 100 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
+    return img
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_2d_prediction_on_the_input_grid(tmp_path, rng):
+    ens = load_ensemble(make_run(tmp_path), device="cpu")
+    assert ens.dims == 2 and ens.frame == (16, 16) and len(ens.models) == 5
+    img = disc_image((30, 26), rng)
+    before = img.copy()
+    pred = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), keep_folds=True)
+    np.testing.assert_array_equal(img, before)  # input untouched
+    for m in (pred.anomaly, pred.disagreement):
+        assert m.shape == img.shape and m.dtype == np.float32
+        assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    # Mean and std over the folds, maps taken back to the grid one by one (linear, so the same).
+    folds = np.stack(pred.fold_maps)
+    assert folds.shape == (5, *img.shape)
+    np.testing.assert_allclose(pred.anomaly, folds.mean(0), atol=1e-5)
+    assert np.all(pred.disagreement <= 0.5 + 1e-6)
+    assert 0 <= pred.score <= 1 and len(pred.fold_scores) == 5
+    assert pred.score == pytest.approx(np.mean(pred.fold_scores), abs=1e-5)
+    # Outside the foreground crop nothing was predicted.
+    assert pred.anomaly[0, 0] == 0 and pred.disagreement[0, 0] == 0
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in fold model whose output is one value everywhere."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x, self.value)
+
+
+def test_ensemble_mean_std_of_clipped_fold_outputs(rng):
+    values = [-0.5, 0.2, 0.4, 1.7]  # clipped to 0, 0.2, 0.4, 1
+    ens = Ensemble([_Constant(v) for v in values], dims=2, frame=(16, 16), kind="mri")
+    img = disc_image((28, 28), rng)
+    pred = ens.predict_array(img, spacing=(1.0, 1.0))
+    clipped = np.clip(values, 0, 1)
+    inside = pred.anomaly > 0
+    assert inside.sum() > 0.2 * img.size  # the crop around the disc
+    np.testing.assert_allclose(pred.anomaly[inside], clipped.mean(), atol=1e-6)
+    np.testing.assert_allclose(pred.disagreement[inside], clipped.std(), atol=1e-6)
+    assert pred.score == pytest.approx(clipped.mean(), abs=1e-6)
+
+
+def test_2d_run_on_a_3d_volume_slice_by_slice(tmp_path, rng):
+    run = make_run(tmp_path)
+    vol = np.stack([disc_image((30, 30), rng, radius=r) for r in (0.2, 0.3, 0.35, 0.3, 0.25)])
+    scan = Scan(array=vol, spacing=(5.0, 0.6, 0.6))
+    pred = load_ensemble(run, device="cpu", batch_size=16).predict(scan)
+    assert pred.anomaly.shape == vol.shape and pred.disagreement.shape == vol.shape
+    # Batching must not mix slices: one slice per forward gives the same maps.
+    one = load_ensemble(run, device="cpu", batch_size=1).predict(scan)
+    np.testing.assert_allclose(pred.anomaly, one.anomaly, atol=1e-5)
+    # An empty (all background) slice stays 0 everywhere (outside the content).
+    vol2 = vol.copy()
+    vol2[0] = 0
+    pred2 = load_ensemble(run, device="cpu").predict(Scan(array=vol2, spacing=(5.0, 0.6, 0.6)))
+    assert pred2.anomaly.shape == vol.shape
+
+
+def test_3d_run_on_3d_volume_and_refuses_2d(tmp_path, rng):
+    run = make_run(tmp_path, dims=3, frame=(8, 16, 16))
+    vol = np.stack([disc_image((28, 28), rng, radius=r) for r in (0.1, 0.25, 0.3, 0.3, 0.25, 0.1)])
+    ens = load_ensemble(run, device="cpu")
+    pred = ens.predict(Scan(array=vol, spacing=(1.0, 1.0, 1.0)))
+    assert pred.anomaly.shape == vol.shape and pred.anomaly.dtype == np.float32
+    with pytest.raises(ValueError, match="2D image but the run's models are 3D"):
+        ens.predict(Scan(array=vol[2], spacing=(1.0, 1.0)))
+
+
+def test_too_large_for_the_frame_names_a_frame_that_fits(tmp_path, rng):
+    ens = load_ensemble(make_run(tmp_path), device="cpu")
+    big = disc_image((90, 90), rng, radius=0.45)  # ~80 px disc -> 40 px after x2: > 16
+    with pytest.raises(ValueError, match=r"frame \(16, 16\).*would fit"):
+        ens.predict(Scan(array=big, spacing=(1.0, 1.0)))
+
+
+def test_written_maps_keep_the_file_geometry(tmp_path, rng):
+    """LAS file in, the heatmap NIfTI has the file's own shape and affine."""
+    vol = np.stack([disc_image((32, 30), rng, radius=0.3) for _ in range(4)])  # (z, y, x)
+    affine = np.array([[-0.7, 0, 0, 90.0], [0, 0.7, 0, -120.0], [0, 0, 4.0, -30.0], [0, 0, 0, 1]])
+    path = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(vol, (2, 1, 0)).copy(), affine), path)
+    scan = read_image(path)
+    pred = load_ensemble(make_run(tmp_path), device="cpu").predict(scan)
+    out = write_image(tmp_path / "las_anomaly.nii.gz", pred.anomaly, like=scan)
+    back = nib.load(out)
+    assert back.shape == (30, 32, 4)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(read_image(out).array, pred.anomaly, atol=1e-6)
+
+
+def test_missing_fold_names_the_file(tmp_path):
+    run = make_run(tmp_path, missing=(3,))
+    with pytest.raises(ValueError, match=r"fold_3.best\.pt"):
+        load_ensemble(run, device="cpu")
+    ens = load_ensemble(run, device="cpu", folds=[0, 1, 2, 4])  # the present ones, on request
+    assert ens.folds == (0, 1, 2, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        load_ensemble(run, device="cpu", folds=[5])
+
+
+def test_no_fold_and_no_config(tmp_path):
+    run = make_run(tmp_path, missing=range(5))
+    with pytest.raises(ValueError, match="no trained fold"):
+        load_ensemble(run, device="cpu")
+    (run / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_ensemble(run, device="cpu")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_ensemble(tmp_path / "nowhere", device="cpu")
+
+
+def test_corrupt_or_mismatched_checkpoint(tmp_path):
+    run = make_run(tmp_path)
+    (run / "fold_1" / "best.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"fold_1.best\.pt is not a readable checkpoint"):
+        load_ensemble(run, device="cpu")
+    other = UNet(dims=2, frame=(16, 16), base_features=6, depth=2, max_features=12)
+    torch.save(other.state_dict(), run / "fold_1" / "best.pt")
+    with pytest.raises(ValueError, match=r"fold_1.best\.pt does not match the model"):
+        load_ensemble(run, device="cpu")
+    (run / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_ensemble(run, device="cpu")
+
+
+def test_two_task_split_expects_ten_folds(tmp_path):
+    run = make_run(tmp_path, train_tasks=2)
+    assert len(load_ensemble(run, device="cpu").models) == 10
+
+
+def test_bad_device(tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        load_ensemble(make_run(tmp_path), device="tpu")
