@@ -22,6 +22,8 @@ _READABLE = {"nifti", "dicom", "dicom-series"}
 
 
 def _accepts(path) -> bool:
+    if not str(path) or isinstance(path, bytes):
+        return False
     p = Path(path)
     if not p.exists():
         return False
