@@ -16,11 +16,13 @@ lr (peak)          1e-3                            5e-3
 max_push           5.0                             10.0
 flip (last axis)   yes, p = 0.5                    no
 model "paper"      depth 5, 32 base, max 320       depth 7, 32 base, max 512
-model "light"      depth 4, 16 base, max 128       depth 4, 16 base, max 128
+model "light"      depth 5, 16 base, max 160       depth 7, 16 base, max 256
 =================  ==============================  ==============================
 
 2D slices of MRI volumes (`dims=2` with volumes) use the MRI task settings (push 5, flip) and the
-2D batch size, learning rate and model.
+2D batch size, learning rate and model. When the preset's depth does not divide the frame (a U-Net
+of depth d needs every frame size divisible by 2**(d-1)), `resolve` lowers the depth until it does
+(an explicitly set `depth` is kept, and the model then reports the frame that would fit).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ __all__ = ["TrainConfig", "MODEL_PRESETS"]
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
 MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
     "paper": {3: (32, 5, 320), 2: (32, 7, 512)},
-    "light": {3: (16, 4, 128), 2: (16, 4, 128)},
+    "light": {3: (16, 5, 160), 2: (16, 7, 256)},
 }
 
 _KINDS = ("auto", "mri", "cxr")
@@ -353,6 +355,9 @@ class TrainConfig:
         if dims not in (2, 3) or kind not in ("mri", "cxr"):
             raise ValueError(f"resolve needs dims 2 or 3 and kind mri or cxr, got {dims}, {kind}")
         base, depth, maxf = MODEL_PRESETS[self.preset][dims]
+        if self.depth is None:
+            while depth > 2 and any(v % 2 ** (depth - 1) for v in frame):
+                depth -= 1
         return self.replace(
             dims=dims,
             frame=tuple(int(v) for v in frame),
@@ -369,7 +374,9 @@ class TrainConfig:
         )
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `napari_mtml.model.UNet` for this (resolved) config."""
+        """Keyword arguments of `napari_mtml.model.UNet` for this (resolved) config:
+        `UNet(**TrainConfig.from_json(run / "config.json").model_kwargs())` rebuilds a fold's
+        network (then load its `best.pt`)."""
         if self.dims is None or self.frame is None:
             raise ValueError("model_kwargs needs a resolved config (dims and frame known): "
                              "call resolve() or read the run's config.json")

@@ -60,7 +60,7 @@ _RESUMABLE_CHANGES = {"resume", "device", "workers", "max_steps", "fold", "patie
                       "val_interval"}
 
 Event = Any
-ModelFactory = Callable[[TrainConfig], torch.nn.Module]
+ModelFactory = Callable[[TrainConfig, int], torch.nn.Module]
 
 
 class TrainingOutOfMemory(ValueError):
@@ -135,10 +135,10 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, 
     return torch.device(name), None
 
 
-def _build_unet(cfg: TrainConfig) -> torch.nn.Module:
+def _build_unet(cfg: TrainConfig, seed: int) -> torch.nn.Module:
     from napari_mtml.model import UNet
 
-    return UNet(**cfg.model_kwargs())
+    return UNet(**cfg.model_kwargs(), init_seed=seed)
 
 
 def _fold_seed(seed: int, fold: int) -> int:
@@ -157,8 +157,8 @@ def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
     config: the run's `TrainConfig` (its `healthy` paths are read unless `collection` is given).
     collection / external: already-framed healthy data and external dataset (e.g. from napari
         layers or tests), instead of reading `config.healthy` / `config.external`.
-    model_factory: builds the network from the resolved config (default: `UNet` with
-        `config.model_kwargs()`).
+    model_factory: `factory(resolved_config, seed) -> torch.nn.Module` builds the network
+        (default: `UNet(**config.model_kwargs(), init_seed=seed)`, seed from (config.seed, fold)).
 
     Raises `ValueError` for bad input (files, settings, an existing run without `resume`).
     """
@@ -181,8 +181,8 @@ def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
 
 
 def _train_run(config, collection, external, model_factory, dist, device, cpu_notice):
-    if cpu_notice and dist.main:
-        yield Notice(cpu_notice)
+    # Everything that can fail on bad input happens before the first event.
+    notices = [cpu_notice] if cpu_notice else []
     if collection is None:
         if not config.healthy:
             raise ValueError("no healthy scans given: pass files or folders of healthy images")
@@ -206,16 +206,16 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {dist.world_size} "
                          "ranks; use a multiple of the number of processes")
-    if dist.main:
-        for note in collection.notes:
-            yield Notice(note)
+    notices += collection.notes
     splits = [s for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
-    if external is None and dist.main and any(1 in s.train_tasks + s.val_tasks for s in splits):
-        yield Notice(NO_EXTERNAL_NOTICE)
+    if external is None and any(1 in s.train_tasks + s.val_tasks for s in splits):
+        notices.append(NO_EXTERNAL_NOTICE)
 
     run_dir = Path(cfg.out)
     if dist.main:
         _prepare_run_dir(run_dir, cfg, splits, collection)
+        for text in notices:
+            yield Notice(text)
     if dist.active:
         torch.distributed.barrier()
 
@@ -286,10 +286,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
         fold_dir.mkdir(parents=True, exist_ok=True)
     seed = _fold_seed(cfg.seed, split.index)
 
-    # Model initialisation from the fold's seed without touching the global RNG afterwards.
-    with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(seed)
-        model = model_factory(cfg)
+    model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = WarmupExponentialLR(cfg.warmup_steps, cfg.warmup_start, cfg.lr_decay,
@@ -428,7 +425,10 @@ def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: to
     """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
     over voxels; AP pooled over each task's items (healthy and augmented) inside the
     foreground, predictions clipped to [0, 1]."""
-    from napari_mtml.metrics import average_precision
+    try:
+        from napari_mtml.metrics import average_precision
+    except ImportError:  # metrics lands separately; keep validation working meanwhile
+        average_precision = _average_precision
 
     was_training = model.training
     model.eval()
@@ -454,3 +454,14 @@ def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: to
         ap[TASK_NAMES[int(task)]] = (float(average_precision(scores, labels)) if labels.any()
                                      else math.nan)
     return val_loss, ap
+
+
+def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Step-wise AP as scikit-learn computes it (ties grouped); fallback for `metrics`."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

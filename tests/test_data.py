@@ -1,0 +1,309 @@
+"""Healthy collections, fold assignment, on-the-fly dataset seeding, the fixed validation set."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import napari_mtml.anomalies as anomalies
+from napari_mtml import data as data_mod
+from napari_mtml.data import (
+    HealthyCollection,
+    SyntheticDataset,
+    assign_folds,
+    expand_paths,
+    make_loader,
+    make_validation_set,
+)
+
+
+def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, **params):
+    # A tiny engine stand-in: one random box, brighter; used only while the real engine's
+    # modules are incomplete.
+    img = np.array(image, np.float32)
+    box = tuple(slice(int(a), int(a) + 3) for a in
+                (rng.integers(0, s - 3) for s in img.shape))
+    if source is not None:
+        source(rng)
+    mask = np.zeros(img.shape, bool)
+    mask[box] = True
+    img[box] += rng.uniform(0.5, 1.5)
+    label = np.where(mask, 1 - np.exp(-((img - image) ** 2) / 0.08), 0).astype(np.float32)
+    return SimpleNamespace(image=img, label=label, mask=mask, task=task, n_anomalies=1)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The real `synthesize` when it runs, else the stand-in (says which)."""
+    rng = np.random.default_rng(0)
+    try:
+        anomalies.synthesize(np.ones((32, 32), np.float32), None, task=4, rng=rng)
+        return "real"
+    except Exception:
+        monkeypatch.setattr(anomalies, "synthesize", _stand_in_synthesize)
+        return "stand-in"
+
+
+def _images(n, shape=(32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = rng.normal(size=shape).astype(np.float32)
+        out.append(im)
+    return out
+
+
+def _fg(shape):
+    fg = np.zeros(shape, bool)
+    fg[tuple(slice(2, s - 2) for s in shape)] = True
+    return fg
+
+
+# --------------------------------------------------------------------------- fold assignment
+
+def test_assign_folds_contiguous_balanced_deterministic():
+    folds = assign_folds(12)
+    assert folds.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert np.array_equal(folds, assign_folds(12))
+    assert np.all(np.diff(folds) >= 0)
+    counts = np.bincount(folds, minlength=5)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_assign_folds_by_volume_when_enough_volumes():
+    groups = np.repeat(np.arange(6), 4)  # 6 volumes of 4 slices
+    folds = assign_folds(len(groups), groups)
+    for g in range(6):  # no volume straddles two folds
+        assert len(set(folds[groups == g])) == 1
+    assert set(folds) == set(range(5))
+
+
+def test_assign_folds_by_slice_with_few_volumes():
+    groups = np.repeat(np.arange(2), 10)  # 2 volumes: split the slices instead
+    folds = assign_folds(len(groups), groups)
+    assert np.array_equal(folds, assign_folds(20))
+
+
+def test_too_few_items():
+    with pytest.raises(ValueError, match="at least 5"):
+        assign_folds(4)
+
+
+# --------------------------------------------------------------------------- paths
+
+def test_expand_paths_sorted_and_recursive(tmp_path):
+    for name in ["b.nii.gz", "a.png", "sub/c.nii", "notes.txt", ".hidden.png"]:
+        p = tmp_path / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+    found = expand_paths([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "b.nii.gz",
+                                                                   "sub/c.nii"]
+    assert expand_paths([tmp_path / "sub/c.nii", tmp_path]) == found
+
+
+def test_expand_paths_dicom_series_folder_is_one_item(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    src = pydicom.data.get_testdata_file("CT_small.dcm")
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        shutil.copy(src, series / f"slice{i}.dcm")
+    shutil.copy(src, tmp_path / "single.dcm")
+    assert expand_paths([tmp_path]) == [series, tmp_path / "single.dcm"]
+
+
+def test_expand_paths_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        expand_paths([tmp_path / "missing.nii"])
+    with pytest.raises(ValueError, match="holds no NIfTI"):
+        expand_paths([tmp_path])
+    with pytest.raises(ValueError, match="no healthy files"):
+        expand_paths([])
+
+
+# --------------------------------------------------------------------------- collections
+
+def _fake_reader(shapes):
+    """A stand-in for read_image + to_frame: file name -> (array, fg, scan ndim, kind)."""
+
+    def read(path, kind, dims, frame, downsample):
+        shape = shapes[path.name]
+        if shape == "bad":
+            raise ValueError(f"{path}: not a NIfTI file")
+        arr = np.ones(shape, np.float32)
+        if len(shape) == 3 and dims == 2:
+            fg = np.zeros(shape, bool)
+            fg[1:-1, 2:-2, 2:-2] = True  # first and last slice empty
+            return arr * fg, fg, 3, "mri"
+        return arr, None, len(shape), "mri"
+
+    return read
+
+
+def _touch(tmp_path, names):
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    return [tmp_path / n for n in names]
+
+
+def test_from_paths_slices_of_volumes(tmp_path, monkeypatch):
+    names = [f"v{i}.nii.gz" for i in range(6)]
+    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({n: (4, 16, 16)
+                                                                   for n in names}))
+    _touch(tmp_path, names)
+    col = HealthyCollection.from_paths([tmp_path], dims=2)
+    assert col.dims == 2 and col.frame == (16, 16) and col.from_slices
+    assert len(col) == 6 * 2  # the empty first/last slices dropped
+    assert col.split_by == "volume"
+    assert col.samples[0].name == "v0.nii.gz[z=1]"
+    assert any("dropped 12" in n for n in col.notes)
+
+
+def test_from_paths_mixed_dims(tmp_path, monkeypatch):
+    names = ["a.nii.gz", "b.png"]
+    monkeypatch.setattr(data_mod, "_read_and_frame",
+                        _fake_reader({"a.nii.gz": (8, 8, 8), "b.png": (8, 8)}))
+    with pytest.raises(ValueError, match=r"b\.png.*2D scan among 3D"):
+        HealthyCollection.from_paths(_touch(tmp_path, names))
+
+
+def test_from_paths_dims3_with_2d(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({"b.png": (8, 8)}))
+    with pytest.raises(ValueError, match=r"b\.png.*dims = 3"):
+        HealthyCollection.from_paths(_touch(tmp_path, ["b.png"]), dims=3)
+
+
+def test_from_paths_unreadable_names_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({"x.nii": "bad"}))
+    with pytest.raises(ValueError, match=r"x\.nii"):
+        HealthyCollection.from_paths(_touch(tmp_path, ["x.nii"]))
+
+
+def test_from_paths_real_reader_errors_name_the_file(tmp_path):
+    pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match=r"broken\.nii\.gz"):
+        HealthyCollection.from_paths([bad])
+
+
+def test_from_arrays_bad_inputs():
+    with pytest.raises(ValueError, match="mix 2D and 3D"):
+        HealthyCollection.from_arrays([np.zeros((8, 8)), np.zeros((8, 8, 8))] * 3)
+    with pytest.raises(ValueError, match="NaN"):
+        HealthyCollection.from_arrays([np.full((8, 8), np.nan)] * 5)
+    with pytest.raises(ValueError, match="differs"):
+        HealthyCollection.from_arrays([np.zeros((8, 8))] * 4 + [np.zeros((8, 9))])
+    with pytest.raises(ValueError, match="at least 5"):
+        HealthyCollection.from_arrays([np.zeros((8, 8))] * 4)
+
+
+def test_from_arrays_copies_and_keeps_inputs():
+    ims = _images(5)
+    before = [im.copy() for im in ims]
+    col = HealthyCollection.from_arrays(ims)
+    col.samples[0].image[:] = 7
+    assert all(np.array_equal(a, b) for a, b in zip(ims, before, strict=True))
+
+
+# --------------------------------------------------------------------------- dataset seeding
+
+def _dataset(n=6, **kw):
+    samples = HealthyCollection.from_arrays(_images(n), [_fg((32, 32))] * n).samples
+    kw.setdefault("seed", 3)
+    return SyntheticDataset(samples, [2, 3, 4], **kw)
+
+
+def test_items_reproducible_and_distinct(engine):
+    ds = _dataset()
+    a, la, ta = ds.draw(5)
+    b, lb, tb = ds.draw(5)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and ta == tb
+    items = [ds.draw(k)[0] for k in range(8)]
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert not np.array_equal(items[i], items[j])
+    assert all(ds.draw(k)[1].max() > 0 for k in range(4))  # every item holds an anomaly
+
+
+def test_epochs_permute_all_samples_and_differ():
+    ds = _dataset(n=6)
+    ids_e0 = [ds.locate(k)[2] for k in range(6)]
+    ids_e1 = [ds.locate(k)[2] for k in range(6, 12)]
+    assert sorted(ids_e0) == sorted(ids_e1) == list(range(6))
+    assert [ds.locate(k)[:2] for k in (0, 5, 6, 13)] == [(0, 0), (0, 5), (1, 0), (2, 1)]
+    # the same index in another epoch is another random stream
+    assert ds.item_rng(0).random() != ds.item_rng(6).random()
+
+
+def test_ranks_split_the_epoch_and_draw_different_anomalies(engine):
+    r0, r1 = _dataset(n=6, rank=0, world_size=2), _dataset(n=6, rank=1, world_size=2)
+    ids0 = [r0.locate(k)[2] for k in range(3)]
+    ids1 = [r1.locate(k)[2] for k in range(3)]
+    assert sorted(ids0 + ids1) == list(range(6))
+    assert r0.item_rng(0).random() != r1.item_rng(0).random()
+    assert not np.array_equal(r0.draw(0)[0], r1.draw(0)[0])
+
+
+def test_loader_items_do_not_depend_on_workers(engine):
+    ds = _dataset()
+    ref = [ds.draw(k) for k in range(6)]
+    for workers in (0, 2):
+        loader = make_loader(ds, batch_size=3, start_step=0, workers=workers)
+        it = iter(loader)
+        got = [next(it), next(it)]
+        del it
+        images = torch.cat([b[0] for b in got])
+        for k in range(6):
+            assert np.array_equal(images[k, 0].numpy(), ref[k][0]), (workers, k)
+    # resuming at step 1 starts at item 3
+    it = iter(make_loader(ds, batch_size=3, start_step=1))
+    assert np.array_equal(next(it)[0][0, 0].numpy(), ref[3][0])
+
+
+def test_flip_only_when_asked(engine, monkeypatch):
+    seen = []
+
+    def spy(image, foreground=None, **kw):
+        seen.append(image.copy())
+        return _stand_in_synthesize(image, foreground, **kw)
+
+    monkeypatch.setattr(anomalies, "synthesize", spy)
+    im = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
+    samples = HealthyCollection.from_arrays([im] * 5).samples
+    for flip in (False, True):
+        seen.clear()
+        ds = SyntheticDataset(samples, [4], seed=0, flip=flip)
+        for k in range(40):
+            ds.draw(k)
+        flipped = sum(np.array_equal(s, im[:, ::-1]) for s in seen)
+        assert flipped == 0 if not flip else 5 < flipped < 35
+
+
+def test_dataset_bad_inputs():
+    with pytest.raises(ValueError, match="no training samples"):
+        SyntheticDataset([], [0], seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        _dataset(rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- validation set
+
+def test_validation_set_fixed_by_seed(engine):
+    samples = HealthyCollection.from_arrays(_images(5), [_fg((32, 32))] * 5).samples
+    a = make_validation_set(samples, [1, 3], size=6, seed=11)
+    b = make_validation_set(samples, [1, 3], size=6, seed=11)
+    c = make_validation_set(samples, [1, 3], size=6, seed=12)
+    for name in ("healthy", "augmented", "label", "mask", "foreground", "tasks"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert not np.array_equal(a.augmented, c.augmented)
+    assert a.tasks.tolist() == [1, 3, 1, 3, 1, 3]
+    assert a.augmented.shape == (6, 32, 32) and a.augmented.dtype == np.float32
+    assert a.mask.any(axis=(1, 2)).all()
+    # healthy images are the held-out samples themselves
+    assert all(any(np.array_equal(h, s.image) for s in samples) for h in a.healthy)

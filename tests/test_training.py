@@ -1,0 +1,292 @@
+"""The training loop: loss goes down, resume, cancel, checkpoints, run folder, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import napari_mtml.anomalies as anomalies
+from napari_mtml.config import TrainConfig
+from napari_mtml.data import HealthyCollection
+from napari_mtml.training import (
+    FoldFinished,
+    FoldStarted,
+    Notice,
+    RunFinished,
+    StepEvent,
+    ValidationEvent,
+    WarmupExponentialLR,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions are many times slower with 2 threads on a loaded 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, **params):
+    img = np.array(image, np.float32)
+    size = max(3, img.shape[0] // 4)
+    box = tuple(slice(int(a), int(a) + size) for a in
+                (rng.integers(0, s - size) for s in img.shape))
+    mask = np.zeros(img.shape, bool)
+    mask[box] = True
+    img[box] += rng.uniform(0.5, 1.5)
+    label = np.where(mask, 1 - np.exp(-((img - image) ** 2) / 0.08), 0).astype(np.float32)
+    return SimpleNamespace(image=img, label=label, mask=mask, task=task, n_anomalies=1)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    try:
+        anomalies.synthesize(np.ones((32, 32), np.float32), None, task=4,
+                             rng=np.random.default_rng(0))
+        return "real"
+    except Exception:
+        monkeypatch.setattr(anomalies, "synthesize", _stand_in_synthesize)
+        return "stand-in"
+
+
+def _collection(shape=(32, 32), n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    fg = np.zeros(shape, bool)
+    fg[tuple(slice(s // 8, s - s // 8) for s in shape)] = True
+    ims = [(rng.normal(size=shape) * 0.1 * fg).astype(np.float32) for _ in range(n)]
+    return HealthyCollection.from_arrays(ims, [fg] * n)
+
+
+def _config(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), fold=0, max_steps=6, batch_size=4, device="cpu",
+                base_features=4, depth=3, max_features=8, lr=5e-3, warmup_steps=2,
+                val_interval=3, val_size=4, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(gen):
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        return events, stop.value
+
+
+# --------------------------------------------------------------------------- the loop
+
+@pytest.mark.parametrize("shape, steps", [((32, 32), 24), ((16, 16, 16), 10)])
+def test_a_few_steps_lower_the_loss(tmp_path, engine, shape, steps):
+    cfg = _config(tmp_path, max_steps=steps, val_interval=steps, batch_size=4, lr=1e-2)
+    events, result = _run(train(cfg, collection=_collection(shape, n=10)))
+    losses = [e.loss for e in events if isinstance(e, StepEvent)]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:2])
+    assert [type(e) for e in events if not isinstance(e, (StepEvent, Notice))] == [
+        FoldStarted, ValidationEvent, FoldFinished, RunFinished]
+    started = next(e for e in events if isinstance(e, FoldStarted))
+    assert started.train_tasks == ("intra_blend",) and len(started.val_tasks) == 4
+    val = next(e for e in events if isinstance(e, ValidationEvent))
+    assert val.best and set(val.ap) <= set(started.val_tasks)
+    assert result.folds[0].best_step == steps
+
+
+def test_run_folder_layout_and_weights_only_loading(tmp_path, engine):
+    from napari_mtml.model import UNet
+
+    cfg = _config(tmp_path)
+    events, _ = _run(train(cfg, collection=_collection()))
+    run = tmp_path / "run"
+    saved = TrainConfig.from_json(run / "config.json")
+    assert saved.dims == 2 and saved.frame == (32, 32) and saved.batch_size == 4
+    folds = json.loads((run / "folds.json").read_text())
+    assert folds["n_folds"] == 5 and len(folds["folds"]) == 5
+    f0 = folds["folds"][0]
+    assert f0["train_tasks"] == [0] and f0["train_data_folds"] == [1, 2, 3, 4]
+    assert not set(f0["train_data"]) & set(f0["val_data"])
+    best = torch.load(run / "fold_0" / "best.pt", weights_only=True)
+    net = UNet(**saved.model_kwargs())
+    net.load_state_dict(best)  # the best checkpoint is a plain state dict of the config's model
+    last = torch.load(run / "fold_0" / "last.pt", weights_only=True)
+    assert last["step"] == 6 and last["finished"] and set(last["rng"]) >= {"torch_cpu", "data"}
+    lines = [json.loads(x) for x in (run / "fold_0" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["type"] == "step"] == list(range(1, 7))
+    assert [x["step"] for x in lines if x["type"] == "validation"] == [3, 6]
+    assert not list((run / "fold_0").glob(".*"))  # no temporary files left
+
+
+def _recording_factory(record):
+    from napari_mtml.model import UNet
+
+    def factory(cfg, seed):
+        net = UNet(**cfg.model_kwargs(), init_seed=seed)
+        net.register_forward_pre_hook(
+            lambda m, args: record.append(args[0].detach().clone()) if m.training else None)
+        return net
+
+    return factory
+
+
+def test_cancel_then_resume_continues_with_the_same_batches(tmp_path, engine):
+    col = _collection()
+    full_inputs: list[torch.Tensor] = []
+    _run(train(_config(tmp_path / "a"), collection=col,
+               model_factory=_recording_factory(full_inputs)))
+    assert len(full_inputs) == 6
+
+    # Cancel right after the first validation (step 3): the last good checkpoint must load.
+    cut_inputs: list[torch.Tensor] = []
+    gen = train(_config(tmp_path / "b"), collection=col,
+                model_factory=_recording_factory(cut_inputs))
+    for event in gen:
+        if isinstance(event, StepEvent) and event.step == 4:
+            gen.close()
+            break
+    fold_dir = tmp_path / "b" / "run" / "fold_0"
+    state = torch.load(fold_dir / "last.pt", weights_only=True)
+    assert state["step"] == 3 and not state["finished"]
+    assert not list(fold_dir.glob(".*"))
+
+    with pytest.raises(ValueError, match="--resume"):
+        next(train(_config(tmp_path / "b"), collection=col))
+
+    resumed_inputs: list[torch.Tensor] = []
+    events, _ = _run(train(_config(tmp_path / "b", resume=True), collection=col,
+                           model_factory=_recording_factory(resumed_inputs)))
+    started = next(e for e in events if isinstance(e, FoldStarted))
+    assert started.start_step == 3
+    assert [e.step for e in events if isinstance(e, StepEvent)] == [4, 5, 6]
+    for a, b in zip(resumed_inputs, full_inputs[3:], strict=True):
+        assert torch.equal(a, b)
+    # optimiser and weights restored: the resumed run ends where the uninterrupted one did
+    wa = torch.load(tmp_path / "a" / "run" / "fold_0" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(fold_dir / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # the log holds each step once
+    steps = [json.loads(x)["step"] for x in (fold_dir / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "step"]
+    assert steps == list(range(1, 7))
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x * 0 + self.p * 0
+
+
+def test_early_stopping(tmp_path, engine):
+    cfg = _config(tmp_path, max_steps=50, val_interval=2, patience=4)
+    events, result = _run(train(cfg, collection=_collection(),
+                                model_factory=lambda c, s: _Constant()))
+    # the val loss never improves after step 2: stop 4 steps later
+    assert max(e.step for e in events if isinstance(e, StepEvent)) == 6
+    assert result.folds[0].best_step == 2 and result.folds[0].stopped_early
+
+
+def test_resume_refuses_changed_settings(tmp_path, engine):
+    col = _collection()
+    _run(train(_config(tmp_path, max_steps=3), collection=col))
+    with pytest.raises(ValueError, match="lr"):
+        next(train(_config(tmp_path, max_steps=3, resume=True, lr=1e-4), collection=col))
+
+
+def test_no_external_dataset_is_announced(tmp_path, engine):
+    events, _ = _run(train(_config(tmp_path, max_steps=1), collection=_collection()))
+    assert any(isinstance(e, Notice) and "external" in e.text for e in events)
+
+
+def test_schedule_matches_the_paper():
+    s = WarmupExponentialLR()
+    assert s.factor(0) == pytest.approx(0.01)
+    assert s.factor(50) == pytest.approx(0.505)
+    assert s.factor(100) == pytest.approx(1.0)
+    assert s.factor(10400) > 0.05 and s.factor(10520) == 0.05 == s.factor(10**6)
+
+
+def test_bad_train_inputs(tmp_path):
+    with pytest.raises(ValueError, match="no healthy"):
+        next(train(TrainConfig(out=str(tmp_path / "r"), device="cpu")))
+    with pytest.raises(ValueError, match="frame"):
+        next(train(_config(tmp_path, frame=(64, 64)), collection=_collection()))
+    with pytest.raises(ValueError, match="2D but dims = 3"):
+        next(train(_config(tmp_path, dims=3), collection=_collection()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_gpu(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        next(train(_config(tmp_path, device="cuda"), collection=_collection()))
+
+
+# --------------------------------------------------------------------------- config
+
+def test_config_json_roundtrip_and_resolve(tmp_path):
+    cfg = TrainConfig(healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light")
+    assert cfg.frame == (80, 112, 80) and cfg.fold == 2
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    r = cfg.resolve(3, "mri", (80, 112, 80))
+    assert (r.batch_size, r.lr, r.max_push, r.flip) == (8, 1e-3, 5.0, True)
+    assert r.model_kwargs() == {"dims": 3, "frame": (80, 112, 80), "base_features": 16,
+                                "max_features": 160, "depth": 5, "pos_encoding": True}
+    x = TrainConfig().resolve(2, "cxr", (256, 256))
+    assert (x.batch_size, x.lr, x.max_push, x.flip, x.depth) == (50, 5e-3, 10.0, False, 7)
+    # the depth follows the frame when the preset's does not divide it
+    assert TrainConfig().resolve(2, "mri", (112, 80)).depth == 5
+    r.to_json(tmp_path / "c.json")
+    assert TrainConfig.from_json(tmp_path / "c.json") == r
+
+
+def test_config_from_toml_and_args(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'healthy = ["scans"]\ntrain-tasks = 2\n[model]\npreset = "light"\n'
+        "[training]\nmax_steps = 99\nlr = 2e-3\n")
+    cfg = TrainConfig.from_toml(tmp_path / "run.toml")
+    assert cfg.healthy == (str(tmp_path / "scans"),) and cfg.train_tasks == 2
+    assert (cfg.preset, cfg.max_steps, cfg.lr) == ("light", 99, 2e-3)
+    ns = argparse.Namespace(command="train", func=None, config=str(tmp_path / "run.toml"),
+                            healthy=None, max_steps=5, fold=None, resume=False, seed=None)
+    merged = TrainConfig.from_args(ns)
+    assert (merged.max_steps, merged.lr, merged.resume) == (5, 2e-3, False)
+    (tmp_path / "bad.toml").write_text("learning_rate = 1\n")
+    with pytest.raises(ValueError, match=r"bad\.toml.*unknown setting.*learning_rate"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
+    (tmp_path / "broken.toml").write_text("lr = = 1\n")
+    with pytest.raises(ValueError, match=r"broken\.toml.*not valid TOML"):
+        TrainConfig.from_toml(tmp_path / "broken.toml")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"train_tasks": 5}, "train_tasks"),
+    ({"fold": 5}, "0..4"),
+    ({"train_tasks": 2, "fold": 10}, "0..9"),
+    ({"fold": "first"}, "fold"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"device": "tpu"}, "device"),
+    ({"dims": 4}, "dims"),
+    ({"frame": (4, 4)}, "frame"),
+    ({"frame": "80;112"}, "frame"),
+    ({"dims": 3, "frame": (64, 64)}, "one size per spatial axis"),
+    ({"preset": "huge"}, "preset"),
+    ({"lr": -1.0}, "lr"),
+    ({"max_push": 0.1}, "max_push"),
+    ({"lr_decay": 1.5}, "lr_decay"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+    with pytest.raises(ValueError, match="unknown setting"):
+        TrainConfig().replace(learning_rate=1)
