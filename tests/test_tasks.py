@@ -43,8 +43,8 @@ def test_radial_warp_reads_from_r_prime(kind, ndim):
     dist = np.sqrt(((grids - centre.reshape((-1,) + (1,) * ndim)) ** 2).sum(0))
     mask = dist <= radius
 
-    def edge(origin, directions):  # the disc is centred on `centre`
-        return ray_to_edge("ellipse", np.full(ndim, radius), origin - centre, directions)
+    def edge(origin, directions):  # the disc is centred on `centre`; directions are columns
+        return ray_to_edge("ellipse", np.full(ndim, radius), origin - centre, directions.T)
 
     out = radial_warp(image, mask, centre.astype(int), f, kind, edge)
     assert out.dtype == np.float32

@@ -77,18 +77,23 @@ def ray_to_edge(kind: str, half_sizes: np.ndarray, origin: np.ndarray, direction
 
     Everything is in the shape's own frame, centred on the shape. The ellipse uses the positive
     root of the quadratic `sum(((o + t u) / r)^2) = 1`; the rectangle the slab test
-    `|o_i + t u_i| <= h_i`.
-    `directions` need not be unit vectors: `t` is in units of their length. `origin` (n,) must lie
-    inside the shape; `directions` is (m, n); the result is (m,) float64.
+    `|o_i + t u_i| <= h_i`. `directions` need not be unit vectors: `t` is in units of their length.
+    `origin` (n,) must lie inside the shape; `directions` is (m, n); the result is (m,) float64.
     """
+    u = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+    return _ray_to_edge_columns(kind, half_sizes, origin, u.T)
+
+
+def _ray_to_edge_columns(kind, half_sizes, origin, directions):
+    """`ray_to_edge` with directions as columns, (n, m): the layout the deformations work in."""
     h = np.asarray(half_sizes, dtype=np.float64)
     o = np.asarray(origin, dtype=np.float64)
-    u = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+    u = directions
     if kind == "ellipse":
         on = o / h
-        un = u / h
-        a = np.einsum("ij,ij->i", un, un)
-        b = 2.0 * (un @ on)
+        un = u / h[:, None]
+        a = np.einsum("im,im->m", un, un)
+        b = 2.0 * (on @ un)
         c = float(on @ on) - 1.0
         # c <= 0 inside, so the discriminant is >= b^2 and the larger root is >= 0
         disc = np.sqrt(np.maximum(b * b - 4.0 * a * c, 0.0))
@@ -98,9 +103,9 @@ def ray_to_edge(kind: str, half_sizes: np.ndarray, origin: np.ndarray, direction
     if kind == "rectangle":
         with np.errstate(divide="ignore", invalid="ignore"):
             # leave through the face the ray points at, on every axis; the nearest one wins
-            t_axis = (np.copysign(h, u) - o) / u
-        t_axis = np.where(u == 0, np.inf, t_axis)
-        return np.maximum(t_axis.min(axis=1), 0.0)
+            t_axis = (np.copysign(h[:, None], u) - o[:, None]) / u
+        t_axis[u == 0] = np.inf
+        return np.maximum(t_axis.min(axis=0), 0.0)
     raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
 
 
