@@ -228,6 +228,7 @@ def run_demo(
     val_interval: int | None = None,
     val_size: int = 16,
     render: Callable[[Generator], Any] | None = None,
+    **model: int,
 ) -> DemoResult:
     """Train, predict and score on the built-in brain tumour MRI (see the module docstring).
 
@@ -241,6 +242,8 @@ def run_demo(
     val_size : validation items per fold (each also fed healthy).
     render : drives the training generator (the CLI passes its progress bar); default prints
         one line per fold.
+    model : `base_features`, `depth`, `max_features` overriding the preset (tests use a tiny
+        U-Net).
 
     Returns a `DemoResult`; also prints a short summary.
     """
@@ -301,6 +304,7 @@ def run_demo(
         val_interval=int(val_interval or max(1, steps // 4)),
         val_size=val_size,
         warmup_steps=min(100, max(1, steps // 5)),
+        **model,
     )
     print(
         f"mtml demo: 1/4 task cross-validation, 5 {preset} 2D U-Nets x {steps} steps on "
