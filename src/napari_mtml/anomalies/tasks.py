@@ -20,7 +20,6 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mtml.anomalies.placement import PlacedShape
-from napari_mtml.anomalies.poisson import solve_poisson_box
 from napari_mtml.anomalies.shapes import _ray_to_edge_columns
 
 #: spill rule of the blending tasks: a voxel of the box that changed more than this joins the mask
@@ -404,6 +403,9 @@ class _BlendTask:
         self.id = task_id
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
+        # imported here so that the other tasks never depend on the solver's module
+        from napari_mtml.anomalies.poisson import solve_poisson_box
+
         if context.source is None:
             raise ValueError(f"task {self.name!r} needs a blending source")
         # one voxel of target around the shape is the Dirichlet border of the solve
