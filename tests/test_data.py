@@ -128,21 +128,24 @@ def test_expand_paths_bad_inputs(tmp_path):
 
 # --------------------------------------------------------------------------- collections
 
-def _fake_reader(shapes):
-    """A stand-in for read_image + to_frame: file name -> (array, fg, scan ndim, kind)."""
+def _fake_io(monkeypatch, shapes):
+    """Stand-ins for read_image and to_frame: file name -> array shape (or "bad")."""
 
-    def read(path, kind, dims, frame, downsample):
-        shape = shapes[path.name]
-        if shape == "bad":
+    def read(path):
+        if shapes[path.name] == "bad":
             raise ValueError(f"{path}: not a NIfTI file")
-        arr = np.ones(shape, np.float32)
-        if len(shape) == 3 and dims == 2:
-            fg = np.zeros(shape, bool)
-            fg[1:-1, 2:-2, 2:-2] = True  # first and last slice empty
-            return arr * fg, fg, 3, "mri"
-        return arr, None, len(shape), "mri"
+        return SimpleNamespace(array=np.ones(shapes[path.name], np.float32))
 
-    return read
+    def frame(scan, path, kind, dims, frame, downsample):
+        arr = scan.array
+        if arr.ndim == 3 and dims == 2:
+            fg = np.zeros(arr.shape, bool)
+            fg[1:-1, 2:-2, 2:-2] = True  # first and last slice empty
+            return arr * fg, fg, "mri"
+        return arr, None, "mri"
+
+    monkeypatch.setattr(data_mod, "_read_scan", read)
+    monkeypatch.setattr(data_mod, "_frame_scan", frame)
 
 
 def _touch(tmp_path, names):
@@ -153,8 +156,7 @@ def _touch(tmp_path, names):
 
 def test_from_paths_slices_of_volumes(tmp_path, monkeypatch):
     names = [f"v{i}.nii.gz" for i in range(6)]
-    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({n: (4, 16, 16)
-                                                                   for n in names}))
+    _fake_io(monkeypatch, {n: (4, 16, 16) for n in names})
     _touch(tmp_path, names)
     col = HealthyCollection.from_paths([tmp_path], dims=2)
     assert col.dims == 2 and col.frame == (16, 16) and col.from_slices
@@ -166,30 +168,68 @@ def test_from_paths_slices_of_volumes(tmp_path, monkeypatch):
 
 def test_from_paths_mixed_dims(tmp_path, monkeypatch):
     names = ["a.nii.gz", "b.png"]
-    monkeypatch.setattr(data_mod, "_read_and_frame",
-                        _fake_reader({"a.nii.gz": (8, 8, 8), "b.png": (8, 8)}))
+    _fake_io(monkeypatch, {"a.nii.gz": (8, 8, 8), "b.png": (8, 8)})
     with pytest.raises(ValueError, match=r"b\.png.*2D scan among 3D"):
         HealthyCollection.from_paths(_touch(tmp_path, names))
 
 
 def test_from_paths_dims3_with_2d(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({"b.png": (8, 8)}))
+    _fake_io(monkeypatch, {"b.png": (8, 8)})
     with pytest.raises(ValueError, match=r"b\.png.*dims = 3"):
         HealthyCollection.from_paths(_touch(tmp_path, ["b.png"]), dims=3)
 
 
 def test_from_paths_unreadable_names_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "_read_and_frame", _fake_reader({"x.nii": "bad"}))
+    _fake_io(monkeypatch, {"x.nii": "bad"})
     with pytest.raises(ValueError, match=r"x\.nii"):
         HealthyCollection.from_paths(_touch(tmp_path, ["x.nii"]))
 
 
-def test_from_paths_real_reader_errors_name_the_file(tmp_path):
+def _write_volumes(folder, n=5, seed=0):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(seed)
+    i, j, k = np.mgrid[:20, :20, :12]
+    blob = ((i - 10) / 7) ** 2 + ((j - 10) / 7) ** 2 + ((k - 6) / 5) ** 2 <= 1
+    folder.mkdir(exist_ok=True)
+    for v in range(n):
+        arr = (blob * (100 + 10 * rng.random(blob.shape))).astype(np.int16)
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), folder / f"vol{v}.nii.gz")
+    return folder
+
+
+def test_from_paths_real_files_3d_and_slices(tmp_path):
     pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
+    folder = _write_volumes(tmp_path / "healthy")
+    col = HealthyCollection.from_paths([folder], dims=3, frame=(16, 16, 16), downsample=1)
+    assert (col.dims, col.kind, col.frame, len(col)) == (3, "mri", (16, 16, 16), 5)
+    assert col.names() == [f"vol{v}.nii.gz" for v in range(5)]
+    s = col.samples[0]
+    assert s.image.dtype == np.float32 and s.foreground.dtype == bool and s.foreground.any()
+    assert not s.image[~s.foreground].any()  # background stays 0 after z-scoring
+    sl = HealthyCollection.from_paths([folder], dims=2, frame=(16, 16), downsample=1)
+    assert sl.dims == 2 and sl.frame == (16, 16) and sl.split_by == "volume"
+    # empty slices dropped; each kept slice carries foreground
+    assert all(x.foreground.mean() >= 0.05 for x in sl.samples)
+    for v in range(5):  # no volume straddles folds
+        assert len({int(f) for f, x in zip(sl.folds, sl.samples, strict=True)
+                    if x.group == v}) == 1
+
+
+def test_from_paths_real_bad_inputs(tmp_path):
+    pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
+    folder = _write_volumes(tmp_path / "healthy")
+    with pytest.raises(ValueError, match=r"vol0\.nii\.gz.*larger than the frame"):
+        HealthyCollection.from_paths([folder], dims=3, frame=(8, 8, 8), downsample=1)
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti")
     with pytest.raises(ValueError, match=r"broken\.nii\.gz"):
         HealthyCollection.from_paths([bad])
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "xray.png")
+    with pytest.raises(ValueError, match=r"xray\.png.*2D scan among 3D"):
+        HealthyCollection.from_paths([folder], frame=(16, 16, 16), downsample=1)
 
 
 def test_from_arrays_bad_inputs():

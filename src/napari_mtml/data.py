@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -245,7 +244,10 @@ class HealthyCollection:
         from_slices = False
         dropped = 0
         for group, path in enumerate(files):
-            array, fg, scan_ndim, item_kind = _read_and_frame(path, kind, dims, frame, downsample)
+            scan = _read_scan(path)
+            scan_ndim = int(np.ndim(scan.array))
+            if scan_ndim not in (2, 3):
+                raise ValueError(f"{path}: a {scan_ndim}D image; healthy scans must be 2D or 3D")
             if first is None:
                 first = (path, scan_ndim)
             elif scan_ndim != first[1]:
@@ -253,6 +255,7 @@ class HealthyCollection:
                                  f"{first[0]}); train 2D and 3D data separately")
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
+            array, fg, item_kind = _frame_scan(scan, path, kind, dims, frame, downsample)
             if not np.isfinite(array).all():
                 raise ValueError(f"{path}: holds NaN or infinite values after preprocessing")
             kinds.add(item_kind)
@@ -289,24 +292,25 @@ def _display_name(path: Path) -> str:
     return path.name
 
 
-def _read_and_frame(path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
-                    downsample: int) -> tuple[np.ndarray, np.ndarray | None, int, str]:
-    """Read one scan and bring it into the frame: (array, foreground, scan ndim, kind).
-
-    With dims=2 and a 3D scan, array and foreground are stacks `(Z, *frame2d)`."""
+def _read_scan(path: Path):
+    """`read_image(path)`, any failure as a `ValueError` naming the file."""
     from napari_mtml.io import read_image
-    from napari_mtml.preprocess import to_frame
 
     try:
-        scan = read_image(path)
+        return read_image(path)
     except ValueError as exc:
         msg = str(exc)
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
     except Exception as exc:  # a reader failing in an unforeseen way still names the file
         raise ValueError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
-    scan_ndim = int(np.asarray(scan.array).ndim)
-    if scan_ndim not in (2, 3):
-        raise ValueError(f"{path}: a {scan_ndim}D image; healthy scans must be 2D or 3D")
+
+
+def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
+                downsample: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
+    foreground are stacks `(Z, *frame2d)`."""
+    from napari_mtml.preprocess import infer_kind, to_frame
+
     try:
         array, fg, transform = to_frame(scan, kind=kind, dims=dims,
                                         frame=tuple(frame) if frame else None,
@@ -316,18 +320,10 @@ def _read_and_frame(path: Path, kind: str, dims: int | None, frame: Sequence[int
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
     item_kind = getattr(transform, "kind", None)
     if item_kind not in ("mri", "cxr"):
-        item_kind = kind if kind in ("mri", "cxr") else _auto_kind(scan, scan_ndim)
+        item_kind = kind if kind in ("mri", "cxr") else infer_kind(scan)
     array = np.asarray(array, dtype=np.float32)
     fg = None if fg is None else np.asarray(fg, dtype=bool)
-    return array, fg, scan_ndim, item_kind
-
-
-def _auto_kind(scan: Any, ndim: int) -> str:
-    # The rule of preprocess.to_frame(kind="auto"), used when the transform does not say.
-    if ndim != 2:
-        return "mri"
-    modality = str((getattr(scan, "metadata", None) or {}).get("modality", "")).upper()
-    return "cxr" if modality in ("", "CR", "DX", "XR", "MG", "OT") else "mri"
+    return array, fg, item_kind
 
 
 # ------------------------------------------------------------------------------------- dataset
