@@ -29,7 +29,7 @@ def _disc(shape, seed, radius=0.8):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 1/4 run of one fold, 2D frame 32x32, light model, 2 steps: enough to predict with."""
+    """A 1/4 run of one fold, 2D frame 64x64, light model, 2 steps: enough to predict with."""
     from napari_mtml.config import TrainConfig
     from napari_mtml.training import train
 
@@ -37,10 +37,10 @@ def tiny_run(tmp_path_factory):
     healthy = root / "healthy"
     healthy.mkdir()
     for i in range(6):
-        nib.save(nib.Nifti1Image(_disc((40, 40), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
+        nib.save(nib.Nifti1Image(_disc((96, 96), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
     config = TrainConfig(healthy=(str(healthy),), out=str(root / "run"), fold=0, max_steps=2,
-                         batch_size=2, val_interval=2, val_size=4, frame=(32, 32),
-                         preset="light", device="cpu")
+                         dims=2, batch_size=2, val_interval=2, val_size=4, frame=(64, 64),
+                         preset="light", depth=3, base_features=8, device="cpu")
     for _ in train(config):
         pass
     return root / "run"
@@ -131,7 +131,7 @@ def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_pat
     big = viewer.add_image(_disc((160, 160), 2, radius=0.95), name="too big")
     widget.image_combo.set_layer(big)
     n_errors = len(_errors())
-    _predict(qtbot, widget)  # content larger than the run's 32x32 frame allows
+    _predict(qtbot, widget)  # content larger than the run's 64x64 frame allows
     assert widget.heatmap_layer is None and len(_errors()) == n_errors + 1
     assert "frame" in _errors()[-1]
 

@@ -18,6 +18,7 @@ original geometry (`napari_mtml.io.write_image`, using the layer's metadata).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,7 +248,12 @@ class HeatmapWidget(QWidget):
         cfg = folder / "config.json"
         key = (str(folder.resolve()), device, cfg.stat().st_mtime_ns if cfg.exists() else None)
         if key not in self._ensembles:
-            self._ensembles = {key: load_ensemble(folder, device=device)}
+            # A run trained fold by fold (or cancelled) is still usable: predict with the folds
+            # that have a best.pt and say so, rather than refusing until every fold exists.
+            present = sorted(int(p.parent.name.split("_")[1]) for p in folder.glob("fold_*/best.pt")
+                             if p.parent.name.split("_")[1].isdigit())
+            ens = load_ensemble(folder, device=device, folds=present or None)
+            self._ensembles = {key: ens}
         return self._ensembles[key]
 
     def _job(self, run_dir, device, scan):
@@ -290,9 +296,14 @@ class HeatmapWidget(QWidget):
             contrast_limits=(0.0, 0.5), visible=False,
         )
         folds = ", ".join(f"{s:.3f}" for s in getattr(prediction, "fold_scores", ()))
+        ens = next(iter(self._ensembles.values()), None)
+        note = ""
+        if ens is not None:
+            n_all = math.comb(5, int(ens.config.get("train_tasks", 1)))
+            note = f"\n{len(ens.folds)} of {n_all} fold models: {list(ens.folds)}"
         self.score_label.setText(
             f"sample score (mean inside the foreground): {prediction.score:.4f}"
-            + (f"\nper fold: {folds}" if folds else "")
+            + (f"\nper fold: {folds}" if folds else "") + note
         )
         self.status.setText(f"heatmap of '{layer.name}' ready.")
         self.apply_threshold()

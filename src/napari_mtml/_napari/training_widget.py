@@ -143,10 +143,20 @@ class TrainingWidget(QWidget):
         self.batch_spin = _spin(0, 4096, 0)
         self.batch_spin.setSpecialValueText("auto (8 in 3D, 50 in 2D)")
         self.val_spin = _spin(1, 1_000_000, 250)
+        self.val_size_spin = _spin(0, 100_000, 0)
+        self.val_size_spin.setSpecialValueText("auto (16 in 3D, 64 in 2D)")
+        self.val_size_spin.setToolTip("augmented validation items, drawn once from the seed")
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(["light", "paper"])
-        self.preset_combo.setToolTip("light: 16-128 features, depth 4 (CPU friendly); "
+        self.preset_combo.setToolTip("light: half the paper's widths (CPU friendly); "
                                      "paper: the published U-Net (13.9 M / 29.1 M parameters)")
+        self.depth_spin = _spin(0, 9, 0)
+        self.depth_spin.setSpecialValueText("preset")
+        self.depth_spin.setToolTip("U-Net stages (downsamplings + 1); the frame must be "
+                                   "divisible by 2^(depth-1)")
+        self.width_spin = _spin(0, 256, 0)
+        self.width_spin.setSpecialValueText("preset")
+        self.width_spin.setToolTip("features of the first stage (doubled per stage)")
         devices, note = available_devices()
         self.device_combo = QComboBox()
         self.device_combo.addItems(devices)
@@ -184,8 +194,10 @@ class TrainingWidget(QWidget):
         form.addRow("fold", self.fold_combo)
         form.addRow("max steps", self.steps_spin)
         form.addRow("batch size", self.batch_spin)
-        form.addRow("validate every", self.val_spin)
-        form.addRow("model", self.preset_combo)
+        form.addRow("validate every", _row(self.val_spin, QLabel("steps on"),
+                                           self.val_size_spin))
+        form.addRow("model", _row(self.preset_combo, QLabel("depth"), self.depth_spin,
+                                  QLabel("width"), self.width_spin))
         form.addRow("device", self.device_combo)
         form.addRow("", self.device_note)
         form.addRow("workers", self.workers_spin)
@@ -279,7 +291,10 @@ class TrainingWidget(QWidget):
             max_steps=self.steps_spin.value(),
             batch_size=self.batch_spin.value() or None,
             val_interval=self.val_spin.value(),
+            val_size=self.val_size_spin.value() or None,
             preset=self.preset_combo.currentText(),
+            depth=self.depth_spin.value() or None,
+            base_features=self.width_spin.value() or None,
             device=self.device_combo.currentText(),
             workers=self.workers_spin.value(),
             seed=self.seed_spin.value(),
