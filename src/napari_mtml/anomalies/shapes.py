@@ -121,14 +121,15 @@ def random_matrix(ndim: int, rng: np.random.Generator) -> np.ndarray:
     """Shear then rotate: one N(0, 0.2) shear per axis, a U(-pi/2, pi/2) rotation per axis pair."""
     t = np.eye(ndim)
     for d in range(ndim):
-        other = rng.choice([a for a in range(ndim) if a != d])
-        t[d, other] = rng.normal(0.0, SHEAR_STD)
+        others = [a for a in range(ndim) if a != d]
+        t[d, others[int(rng.integers(ndim - 1))]] = rng.normal(0.0, SHEAR_STD)
     for i, j in combinations(range(ndim), 2):
         angle = rng.uniform(-np.pi / 2, np.pi / 2)
-        rot = np.eye(ndim)
         cos, sin = np.cos(angle), np.sin(angle)
-        rot[i, i], rot[i, j], rot[j, i], rot[j, j] = cos, -sin, sin, cos
-        t = rot @ t
+        # rotating in the (i, j) plane only mixes rows i and j
+        row_i, row_j = t[i].copy(), t[j]
+        t[i] = cos * row_i - sin * row_j
+        t[j] = sin * row_i + cos * row_j
     return t
 
 
