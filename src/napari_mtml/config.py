@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -322,7 +323,8 @@ class TrainConfig:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
             path = Path(path)
-            tmp = path.with_name(f".{path.name}.tmp")
+            # pid in the name: jobs of one run (one per fold) may write config.json at once
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(text)
             tmp.replace(path)
         return text

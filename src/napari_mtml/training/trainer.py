@@ -256,7 +256,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         folds.append(d)
     doc = {"train_tasks": cfg.train_tasks, "n_folds": cfg.n_folds, "split_by": collection.split_by,
            "data_folds": {str(k): collection.names([k]) for k in range(5)}, "folds": folds}
-    tmp = run_dir / ".folds.json.tmp"
+    tmp = run_dir / f".folds.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(run_dir / "folds.json")
 
