@@ -347,3 +347,32 @@ def test_validation_set_fixed_by_seed(engine):
     assert a.mask.any(axis=(1, 2)).all()
     # healthy images are the held-out samples themselves
     assert all(any(np.array_equal(h, s.image) for s in samples) for h in a.healthy)
+
+
+def test_blending_sources(monkeypatch):
+    calls = []
+
+    def spy(image, foreground=None, task=0, rng=None, source=None, **kw):
+        calls.append((task, image, source(rng)[0] if source is not None else None))
+        return _stand_in_synthesize(image, foreground, task=task, rng=rng)
+
+    monkeypatch.setattr(anomalies, "synthesize", spy)
+    samples = HealthyCollection.from_arrays(_images(5)).samples
+    external = HealthyCollection.from_arrays(_images(5, seed=9)).samples
+    ds = SyntheticDataset(samples, [0, 1, 4], seed=0, external=external)
+    for k in range(30):
+        ds.draw(k)
+    ext_ids = {id(s.image) for s in external}
+    own_ids = {id(s.image) for s in samples}
+    for task, image, src in calls:
+        if task == 0:  # another image of the training data, never the target itself
+            assert id(src) in own_ids and src is not image
+        elif task == 1:
+            assert id(src) in ext_ids
+        else:
+            assert src is None
+    assert {c[0] for c in calls} == {0, 1, 4}
+    # without an external dataset, task 1 falls back to the training data
+    calls.clear()
+    SyntheticDataset(samples, [1], seed=0).draw(0)
+    assert id(calls[0][2]) in own_ids

@@ -331,9 +331,14 @@ def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[i
 SourcePool = Sequence[HealthySample]
 
 
-def _source_sampler(pool: SourcePool) -> Callable[[np.random.Generator], tuple]:
+def _source_sampler(pool: SourcePool, exclude: HealthySample | None = None,
+                    ) -> Callable[[np.random.Generator], tuple]:
+    """A `source(rng)` callable for the blending tasks: a random image of `pool` other than
+    `exclude` (the target itself) whenever the pool has another one."""
+    others = [s for s in pool if s is not exclude] or list(pool)
+
     def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        s = pool[int(rng.integers(len(pool)))]
+        s = others[int(rng.integers(len(others)))]
         return s.image, s.foreground
 
     return draw
@@ -351,7 +356,7 @@ def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator,
         image = np.ascontiguousarray(image[..., ::-1])
         fg = None if fg is None else np.ascontiguousarray(fg[..., ::-1])
     pool = external if (task == 1 and external) else intra
-    source = _source_sampler(pool) if task in (0, 1) else None
+    source = _source_sampler(pool, exclude=sample) if task in (0, 1) else None
     # A synthesis whose anomaly changed nothing would give an all-zero label: training items
     # must each hold an anomaly, so draw again (rare; bounded).
     for _ in range(4):
