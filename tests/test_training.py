@@ -290,3 +290,14 @@ def test_config_validation(kw, match):
         TrainConfig(**kw)
     with pytest.raises(ValueError, match="unknown setting"):
         TrainConfig().replace(learning_rate=1)
+
+
+def test_resume_with_more_steps_extends_a_finished_fold(tmp_path, engine):
+    col = _collection()
+    _run(train(_config(tmp_path, max_steps=3), collection=col))
+    events, result = _run(train(_config(tmp_path, max_steps=6, resume=True), collection=col))
+    assert [e.step for e in events if isinstance(e, StepEvent)] == [4, 5, 6]
+    # resuming a finished fold with the same budget trains nothing more
+    events, _ = _run(train(_config(tmp_path, max_steps=6, resume=True), collection=col))
+    assert not [e for e in events if isinstance(e, StepEvent)]
+    assert torch.load(tmp_path / "run" / "fold_0" / "last.pt", weights_only=True)["step"] == 6

@@ -8,8 +8,8 @@ arbitrary objects.
 
 `best.pt`: the model's `state_dict()` alone (keys without a DDP `module.` prefix).
 `last.pt`: a dict with `model`, `optimizer`, `scheduler` (plain dicts), `step`, `best_step`,
-`best_val_loss`, `finished`, `rng` (`torch_cpu`, `torch_cuda` states and the data stream position
-`{"seed", "rank", "world_size", "next_item"}`) and `format` (an int, currently 1).
+`best_val_loss`, `finished`, `stopped_early`, `rng` (`torch_cpu`, `torch_cuda` states and the
+data stream position `{"seed", "rank", "world_size", "next_item"}`) and `format` (an int, 1).
 """
 
 from __future__ import annotations

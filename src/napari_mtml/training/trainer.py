@@ -297,16 +297,19 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best_step = int(state["step"]), int(state["best_step"])
-        best_val, done = float(state["best_val_loss"]), bool(state.get("finished", False))
+        # A fold that stopped early is done; one that reached max_steps continues when the
+        # resumed run allows more steps.
+        best_val, done = float(state["best_val_loss"]), bool(state.get("stopped_early", False))
         torch.set_rng_state(state["rng"]["torch_cpu"])
         if device.type == "cuda" and state["rng"].get("torch_cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
         if dist.main:
             _truncate_log(log_path, step)
     if done or step >= cfg.max_steps:
+        result = FoldFinished(split.index, best_step, best_val, str(best_path), done)
         if dist.main:
-            yield FoldFinished(split.index, best_step, best_val, str(best_path))
-        return FoldFinished(split.index, best_step, best_val, str(best_path))
+            yield result
+        return result
 
     net = model
     if dist.active:
@@ -383,8 +386,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                         save_atomic(_cpu_state_dict(model), best_path)
                     finished = stopped_early or step >= cfg.max_steps
                     save_atomic(_last_state(model, optimizer, schedule, step, best_step,
-                                            best_val, finished, seed, dist, local_batch,
-                                            device), last_path)
+                                            best_val, finished, stopped_early, seed, dist,
+                                            local_batch, device), last_path)
                     log.write(json.dumps({"type": "validation", "step": step,
                                           "val_loss": val_loss, "ap": ap, "best": best}) + "\n")
                     log.flush()
@@ -407,8 +410,8 @@ def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _last_state(model, optimizer, schedule, step, best_step, best_val, finished, seed, dist,
-                local_batch, device) -> dict:
+def _last_state(model, optimizer, schedule, step, best_step, best_val, finished, stopped_early,
+                seed, dist, local_batch, device) -> dict:
     rng = {"torch_cpu": torch.get_rng_state(),
            "torch_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
            "data": {"seed": int(seed), "rank": dist.rank, "world_size": dist.world_size,
@@ -416,7 +419,7 @@ def _last_state(model, optimizer, schedule, step, best_step, best_val, finished,
     return {"format": FORMAT_VERSION, "model": _cpu_state_dict(model),
             "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "step": int(step), "best_step": int(best_step), "best_val_loss": float(best_val),
-            "finished": bool(finished), "rng": rng}
+            "finished": bool(finished), "stopped_early": bool(stopped_early), "rng": rng}
 
 
 @torch.no_grad()
