@@ -1,0 +1,358 @@
+"""The U-Net of the paper (METHOD.md §5): nnU-Net-style, 2D or 3D, with a positional encoding.
+
+Layout for ``depth`` stages with widths ``w_s = min(base_features * 2**s, max_features)``:
+
+- Encoder stage ``s``: two ``conv3 -> InstanceNorm(affine) -> GELU`` blocks; the first conv of
+  every stage but the first has stride 2 (it replaces pooling).
+- Bottleneck (the last encoder stage): its second conv already reduces to the width of the skip
+  connection it will meet, ``w_{depth-2}``.
+- Decoder stage for skip ``s``: (bi|tri)linear x2 upsampling (no parameters), concatenation with
+  the skip (``2 w_s`` channels), then a conv ``2 w_s -> w_s`` and a conv ``w_s -> w_{s-1}`` (the
+  last decoder stage keeps ``w_0``). This is how nnU-Net's generic U-Net reduces channels when it
+  upsamples by interpolation instead of transposed convolutions; with it the presets have exactly
+  the paper's sizes: 13,889,600 parameters in 3D (13.9 M) and 29,124,704 in 2D (29.1 M). (Other
+  plausible designs miss: a 1x1 conv after upsampling gives 15.7 M / 31.4 M, concatenating the
+  full upsampled width gives 16.6 M / 31.5 M.)
+- Head: a 1x1 conv to one channel, no bias, no activation (regression against the soft label).
+
+Positional encoding (``pos_encoding=True``): ``n`` channels of normalised coordinates in
+``[-1, 1]`` and 64 Gaussian random Fourier features (``sin`` and ``cos`` of
+``2 pi B u`` for the coordinates ``u`` in ``[0, 1)`` and a fixed ``32 x n`` matrix
+``B ~ N(0, 1) * 12`` drawn from seed 42), so ``1 + n + 64`` input channels. The encoding is built
+once for the model's fixed ``frame`` and kept as a buffer (not saved in the state dict: it is a
+function of the constructor arguments).
+
+Exact saving: the encoding is the same for every sample, so the first convolution is split into
+its image part (1 input channel, run per sample) and its encoding part (``n + 64`` channels, run
+once per forward with batch 1 and broadcast over the batch). Convolution is linear and the
+padding is zeros, so this is the same function as one conv over the concatenated input; the
+parameters and the state dict are those of that single conv. Without gradients (inference,
+validation under ``torch.no_grad``) the encoding part is cached until the weights change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet", "count_parameters", "positional_encoding", "PAPER_PRESETS", "LIGHT_PRESETS"]
+
+#: Constructor arguments of the paper's models (METHOD.md §5), by number of spatial dims.
+PAPER_PRESETS = {
+    3: {"base_features": 32, "max_features": 320, "depth": 5},
+    2: {"base_features": 32, "max_features": 512, "depth": 7},
+}
+#: Half the paper's widths everywhere, same depth: about a quarter of the parameters and of the
+#: convolution work, for training on a workstation CPU.
+LIGHT_PRESETS = {
+    3: {"base_features": 16, "max_features": 160, "depth": 5},
+    2: {"base_features": 16, "max_features": 256, "depth": 7},
+}
+
+_FOURIER_FEATURES = 32
+_FOURIER_SCALE = 12.0
+_FOURIER_SEED = 42
+
+
+def positional_encoding(frame: Sequence[int]) -> np.ndarray:
+    """The paper's positional encoding for a spatial ``frame``.
+
+    Parameters
+    ----------
+    frame : sequence of int
+        Spatial size, ``(H, W)`` or ``(D, H, W)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(n + 64, *frame)`` for ``n = len(frame)``: first ``n`` channels of
+        coordinates going linearly from -1 to 1 along each axis (both ends included), then 32
+        ``sin`` and 32 ``cos`` channels of ``2 pi B u``, ``u`` the coordinates in ``[0, 1)``
+        (``i / size``) and ``B`` a ``32 x n`` matrix ``N(0, 1) * 12`` from a local generator with
+        seed 42 (the same matrix in every process, no global random state).
+    """
+    frame = tuple(int(s) for s in frame)
+    n = len(frame)
+    coords = np.stack(
+        np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in frame], indexing="ij"), axis=0
+    )
+    unit = np.stack(np.meshgrid(*[np.arange(s) / s for s in frame], indexing="ij"), axis=0)
+    b = np.random.default_rng(_FOURIER_SEED).standard_normal((_FOURIER_FEATURES, n))
+    b *= _FOURIER_SCALE
+    phase = 2.0 * np.pi * np.tensordot(b, unit, axes=(1, 0))
+    return np.concatenate([coords, np.sin(phase), np.cos(phase)], axis=0).astype(np.float32)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class _ConvNormAct(nn.Sequential):
+    """``conv(kernel 3, padding 1, bias) -> InstanceNorm(affine) -> GELU``."""
+
+    def __init__(self, dims: int, c_in: int, c_out: int, stride: int = 1):
+        conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(
+            c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=True
+        )
+        norm = (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(c_out, affine=True)
+        super().__init__(OrderedDict(conv=conv, norm=norm, act=nn.GELU()))
+
+
+class UNet(nn.Module):
+    """nnU-Net-style U-Net with one output channel and no final activation.
+
+    Parameters
+    ----------
+    dims : {2, 3}
+        Number of spatial dimensions.
+    frame : sequence of int, or None
+        The fixed spatial input size, ``(H, W)`` or ``(D, H, W)``; every entry must be divisible
+        by ``2 ** (depth - 1)``. Required with ``pos_encoding`` (the encoding is built for it);
+        ``None`` without it accepts any divisible size.
+    base_features : int
+        Width of the first stage (32 in the paper). Widths double per stage.
+    max_features : int or None
+        Width cap; ``None`` = the paper's (320 in 3D, 512 in 2D).
+    depth : int or None
+        Number of stages (``depth - 1`` stride-2 downsamplings), at least 2; ``None`` = the
+        paper's (5 in 3D, 7 in 2D).
+    pos_encoding : bool
+        Append the positional encoding (``n + 64`` channels) to the image (default on).
+    init_seed : int or None
+        Seed of a local ``torch.Generator`` for the He-normal initialisation: the same seed gives
+        the same weights; ``None`` draws from torch's default generator (never seeded here).
+
+    Forward: ``(B, 1, *frame)`` float -> ``(B, 1, *frame)``, same dtype (float32 in, float32 out;
+    under ``torch.autocast`` the autocast dtype). Anything else raises ``ValueError``.
+
+    Attributes
+    ----------
+    split_encoding : bool
+        ``True`` (default) computes the encoding's share of the first convolution once per
+        forward (see the module docstring); ``False`` runs the plain conv over the concatenated
+        input (for checks and benchmarks; same function, same parameters).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        frame: Sequence[int] | None,
+        base_features: int = 32,
+        max_features: int | None = None,
+        depth: int | None = None,
+        pos_encoding: bool = True,
+        init_seed: int | None = None,
+    ):
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"UNet: dims must be 2 or 3, got {dims!r}.")
+        preset = PAPER_PRESETS[dims]
+        max_features = preset["max_features"] if max_features is None else int(max_features)
+        depth = preset["depth"] if depth is None else int(depth)
+        base_features = int(base_features)
+        if depth < 2:
+            raise ValueError(f"UNet: depth must be at least 2 (one downsampling), got {depth}.")
+        if base_features < 1 or max_features < base_features:
+            raise ValueError(
+                f"UNet: need 1 <= base_features <= max_features, got base_features="
+                f"{base_features}, max_features={max_features}."
+            )
+        if frame is None:
+            if pos_encoding:
+                raise ValueError(
+                    "UNet: the positional encoding needs a fixed frame; pass frame=(H, W) or "
+                    "(D, H, W), or pos_encoding=False."
+                )
+        else:
+            frame = tuple(int(s) for s in frame)
+            self._check_frame(frame, dims, depth)
+
+        self.dims = dims
+        self.frame = frame
+        self.base_features = base_features
+        self.max_features = max_features
+        self.depth = depth
+        self.pos_encoding = bool(pos_encoding)
+        self.init_seed = init_seed
+        self.split_encoding = True
+        self.widths = [min(base_features * 2**s, max_features) for s in range(depth)]
+        self._upsample_mode = "bilinear" if dims == 2 else "trilinear"
+        self._conv_fn = F.conv2d if dims == 2 else F.conv3d
+        self._encoding_cache: tuple[tuple, torch.Tensor] | None = None
+
+        n_encoding = dims + 2 * _FOURIER_FEATURES if self.pos_encoding else 0
+        if self.pos_encoding:
+            encoding = torch.from_numpy(positional_encoding(frame))[None]
+            self.register_buffer("encoding", encoding, persistent=False)
+        else:
+            self.encoding = None
+
+        w = self.widths
+        self.encoder = nn.ModuleList()
+        c_in = 1 + n_encoding
+        for s in range(depth):
+            # The bottleneck's second conv reduces to the width of the skip it is joined with.
+            c_out2 = w[s] if s < depth - 1 else w[depth - 2]
+            self.encoder.append(
+                nn.Sequential(
+                    _ConvNormAct(dims, c_in, w[s], stride=1 if s == 0 else 2),
+                    _ConvNormAct(dims, w[s], c_out2),
+                )
+            )
+            c_in = w[s]
+        self.decoder = nn.ModuleList()
+        for s in range(depth - 2, -1, -1):
+            c_out2 = w[s - 1] if s > 0 else w[0]
+            self.decoder.append(
+                nn.Sequential(
+                    _ConvNormAct(dims, 2 * w[s], w[s]),
+                    _ConvNormAct(dims, w[s], c_out2),
+                )
+            )
+        self.head = (nn.Conv2d if dims == 2 else nn.Conv3d)(w[0], 1, kernel_size=1, bias=False)
+        self._init_weights(init_seed)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def paper(cls, dims: int, frame: Sequence[int], **kwargs) -> UNet:
+        """The paper's model: 3D 32-64-128-256-320 (13.9 M), 2D 7 stages capped at 512 (29.1 M)."""
+        return cls(dims, frame, **{**PAPER_PRESETS[dims], **kwargs})
+
+    @classmethod
+    def light(cls, dims: int, frame: Sequence[int], **kwargs) -> UNet:
+        """Half the paper's widths (16 base features), same depth: 3.5 M (3D) / 7.3 M (2D)."""
+        return cls(dims, frame, **{**LIGHT_PRESETS[dims], **kwargs})
+
+    def model_kwargs(self) -> dict:
+        """Plain (JSON-able) constructor arguments: ``UNet(**net.model_kwargs())`` rebuilds it."""
+        return {
+            "dims": self.dims,
+            "frame": None if self.frame is None else list(self.frame),
+            "base_features": self.base_features,
+            "max_features": self.max_features,
+            "depth": self.depth,
+            "pos_encoding": self.pos_encoding,
+            "init_seed": self.init_seed,
+        }
+
+    @property
+    def divisor(self) -> int:
+        """Every spatial input size must be a multiple of this (``2 ** (depth - 1)``)."""
+        return 2 ** (self.depth - 1)
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_frame(frame: tuple, dims: int, depth: int) -> None:
+        if len(frame) != dims:
+            raise ValueError(
+                f"UNet: frame {frame} has {len(frame)} axes but dims={dims}; give one size per "
+                "spatial axis."
+            )
+        div = 2 ** (depth - 1)
+        if any(s < 1 or s % div for s in frame):
+            fit = tuple(max(div, math.ceil(s / div) * div) for s in frame)
+            raise ValueError(
+                f"UNet: every frame size must be a positive multiple of 2**(depth-1) = {div} "
+                f"(depth {depth}); got {frame}. Pad to {fit} or use a smaller depth."
+            )
+        if math.prod(s // div for s in frame) < 2:
+            raise ValueError(
+                f"UNet: the frame {frame} shrinks to a single voxel after {depth - 1} "
+                "downsamplings, where instance normalisation is undefined; use a larger frame "
+                "or a smaller depth."
+            )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.dims + 2 or x.shape[1] != 1:
+            raise ValueError(
+                f"UNet: expected input of shape (batch, 1, *spatial) with {self.dims} spatial "
+                f"axes, got {tuple(x.shape)}."
+            )
+        spatial = tuple(x.shape[2:])
+        if self.frame is not None and spatial != self.frame:
+            raise ValueError(
+                f"UNet: this model is tied to the frame {self.frame} (its positional encoding "
+                f"is built for it) but the input's spatial size is {spatial}; bring the image "
+                "into the frame first (napari_mtml.preprocess.to_frame)."
+            )
+        if self.frame is None:
+            self._check_frame(spatial, self.dims, self.depth)
+
+    # ------------------------------------------------------------------ weights
+    def _init_weights(self, seed: int | None) -> None:
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                # He init as in nnU-Net (leaky slope 1e-2, close to GELU's behaviour near 0).
+                nn.init.kaiming_normal_(m.weight, a=1e-2, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ forward
+    def _encoding_term(self, weight: torch.Tensor) -> torch.Tensor:
+        """The encoding's share of the first conv, shape ``(1, w0, *frame)``."""
+        needs_graph = torch.is_grad_enabled() and weight.requires_grad
+        dev = weight.device.type
+        key = (
+            weight._version,
+            weight.data_ptr(),
+            weight.device,
+            weight.dtype,
+            torch.is_autocast_enabled(dev),
+            torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
+        )
+        if not needs_graph and self._encoding_cache is not None:
+            cached_key, cached = self._encoding_cache
+            if cached_key == key:
+                return cached
+        encoding = self.encoding.to(dtype=weight.dtype)
+        term = self._conv_fn(encoding, weight[:, 1:], None, stride=1, padding=1)
+        if needs_graph:
+            # A graph-holding value must not outlive this forward.
+            self._encoding_cache = None
+        else:
+            self._encoding_cache = (key, term.detach())
+        return term
+
+    def _first_conv(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.encoder[0][0].conv
+        if not self.pos_encoding:
+            return conv(x)
+        if not self.split_encoding:
+            encoding = self.encoding.to(dtype=x.dtype).expand(x.shape[0], *self.encoding.shape[1:])
+            return conv(torch.cat([x, encoding], dim=1))
+        image_term = self._conv_fn(x, conv.weight[:, :1], conv.bias, stride=1, padding=1)
+        return image_term + self._encoding_term(conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *frame)`` -> ``(B, 1, *frame)`` anomaly map (unbounded regression output)."""
+        self._check_input(x)
+        skips = []
+        h = x
+        for s, stage in enumerate(self.encoder):
+            if s == 0:
+                first = stage[0]
+                h = first.act(first.norm(self._first_conv(x)))
+                h = stage[1](h)
+            else:
+                h = stage(h)
+            skips.append(h)
+        h = skips.pop()
+        for stage in self.decoder:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[2:], mode=self._upsample_mode, align_corners=False)
+            h = stage(torch.cat([h, skip], dim=1))
+        return self.head(h)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, frame={self.frame}, widths={self.widths}, "
+            f"pos_encoding={self.pos_encoding}"
+        )
