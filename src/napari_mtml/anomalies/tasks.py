@@ -103,8 +103,23 @@ class Patch:
     mask: np.ndarray
 
 
-def _shape_in_box(placed: PlacedShape, image_shape, margin: int):
+def _shape_in_box(placed: PlacedShape, image_shape, margin: int, lengthen=None):
+    """The shape's box grown by `margin` (clipped to the image): image slices, the shape's mask on
+    that box, and the shape box's offset in it. `lengthen(n) -> m >= n`, if given, grows each
+    side further to a preferred length (centred, shifted inwards at the image's edges)."""
     outer, inner = placed.padded_box(image_shape, margin)
+    if lengthen is not None:
+        grown = []
+        for side, dim in zip(outer, image_shape, strict=True):
+            length = side.stop - side.start
+            wanted = min(lengthen(length), dim)
+            start = min(max(side.start - (wanted - length) // 2, 0), dim - wanted)
+            grown.append(slice(start, start + wanted))
+        outer = tuple(grown)
+        inner = tuple(
+            slice(c - o.start, c - o.start + n)
+            for c, o, n in zip(placed.corner, outer, placed.mask.shape, strict=True)
+        )
     size = tuple(s.stop - s.start for s in outer)
     mask = np.zeros(size, dtype=bool)
     mask[inner] = placed.mask
@@ -404,12 +419,13 @@ class _BlendTask:
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
         # imported here so that the other tasks never depend on the solver's module
-        from napari_mtml.anomalies.poisson import solve_poisson_box
+        from napari_mtml.anomalies.poisson import fast_box_length, solve_poisson_box
 
         if context.source is None:
             raise ValueError(f"task {self.name!r} needs a blending source")
-        # one voxel of target around the shape is the Dirichlet border of the solve
-        outer, mask, _ = _shape_in_box(placed, image.shape, 1)
+        # one voxel of target around the shape is the Dirichlet border of the solve; each side is
+        # then grown to a length whose sine transform is fast (as `poisson_blend` does by default)
+        outer, mask, _ = _shape_in_box(placed, image.shape, 1, fast_box_length)
         target = np.asarray(image[outer], dtype=np.float32)
         # the forward differences that start on the mask read the source there and one voxel
         # further along each axis: nowhere else does the solve look at the source
