@@ -433,10 +433,13 @@ class TrainingWidget(QWidget):
         for ax in (self.ax_loss, self.ax_ap):
             ax.clear()
             ax.grid(alpha=0.3)
-        self.ax_loss.set_ylabel("training loss (MSE)")
-        self.ax_ap.set_ylabel("validation AP")
-        self.ax_ap.set_xlabel("step")
-        self.ax_ap.set_ylim(0, 1)
+        self.ax_loss.set_ylabel("train loss", fontsize=8)
+        self.ax_ap.set_ylabel("val AP", fontsize=8)
+        self.ax_ap.set_xlabel("step", fontsize=8)
+        self.ax_ap.set_ylim(0, 1.25)  # headroom for the legend above AP = 1
+        self.ax_ap.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        for ax in (self.ax_loss, self.ax_ap):
+            ax.tick_params(labelsize=7)
         markers = "os^vDP*X"
         seen_tasks = set()
         for key, points in sorted(self._curves.items(), key=lambda kv: str(kv[0])):
@@ -452,11 +455,12 @@ class TrainingWidget(QWidget):
                 self.ax_ap.plot(x, y, marker=markers[fold % len(markers)], ms=3, lw=1,
                                 color=TASK_COLOURS.get(task), label=label)
         if any(k[0] == "loss" for k in self._curves):
-            self.ax_loss.legend(fontsize=7, loc="upper right")
+            self.ax_loss.legend(fontsize=6, loc="upper right", ncol=3)
             self.ax_loss.set_yscale("log")
         if seen_tasks:
-            self.ax_ap.legend(fontsize=7, loc="lower right", title="held-out task (marker = "
-                              "fold)", title_fontsize=7)
+            # one colour per held-out task; folds differ by marker
+            self.ax_ap.legend(fontsize=6, loc="upper center", ncol=3, framealpha=0.7,
+                              handlelength=1.2, columnspacing=0.8)
         self.canvas.draw_idle()
 
 

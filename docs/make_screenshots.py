@@ -1,0 +1,141 @@
+"""Screenshots of the three widgets on the built-in real sample data.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--steps 60]
+
+Writes docs/preview_widget.png, docs/training_widget.png and docs/heatmap_widget.png (the whole
+napari window, widget docked). The training screenshot comes from a short real run (fold 0 of the
+1/4 split, a small U-Net, axial slices of the healthy MNI152 brain); the heatmap screenshot predicts
+the clinical brain-tumour MRI with that run. A run this short is a demonstration of the GUI, not a
+trained detector: the heatmap shows what the models learnt in a minute of CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from PIL import Image as PILImage
+from qtpy.QtWidgets import QApplication
+
+from napari_mtml.samples import sample_data_path
+
+DOCS = Path(__file__).resolve().parent
+PLUGIN = "napari-mtml"
+
+
+def _settle(seconds: float = 0.5) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def _wait(predicate, timeout: float = 600.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError("the widget did not finish in time")
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def _shot(viewer, name: str) -> None:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    _settle(0.3)
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # pop-ups (e.g. napari's PyQt5 deprecation note) would cover the canvas
+    _settle(0.8)
+    PILImage.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(DOCS / name)
+    print(f"wrote {DOCS / name}")
+
+
+def _show_slice(viewer, z: int) -> None:
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+
+
+def preview(viewer) -> None:
+    # The isotropic 1 mm MNI brain: on the 6.5 mm slices of the tumour MRI the tasks' voxel-space
+    # shapes look like thin slanted plates when cut by one slice.
+    viewer.open_sample(PLUGIN, "healthy_brain")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Anomaly preview")
+    widget.image_combo.set_layer(viewer.layers["MNI152 T1"])
+    widget.task_combo.setCurrentText("4 smooth_intensity")
+    widget.sliders["intensity_scale"].setValue(0.5)
+    widget.seed_spin.setValue(3)
+    _wait(lambda: widget.n_updates > 0 and not widget.busy)
+    label = widget.label_layer.data
+    z = int(np.argmax(label.reshape(label.shape[0], -1).sum(axis=1)))
+    _show_slice(viewer, z)
+    viewer.layers["MNI152 T1"].visible = False
+    _shot(viewer, "preview_widget.png")
+    viewer.window.remove_dock_widget(dock)
+    viewer.layers.clear()
+
+
+def training(viewer, run_dir: Path, steps: int):
+    viewer.open_sample(PLUGIN, "healthy_brain")
+    _show_slice(viewer, 100)
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    widget.healthy_edit.setText(str(sample_data_path("mni152_t1")))
+    widget.out_edit.setText(str(run_dir))
+    widget.dims_combo.setCurrentText("2")
+    widget.fold_combo.setCurrentText("0")
+    widget.steps_spin.setValue(steps)
+    widget.batch_spin.setValue(8)
+    widget.val_spin.setValue(max(1, steps // 6))
+    widget.val_size_spin.setValue(16)
+    widget.preset_combo.setCurrentText("light")
+    widget.depth_spin.setValue(4)
+    widget.width_spin.setValue(8)
+    widget.device_combo.setCurrentText("auto")
+    widget.start()
+    _wait(lambda: widget.worker is None)
+    _shot(viewer, "training_widget.png")
+    viewer.window.remove_dock_widget(dock)
+    viewer.layers.clear()
+    return widget.run_dir
+
+
+def heatmap(viewer, run_dir: str) -> None:
+    viewer.open_sample(PLUGIN, "brain_tumour")
+    image = viewer.layers["brain1 T1 (tumour)"]
+    tumour = viewer.layers["tumour label"]
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(run_dir)
+    widget.image_combo.set_layer(image)
+    widget.predict()
+    _wait(lambda: not widget.busy)
+    if widget.prediction is None:
+        raise RuntimeError(widget.status.text())
+    heat = widget.prediction.anomaly
+    widget.threshold_slider.setValue(float(np.quantile(heat[heat > 0], 0.99)))
+    widget.apply_threshold()
+    z = int(np.argmax(np.asarray(tumour.data).reshape(tumour.data.shape[0], -1).sum(axis=1)))
+    _show_slice(viewer, z)
+    tumour.visible = False
+    _shot(viewer, "heatmap_widget.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps of the demo run")
+    args = parser.parse_args()
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    _settle(1.0)
+    preview(viewer)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = training(viewer, Path(tmp) / "run", args.steps)
+        heatmap(viewer, run_dir)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
