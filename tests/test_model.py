@@ -217,3 +217,26 @@ def test_inputs_are_not_mutated():
     before = x.clone()
     net(x)
     torch.testing.assert_close(x, before)
+
+
+def test_works_under_distributed_data_parallel(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        net = _tiny(frame=(16, 16))
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+        x = torch.randn(2, 1, 16, 16)
+        for _ in range(2):  # every parameter, the split first conv's included, gets a gradient
+            opt.zero_grad()
+            F.mse_loss(ddp(x), torch.zeros_like(x)).backward()
+            opt.step()
+        assert all(p.grad is not None for p in net.parameters())
+        ddp.eval()
+        with torch.no_grad():
+            assert ddp(x).shape == x.shape
+    finally:
+        dist.destroy_process_group()
