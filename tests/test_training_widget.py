@@ -53,9 +53,15 @@ def test_training_runs_to_the_end_and_offers_the_run(make_napari_viewer, qtbot, 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     _, heat = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    # Healthy data from open image layers (written to RUN/healthy_layers as NIfTI for the core).
     healthy = _healthy_folder(tmp_path / "healthy")
+    names = []
+    for path in sorted(healthy.iterdir()):
+        names.append(path.name.split(".")[0])
+        viewer.add_image(np.asarray(nib.load(path).dataobj).T, name=names[-1])
     out = tmp_path / "run"
-    _fill(widget, healthy, out, steps=4)
+    _fill(widget, tmp_path / "unused", out, steps=4)
+    widget.set_layers(names)
     config = widget.config()
     assert config.max_steps == 4 and config.fold == 0 and config.frame == (64, 64)
 
@@ -68,6 +74,7 @@ def test_training_runs_to_the_end_and_offers_the_run(make_napari_viewer, qtbot, 
     assert isinstance(widget.events[-1], RunFinished)
     assert widget.progress_bar.value() == widget.progress_bar.maximum() == 4
     assert (out / "fold_0" / "best.pt").is_file() and (out / "config.json").is_file()
+    assert len(list((out / "healthy_layers").glob("*.nii.gz"))) == len(names)
     assert widget.ax_loss.lines and widget.ax_ap.lines  # the live plot drew loss and AP
     assert heat.run_edit.text() == str(out)  # offered to the heatmap widget
     assert widget.start_button.isEnabled() and not widget.cancel_button.isEnabled()
