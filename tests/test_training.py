@@ -301,3 +301,14 @@ def test_resume_with_more_steps_extends_a_finished_fold(tmp_path, engine):
     events, _ = _run(train(_config(tmp_path, max_steps=6, resume=True), collection=col))
     assert not [e for e in events if isinstance(e, StepEvent)]
     assert torch.load(tmp_path / "run" / "fold_0" / "last.pt", weights_only=True)["step"] == 6
+
+
+class _Exploding(_Constant):
+    def forward(self, x):
+        return x * 0 + self.p * float("nan")
+
+
+def test_divergence_is_a_clear_error(tmp_path, engine):
+    with pytest.raises(ValueError, match="diverged at step 1.*lower the learning rate"):
+        _run(train(_config(tmp_path), collection=_collection(),
+                   model_factory=lambda c, s: _Exploding()))

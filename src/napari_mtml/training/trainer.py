@@ -363,6 +363,11 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                 torch.distributed.all_reduce(loss_value)
                 loss_value = loss_value / dist.world_size
             loss_value = float(loss_value)
+            if not math.isfinite(loss_value):
+                # Stop before a NaN reaches last.pt: the previous checkpoint stays resumable.
+                raise ValueError(f"training diverged at step {step} of fold {split.index} (loss "
+                                 f"{loss_value}); lower the learning rate (lr = {cfg.lr:g}) and "
+                                 "resume or restart")
             if dist.main:
                 log.write(json.dumps({"type": "step", "step": step, "loss": loss_value,
                                       "lr": lr}) + "\n")
