@@ -135,6 +135,19 @@ def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
     widget._folder_changed()
     widget.update_now()
     assert any("holds no images" in m for m in _errors())
+
+    # The same folder with two PNG images: inter-dataset blending takes its source from there.
+    from PIL import Image as PILImage
+
+    for i in range(2):
+        pixels = (rng.random((30, 50)) * 255).astype(np.uint8)
+        PILImage.fromarray(pixels).save(tmp_path / f"ext{i}.png")
+    widget._folder_changed()
+    count = widget.n_updates
+    widget.update_now()
+    _next_update(qtbot, widget, count)
+    assert widget.last_result.task == "inter_blend"
+    assert widget.label_layer.data.max() > 0
     widget.stop()
 
 
