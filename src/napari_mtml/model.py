@@ -94,6 +94,16 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def _autocast_state(t: torch.Tensor) -> tuple:
+    """What autocast would do to ``t``'s ops now (part of the encoding cache key)."""
+    dev = t.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+        return (on, torch.get_autocast_dtype(dev) if on else None)
+    except (TypeError, AttributeError):  # torch < 2.4: no per-device query
+        return (torch.is_autocast_enabled(), torch.is_autocast_cpu_enabled())
+
+
 class _ConvNormAct(nn.Sequential):
     """``conv(kernel 3, padding 1, bias) -> InstanceNorm(affine) -> GELU``."""
 
@@ -288,26 +298,24 @@ class UNet(nn.Module):
     # ------------------------------------------------------------------ weights
     def _init_weights(self, seed: int | None) -> None:
         generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                # He init as in nnU-Net (leaky slope 1e-2, close to GELU's behaviour near 0).
-                nn.init.kaiming_normal_(m.weight, a=1e-2, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # He-normal init as in nnU-Net (leaky slope 1e-2, close to GELU's behaviour near 0).
+        gain = math.sqrt(2.0 / (1.0 + 1e-2**2))
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                    fan_in = m.weight[0].numel()
+                    w = torch.randn(m.weight.shape, generator=generator, dtype=m.weight.dtype)
+                    m.weight.copy_(w * (gain / math.sqrt(fan_in)))
+                    if m.bias is not None:
+                        m.bias.zero_()
 
     # ------------------------------------------------------------------ forward
     def _encoding_term(self, weight: torch.Tensor) -> torch.Tensor:
         """The encoding's share of the first conv, shape ``(1, w0, *frame)``."""
         needs_graph = torch.is_grad_enabled() and weight.requires_grad
-        dev = weight.device.type
-        key = (
-            weight._version,
-            weight.data_ptr(),
-            weight.device,
-            weight.dtype,
-            torch.is_autocast_enabled(dev),
-            torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
-        )
+        # In-place updates (optimiser steps, load_state_dict) bump _version: the key goes stale.
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        key += _autocast_state(weight)
         if not needs_graph and self._encoding_cache is not None:
             cached_key, cached = self._encoding_cache
             if cached_key == key:
