@@ -152,3 +152,28 @@ def test_regions_above_counts_components():
     assert regions[0].size_mm == pytest.approx(9.0) and regions[0].peak == pytest.approx(0.95)
     assert regions[1].mean == pytest.approx(0.9)
     assert regions_above(heat, 0.99, (1.0, 1.0))[1] == []
+
+
+def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_path):
+    from napari_mtml.config import TrainConfig
+    from napari_mtml.training import train
+
+    healthy = tmp_path / "healthy3d"
+    healthy.mkdir()
+    for i in range(6):
+        nib.save(nib.Nifti1Image(_disc((24, 40, 40), i).T, np.diag([1.0, 1.0, 1.0, 1.0])),
+                 healthy / f"v{i}.nii.gz")
+    config = TrainConfig(healthy=(str(healthy),), out=str(tmp_path / "run3d"), fold=0,
+                         max_steps=1, batch_size=1, val_interval=1, val_size=1,
+                         frame=(16, 32, 32), preset="light", depth=3, base_features=4,
+                         device="cpu")
+    for _ in train(config):
+        pass
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(config.out)
+    viewer.add_image(_disc((40, 40), 3), name="flat")
+    _predict(qtbot, widget)
+    assert widget.heatmap_layer is None
+    assert "3D" in _errors()[-1] and "2D" in _errors()[-1]
