@@ -126,6 +126,12 @@ def test_encoding_cache_follows_weight_changes():
         fresh = net(x)
     torch.testing.assert_close(changed, fresh)
     assert not torch.allclose(first, changed)
+    # So must loading other weights (a checkpoint) into the model.
+    other = _tiny(init_seed=5).eval()
+    with torch.no_grad():
+        net(x)
+        net.load_state_dict(other.state_dict())
+        torch.testing.assert_close(net(x), other(x))
     # Training with gradients never uses a stale cached term.
     net.train()
     out = net(x)

@@ -314,7 +314,7 @@ class UNet(nn.Module):
         """The encoding's share of the first conv, shape ``(1, w0, *frame)``."""
         needs_graph = torch.is_grad_enabled() and weight.requires_grad
         # In-place updates (optimiser steps, load_state_dict) bump _version: the key goes stale.
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        key = (id(weight), weight._version, weight.data_ptr(), weight.device, weight.dtype)
         key += _autocast_state(weight)
         if not needs_graph and self._encoding_cache is not None:
             cached_key, cached = self._encoding_cache
