@@ -262,7 +262,8 @@ class _RadialTask:
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
         params = context.params
-        outer, mask, offset = _shape_in_box(placed, image.shape, SPLINE_MARGIN)
+        # geometry on the shape's tight box; only the spline needs the context around it
+        mask = placed.mask
         points = np.nonzero(mask)
         pick = int(rng.integers(points[0].size))
         centre = np.array([p[pick] for p in points], dtype=np.float64)
@@ -274,16 +275,18 @@ class _RadialTask:
         inv = np.linalg.inv(shape.matrix)
 
         def edge(origin, directions):
-            own = inv @ (origin - offset - shape.centre)
+            own = inv @ (origin - shape.centre)
             return _ray_to_edge_columns(shape.kind, shape.half_sizes, own, inv @ directions)
 
-        crop = image[outer]
-        values = np.array(crop, dtype=np.float32, copy=True)
-        warped = _cubic_samples(crop, _warp_sources(points, centre, factor, self.name, edge))
+        sources = _warp_sources(points, centre, factor, self.name, edge)
+        outer, inner = placed.padded_box(image.shape, SPLINE_MARGIN)
+        sources += np.array([s.start for s in inner], dtype=np.float64)[:, None]
+        warped = _cubic_samples(image[outer], sources)
         # the spline can overshoot a little: stay in the image's range like every task
         np.clip(warped, *context.value_range, out=warped)
+        values = np.array(image[placed.box], dtype=np.float32, copy=True)
         values[points] = warped
-        return Patch(outer, values, mask)
+        return Patch(placed.box, values, mask)
 
 
 # ---------------------------------------------------------------- smooth intensity (task 4)
