@@ -122,7 +122,7 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, 
         if mps is not None and mps.is_available():
             return torch.device("mps"), None
         return torch.device("cpu"), ("no GPU found: training on the CPU, which is slow; the light "
-                                     "model (preset 'light') and few workers > 0 help")
+                                     "model (preset 'light') and loader workers (1-2) help")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
                          "or auto")
