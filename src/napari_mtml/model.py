@@ -100,7 +100,7 @@ def _autocast_state(t: torch.Tensor) -> tuple:
     try:
         on = torch.is_autocast_enabled(dev)
         return (on, torch.get_autocast_dtype(dev) if on else None)
-    except (TypeError, AttributeError):  # torch < 2.4: no per-device query
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4, or a device without autocast
         return (torch.is_autocast_enabled(), torch.is_autocast_cpu_enabled())
 
 
