@@ -10,12 +10,14 @@ target, source and mask in; it finds the mask's box itself); pie-torch's is
 ``blend_dst_numpy(target, source_box, mask_box, corner, mix_gradients=True)``, the reference
 implementation's solver (MIT package ``pie-torch`` on PyPI, not a dependency of this project:
 ``pip install pie-torch``; it is imported lazily and reported as "not installed" if absent).
-Calls alternate between the two so that a busy machine slows both alike. "ours" grows the
+Calls alternate between the solvers so that a busy machine slows both alike; the "cpu ratio"
+uses each call's thread CPU time instead of wall time. "ours" grows the
 box to a fast sine-transform length (the default, ``fast_box=True``); "minimal-box" is
 ``fast_box=False``, the mask's bounding box + 1 exactly, the same box pie-torch gets.
 
 `poisson_rows()` returns the table rows so that ``benchmarks/bench_anomalies.py`` can print the
-same table in its own run.
+same table in its own run. A second table, `label_rows()`, times `flipped_gaussian_label` alone
+against the reference's "label alone" figure of METHOD.md §9.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from napari_mtml.anomalies.labelling import flipped_gaussian_label  # noqa: E402
 from napari_mtml.anomalies.poisson import poisson_blend  # noqa: E402
 
 #: (label, image shape, box shape): box sizes typical of the tasks' mask bounding boxes
@@ -49,6 +52,7 @@ COLUMNS = (
     "pie-torch median ms",
     "pie-torch p90 ms",
     "ratio",
+    "cpu ratio",
 )
 
 
@@ -101,50 +105,103 @@ def poisson_rows(repeats: int | None = None, seed: int = 0) -> list[dict]:
         n = repeats or (60 if len(shape) == 2 else 30)
         # pie-torch zeroes its mask's edges in place: give each call a fresh copy, made untimed
         masks = [mask_box.copy() for _ in range(n + 3)]
-        ours, minimal, theirs = [], [], []
+        calls = ["ours", "minimal"] + (["pie-torch"] if pietorch_blend is not None else [])
+        wall = {k: [] for k in calls}
+        cpu = {k: [] for k in calls}
         for i in range(n + 3):
-            start = time.perf_counter()
-            poisson_blend(target, source, mask, mix_gradients=True)
-            stop = time.perf_counter()
-            if i >= 3:
-                ours.append(stop - start)
-            start = time.perf_counter()
-            poisson_blend(target, source, mask, mix_gradients=True, fast_box=False)
-            stop = time.perf_counter()
-            if i >= 3:
-                minimal.append(stop - start)
-            if pietorch_blend is not None:
-                start = time.perf_counter()
-                pietorch_blend(target, source_box, masks[i], corner, True)
-                stop = time.perf_counter()
+            for name in calls:
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                if name == "ours":
+                    poisson_blend(target, source, mask, mix_gradients=True)
+                elif name == "minimal":
+                    poisson_blend(target, source, mask, mix_gradients=True, fast_box=False)
+                else:
+                    pietorch_blend(target, source_box, masks[i], corner, True)
+                stop_cpu, stop = time.thread_time(), time.perf_counter()
                 if i >= 3:
-                    theirs.append(stop - start)
-        ours_med, ours_p90 = _stats(ours)
+                    wall[name].append(stop - start)
+                    cpu[name].append(stop_cpu - start_cpu)
+        ours_med, ours_p90 = _stats(wall["ours"])
         row = {
             "image": label,
             "box": "x".join(map(str, box)),
             "ours median ms": ours_med,
             "ours p90 ms": ours_p90,
-            "ours minimal-box median ms": _stats(minimal)[0],
+            "ours minimal-box median ms": _stats(wall["minimal"])[0],
             "pie-torch median ms": None,
             "pie-torch p90 ms": None,
             "ratio": None,
+            "cpu ratio": None,
         }
-        if theirs:
-            their_med, their_p90 = _stats(theirs)
+        if "pie-torch" in wall:
+            their_med, their_p90 = _stats(wall["pie-torch"])
             row.update(
                 {
                     "pie-torch median ms": their_med,
                     "pie-torch p90 ms": their_p90,
                     "ratio": their_med / ours_med,
+                    "cpu ratio": _stats(cpu["pie-torch"])[0] / _stats(cpu["ours"])[0],
                 }
             )
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """The rows of `poisson_rows` as a fixed-width text table."""
+#: the reference's "label alone" median ms (METHOD.md §9), by image
+LABEL_REFERENCE_MS = {"2D 256x256": 7.1, "3D 80x112x80": 17.3}
+LABEL_COLUMNS = ("image", "anomaly", "ours median ms", "ours p90 ms", "reference ms", "ratio")
+
+
+def label_rows(repeats: int | None = None, seed: int = 0) -> list[dict]:
+    """Time `flipped_gaussian_label` alone on two anomalies per image size.
+
+    "ring": an ellipse/ellipsoid whose intensity change is 0 at its centre and largest half-way
+    out, with 30% multiplicative noise (a deformation-like label with a hole to fill); "dome":
+    the same shape with a change largest at the centre (nothing to fill). Sizes are those of a
+    typical anomaly (about 0.2-0.4 of the image per axis). Reference = METHOD.md §9's figure.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, shape, radius in (
+        ("2D 256x256", (256, 256), (25, 30)),
+        ("3D 80x112x80", (80, 112, 80), (10, 14, 10)),
+    ):
+        grids = np.indices(shape, dtype=np.float32)
+        centre = [n / 2 for n in shape]
+        r = np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grids, centre, radius, strict=True)))
+        mask = r <= 1
+        original = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+        noise = 1 + 0.3 * rng.standard_normal(shape)
+        profiles = {
+            "ring": np.sin(np.pi * np.clip(r, 0, 1)),
+            "dome": np.cos(0.5 * np.pi * np.clip(r, 0, 1)),
+        }
+        n = repeats or (60 if len(shape) == 2 else 30)
+        for name, profile in profiles.items():
+            augmented = (original + 0.5 * profile * noise * mask).astype(np.float32)
+            times = []
+            for i in range(n + 3):
+                start = time.perf_counter()
+                flipped_gaussian_label(augmented, original, mask)
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+            med, p90 = _stats(times)
+            ref = LABEL_REFERENCE_MS[label]
+            rows.append(
+                {
+                    "image": label,
+                    "anomaly": name,
+                    "ours median ms": med,
+                    "ours p90 ms": p90,
+                    "reference ms": ref,
+                    "ratio": ref / med,
+                }
+            )
+    return rows
+
+
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    """Rows (of `poisson_rows` or, with ``columns=LABEL_COLUMNS``, `label_rows`) as text."""
 
     def cell(value):
         if value is None:
@@ -153,8 +210,8 @@ def format_table(rows: list[dict]) -> str:
             return f"{value:.2f}"
         return str(value)
 
-    table = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    table = [list(columns)] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -165,7 +222,11 @@ def main() -> None:
     if _load_pietorch() is None:
         print("pie-torch: not installed (pip install pie-torch to compare)")
     print(format_table(poisson_rows()))
-    print("ratio = pie-torch median / ours median (target >= 2)")
+    print("ratio = pie-torch median / ours median, wall clock (target >= 2); cpu ratio = the same")
+    print("with each call's own thread CPU time, less sensitive to a busy machine")
+    print()
+    print("Flipped-Gaussian label alone, one thread, vs the reference's figure (METHOD.md §9)")
+    print(format_table(label_rows(), LABEL_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -257,9 +257,9 @@ def _eigenvalues(shape: tuple[int, ...], dtype) -> np.ndarray:
     n = len(shape)
     total = None
     for d, size in enumerate(shape):
-        k = np.arange(1, size - 1, dtype=np.float64)
-        eig = (2.0 * np.cos(np.pi * k / (size - 1)) - 2.0).astype(dtype)
-        eig = eig.reshape(tuple(-1 if e == d else 1 for e in range(n)))
+        eig = np.cos(np.arange(1, size - 1) * (np.pi / (size - 1)))
+        eig = (2.0 * eig - 2.0).astype(dtype, copy=False)
+        eig = eig.reshape((1,) * d + (-1,) + (1,) * (n - d - 1))
         total = eig if total is None else total + eig
     return total
 
