@@ -165,3 +165,20 @@ def test_2d_images_have_no_slice_metrics(tmp_path):
     assert out["pixel"]["ap"] == 1.0 and out["sample"]["mean"]["ap"] == 1.0
     assert (tmp_path / "o" / "metrics.json").is_file()
     assert (tmp_path / "o" / "metrics_roc.png").is_file()
+
+
+def test_png_labels_pair_with_2d_predictions(tmp_path):
+    from PIL import Image
+
+    pred_dir, label_dir = tmp_path / "p", tmp_path / "l"
+    pred_dir.mkdir()
+    label_dir.mkdir()
+    label = np.zeros((12, 20), np.uint8)
+    label[3:6, 4:9] = 1
+    pred = np.where(label > 0, 0.9, 0.1).astype(np.float32)
+    # What write_image does with a 2D map: an (x, y, 1) volume.
+    nib.save(nib.Nifti1Image(pred.T[..., None], np.eye(4)), str(pred_dir / "cxr_anomaly.nii.gz"))
+    Image.fromarray(label * 255).save(label_dir / "cxr_mask.png")
+    out = evaluate_folder(pred_dir, label_dir)
+    assert out["pixel"]["n"] == label.size and out["pixel"]["n_pos"] == 15
+    assert out["pixel"]["ap"] == 1.0 and out["slice"] is None

@@ -4,12 +4,12 @@ Pairing rule (by name; ``.nii.gz`` and ``.nii`` both accepted):
 
 - predictions: every ``PRED_DIR/NAME_anomaly.nii.gz`` (as ``mtml predict`` writes them; the
   ``*_disagreement`` maps and PNG overlays beside them are ignored);
-- labels: ``LABEL_DIR/KEY.nii.gz`` where ``KEY`` is the file name without its extension and
-  without one trailing ``_label``, ``_labels``, ``_gt``, ``_mask`` or ``_seg...`` part
-  (``_seg``, ``_segmentation``, ...): ``NAME.nii.gz``, ``NAME_label.nii.gz`` and
-  ``NAME_seg.nii.gz`` all label ``NAME``;
-- foreground masks (optional): ``FOREGROUND_DIR/KEY.nii.gz`` with ``KEY`` the name without one
-  trailing ``_foreground``, ``_fg``, ``_mask`` or ``_brainmask``.
+- labels: ``LABEL_DIR/KEY.nii.gz`` (or ``.nii``; for 2D images also ``.png``, ``.tif``,
+  ``.tiff``) where ``KEY`` is the file name without its extension and without one trailing
+  ``_label``, ``_labels``, ``_gt``, ``_mask`` or ``_seg...`` part (``_seg``, ``_segmentation``,
+  ...): ``NAME.nii.gz``, ``NAME_label.nii.gz`` and ``NAME_seg.nii.gz`` all label ``NAME``;
+- foreground masks (optional): ``FOREGROUND_DIR/KEY.nii.gz`` (same extensions) with ``KEY`` the
+  name without one trailing ``_foreground``, ``_fg``, ``_mask`` or ``_brainmask``.
 
 Two label files with the same key, or no pair at all, raise ``ValueError``; predictions without a
 label and labels without a prediction are left out with a ``UserWarning`` and listed in the
@@ -39,15 +39,17 @@ from napari_mtml.metrics import (
 __all__ = ["evaluate_folder", "pair_files"]
 
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
+# Labels and foregrounds of 2D images may also be PNG/TIFF masks.
+_MASK_FILE = re.compile(r"^(?P<stem>.+?)(\.nii(\.gz)?|\.png|\.tiff?)$", re.IGNORECASE)
 _PRED_SUFFIX = "_anomaly"
 _LABEL_SUFFIX = re.compile(r"_(label|labels|gt|mask|seg[a-z]*)$", re.IGNORECASE)
 _FOREGROUND_SUFFIX = re.compile(r"_(foreground|fg|mask|brainmask)$", re.IGNORECASE)
 
 
-def _nifti_stems(folder: Path) -> dict[str, Path]:
+def _nifti_stems(folder: Path, pattern: re.Pattern = _NIFTI) -> dict[str, Path]:
     out = {}
     for path in sorted(folder.iterdir()):
-        m = _NIFTI.match(path.name)
+        m = pattern.match(path.name)
         if m and path.is_file():
             out[m.group("stem")] = path
     return out
@@ -55,7 +57,7 @@ def _nifti_stems(folder: Path) -> dict[str, Path]:
 
 def _keyed(folder: Path, suffix: re.Pattern, what: str) -> dict[str, Path]:
     keyed: dict[str, Path] = {}
-    for stem, path in _nifti_stems(folder).items():
+    for stem, path in _nifti_stems(folder, _MASK_FILE).items():
         key = suffix.sub("", stem)
         if key in keyed:
             raise ValueError(
@@ -117,6 +119,11 @@ def pair_files(pred_dir, label_dir, foreground_dir=None) -> tuple[list[tuple], l
                 )
         pairs.append((name, preds[name], labels[name], fg))
     return pairs, unmatched_predictions, unmatched_labels
+
+
+def _squeeze_2d(array: np.ndarray) -> np.ndarray:
+    """io reads a 2D NIfTI as a ``(1, y, x)`` volume and a PNG as ``(y, x)``: compare as 2D."""
+    return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
 
 
 def _metric_pair(scores, labels) -> dict:
@@ -249,8 +256,8 @@ def evaluate_folder(
     sample_labels = []
     any_3d = False
     for name, pred_path, label_path, fg_path in pairs:
-        pred = read_image(pred_path).array
-        label = read_image(label_path).array
+        pred = _squeeze_2d(read_image(pred_path).array)
+        label = _squeeze_2d(read_image(label_path).array)
         if pred.shape != label.shape:
             raise ValueError(
                 f"shape mismatch: prediction {pred_path} has shape {pred.shape} but label "
@@ -258,7 +265,7 @@ def evaluate_folder(
             )
         fg = None
         if fg_path is not None:
-            fg = read_image(fg_path).array
+            fg = _squeeze_2d(read_image(fg_path).array)
             if fg.shape != pred.shape:
                 raise ValueError(
                     f"shape mismatch: prediction {pred_path} has shape {pred.shape} but "
@@ -279,8 +286,7 @@ def evaluate_folder(
             m = {"ap": math.nan, "auroc": math.nan}
         per_image[name] = {**m, "n_pos": int(inside_truth.sum())}
 
-        # io gives 2D images as (1, y, x) volumes: those have no slices to score.
-        if pred.ndim == 3 and pred.shape[0] > 1:
+        if pred.ndim == 3:
             any_3d = True
             s_scores, s_labels = slice_scores(pred, truth, foreground=fg, clip=False)
             for k in SCORE_NAMES:
