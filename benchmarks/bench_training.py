@@ -5,7 +5,8 @@
 
 Model: one optimiser step (forward, MSE, backward, AdamW) of the U-Net on random input, for the
 2D 256x256 frame at batch 8 and the 3D 80x112x80 frame at batch 2, with the paper's and the light
-preset; one warm-up step, then the median of `--steps` timed steps.
+preset; one warm-up step, then the median of `--steps` timed steps (default 1: the paper 3D model
+takes over a minute per step on one core).
 
 Loader: `SyntheticDataset` items (a random task of the five per item, anomalies synthesised on the
 fly, label included) through a torch DataLoader with 0, 1 and 2 workers, on healthy images in the
@@ -107,7 +108,7 @@ def _loader_samples_per_s(dims: int, workers: int, items: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2, help="timed model steps per case (default 2)")
+    p.add_argument("--steps", type=int, default=1, help="timed model steps per case (default 1)")
     p.add_argument("--items", type=int, default=12, help="loader items per case (default 12)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     p.add_argument("--skip-paper-3d", action="store_true", help="skip the slowest case")
