@@ -433,10 +433,7 @@ def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: to
     """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
     over voxels; AP pooled over each task's items (healthy and augmented) inside the
     foreground, predictions clipped to [0, 1]."""
-    try:
-        from napari_mtml.metrics import average_precision
-    except ImportError:  # metrics lands separately; keep validation working meanwhile
-        average_precision = _average_precision
+    from napari_mtml.metrics import average_precision
 
     was_training = model.training
     model.eval()
@@ -463,13 +460,3 @@ def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: to
                                      else math.nan)
     return val_loss, ap
 
-
-def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Step-wise AP as scikit-learn computes it (ties grouped); fallback for `metrics`."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order].astype(np.float64)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y)[last]
-    precision = tps / (last + 1)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
