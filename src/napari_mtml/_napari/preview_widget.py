@@ -519,7 +519,7 @@ class AnomalyPreviewWidget(QWidget):
         )
         self.label_layer = set_or_add_image(
             self.viewer, self.label_layer, result.label, LABEL_NAME, layer,
-            colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.7,
+            colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.5,
         )
         self.status.setText(
             f"{result.task}: {result.n_anomalies} anomal{'y' if result.n_anomalies == 1 else 'ies'}"

@@ -220,7 +220,9 @@ class TrainingWidget(QWidget):
         events.inserted.connect(self._refresh_layers)
         events.removed.connect(self._refresh_layers)
         self._redraw_timer = QTimer(self)
-        self._redraw_timer.setInterval(300)  # a redraw per step would starve the event loop
+        # A redraw per step would starve the event loop (and slow the worker: a matplotlib redraw
+        # holds the GIL for ~0.1 s); once a second is live enough.
+        self._redraw_timer.setInterval(1000)
         self._redraw_timer.timeout.connect(self._redraw)
         self._tasks_changed()
         self._source_changed()
