@@ -166,16 +166,20 @@ def fill_holes_grey(image: np.ndarray) -> np.ndarray:
     # around the undecided voxels only, its border (decided voxels) held by the image itself.
     box = _bounding_box(undecided)
     box = tuple(slice(s.start - 1, s.stop + 1) for s in box)  # undecided never on the border
-    marker = bound[box]  # a view: the loop writes the result straight into `bound`
+    marker = bound[box]  # a view: the result ends up in `bound`
     inner = (slice(1, -1),) * image.ndim
     floor = image[box][inner]
     plan = _erosion_plan(image.ndim)
-    for _ in range(marker.size + 1):
-        step = _erode_interior(marker, plan)
-        np.maximum(step, floor, out=step)
-        if np.array_equal(step, marker[inner]):
+    # Two buffers with the same (fixed) border, swapped each step; the iterates only decrease,
+    # so two equal consecutive ones mean convergence: compare on every second step only.
+    current, following = marker, marker.copy()
+    for step in range(marker.size + 2):
+        np.maximum(_erode_interior(current, plan), floor, out=following[inner])
+        if step % 2 and np.array_equal(following[inner], current[inner]):
             break
-        marker[inner] = step
+        current, following = following, current
+    if following is not marker:
+        marker[inner] = following[inner]
     return bound
 
 
