@@ -298,6 +298,8 @@ class LayerCombo(QComboBox):
         events.inserted.connect(self._on_inserted)
         events.removed.connect(self.refresh)
         events.reordered.connect(self.refresh)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
         self.refresh()
 
     def _on_inserted(self, event=None):

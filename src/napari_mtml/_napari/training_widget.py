@@ -343,6 +343,10 @@ class TrainingWidget(QWidget):
             self.message.setText("cancelling after the current step …")
             self.worker.quit()
 
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        self.cancel()  # closing the dock must not leave a run training in the background
+        super().closeEvent(event)
+
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Process events until the worker is done (scripts and tests); True if it ended."""
         deadline = time.monotonic() + timeout_s
