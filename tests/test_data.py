@@ -22,8 +22,8 @@ from napari_mtml.data import (
 
 
 def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, **params):
-    # A tiny engine stand-in: one random box, brighter; used only while the real engine's
-    # modules are incomplete.
+    # A tiny engine stand-in (one random box, brighter) behind spies that check what the
+    # dataset hands the engine.
     img = np.array(image, np.float32)
     box = tuple(slice(int(a), int(a) + 3) for a in
                 (rng.integers(0, s - 3) for s in img.shape))
@@ -34,18 +34,6 @@ def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, 
     img[box] += rng.uniform(0.5, 1.5)
     label = np.where(mask, 1 - np.exp(-((img - image) ** 2) / 0.08), 0).astype(np.float32)
     return SimpleNamespace(image=img, label=label, mask=mask, task=task, n_anomalies=1)
-
-
-@pytest.fixture
-def engine(monkeypatch):
-    """The real `synthesize` when it runs, else the stand-in (says which)."""
-    rng = np.random.default_rng(0)
-    try:
-        anomalies.synthesize(np.ones((32, 32), np.float32), None, task=4, rng=rng)
-        return "real"
-    except Exception:
-        monkeypatch.setattr(anomalies, "synthesize", _stand_in_synthesize)
-        return "stand-in"
 
 
 def _images(n, shape=(32, 32), seed=0):
@@ -259,7 +247,7 @@ def _dataset(n=6, **kw):
     return SyntheticDataset(samples, [2, 3, 4], **kw)
 
 
-def test_items_reproducible_and_distinct(engine):
+def test_items_reproducible_and_distinct():
     ds = _dataset()
     a, la, ta = ds.draw(5)
     b, lb, tb = ds.draw(5)
@@ -281,7 +269,7 @@ def test_epochs_permute_all_samples_and_differ():
     assert ds.item_rng(0).random() != ds.item_rng(6).random()
 
 
-def test_ranks_split_the_epoch_and_draw_different_anomalies(engine):
+def test_ranks_split_the_epoch_and_draw_different_anomalies():
     r0, r1 = _dataset(n=6, rank=0, world_size=2), _dataset(n=6, rank=1, world_size=2)
     ids0 = [r0.locate(k)[2] for k in range(3)]
     ids1 = [r1.locate(k)[2] for k in range(3)]
@@ -290,7 +278,7 @@ def test_ranks_split_the_epoch_and_draw_different_anomalies(engine):
     assert not np.array_equal(r0.draw(0)[0], r1.draw(0)[0])
 
 
-def test_loader_items_do_not_depend_on_workers(engine):
+def test_loader_items_do_not_depend_on_workers():
     ds = _dataset()
     ref = [ds.draw(k) for k in range(6)]
     for workers in (0, 2):
@@ -306,7 +294,7 @@ def test_loader_items_do_not_depend_on_workers(engine):
     assert np.array_equal(next(it)[0][0, 0].numpy(), ref[3][0])
 
 
-def test_flip_only_when_asked(engine, monkeypatch):
+def test_flip_only_when_asked(monkeypatch):
     seen = []
 
     def spy(image, foreground=None, **kw):
@@ -334,7 +322,7 @@ def test_dataset_bad_inputs():
 
 # --------------------------------------------------------------------------- validation set
 
-def test_validation_set_fixed_by_seed(engine):
+def test_validation_set_fixed_by_seed():
     samples = HealthyCollection.from_arrays(_images(5), [_fg((32, 32))] * 5).samples
     a = make_validation_set(samples, [1, 3], size=6, seed=11)
     b = make_validation_set(samples, [1, 3], size=6, seed=11)

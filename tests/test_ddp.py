@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import napari_mtml.anomalies as anomalies
 from napari_mtml.config import TrainConfig
 from napari_mtml.data import HealthyCollection
 from napari_mtml.training import StepEvent, train
@@ -21,24 +19,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 STEPS = 4
-
-
-def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, **params):
-    img = np.array(image, np.float32)
-    box = tuple(slice(int(a), int(a) + 4) for a in (rng.integers(0, s - 4) for s in img.shape))
-    mask = np.zeros(img.shape, bool)
-    mask[box] = True
-    img[box] += rng.uniform(0.5, 1.5)
-    label = np.where(mask, 1 - np.exp(-((img - image) ** 2) / 0.08), 0).astype(np.float32)
-    return SimpleNamespace(image=img, label=label, mask=mask, task=task, n_anomalies=1)
-
-
-def _use_working_engine() -> None:
-    try:
-        anomalies.synthesize(np.ones((32, 32), np.float32), None, task=4,
-                             rng=np.random.default_rng(0))
-    except Exception:
-        anomalies.synthesize = _stand_in_synthesize
 
 
 def _collection() -> HealthyCollection:
@@ -59,7 +39,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    _use_working_engine()
     models = []
 
     def factory(cfg, seed):
@@ -98,8 +77,6 @@ def test_two_gloo_ranks_match_single_process_steps_and_agree(tmp_path, monkeypat
     try:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(key, raising=False)
-        monkeypatch.setattr(anomalies, "synthesize", anomalies.synthesize)  # restored after
-        _use_working_engine()
         events = list(train(_config(tmp_path / "single"), collection=_collection()))
     finally:
         torch.set_num_threads(before)

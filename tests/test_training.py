@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import napari_mtml.anomalies as anomalies
 from napari_mtml.config import TrainConfig
 from napari_mtml.data import HealthyCollection
 from napari_mtml.training import (
@@ -33,29 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, **params):
-    img = np.array(image, np.float32)
-    size = max(3, img.shape[0] // 4)
-    box = tuple(slice(int(a), int(a) + size) for a in
-                (rng.integers(0, s - size) for s in img.shape))
-    mask = np.zeros(img.shape, bool)
-    mask[box] = True
-    img[box] += rng.uniform(0.5, 1.5)
-    label = np.where(mask, 1 - np.exp(-((img - image) ** 2) / 0.08), 0).astype(np.float32)
-    return SimpleNamespace(image=img, label=label, mask=mask, task=task, n_anomalies=1)
-
-
-@pytest.fixture
-def engine(monkeypatch):
-    try:
-        anomalies.synthesize(np.ones((32, 32), np.float32), None, task=4,
-                             rng=np.random.default_rng(0))
-        return "real"
-    except Exception:
-        monkeypatch.setattr(anomalies, "synthesize", _stand_in_synthesize)
-        return "stand-in"
 
 
 def _collection(shape=(32, 32), n=10, seed=0):
@@ -86,7 +61,7 @@ def _run(gen):
 # --------------------------------------------------------------------------- the loop
 
 @pytest.mark.parametrize("shape, steps", [((32, 32), 24), ((16, 16, 16), 10)])
-def test_a_few_steps_lower_the_loss(tmp_path, engine, shape, steps):
+def test_a_few_steps_lower_the_loss(tmp_path, shape, steps):
     cfg = _config(tmp_path, max_steps=steps, val_interval=steps, batch_size=4, lr=1e-2)
     events, result = _run(train(cfg, collection=_collection(shape, n=10)))
     losses = [e.loss for e in events if isinstance(e, StepEvent)]
@@ -101,7 +76,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, engine, shape, steps):
     assert result.folds[0].best_step == steps
 
 
-def test_run_folder_layout_and_weights_only_loading(tmp_path, engine):
+def test_run_folder_layout_and_weights_only_loading(tmp_path):
     from napari_mtml.model import UNet
 
     cfg = _config(tmp_path)
@@ -137,7 +112,7 @@ def _recording_factory(record):
     return factory
 
 
-def test_cancel_then_resume_continues_with_the_same_batches(tmp_path, engine):
+def test_cancel_then_resume_continues_with_the_same_batches(tmp_path):
     col = _collection()
     full_inputs: list[torch.Tensor] = []
     _run(train(_config(tmp_path / "a"), collection=col,
@@ -188,7 +163,7 @@ class _Constant(torch.nn.Module):
         return x * 0 + self.p * 0
 
 
-def test_early_stopping(tmp_path, engine):
+def test_early_stopping(tmp_path):
     cfg = _config(tmp_path, max_steps=50, val_interval=2, patience=4)
     events, result = _run(train(cfg, collection=_collection(),
                                 model_factory=lambda c, s: _Constant()))
@@ -197,14 +172,14 @@ def test_early_stopping(tmp_path, engine):
     assert result.folds[0].best_step == 2 and result.folds[0].stopped_early
 
 
-def test_resume_refuses_changed_settings(tmp_path, engine):
+def test_resume_refuses_changed_settings(tmp_path):
     col = _collection()
     _run(train(_config(tmp_path, max_steps=3), collection=col))
     with pytest.raises(ValueError, match="lr"):
         next(train(_config(tmp_path, max_steps=3, resume=True, lr=1e-4), collection=col))
 
 
-def test_no_external_dataset_is_announced(tmp_path, engine):
+def test_no_external_dataset_is_announced(tmp_path):
     events, _ = _run(train(_config(tmp_path, max_steps=1), collection=_collection()))
     assert any(isinstance(e, Notice) and "external" in e.text for e in events)
 
@@ -292,7 +267,7 @@ def test_config_validation(kw, match):
         TrainConfig().replace(learning_rate=1)
 
 
-def test_resume_with_more_steps_extends_a_finished_fold(tmp_path, engine):
+def test_resume_with_more_steps_extends_a_finished_fold(tmp_path):
     col = _collection()
     _run(train(_config(tmp_path, max_steps=3), collection=col))
     events, result = _run(train(_config(tmp_path, max_steps=6, resume=True), collection=col))
@@ -308,7 +283,7 @@ class _Exploding(_Constant):
         return x * 0 + self.p * float("nan")
 
 
-def test_divergence_is_a_clear_error(tmp_path, engine):
+def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="diverged at step 1.*lower the learning rate"):
         _run(train(_config(tmp_path), collection=_collection(),
                    model_factory=lambda c, s: _Exploding()))
