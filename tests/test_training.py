@@ -287,3 +287,32 @@ def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="diverged at step 1.*lower the learning rate"):
         _run(train(_config(tmp_path), collection=_collection(),
                    model_factory=lambda c, s: _Exploding()))
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
+    from napari_mtml.training.checkpoint import load_checkpoint, save_atomic
+
+    path = tmp_path / "last.pt"
+    save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):  # noqa: B017 - pickling a lambda fails mid-write
+        save_atomic({"step": 2, "bad": lambda: 0}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    path.write_bytes(b"torn")
+    with pytest.raises(ValueError, match=r"last\.pt: not a loadable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "best.pt")
+
+
+class _OutOfMemory(_Constant):
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path):
+    from napari_mtml.training import TrainingOutOfMemory
+
+    with pytest.raises(TrainingOutOfMemory, match="smaller --batch-size or --preset light"):
+        _run(train(_config(tmp_path), collection=_collection(),
+                   model_factory=lambda c, s: _OutOfMemory()))
