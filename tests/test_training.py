@@ -221,6 +221,8 @@ def test_config_json_roundtrip_and_resolve(tmp_path):
     assert (x.batch_size, x.lr, x.max_push, x.flip, x.depth) == (50, 5e-3, 10.0, False, 7)
     # the depth follows the frame when the preset's does not divide it
     assert TrainConfig().resolve(2, "mri", (112, 80)).depth == 5
+    # ... and when the bottleneck would shrink to a single voxel (64 / 2**6 = 1)
+    assert TrainConfig().resolve(2, "mri", (64, 64)).depth == 6
     r.to_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == r
 

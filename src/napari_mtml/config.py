@@ -358,7 +358,12 @@ class TrainConfig:
             raise ValueError(f"resolve needs dims 2 or 3 and kind mri or cxr, got {dims}, {kind}")
         base, depth, maxf = MODEL_PRESETS[self.preset][dims]
         if self.depth is None:
-            while depth > 2 and any(v % 2 ** (depth - 1) for v in frame):
+            # lower the depth until every frame size divides and the bottleneck keeps more than
+            # one voxel (instance normalisation is undefined on a single voxel)
+            while depth > 2 and (
+                any(v % 2 ** (depth - 1) for v in frame)
+                or math.prod(v // 2 ** (depth - 1) for v in frame) < 2
+            ):
                 depth -= 1
         return self.replace(
             dims=dims,
