@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# Keep the suite's numeric libraries to the 2 cores CI has, and torch from oversubscribing them.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: the suite's models are tiny, several tests run two processes at once
+# (DDP), and on a busy 2-core machine torch with 2 threads was ~10x slower on tiny convolutions.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
