@@ -167,66 +167,86 @@ def fill_holes_grey(image: np.ndarray) -> np.ndarray:
     box = _bounding_box(undecided)
     box = tuple(slice(s.start - 1, s.stop + 1) for s in box)  # undecided never on the border
     marker = bound[box]  # a view: the result ends up in `bound`
-    inner = (slice(1, -1),) * image.ndim
-    floor = image[box][inner]
-    plan = _erosion_plan(image.ndim)
-    # Two buffers with the same (fixed) border, swapped each step; the iterates only decrease,
-    # so two equal consecutive ones mean convergence: compare on every second step only.
-    current, following = marker, marker.copy()
+    floor = np.ascontiguousarray(image[box])
+    # Two contiguous buffers with the same (fixed) border, swapped each step; the iterates only
+    # decrease, so two equal consecutive ones mean convergence: compare on every second step.
+    # Every view and scratch array of a step is made once: on the small boxes here a step is a
+    # handful of ufunc calls, and rebuilding slices each time cost more than the arithmetic.
+    buffers = (np.ascontiguousarray(marker), np.array(marker, order="C"))
+    steps = [_erosion_step(buffers[i], buffers[1 - i], floor) for i in (0, 1)]
+    same = _equality_test(*buffers)
     for step in range(marker.size + 2):
-        np.maximum(_erode_interior(current, plan), floor, out=following[inner])
-        if step % 2 and np.array_equal(following[inner], current[inner]):
+        for ufunc, first, second, out in steps[step % 2]:
+            ufunc(first, second, out=out)
+        if step % 2 and same():
             break
-        current, following = following, current
-    if following is not marker:
-        marker[inner] = following[inner]
+    marker[...] = buffers[(step + 1) % 2]
     return bound
 
 
-def _erosion_plan(n: int):
-    """Slicing recipe of `_erode_interior` for n dims, built once per hole filling.
+def _erosion_step(source: np.ndarray, target: np.ndarray, floor: np.ndarray) -> list:
+    """One step of the geodesic erosion as a list of ``(ufunc, a, b, out)`` calls on fixed views.
 
-    For each axis ``a`` that starts a plane: the slice of the image the width-3 minimum along
-    ``a`` is taken on (interior on the axes before ``a``: no plane needs them whole any more),
-    and for each plane (a, b), b > a, the slice of that result the minimum along ``b`` is
-    taken on (interior on every other axis still whole). Every plane then ends up with the
-    interior shape, and no voxel outside it is computed.
+    ``source``, ``target`` and ``floor`` are C-contiguous arrays of one shape whose border
+    voxels hold the same values (the fixed border of the reconstruction). Running the calls
+    sets ``target = max(erosion(source), floor)`` on the interior, the erosion taken over the
+    ``generate_binary_structure(n, 2)`` footprint (the union of the 3x3 planes through the
+    centre, as in `_plane_union_filter`), and leaves the border as it was.
+
+    Every call works on the flattened arrays, where a step along axis ``d`` is a shift by its
+    stride: 1-D contiguous slices cost a fraction of the 2-D/3-D strided ones, whose short
+    rows made numpy loop row by row. Shifts wrap from one row's end to the next row's start;
+    that only matters on border voxels, and there the minimum, which always includes the voxel
+    itself, is at most its value, so the maximum with ``floor`` restores it exactly.
     """
-    inner, whole = slice(1, -1), slice(None)
-    plan = []
-    for a in range(max(n - 1, 1)):
-        pre = tuple(inner if d < a else whole for d in range(n))
-        planes = [
-            (b, tuple(whole if d in (a, b) or d < a else inner for d in range(n)))
-            for b in range(a + 1, n)
-        ]
-        plan.append((a, pre, planes))
-    return plan
+    n = source.ndim
+    size = source.size
+    if not (source.flags.c_contiguous and target.flags.c_contiguous and floor.flags.c_contiguous):
+        raise AssertionError("_erosion_step needs C-contiguous arrays (flat views)")
+    src, dst, low = source.reshape(-1), target.reshape(-1), floor.reshape(-1)
+    strides = [int(np.prod(source.shape[d + 1:], dtype=np.int64)) for d in range(n)]
+    lo = sum(strides)  # the first interior voxel's flat index; the last is size - 1 - lo
+    hi = size - lo
+    result = dst[lo:hi]
+    calls = []
+
+    def min3(array, start, stop, step, out, fold):
+        """out[k - start'] = min(array[k - step], array[k], array[k + step]) for k in
+        [start, stop), where ``array`` holds flat indices [start - step, stop + step)."""
+        parts = [array[: stop - start], array[step: step + stop - start],
+                 array[2 * step: 2 * step + stop - start]]
+        if not fold:
+            calls.append((np.minimum, parts[0], parts[1], out))
+            parts = parts[2:]
+        calls.extend((np.minimum, out, part, out) for part in parts)
+
+    if n == 1:
+        min3(src, lo, hi, 1, result, fold=False)
+    else:
+        started = False
+        for a in range(n - 1):
+            # the line minimum along axis a, on the flat range the planes (a, b > a) read
+            reach = strides[a + 1]
+            first, last = lo - reach, hi + reach
+            line = np.empty(last - first, source.dtype)
+            min3(src[first - strides[a]: last + strides[a]], first, last, strides[a], line,
+                 fold=False)
+            for b in range(a + 1, n):
+                skip = reach - strides[b]  # line starts at `first`; the plane reads from lo - s_b
+                view = line[skip: skip + (hi - lo) + 2 * strides[b]]
+                min3(view, lo, hi, strides[b], result, fold=started)
+                started = True
+    calls.append((np.maximum, result, low[lo:hi], result))
+    return calls
 
 
-def _min3(a: np.ndarray, axis: int) -> np.ndarray:
-    lead = (slice(None),) * axis
-    out = np.minimum(a[(*lead, slice(None, -2))], a[(*lead, slice(1, -1))])
-    return np.minimum(out, a[(*lead, slice(2, None))], out=out)
-
-
-def _erode_interior(image: np.ndarray, plan) -> np.ndarray:
-    """Flat erosion over the ``generate_binary_structure(n, 2)`` footprint, interior only.
-
-    Returns the minimum over each interior voxel's neighbourhood, shape ``image.shape - 2``:
-    the border voxels, whose neighbourhoods would leave the array, are not computed. Plain
-    slicing with ``np.minimum`` costs a fraction of a ``minimum_filter1d`` call on the small
-    boxes the hole filling iterates on. ``plan`` = `_erosion_plan(image.ndim)`.
-    """
-    if image.ndim == 1:
-        return _min3(image, 0)
-    result = None
-    for a, pre, planes in plan:
-        line = _min3(image[pre], a)
-        for b, keep in planes:
-            plane = _min3(line[keep], b)
-            result = plane if result is None else np.minimum(result, plane, out=result)
-    return result
+def _equality_test(first: np.ndarray, second: np.ndarray):
+    """A no-argument test that two same-shape contiguous arrays hold equal bytes: comparing raw
+    bytes is the cheapest way for small arrays, a ufunc for large ones."""
+    if first.nbytes <= 16384:
+        return lambda: first.tobytes() == second.tobytes()
+    scratch = np.empty(first.shape, bool)
+    return lambda: not np.not_equal(first, second, out=scratch).any()
 
 
 def _plane_union_filter(image, op):
