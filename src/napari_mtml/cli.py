@@ -228,7 +228,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_folder(
         args.pred_dir, args.label_dir, foreground_dir=args.foreground_dir, out=out
     )
-    print(_format_metrics(metrics))
+    shown = dict(metrics)
+    if len(shown.get("per_image") or {}) > 10:  # the JSON file has them all
+        shown["per_image"] = f"{len(shown['per_image'])} images (see --out)"
+    print(_format_metrics(shown))
     if out:
         print(f"wrote {out}")
     return 0

@@ -1,0 +1,209 @@
+"""The `mtml` command end to end on tiny data, and its answers to bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_mtml.cli import main
+
+# A tiny U-Net and a tiny validation set, so that a 5-fold run takes seconds.
+TINY_TOML = """
+[model]
+base_features = 4
+depth = 2
+max_features = 8
+[training]
+val_size = 4
+val_interval = 2
+warmup_steps = 1
+"""
+FAST = ["--dims", "2", "--kind", "mri", "--frame", "16,16", "--max-steps", "2",
+        "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+
+
+def _disc(shape, rng, radius):
+    yy, xx = np.meshgrid(*[np.linspace(-0.5, 0.5, n) for n in shape], indexing="ij")
+    inside = yy**2 + xx**2 < radius**2
+    return np.where(inside, 100 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
+
+
+def _save(path, array_yx_or_zyx, spacing=1.0):
+    """Save an array given in (y, x) / (z, y, x) order as NIfTI (x, y[, z]) with a RAS affine."""
+    data = np.asarray(array_yx_or_zyx).T.copy()
+    nib.save(nib.Nifti1Image(data, np.diag([spacing, spacing, spacing, 1.0])), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Healthy 2D slices (6 files), a test image with a bright blob and its mask, a config."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(1)
+    healthy = root / "healthy"
+    healthy.mkdir()
+    for i in range(6):
+        _save(healthy / f"h{i}.nii.gz", _disc((28, 28), rng, 0.3 + 0.02 * i))
+    test = root / "test"
+    test.mkdir()
+    img = _disc((28, 28), rng, 0.32)
+    mask = np.zeros(img.shape, bool)
+    mask[12:16, 12:16] = True
+    img[mask] += 60
+    _save(test / "case1.nii.gz", img)
+    labels = root / "labels"
+    labels.mkdir()
+    _save(labels / "case1.nii.gz", mask.astype(np.uint8))
+    toml = root / "tiny.toml"
+    toml.write_text(TINY_TOML)
+    return {"root": root, "healthy": healthy, "test": test, "labels": labels, "toml": toml}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    run = tiny["root"] / "run"
+    rc = main(["train", str(tiny["healthy"]), "--out", str(run), "--config", str(tiny["toml"]),
+               *FAST])
+    assert rc == 0
+    return run
+
+
+def _fails(capsys, argv, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"mtml {argv[0]}: error:")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_train_writes_a_run(trained):
+    assert (trained / "config.json").is_file()
+    for k in range(5):
+        assert (trained / f"fold_{k}" / "best.pt").is_file()
+        assert (trained / f"fold_{k}" / "log.jsonl").stat().st_size > 0
+
+
+def test_predict_writes_maps_on_the_input_grid(trained, tiny, capsys):
+    out = tiny["root"] / "pred"
+    rc = main(["predict", str(trained), str(tiny["test"] / "case1.nii.gz"), "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    src = nib.load(tiny["test"] / "case1.nii.gz")
+    for suffix in ("anomaly", "disagreement"):
+        img = nib.load(out / f"case1_{suffix}.nii.gz")
+        assert img.shape[:2] == src.shape[:2]
+        np.testing.assert_allclose(img.affine, src.affine)
+        data = img.get_fdata()
+        assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1
+    assert (out / "case1_overlay.png").stat().st_size > 1000
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert scores[0].startswith("name,score") and scores[1].startswith("case1,")
+
+
+def test_evaluate_pairs_predictions_and_labels(trained, tiny, capsys):
+    pred = tiny["root"] / "pred_eval"
+    assert main(["predict", str(trained), str(tiny["test"]), "--out", str(pred), "--no-png",
+                 "--device", "cpu"]) == 0
+    metrics_path = tiny["root"] / "metrics.json"
+    rc = main(["evaluate", str(pred), str(tiny["labels"]), "--out", str(metrics_path)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert metrics_path.is_file()
+    assert "ap" in captured.out.lower()
+
+
+def test_predict_missing_fold(trained, tiny, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "fold_2" / "best.pt").unlink()
+    _fails(capsys, ["predict", str(run), str(tiny["test"] / "case1.nii.gz"), "--out",
+                    str(tmp_path / "p")], "fold_2", "best.pt")
+
+
+def test_predict_bad_inputs(trained, tiny, capsys, tmp_path):
+    _fails(capsys, ["predict", str(trained), str(tmp_path / "nope.nii.gz"), "--out",
+                    str(tmp_path / "p")], "nope.nii.gz")
+    _fails(capsys, ["predict", str(tmp_path), str(tiny["test"] / "case1.nii.gz"), "--out",
+                    str(tmp_path / "p")], "config.json")
+
+
+def test_train_without_healthy_files(tiny, capsys, tmp_path):
+    _fails(capsys, ["train", "--out", str(tmp_path / "r"), *FAST], "no healthy")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, ["train", str(empty), "--out", str(tmp_path / "r"), *FAST], "empty")
+
+
+def test_train_unreadable_file(tiny, capsys, tmp_path):
+    bad = tmp_path / "healthy"
+    bad.mkdir()
+    for i in range(5):
+        _save(bad / f"ok{i}.nii.gz", _disc((28, 28), np.random.default_rng(i), 0.3))
+    (bad / "broken.nii.gz").write_bytes(b"\x1f\x8b this is no NIfTI")
+    _fails(capsys, ["train", str(bad), "--out", str(tmp_path / "r"), "--config",
+                    str(tiny["toml"]), *FAST], "broken.nii.gz")
+
+
+def test_train_mixed_2d_and_3d(tiny, capsys, tmp_path):
+    from PIL import Image
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray((_disc((28, 28), rng, 0.3) * 1.5).clip(0, 255).astype(np.uint8)).save(
+            mixed / f"a{i}.png")
+    _save(mixed / "b_volume.nii.gz", np.stack([_disc((28, 28), rng, 0.3)] * 4))
+    _fails(capsys, ["train", str(mixed), "--out", str(tmp_path / "r"), "--config",
+                    str(tiny["toml"]), *FAST], "3D", "2D")
+
+
+def test_train_frame_too_small(tiny, capsys, tmp_path):
+    argv = ["train", str(tiny["healthy"]), "--out", str(tmp_path / "r"), "--config",
+            str(tiny["toml"]), *FAST, "--frame", "8,8"]
+    _fails(capsys, argv, "frame", "would fit")
+
+
+def test_train_fold_out_of_range(tiny, capsys, tmp_path):
+    argv = ["train", str(tiny["healthy"]), "--out", str(tmp_path / "r"), *FAST, "--fold", "7"]
+    _fails(capsys, argv, "fold", "0..4")
+    with pytest.raises(SystemExit):  # argparse: not a number at all
+        main(["train", str(tiny["healthy"]), "--fold", "seven"])
+
+
+def test_module_entry_point_for_torchrun():
+    out = subprocess.run([sys.executable, "-m", "napari_mtml.cli", "train", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--train-tasks" in out.stdout and "--resume" in out.stdout
+
+
+def test_run_demo_tiny(tmp_path, capsys):
+    """`mtml demo`'s whole path with a tiny U-Net and 2 steps per fold (the real demo takes
+    minutes)."""
+    from napari_mtml.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", max_steps=2, batch_size=2, val_size=2, device="cpu",
+                      base_features=4, depth=2, max_features=8)
+    out = capsys.readouterr().out
+    assert "random" in out and "AP" in out
+    for path in (result.anomaly, result.disagreement, result.overlay):
+        assert path.is_file() and path.stat().st_size > 0
+    assert nib.load(result.anomaly).shape == (256, 256, 25)
+    m = result.metrics
+    assert m["tumour_voxels"] > 1000 and 0 < m["prevalence"] < 0.2
+    assert 0 <= m["ensemble"]["ap"] <= 1 and len(m["folds"]) == 5
+    # The random baseline's AP is about the prevalence: a sanity check of the scoring.
+    assert m["random"]["ap"] == pytest.approx(m["prevalence"], abs=0.02)
+    # A run folder the demo did not write is never replaced.
+    (tmp_path / "other" / "run").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not written by `mtml demo`"):
+        run_demo(tmp_path / "other", max_steps=1)
