@@ -203,6 +203,19 @@ def test_from_paths_real_files_3d_and_slices(tmp_path):
                     if x.group == v}) == 1
 
 
+def test_from_paths_2d_nifti_is_a_2d_image(tmp_path):
+    """A 2D NIfTI reads as a one-slice volume; training takes it as the 2D image it is."""
+    nib = pytest.importorskip("nibabel")
+    i, j = np.mgrid[:20, :24]
+    disc = ((i - 10) / 8) ** 2 + ((j - 12) / 9) ** 2 <= 1
+    for v in range(5):
+        arr = (disc * (100.0 + v + i + j)).astype(np.float32)
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / f"xr{v}.nii.gz")
+    col = HealthyCollection.from_paths([tmp_path], frame=(16, 16), downsample=2)
+    assert (col.dims, col.frame, len(col)) == (2, (16, 16), 5)
+    assert all(x.image.shape == (16, 16) for x in col.samples)
+
+
 def test_from_paths_real_bad_inputs(tmp_path):
     pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
     folder = _write_volumes(tmp_path / "healthy")

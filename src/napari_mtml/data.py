@@ -246,6 +246,10 @@ class HealthyCollection:
         for group, path in enumerate(files):
             scan = _read_scan(path)
             scan_ndim = int(np.ndim(scan.array))
+            # A 2D NIfTI reads as a one-slice volume: it is a 2D image, framed as its one slice.
+            single_slice = scan_ndim == 3 and scan.array.shape[0] == 1
+            if single_slice:
+                scan_ndim = 2
             if scan_ndim not in (2, 3):
                 raise ValueError(f"{path}: a {scan_ndim}D image; healthy scans must be 2D or 3D")
             if first is None:
@@ -255,7 +259,10 @@ class HealthyCollection:
                                  f"{first[0]}); train 2D and 3D data separately")
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
-            array, fg, item_kind = _frame_scan(scan, path, kind, dims, frame, downsample)
+            array, fg, item_kind = _frame_scan(scan, path, kind, 2 if single_slice else dims,
+                                               frame, downsample)
+            if single_slice:
+                array, fg = array[0], None if fg is None else fg[0]
             if not np.isfinite(array).all():
                 raise ValueError(f"{path}: holds NaN or infinite values after preprocessing")
             kinds.add(item_kind)
