@@ -186,7 +186,6 @@ def _write_volumes(folder, n=5, seed=0):
 
 
 def test_from_paths_real_files_3d_and_slices(tmp_path):
-    pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
     folder = _write_volumes(tmp_path / "healthy")
     col = HealthyCollection.from_paths([folder], dims=3, frame=(16, 16, 16), downsample=1)
     assert (col.dims, col.kind, col.frame, len(col)) == (3, "mri", (16, 16, 16), 5)
@@ -217,7 +216,6 @@ def test_from_paths_2d_nifti_is_a_2d_image(tmp_path):
 
 
 def test_from_paths_real_bad_inputs(tmp_path):
-    pytest.importorskip("napari_mtml.preprocess", reason="preprocess.to_frame not landed yet")
     folder = _write_volumes(tmp_path / "healthy")
     with pytest.raises(ValueError, match=r"vol0\.nii\.gz.*larger than the frame"):
         HealthyCollection.from_paths([folder], dims=3, frame=(8, 8, 8), downsample=1)

@@ -152,7 +152,6 @@ def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
 
 
 def test_preview_on_builtin_sample(make_napari_viewer, qtbot):
-    pytest.importorskip("napari_mtml._napari.sample_data")
     viewer = make_napari_viewer()
     widget = _dock(viewer)
     viewer.open_sample(PLUGIN, "chest_xray")
