@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_mtml.anomalies.labelling import close_grey, fill_holes_grey, flipped_gaussian_label
+from napari_mtml.anomalies.labelling import (
+    close_grey,
+    fill_holes_grey,
+    flipped_gaussian_label,
+    flipped_gaussian_label_of_boxes,
+)
 
 BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))
 
@@ -181,6 +186,36 @@ def test_components_are_independent():
         changed[a], np.maximum(alone_a, flipped_gaussian_label(other, original, b))[a]
     )
     np.testing.assert_array_equal(flipped_gaussian_label(other, original, a), alone_a)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_of_boxes_equals_label_of_their_union(seed):
+    """Boxes that touch face to face, overlap, nest or lie apart (and masks that only touch
+    diagonally) give the label of the union, bit for bit."""
+    rng = np.random.default_rng(seed)
+    shape = (36, 40) if seed % 2 else (14, 16, 15)
+    original = _smooth_field(rng, shape)
+    augmented = original + _smooth_field(rng, shape) * np.float32(0.5)
+    boxes, masks = [], []
+    union = np.zeros(shape, bool)
+    for _ in range(int(rng.integers(1, 6))):
+        lo = [int(rng.integers(0, n - 3)) for n in shape]
+        box = tuple(
+            slice(a, min(a + int(rng.integers(2, 9)), n)) for a, n in zip(lo, shape, strict=True)
+        )
+        mask = rng.random([s.stop - s.start for s in box]) < 0.7
+        boxes.append(box)
+        masks.append(mask)
+        union[box] |= mask
+    # a pair touching face to face across adjacent boxes, and one touching only diagonally
+    for box in ((slice(0, 3),) * len(shape), tuple(slice(3, 5) for _ in shape)):
+        boxes.append(box)
+        masks.append(np.ones([s.stop - s.start for s in box], bool))
+        union[box] = True
+    np.testing.assert_array_equal(
+        flipped_gaussian_label_of_boxes(augmented, original, boxes, masks),
+        flipped_gaussian_label(augmented, original, union),
+    )
 
 
 def test_inputs_untouched_and_channels():

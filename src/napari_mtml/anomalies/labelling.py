@@ -73,11 +73,78 @@ def flipped_gaussian_label(
     channels = augmented.ndim == mask.ndim + 1
     out = np.zeros(mask.shape, dtype=np.float32)
     whole = _bounding_box(mask)
-    if whole is None:
-        return out
-    # face connectivity (ndimage.label's default), on the mask's bounding box only: labelling
-    # the whole image would cost more than everything else here for a small anomaly
-    components, count = ndimage.label(mask[whole])
+    if whole is not None:
+        # face connectivity (ndimage.label's default), on the mask's bounding box only: labelling
+        # the whole image would cost more than everything else here for a small anomaly
+        _label_region(out, augmented, original, mask[whole], whole, channels, sigma)
+    return out
+
+
+def flipped_gaussian_label_of_boxes(
+    augmented: np.ndarray,
+    original: np.ndarray,
+    boxes,
+    masks,
+    sigma: float = 0.2,
+) -> np.ndarray:
+    """`flipped_gaussian_label` of the union of masks given on boxes of the image (no channels).
+
+    The result equals ``flipped_gaussian_label(augmented, original, union)`` with ``union`` the
+    OR of every ``masks[i]`` placed at ``boxes[i]``, bit for bit, but the connected components
+    are found on groups of nearby boxes instead of on the union's bounding box, which for a few
+    anomalies spread over an image is much larger than the anomalies (`synthesize` knows the
+    boxes of its patches). Boxes whose one-voxel-grown extents are disjoint cannot hold
+    face-adjacent voxels, so each group of overlapping (grown) boxes is labelled on its own.
+
+    Parameters
+    ----------
+    augmented, original : float32 ndarray, shape (*spatial), finite inside the masks.
+    boxes : sequence of tuples of slices (step 1, inside the image), one per mask.
+    masks : sequence of bool arrays, each of its box's shape.
+    sigma : float, positive.
+
+    Returns
+    -------
+    ndarray, float32, shape (*spatial), values in [0, 1).
+    """
+    augmented = np.asarray(augmented)
+    original = np.asarray(original)
+    out = np.zeros(augmented.shape, dtype=np.float32)
+    # groups: [lo, hi, member indices]; merged while their grown extents meet
+    groups = []
+    for i, box in enumerate(boxes):
+        groups.append(([s.start for s in box], [s.stop for s in box], [i]))
+    merged = True
+    while merged and len(groups) > 1:
+        merged = False
+        for a, b in itertools.combinations(range(len(groups)), 2):
+            (lo_a, hi_a, m_a), (lo_b, hi_b, m_b) = groups[a], groups[b]
+            sides = zip(lo_a, hi_a, lo_b, hi_b, strict=True)
+            if all(la <= hb and lb <= ha for la, ha, lb, hb in sides):
+                groups[a] = (np.minimum(lo_a, lo_b).tolist(), np.maximum(hi_a, hi_b).tolist(),
+                             m_a + m_b)
+                del groups[b]
+                merged = True
+                break
+    for lo, hi, members in groups:
+        region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        if len(members) == 1:
+            local = np.asarray(masks[members[0]], dtype=bool)
+        else:
+            local = np.zeros([b - a for a, b in zip(lo, hi, strict=True)], dtype=bool)
+            for i in members:
+                inner = tuple(
+                    slice(s.start - a, s.stop - a) for s, a in zip(boxes[i], lo, strict=True)
+                )
+                local[inner] |= masks[i]
+        _label_region(out, augmented, original, local, region, False, sigma)
+    return out
+
+
+def _label_region(out, augmented, original, mask, whole, channels, sigma) -> None:
+    """Label every face-connected component of ``mask`` (bool, on the image's box ``whole``)
+    into ``out`` (the image's float32 label, combined by maximum)."""
+    components, count = ndimage.label(mask)
     scale = np.float32(1.0 / (2.0 * float(sigma) ** 2))
     for k, local in enumerate(ndimage.find_objects(components, max_label=count), start=1):
         region = tuple(
@@ -108,7 +175,6 @@ def flipped_gaussian_label(
         np.minimum(y, _BELOW_ONE, out=y)
         filled = fill_holes_grey(close_grey(y))
         np.maximum(out[region], filled, out=out[region])
-    return out
 
 
 def close_grey(image: np.ndarray) -> np.ndarray:

@@ -172,7 +172,7 @@ def synthesize(
     ValueError for bad input (wrong dimensionality, NaN, mismatched shapes, empty foreground, image
     too small, unknown task or parameter) and when no placement satisfies the foreground rule.
     """
-    from napari_mtml.anomalies.labelling import flipped_gaussian_label
+    from napari_mtml.anomalies.labelling import flipped_gaussian_label_of_boxes
 
     if rng is None or not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator: pass np.random.default_rng(seed)")
@@ -197,16 +197,21 @@ def synthesize(
     work = original.copy()
     union = np.zeros(image.shape, dtype=bool)
     count = 0
+    boxes, masks = [], []
     while True:
         placed = _draw_placed(image.shape, foreground, rng, params)
         patch = apply(work, placed, rng, context)
         region = work[patch.box]
         region[patch.mask] = patch.values[patch.mask]
         union[patch.box] |= patch.mask
+        boxes.append(patch.box)
+        masks.append(patch.mask)
         count += 1
         if count >= params.max_anomalies or rng.random() >= params.repeat_prob:
             break
-    label = flipped_gaussian_label(work, original, union, sigma=params.sigma)
+    # the same label as flipped_gaussian_label(work, original, union), with the components found
+    # near the patches rather than on the union's bounding box
+    label = flipped_gaussian_label_of_boxes(work, original, boxes, masks, sigma=params.sigma)
     return SynthesisResult(
         image=work, label=np.asarray(label, dtype=np.float32), mask=union, task=name,
         n_anomalies=count,
