@@ -7,7 +7,8 @@ What it does (`run_demo`):
    lesion-free slices (0-10 and 18-24) are the *healthy* training data, written as one volume
    `data/brain1_lesion_free_slices.nii.gz` (18 slices).
 2. Trains the paper's 1/4 task cross-validation (5 models, each trained on one synthetic task and
-   validated on the other four) with a small 2D U-Net on the axial slices (`dims=2`). Split rule:
+   validated on the other four) with a small 2D U-Net (no positional encoding, see `DEMO_MODEL`)
+   on the axial slices (`dims=2`). Split rule:
    one volume holds all healthy slices, so the five data folds are contiguous runs of slices
    (sorted by slice index: 4, 4, 3, 4, 3 slices); each model's training and validation slices
    are disjoint. The built-in healthy MNI152 brain (skull-stripped template) is the external
@@ -43,7 +44,12 @@ DEMO_FRAME = (128, 128)
 #: A U-Net lighter than the "light" preset (widths 8-64, 5 levels, 0.28 M parameters): about
 #: 0.2 s per step of 8 slices of 128x128 on one core, where the "light" preset (16-256, 7 levels)
 #: takes three times as long, which would not fit the demo's few minutes.
-DEMO_MODEL = {"base_features": 8, "depth": 5, "max_features": 64}
+#: No positional encoding in the demo: with a few hundred steps on 18 slices the encoded models
+#: mostly learnt a map of frame positions (the maps of different slices correlated at 0.999, tumour
+#: AP 0.019 against 0.014 for random), while without it the maps follow the image content (tumour
+#: AP 0.039, AUROC 0.79; one run each on 2 CPU cores). The paper's setting (`pos_encoding=True`)
+#: is one keyword away.
+DEMO_MODEL = {"base_features": 8, "depth": 5, "max_features": 64, "pos_encoding": False}
 _MARKER = ".mtml-demo"
 
 
@@ -232,7 +238,7 @@ def run_demo(
     val_interval: int | None = None,
     val_size: int = 16,
     render: Callable[[Generator], Any] | None = None,
-    **model: int,
+    **model: Any,
 ) -> DemoResult:
     """Train, predict and score on the built-in brain tumour MRI (see the module docstring).
 
@@ -246,8 +252,8 @@ def run_demo(
     val_size : validation items per fold (each also fed healthy).
     render : drives the training generator (the CLI passes its progress bar); default prints
         one line per fold.
-    model : `base_features`, `depth`, `max_features` overriding the preset (default
-        `DEMO_MODEL`; tests use a tiny U-Net).
+    model : `base_features`, `depth`, `max_features`, `pos_encoding` overriding the preset
+        (default `DEMO_MODEL`; tests use a tiny U-Net).
 
     Returns a `DemoResult`; also prints a short summary.
     """
@@ -311,6 +317,8 @@ def run_demo(
         **{**DEMO_MODEL, **model},
     )
     widths = f"{config.base_features}-{config.max_features} features, depth {config.depth}"
+    if not config.pos_encoding:
+        widths += ", no positional encoding"
     print(
         f"mtml demo: 1/4 task cross-validation, 5 small 2D U-Nets ({widths}) x {steps} steps on "
         f"{len(healthy_slices)} lesion-free slices ({paths['image'].name}); external dataset "
