@@ -37,6 +37,7 @@ class Shape:
     matrix : (n, n) float64, linear map from the shape's own frame to image axes (shear, rotation).
     mask : bool array, n-D, the shape on its tight bounding box (at least one voxel is set).
     centre : (n,) float64, the shape's centre in box coordinates (array indices of `mask`).
+    inverse : (n, n) float64, ``np.linalg.inv(matrix)`` (computed from `matrix` when not given).
     """
 
     kind: str
@@ -44,6 +45,11 @@ class Shape:
     matrix: np.ndarray
     mask: np.ndarray
     centre: np.ndarray
+    inverse: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.inverse is None:
+            object.__setattr__(self, "inverse", np.linalg.inv(self.matrix))
 
     @property
     def ndim(self) -> int:
@@ -51,7 +57,7 @@ class Shape:
 
     def to_own_frame(self, points: np.ndarray) -> np.ndarray:
         """Box coordinates `(..., n)` -> the shape's own frame `(..., n)` (float64)."""
-        inv = np.linalg.inv(self.matrix)
+        inv = self.inverse
         return (np.asarray(points, dtype=np.float64) - self.centre) @ inv.T
 
     def edge_distance(self, origin: np.ndarray, directions: np.ndarray) -> np.ndarray:
@@ -66,7 +72,7 @@ class Shape:
         -------
         (m,) float64, distance in voxels along each direction (the analytic shape, not the raster).
         """
-        inv = np.linalg.inv(self.matrix)
+        inv = self.inverse
         o = inv @ (np.asarray(origin, dtype=np.float64) - self.centre)
         u = np.asarray(directions, dtype=np.float64) @ inv.T
         return ray_to_edge(self.kind, self.half_sizes, o, u)
@@ -164,25 +170,39 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
             mask &= np.abs(x) <= 1.0
     else:
         raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
-    mask = np.broadcast_to(mask, tuple(box))
-    if not mask.any():
+    if mask.shape != tuple(box):
+        mask = np.broadcast_to(mask, tuple(box))
+    # trim to the tight bounding box so that placement is uniform over the valid corners
+    tight_box = _tight_box(mask)
+    if tight_box is None:
+        # too thin to cover a grid point: keep the central voxel
         mask = np.zeros(tuple(box), dtype=bool)
         mask[tuple(int(c) for c in np.floor(centre))] = True
-    # trim to the tight bounding box so that placement is uniform over the valid corners
-    lo, hi = [], []
-    for ax in range(ndim):
-        other = tuple(a for a in range(ndim) if a != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo.append(idx[0])
-        hi.append(idx[-1] + 1)
-    tight = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+        tight_box = _tight_box(mask)
+    lo = [s.start for s in tight_box]
     return Shape(
         kind=kind,
         half_sizes=h,
         matrix=np.asarray(matrix, dtype=np.float64),
-        mask=tight,
+        mask=np.ascontiguousarray(mask[tight_box]),
         centre=centre - np.asarray(lo, dtype=np.float64),
+        inverse=inv,
     )
+
+
+def _tight_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box of a bool array (None if empty): leading axis first, then the other
+    axes within that slab only, so each step reads less than the last."""
+    box = []
+    rest = mask
+    for _ in range(mask.ndim):
+        profile = np.flatnonzero(rest.reshape(rest.shape[0], -1).any(axis=1))
+        if profile.size == 0:
+            return None
+        lo, hi = int(profile[0]), int(profile[-1]) + 1
+        box.append(slice(lo, hi))
+        rest = rest[lo:hi].any(axis=0)
+    return tuple(box)
 
 
 def random_shape(

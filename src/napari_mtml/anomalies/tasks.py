@@ -272,7 +272,7 @@ class _RadialTask:
         mean_radius = float(np.sqrt((bpts * bpts).sum(axis=0)).mean())
         factor = push_factor(mean_radius, rng, self.name, params.min_push, params.max_push)
         shape = placed.shape
-        inv = np.linalg.inv(shape.matrix)
+        inv = shape.inverse
 
         def edge(origin, directions):
             own = inv @ (origin - shape.centre)
@@ -317,8 +317,10 @@ class _SmoothIntensityTask:
         params = context.params
         box = placed.box
         mask = placed.mask
-        padded = np.pad(mask, 1)
-        dist = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
+        inner = (slice(1, -1),) * mask.ndim
+        padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=bool)  # np.pad(mask, 1)
+        padded[inner] = mask
+        dist = ndimage.distance_transform_edt(padded)[inner]
         margin = min(
             min(image.shape) * (params.margin_base + rng.gamma(3.0, 0.01)), float(dist.max())
         )
