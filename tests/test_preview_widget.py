@@ -160,3 +160,38 @@ def test_preview_on_builtin_sample(make_napari_viewer, qtbot):
     assert widget.preview_layer.data.shape == layer.data.shape
     np.testing.assert_allclose(widget.preview_layer.scale, layer.scale)
     widget.stop()
+
+
+def test_thick_slices_preview_the_current_slice_in_2d(make_napari_viewer, qtbot):
+    from napari_mtml._napari.preview_widget import MODE_SLICE, MODE_VOLUME
+
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    rng = np.random.default_rng(3)
+    vol = viewer.add_image(_disc((12, 48, 48), rng), name="thick", scale=(6.5, 0.8, 0.8))
+    widget.image_combo.set_layer(vol)
+    assert widget.mode_combo.currentText() == MODE_SLICE  # 6.5 mm over 0.8 mm: slice by slice
+    widget.task_combo.setCurrentIndex(5)  # smooth_intensity
+    viewer.dims.set_current_step(0, 6)
+    count = widget.n_updates
+    widget.update_now()
+    _next_update(qtbot, widget, count)
+    z = widget.current_slice(vol)
+    assert z == 6 and widget.last_result.slice_index == 6
+    label = widget.label_layer.data
+    assert label.shape == vol.data.shape and label[z].max() > 0
+    assert not np.delete(label, z, axis=0).any()  # only the shown slice carries an anomaly
+    changed = np.abs(widget.preview_layer.data - vol.data) > 1e-3
+    assert changed[z].any() and not np.delete(changed, z, axis=0).any()
+
+    count = widget.n_updates
+    viewer.dims.set_current_step(0, 4)  # moving through the volume re-runs on that slice
+    _next_update(qtbot, widget, count)
+    assert widget.last_result.slice_index == 4 and widget.label_layer.data[4].max() > 0
+
+    widget.mode_combo.setCurrentText(MODE_VOLUME)
+    count = widget.n_updates
+    widget.update_now()
+    _next_update(qtbot, widget, count)
+    assert widget.last_result.slice_index is None
+    widget.stop()

@@ -52,6 +52,8 @@ __all__ = ["AnomalyPreviewWidget", "PreviewInput", "PreviewResult", "compute_pre
            "prepare_input"]
 
 RANDOM_TASK = "random task"
+MODE_VOLUME = "3D volume"
+MODE_SLICE = "current axial slice (2D)"
 BLEND_TASKS = ("intra_blend", "inter_blend")
 PREVIEW_NAME = "mtml preview"
 LABEL_NAME = "mtml preview label"
@@ -115,6 +117,7 @@ class PreviewResult:
     seconds: float
     layer_id: int = 0
     params: dict = field(default_factory=dict)
+    slice_index: int | None = None  # the axial slice synthesised in 2D, if any
 
 
 def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np.ndarray, float,
@@ -143,38 +146,86 @@ def prepare_input(layer_data: np.ndarray, foreground: np.ndarray | None) -> Prev
     return PreviewInput(image=image, foreground=fg, offset=offset, scale=scale)
 
 
+def _slice_of(array, frac: float):
+    """The axial slice at relative position `frac` of a 3D array; 2D arrays pass through."""
+    if array is None or np.ndim(array) != 3:
+        return array
+    return array[int(round(frac * (array.shape[0] - 1)))]
+
+
+def _slice_source(source, frac: float):
+    """A blending `source` for a 2D slice synthesis: 3D sources give their slice at the same
+    relative height (a callable's images too), 2D sources are used as they are."""
+    if source is None:
+        return None
+    if callable(source):
+        def sliced(rng):
+            image, mask = source(rng)
+            return _slice_of(image, frac), _slice_of(mask, frac)
+        return sliced
+    if isinstance(source, tuple):
+        return _slice_of(source[0], frac), _slice_of(source[1], frac)
+    return _slice_of(source, frac)
+
+
 def compute_preview(
     inp: PreviewInput,
     task: str | None,
     seed: int,
     params: dict,
     source=None,
+    slice_index: int | None = None,
 ) -> PreviewResult:
     """One call of `synthesize` for the preview; `task=None` draws a task from the seed.
 
     `source` is what `synthesize` accepts for the blending tasks (`None`, an array, an
     `(array, mask)` pair or a callable `source(rng)`); it is ignored by the other tasks.
+    `slice_index`: for a 3D image, synthesise in 2D on that axial slice only (as a model trained
+    on slices sees it; right for thick-slice scans, where a 3D shape drawn on the voxel grid is a
+    sliver); the result is the volume with that slice changed and a label zero elsewhere.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     if task is None:
         task = TASKS[int(rng.integers(len(TASKS)))]
-    result = synthesize(
-        inp.image,
-        foreground=inp.foreground,
-        task=task,
-        rng=rng,
-        source=source if task in BLEND_TASKS else None,
-        **params,
-    )
-    shown = (result.image * np.float32(inp.scale) + np.float32(inp.offset)).astype(np.float32)
+    image, foreground = inp.image, inp.foreground
+    if slice_index is not None:
+        if image.ndim != 3:
+            raise ValueError(f"a slice preview needs a 3D image, got {image.ndim}D")
+        z = int(slice_index)
+        if not 0 <= z < image.shape[0]:
+            raise ValueError(f"slice {z} is outside the image's {image.shape[0]} slices")
+        image = image[z]
+        foreground = None if foreground is None else foreground[z]
+        source = _slice_source(source, z / max(inp.image.shape[0] - 1, 1))
+    try:
+        result = synthesize(
+            image,
+            foreground=foreground,
+            task=task,
+            rng=rng,
+            source=source if task in BLEND_TASKS else None,
+            **params,
+        )
+    except ValueError as exc:
+        if slice_index is None:
+            raise
+        raise ValueError(f"slice {slice_index}: {exc}") from None
+    out, label = result.image, np.asarray(result.label, dtype=np.float32)
+    if slice_index is not None:
+        out = inp.image.copy()
+        out[slice_index] = result.image
+        label = np.zeros(inp.image.shape, np.float32)
+        label[slice_index] = result.label
+    shown = (out * np.float32(inp.scale) + np.float32(inp.offset)).astype(np.float32)
     return PreviewResult(
         image=shown,
-        label=np.asarray(result.label, dtype=np.float32),
+        label=label,
         task=str(result.task),
         n_anomalies=int(result.n_anomalies),
         seconds=time.perf_counter() - t0,
         params=dict(params),
+        slice_index=slice_index,
     )
 
 
@@ -265,6 +316,11 @@ class AnomalyPreviewWidget(QWidget):
         self.foreground_combo = LayerCombo(napari_viewer, Labels, extras=(AUTO_FG, NO_FG))
         self.task_combo = QComboBox()
         self.task_combo.addItems([RANDOM_TASK] + [f"{i} {t}" for i, t in enumerate(TASKS)])
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems([MODE_VOLUME, MODE_SLICE])
+        self.mode_combo.setToolTip(
+            "3D images: synthesise in the whole volume, or in 2D on the axial slice shown (as a "
+            "model trained with --dims 2 sees it). Thick-slice scans default to the slice.")
         self.source_combo = LayerCombo(napari_viewer, Image, extras=(SAME_SOURCE, FOLDER_SOURCE),
                                        exclude=mine)
         self.folder_edit = QLineEdit()
@@ -308,6 +364,7 @@ class AnomalyPreviewWidget(QWidget):
         form.addRow("image", self.image_combo)
         form.addRow("foreground", self.foreground_combo)
         form.addRow("task", self.task_combo)
+        form.addRow("synthesise in", self.mode_combo)
         form.addRow("blend source", self.source_combo)
         folder_row = QHBoxLayout()
         folder_row.addWidget(self.folder_edit)
@@ -341,6 +398,8 @@ class AnomalyPreviewWidget(QWidget):
         self.folder_edit.editingFinished.connect(self._folder_changed)
         self.seed_spin.valueChanged.connect(self._changed)
         self.shape_combo.currentIndexChanged.connect(self._changed)
+        self.mode_combo.currentIndexChanged.connect(self._changed)
+        napari_viewer.dims.events.current_step.connect(self._slice_moved)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
         self._task_changed()
         self._image_changed()
@@ -390,7 +449,32 @@ class AnomalyPreviewWidget(QWidget):
             # The paper's push limit: 5 voxels for brain volumes, 10 for 2D X-rays.
             self.sliders["max_push"].setValue(5.0 if ndim == 3 else 10.0)
             self._last_ndim = ndim
+        self.mode_combo.setEnabled(ndim == 3)
+        if ndim == 3:
+            # thick slices (e.g. 6.5 mm over 0.8 mm pixels): a 3D shape on the voxel grid would
+            # be a sliver through one or two slices, so preview slice by slice
+            spacing = np.abs(np.asarray(layer.scale, dtype=float))
+            thick = spacing.min() > 0 and spacing.max() / spacing.min() > 2
+            self.mode_combo.blockSignals(True)
+            self.mode_combo.setCurrentText(MODE_SLICE if thick else MODE_VOLUME)
+            self.mode_combo.blockSignals(False)
         self._changed()
+
+    def _slice_moved(self, *args) -> None:
+        if self.slice_mode:
+            self._changed()
+
+    @property
+    def slice_mode(self) -> bool:
+        """True when a 3D image is previewed on its current axial slice only."""
+        layer = self.image_combo.current_layer()
+        return (layer is not None and layer.ndim == 3
+                and self.mode_combo.currentText() == MODE_SLICE)
+
+    def current_slice(self, layer) -> int:
+        """Index (axis 0 of the layer's data) of the axial slice the viewer shows."""
+        z = float(layer.world_to_data(self.viewer.dims.point)[0])
+        return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
 
     def _folder_changed(self) -> None:
         self._folder_source = None
@@ -489,19 +573,21 @@ class AnomalyPreviewWidget(QWidget):
             self._fail(exc)
             return
         task, seed, params = self.task(), self.seed_spin.value(), self.params()
+        slice_index = self.current_slice(layer) if self.slice_mode else None
         self.status.setText(f"computing on '{layer.name}'…")
         self._worker = start_worker(
-            self._job, layer, fg_spec, task, seed, params, source,
+            self._job, layer, fg_spec, task, seed, params, source, slice_index,
             on_return=self._show, on_error=self._fail, on_finish=self._done,
         )
 
-    def _job(self, layer, fg_spec, task, seed, params, source) -> PreviewResult:
+    def _job(self, layer, fg_spec, task, seed, params, source, slice_index=None
+             ) -> PreviewResult:
         inp = self._input_for(layer, fg_spec)
         if isinstance(source, tuple) and source[0] == "layer":
             other = source[1]
             src = prepare_input(image_layer_array(other, "the blend source"), None)
             source = (src.image, None)
-        result = compute_preview(inp, task, seed, params, source)
+        result = compute_preview(inp, task, seed, params, source, slice_index)
         result.layer_id = id(layer)
         return result
 
@@ -523,7 +609,8 @@ class AnomalyPreviewWidget(QWidget):
         )
         self.status.setText(
             f"{result.task}: {result.n_anomalies} anomal{'y' if result.n_anomalies == 1 else 'ies'}"
-            f", {1000 * result.seconds:.0f} ms (seed {self.seed_spin.value()})"
+            + ("" if result.slice_index is None else f" on slice {result.slice_index}")
+            + f", {1000 * result.seconds:.0f} ms (seed {self.seed_spin.value()})"
         )
 
     def _fail(self, exc) -> None:
