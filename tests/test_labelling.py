@@ -218,6 +218,29 @@ def test_label_of_boxes_equals_label_of_their_union(seed):
     )
 
 
+def test_single_component_shortcut_is_only_taken_for_one_component():
+    from napari_mtml.anomalies.labelling import _single_component_2d
+
+    rng = np.random.default_rng(8)
+    taken = 0
+    for trial in range(300):
+        shape = (int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+        mask = rng.random(shape) < rng.uniform(0.3, 1.0)
+        if trial % 3 == 0:  # runs per row, sometimes only touching diagonally
+            mask[:] = False
+            for r in range(shape[0]):
+                a = int(rng.integers(0, shape[1]))
+                mask[r, a: a + int(rng.integers(1, 4))] = True
+        box = _single_component_2d(mask)
+        components, count = ndimage.label(mask)
+        if box is not None:
+            taken += 1
+            assert count == 1
+            assert box == ndimage.find_objects(components)[0]
+    assert taken > 30
+    assert _single_component_2d(_disc((30, 40), (14, 20), 11) <= 1) == (slice(3, 26), slice(9, 32))
+
+
 def test_inputs_untouched_and_channels():
     rng = np.random.default_rng(5)
     original = rng.standard_normal((3, 20, 22)).astype(np.float32)

@@ -144,13 +144,19 @@ def flipped_gaussian_label_of_boxes(
 def _label_region(out, augmented, original, mask, whole, channels, sigma) -> None:
     """Label every face-connected component of ``mask`` (bool, on the image's box ``whole``)
     into ``out`` (the image's float32 label, combined by maximum)."""
-    components, count = ndimage.label(mask)
+    single = _single_component_2d(mask) if mask.ndim == 2 else None
+    if single is not None:
+        # one component: its voxels are the mask's, no labelling needed
+        components, objects = mask, [single]
+    else:
+        components, count = ndimage.label(mask)
+        objects = ndimage.find_objects(components, max_label=count)
     scale = np.float32(1.0 / (2.0 * float(sigma) ** 2))
-    for k, local in enumerate(ndimage.find_objects(components, max_label=count), start=1):
+    for k, local in enumerate(objects, start=1):
         region = tuple(
             slice(w.start + s.start, w.start + s.stop) for w, s in zip(whole, local, strict=True)
         )
-        inside = components[local] == k
+        inside = components[local] if single is not None else components[local] == k
         if channels:
             diff = np.abs(
                 np.asarray(augmented[(slice(None), *region)], np.float32)
@@ -175,6 +181,27 @@ def _label_region(out, augmented, original, mask, whole, channels, sigma) -> Non
         np.minimum(y, _BELOW_ONE, out=y)
         filled = fill_holes_grey(close_grey(y))
         np.maximum(out[region], filled, out=out[region])
+
+
+def _single_component_2d(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The tight bounding box of a 2D bool mask when a cheap sufficient test proves it is one
+    face-connected component, else None (then it may or may not be).
+
+    The test: the set rows are consecutive, each row's voxels are one run, and every two
+    consecutive runs share a column (so they touch face to face). The raster of one convex
+    anomaly shape usually passes it, for a fraction of the cost of ``ndimage.label``.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0 or rows[-1] - rows[0] + 1 != rows.size:
+        return None
+    band = mask[rows[0]: rows[-1] + 1]
+    first = band.argmax(axis=1)
+    last = band.shape[1] - 1 - band[:, ::-1].argmax(axis=1)
+    if not np.array_equal(np.count_nonzero(band, axis=1), last - first + 1):
+        return None
+    if not (np.maximum(first[:-1], first[1:]) <= np.minimum(last[:-1], last[1:])).all():
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(first.min()), int(last.max()) + 1)
 
 
 def close_grey(image: np.ndarray) -> np.ndarray:
