@@ -244,7 +244,7 @@ def fill_holes_grey(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 0 or min(image.shape) < 3:
         return image.copy()
-    bound = _straight_path_bound(image)
+    bound = _straight_path_bound(image, axes=(0,) if image.ndim == 2 else None)
     undecided = bound > image
     if not undecided.any():
         return bound  # == image: nothing is enclosed
@@ -270,12 +270,17 @@ def fill_holes_grey(image: np.ndarray) -> np.ndarray:
     return bound
 
 
-def _straight_path_bound(image: np.ndarray) -> np.ndarray:
+def _straight_path_bound(image: np.ndarray, axes=None) -> np.ndarray:
     """Upper bound of the hole filling: the best straight path along each axis, in each
     direction, to the border (the minimum over the axes of min(running max from the start,
-    running max from the end)). A new C-contiguous array of the image's shape and dtype."""
+    running max from the end)). A new C-contiguous array of the image's shape and dtype.
+
+    ``axes`` (default all) limits the paths to those axes; the border, where the filling is
+    the image itself, is then set to the image. In 2D the leading axis alone, which needs no
+    transposed copy, is cheaper overall: the iteration that follows finishes the job in a few
+    more steps than after the full bound."""
     bound = None
-    for d in range(image.ndim):
+    for d in range(image.ndim) if axes is None else axes:
         # the axis first and contiguous: a shift along it is then a shift of the flat array
         lines = np.ascontiguousarray(np.moveaxis(image, d, 0))
         flat = lines.reshape(-1)
@@ -286,6 +291,11 @@ def _straight_path_bound(image: np.ndarray) -> np.ndarray:
             bound = np.ascontiguousarray(along)
         else:
             np.minimum(bound, along, out=bound)
+    if axes is not None:
+        for d in set(range(image.ndim)) - set(axes):
+            for end in (0, -1):
+                face = (slice(None),) * d + (end,)
+                bound[face] = image[face]
     return bound
 
 
