@@ -83,10 +83,10 @@ def place_shape(
     PlacementError (a ValueError) when the box does not fit or no tried position has at least 50% of
     the shape's voxels on the foreground.
     """
-    box = np.asarray(shape.mask.shape)
-    dims = np.asarray(image_shape)
-    room = dims - box
-    if np.any(room < 0):
+    box = shape.mask.shape
+    dims = tuple(int(d) for d in image_shape)
+    room = [d - b for d, b in zip(dims, box, strict=True)]
+    if min(room) < 0:
         raise PlacementError(
             f"the anomaly shape {tuple(box)} does not fit in an image of {tuple(dims)}: "
             "use a larger image or a smaller max_size"

@@ -117,10 +117,10 @@ def _ray_to_edge_columns(kind, half_sizes, origin, directions):
 
 def size_bounds(image_shape, min_size: float = 0.06, max_size: float = 0.8):
     """Per-axis size bounds `(lb, ub)` in voxels, int arrays (at least 1 voxel)."""
-    dims = np.asarray(image_shape, dtype=np.float64)
-    lb = np.maximum(np.round(min_size * dims), 1).astype(np.int64)
-    ub = np.maximum(np.round(max_size * dims), lb).astype(np.int64)
-    return lb, ub
+    # Python's round() is numpy's round-half-to-even on the same float64 products
+    lb = [max(round(min_size * float(d)), 1) for d in image_shape]
+    ub = [max(round(max_size * float(d)), low) for d, low in zip(image_shape, lb, strict=True)]
+    return np.array(lb, dtype=np.int64), np.array(ub, dtype=np.int64)
 
 
 def random_matrix(ndim: int, rng: np.random.Generator) -> np.ndarray:
@@ -232,7 +232,8 @@ def random_shape(
     sizes = np.clip(frac * dims, lb, ub).astype(np.int64).astype(np.float64)
     matrix = random_matrix(ndim, rng)
     extent = np.abs(matrix) @ sizes
-    fit = float(np.min(ub / extent))
+    # the same IEEE divisions as np.min(ub / extent), without the array round trip
+    fit = min(float(u) / e for u, e in zip(ub.tolist(), extent.tolist(), strict=True))
     if fit < 1.0:
         sizes = sizes * fit
     return rasterise(kind, sizes / 2.0, matrix)
