@@ -19,6 +19,7 @@ reconstruction; the tests check it against a plain implementation of the definit
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -282,11 +283,13 @@ def _straight_path_bound(image: np.ndarray, axes=None) -> np.ndarray:
     bound = None
     for d in range(image.ndim) if axes is None else axes:
         # the axis first and contiguous: a shift along it is then a shift of the flat array
-        lines = np.ascontiguousarray(np.moveaxis(image, d, 0))
+        lines = np.ascontiguousarray(image if d == 0 else np.moveaxis(image, d, 0))
         flat = lines.reshape(-1)
         forward = _running_max(flat, lines.shape[0], reverse=False)
         np.minimum(forward, _running_max(flat, lines.shape[0], reverse=True), out=forward)
-        along = np.moveaxis(forward.reshape(lines.shape), 0, d)
+        along = forward.reshape(lines.shape)
+        if d:
+            along = np.moveaxis(along, 0, d)
         if bound is None:
             bound = np.ascontiguousarray(along)
         else:
@@ -342,7 +345,7 @@ def _erosion_step(source: np.ndarray, target: np.ndarray, floor: np.ndarray) -> 
     if not (source.flags.c_contiguous and target.flags.c_contiguous and floor.flags.c_contiguous):
         raise AssertionError("_erosion_step needs C-contiguous arrays (flat views)")
     src, dst, low = source.reshape(-1), target.reshape(-1), floor.reshape(-1)
-    strides = [int(np.prod(source.shape[d + 1:], dtype=np.int64)) for d in range(n)]
+    strides = [math.prod(source.shape[d + 1:]) for d in range(n)]
     lo = sum(strides)  # the first interior voxel's flat index; the last is size - 1 - lo
     hi = size - lo
     result = dst[lo:hi]
