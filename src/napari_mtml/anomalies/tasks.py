@@ -371,7 +371,8 @@ def sample_source_patch(
         scale = 1.0 / scale
     matrix = scale * _rotation(ndim, rng, np.pi / 4)
     extent = np.abs(matrix) @ out
-    fit = float(np.min(0.8 * dims / extent))
+    # the same IEEE operations as np.min(0.8 * dims / extent), on Python floats
+    fit = min(0.8 * d / e for d, e in zip(dims.tolist(), extent.tolist(), strict=True))
     if fit < 1.0:
         matrix *= fit
         extent *= fit
@@ -424,7 +425,7 @@ class _BlendTask:
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
         # imported here so that the other tasks never depend on the solver's module
-        from napari_mtml.anomalies.poisson import fast_box_length, solve_poisson_box
+        from napari_mtml.anomalies.poisson import _blend_into, _working_dtype, fast_box_length
 
         if context.source is None:
             raise ValueError(f"task {self.name!r} needs a blending source")
@@ -440,7 +441,12 @@ class _BlendTask:
             tail = tuple(slice(1, None) if e == d else slice(None) for e in range(mask.ndim))
             needed[tail] |= mask[head]
         patch = sample_source_patch(context.source(rng), target.shape, rng, needed, target)
-        blended = solve_poisson_box(target, patch, mask, mix_gradients=True)
+        # solve_poisson_box(target, patch, mask, mix_gradients=True) without its input checks:
+        # the image and the source were checked finite, the patch is clipped to the source's range
+        work = _working_dtype("auto", target.ndim)
+        blended = np.array(target, dtype=np.float32, copy=True)
+        _blend_into(blended, np.asarray(target, dtype=work), np.asarray(patch, dtype=work), mask,
+                    True, 1)
         np.clip(blended, *context.value_range, out=blended)
         spill = np.abs(blended - target) > SPILL_THRESHOLD
         changed = mask | spill
