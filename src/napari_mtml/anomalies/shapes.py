@@ -163,10 +163,14 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
             acc = acc + (inv[i, j] / h[i]) * grids[j].reshape(shape)
         own.append(acc)
     if kind == "ellipse":
-        mask = sum(x * x for x in own) <= 1.0
+        # the same left-to-right sum as sum(x * x for x in own), without the leading 0 +
+        squares = own[0] * own[0]
+        for x in own[1:]:
+            squares += x * x
+        mask = squares <= 1.0
     elif kind == "rectangle":
-        mask = np.ones(tuple(box), dtype=bool)
-        for x in own:
+        mask = np.abs(own[0]) <= 1.0
+        for x in own[1:]:
             mask &= np.abs(x) <= 1.0
     else:
         raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
@@ -193,6 +197,10 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
 def _tight_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Tight bounding box of a bool array (None if empty): leading axis first, then the other
     axes within that slab only, so each step reads less than the last."""
+    # usually the shape touches every face of its box: then the box is already tight
+    faces = ((slice(None),) * d + (end,) for d in range(mask.ndim) for end in (0, -1))
+    if all(mask[face].any() for face in faces):
+        return tuple(slice(0, n) for n in mask.shape)
     box = []
     rest = mask
     for _ in range(mask.ndim):
