@@ -126,6 +126,16 @@ def test_matches_slow_reference(shape):
     np.testing.assert_array_equal(label, _slow_label(augmented, original, mask))
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (2, 9), (9, 2), (3, 5), (1, 6), (6, 1)])
+def test_closing_of_thin_and_strided_2d_arrays(shape):
+    rng = np.random.default_rng(shape[0] * 10 + shape[1])
+    image = rng.random(shape).astype(np.float32)
+    footprint = ndimage.generate_binary_structure(2, 2)
+    for view in (image, np.asfortranarray(image), np.repeat(image, 2, axis=1)[:, ::2]):
+        expected = ndimage.grey_closing(view, footprint=footprint)
+        np.testing.assert_array_equal(close_grey(view), expected)
+
+
 @pytest.mark.parametrize("shape", [(30, 34), (40, 41), (13, 16, 11), (8, 20, 9)])
 def test_closing_and_filling_equal_their_definitions(shape):
     rng = np.random.default_rng(len(shape) * 100 + shape[0])

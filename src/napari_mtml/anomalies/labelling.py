@@ -198,7 +198,7 @@ def _single_component_2d(mask: np.ndarray) -> tuple[slice, slice] | None:
     band = mask[rows[0]: rows[-1] + 1]
     first = band.argmax(axis=1)
     last = band.shape[1] - 1 - band[:, ::-1].argmax(axis=1)
-    if not np.array_equal(np.count_nonzero(band, axis=1), last - first + 1):
+    if not np.array_equal(np.add.reduce(band, axis=1, dtype=np.intp), last - first + 1):
         return None
     if not (np.maximum(first[:-1], first[1:]) <= np.minimum(last[:-1], last[1:])).all():
         return None
@@ -222,7 +222,30 @@ def close_grey(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 0:
         return image.copy()
+    if image.ndim == 2 and min(image.shape) >= 2:
+        image = np.ascontiguousarray(image)
+        return _square_filter_2d(_square_filter_2d(image, np.maximum), np.minimum)
     return _plane_union_filter(_plane_union_filter(image, np.maximum), np.minimum)
+
+
+def _square_filter_2d(image: np.ndarray, op) -> np.ndarray:
+    """`_plane_union_filter` of a C-contiguous 2D array (both sides >= 2) on its flat view:
+    contiguous 1-D slices instead of short strided rows. Along the rows a flat shift wraps
+    from one row's end to the next row's start, so the first and last columns are redone
+    with their own (edge-repeating) neighbours afterwards."""
+    w = image.shape[1]
+    flat = image.reshape(-1)
+    cols = np.empty_like(flat)  # the width-3 filter along axis 0
+    op(flat[:-w], flat[w:], out=cols[w:])
+    cols[:w] = flat[:w]
+    op(cols[:-w], flat[w:], out=cols[:-w])
+    out = np.empty_like(flat)  # then along axis 1
+    op(cols[:-1], cols[1:], out=out[1:])
+    op(out[:-1], cols[1:], out=out[:-1])
+    cols, out = cols.reshape(image.shape), out.reshape(image.shape)
+    op(cols[:, 0], cols[:, 1], out=out[:, 0])
+    op(cols[:, -2], cols[:, -1], out=out[:, -1])
+    return out
 
 
 def fill_holes_grey(image: np.ndarray) -> np.ndarray:
