@@ -209,7 +209,7 @@ def radial_warp(
     return out
 
 
-def _warp_sources(points, c, factor, kind, edge_distance) -> np.ndarray:
+def _warp_sources(points, c, factor, kind, edge_distance, centre_index=None) -> np.ndarray:
     """Where each shape voxel reads from, (n, m) float64.
 
     With `delta = p - c` and `t` the edge parameter of the ray `c + t delta` (so R = t r and
@@ -218,7 +218,11 @@ def _warp_sources(points, c, factor, kind, edge_distance) -> np.ndarray:
     """
     delta = np.stack(points).astype(np.float64)
     delta -= c[:, None]
-    moving = np.any(delta != 0, axis=0)
+    if centre_index is None:
+        moving = np.any(delta != 0, axis=0)
+    else:  # the points are distinct voxels: only the centre's own offset is zero
+        moving = np.ones(delta.shape[1], dtype=bool)
+        moving[centre_index] = False
     t = np.ones(delta.shape[1])
     t[moving] = np.maximum(edge_distance(c, delta[:, moving]), 1.0)
     scale = t * _radial_profile(1.0 / t, factor, kind)
@@ -267,9 +271,15 @@ class _RadialTask:
         points = np.nonzero(mask)
         pick = int(rng.integers(points[0].size))
         centre = np.array([p[pick] for p in points], dtype=np.float64)
-        bpts = np.stack(np.nonzero(_boundary(mask))).astype(np.float64)
-        bpts -= centre[:, None]
-        mean_radius = float(np.sqrt((bpts * bpts).sum(axis=0)).mean())
+        # squared distances of the boundary voxels in exact integer arithmetic from their flat
+        # indices: the same float64 values, in the same order, as from their coordinates
+        rest = np.flatnonzero(_boundary(mask))
+        squared = np.zeros(rest.size, dtype=np.int64)
+        for d in range(mask.ndim - 1, -1, -1):
+            rest, coord = np.divmod(rest, mask.shape[d])
+            coord -= points[d][pick]
+            squared += coord * coord
+        mean_radius = float(np.sqrt(squared.astype(np.float64)).mean())
         factor = push_factor(mean_radius, rng, self.name, params.min_push, params.max_push)
         shape = placed.shape
         inv = shape.inverse
@@ -278,7 +288,7 @@ class _RadialTask:
             own = inv @ (origin - shape.centre)
             return _ray_to_edge_columns(shape.kind, shape.half_sizes, own, inv @ directions)
 
-        sources = _warp_sources(points, centre, factor, self.name, edge)
+        sources = _warp_sources(points, centre, factor, self.name, edge, pick)
         outer, inner = placed.padded_box(image.shape, SPLINE_MARGIN)
         sources += np.array([s.start for s in inner], dtype=np.float64)[:, None]
         warped = _cubic_samples(image[outer], sources)
