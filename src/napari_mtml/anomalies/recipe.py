@@ -202,7 +202,7 @@ def synthesize(
         placed = _draw_placed(image.shape, foreground, rng, params)
         patch = apply(work, placed, rng, context)
         region = work[patch.box]
-        region[patch.mask] = patch.values[patch.mask]
+        np.copyto(region, patch.values, where=patch.mask)
         union[patch.box] |= patch.mask
         boxes.append(patch.box)
         masks.append(patch.mask)
