@@ -8,6 +8,7 @@ why.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ class PlacedShape:
     shape: Shape
     corner: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def box(self) -> tuple[slice, ...]:
         """Slices of the image covered by the shape's box."""
         return tuple(
@@ -98,7 +99,7 @@ def place_shape(
         placed = PlacedShape(shape, corner)
         if foreground is None:
             return placed
-        on = np.count_nonzero(foreground[placed.box][shape.mask])
+        on = np.count_nonzero(foreground[placed.box] & shape.mask)
         if on >= need:
             return placed
     raise PlacementError(

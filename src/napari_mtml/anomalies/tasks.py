@@ -216,7 +216,7 @@ def _warp_sources(points, c, factor, kind, edge_distance, centre_index=None) -> 
     r / R = 1 / t), the source point `c + r' u` is `c + t * profile(1 / t) * delta`: no norms or
     unit vectors needed.
     """
-    delta = np.stack(points).astype(np.float64)
+    delta = np.array(points, dtype=np.float64)
     delta -= c[:, None]
     if centre_index is None:
         moving = np.any(delta != 0, axis=0)
@@ -295,7 +295,7 @@ class _RadialTask:
         # the spline can overshoot a little: stay in the image's range like every task
         np.clip(warped, *context.value_range, out=warped)
         values = np.array(image[placed.box], dtype=np.float32, copy=True)
-        values[points] = warped
+        values[mask] = warped  # a bool mask walks its voxels in the order np.nonzero gives
         return Patch(placed.box, values, mask)
 
 
@@ -393,7 +393,7 @@ def sample_source_patch(
     if needed is None:
         needed = np.ones(shape, dtype=bool)
     points = np.nonzero(needed)
-    coords = matrix @ np.stack(points).astype(np.float64)
+    coords = matrix @ np.array(points, dtype=np.float64)
     coords += (centre - matrix @ ((out - 1) / 2))[:, None]
     # prefilter only the source region the samples fall in (the rotated window's own bounding
     # box can be several times larger in 3D)
@@ -403,7 +403,7 @@ def sample_source_patch(
     values = _cubic_samples(crop, coords - lo[:, None])
     np.clip(values, source.low, source.high, out=values)
     patch = np.zeros(shape, np.float32) if fill is None else np.array(fill, np.float32, copy=True)
-    patch[points] = values
+    patch[needed] = values  # the same voxels, in the same (C) order as `points`
     return patch
 
 
