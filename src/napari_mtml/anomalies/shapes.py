@@ -152,7 +152,10 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
     centre = (box - 1) / 2.0
     inv = np.linalg.inv(matrix)
     # separable broadcasting: x_own = sum_j inv[:, j] * grid_j, without building an (N, n) array
-    grids = [np.arange(b, dtype=np.float64) - c for b, c in zip(box, centre, strict=True)]
+    grids = [
+        np.arange(b, dtype=np.float64) - c
+        for b, c in zip(box.tolist(), centre.tolist(), strict=True)
+    ]
     ndim = len(box)
     own = []
     for i in range(ndim):
@@ -195,21 +198,22 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
 
 
 def _tight_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a bool array (None if empty): leading axis first, then the other
-    axes within that slab only, so each step reads less than the last."""
-    # usually the shape touches every face of its box: then the box is already tight
-    faces = ((slice(None),) * d + (end,) for d in range(mask.ndim) for end in (0, -1))
-    if all(mask[face].any() for face in faces):
-        return tuple(slice(0, n) for n in mask.shape)
+    """Tight bounding box of a bool array (None if empty).
+
+    A rasterised shape reaches to within a voxel or so of every face of its box, so the box is
+    trimmed from the faces inwards, one slab test at a time, rather than by reducing the whole
+    array along each axis."""
+    if not mask.any():
+        return None
     box = []
-    rest = mask
-    for _ in range(mask.ndim):
-        profile = np.flatnonzero(rest.reshape(rest.shape[0], -1).any(axis=1))
-        if profile.size == 0:
-            return None
-        lo, hi = int(profile[0]), int(profile[-1]) + 1
+    for d, n in enumerate(mask.shape):
+        lead = (slice(None),) * d
+        lo, hi = 0, n
+        while not mask[(*lead, lo)].any():
+            lo += 1
+        while not mask[(*lead, hi - 1)].any():
+            hi -= 1
         box.append(slice(lo, hi))
-        rest = rest[lo:hi].any(axis=0)
     return tuple(box)
 
 
