@@ -138,3 +138,17 @@ def test_placement_fails_clearly_on_a_thin_foreground():
         place_shape(shape, fg.shape, rng, fg, max_attempts=50)
     with pytest.raises(ValueError, match="does not fit"):
         place_shape(shape, (8, 8), rng)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_raster_is_trimmed_to_its_tight_box(ndim):
+    rng = np.random.default_rng(11 + ndim)
+    for k in range(60):
+        # thin sheared shapes as well as fat ones: the raster often misses the box's last row
+        half = rng.uniform(0.3 if k % 3 == 0 else 2.0, 9.0, ndim)
+        shape = rasterise(("ellipse", "rectangle")[k % 2], half, random_matrix(ndim, rng))
+        mask = shape.mask
+        assert mask.any()
+        for d in range(ndim):
+            for end in (0, -1):
+                assert mask[(slice(None),) * d + (end,)].any()
