@@ -17,6 +17,9 @@ After a fixed number of steps per fold, it reports:
 - a random score on the same voxels (its AP is about the anomaly prevalence).
 Test items: every test slice with an anomaly of each of the five tasks (fixed seed), plus the
 healthy slice itself (target zero); AP pooled over the brain voxels of all of them.
+
+Measured once on a shared, loaded 2-core machine (1 thread, defaults, ~8 min): ensemble AP 0.348
+(AUROC 0.739) against 0.146 for a random score; with `--pos-encoding` 0.186 (AUROC 0.613).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--base-features", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--max-features", type=int, default=128)
+    parser.add_argument("--pos-encoding", action="store_true",
+                        help="use the paper's positional encoding (default off: at this step "
+                        "budget the encoded models learn frame positions more than content)")
     parser.add_argument("--test-slices", type=int, default=12, help="central band held out")
     parser.add_argument("--gap", type=int, default=6, help="slices dropped around the band")
     parser.add_argument("--val-interval", type=int, default=50)
@@ -83,7 +89,8 @@ def main(argv=None) -> int:
         config = TrainConfig(
             healthy=(), out=str(run), dims=2, train_tasks=1, frame=frame, kind="mri",
             preset="light", base_features=args.base_features, depth=args.depth,
-            max_features=args.max_features, max_steps=args.steps, batch_size=args.batch_size,
+            max_features=args.max_features, pos_encoding=args.pos_encoding,
+            max_steps=args.steps, batch_size=args.batch_size,
             val_interval=args.val_interval, val_size=args.val_size, device="cpu",
             workers=args.workers, seed=args.seed, warmup_steps=min(100, args.steps // 5),
         )
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
              "smooth_intensity": "smooth"}
     print(f"\nMNI152 axial slices, frame {frame}, {len(train_idx)} training slices, "
           f"{len(test_idx)} test slices (gap {args.gap}); {args.steps} steps/fold, batch "
-          f"{args.batch_size}, U-Net {args.base_features}/{args.depth}/{args.max_features}; "
+          f"{args.batch_size}, U-Net {args.base_features}/{args.depth}/{args.max_features}, "
+          f"positional encoding {'on' if args.pos_encoding else 'off'}; "
           f"{torch.get_num_threads()} thread(s); training {t_train / 60:.1f} min")
     print("\npixel AP on the test slices (healthy copies included; * = a task held out from "
           "that model)")
