@@ -246,3 +246,12 @@ def test_works_under_distributed_data_parallel(tmp_path):
             assert ddp(x).shape == x.shape
     finally:
         dist.destroy_process_group()
+
+
+def test_model_built_under_inference_mode_runs():
+    """Inference tensors keep no version counter: the encoding cache must not need one."""
+    with torch.inference_mode():
+        net = UNet(2, (32, 32), base_features=4, max_features=8, depth=3, init_seed=0)
+        x = torch.ones(2, 1, 32, 32)
+        a, b = net(x), net(x)
+    assert torch.equal(a, b) and a.shape == (2, 1, 32, 32)

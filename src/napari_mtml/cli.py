@@ -91,6 +91,8 @@ def _render_training(gen, *, show: bool):
                     f"train {list(event.train_tasks)} val {list(event.val_tasks)}",
                     unit="step",
                     dynamic_ncols=True,
+                    # a log file (no terminal) gets a progress line every 30 s, not every step
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0,
                 )
             elif isinstance(event, StepEvent):
                 if bar is not None:

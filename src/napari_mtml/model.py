@@ -41,19 +41,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_mtml.config import MODEL_PRESETS
+
 __all__ = ["UNet", "count_parameters", "positional_encoding", "PAPER_PRESETS", "LIGHT_PRESETS"]
 
-#: Constructor arguments of the paper's models (METHOD.md §5), by number of spatial dims.
-PAPER_PRESETS = {
-    3: {"base_features": 32, "max_features": 320, "depth": 5},
-    2: {"base_features": 32, "max_features": 512, "depth": 7},
-}
+def _preset(name: str) -> dict[int, dict[str, int]]:
+    # One table of presets for the whole package: the run configuration's (torch-free) one.
+    return {dims: {"base_features": base, "depth": depth, "max_features": maxf}
+            for dims, (base, depth, maxf) in MODEL_PRESETS[name].items()}
+
+
+#: Constructor arguments of the paper's models (METHOD.md §5), by number of spatial dims:
+#: 3D 32-64-128-256-320, depth 5; 2D depth 7 with widths capped at 512.
+PAPER_PRESETS = _preset("paper")
 #: Half the paper's widths everywhere, same depth: about a quarter of the parameters and of the
 #: convolution work, for training on a workstation CPU.
-LIGHT_PRESETS = {
-    3: {"base_features": 16, "max_features": 160, "depth": 5},
-    2: {"base_features": 16, "max_features": 256, "depth": 7},
-}
+LIGHT_PRESETS = _preset("light")
 
 _FOURIER_FEATURES = 32
 _FOURIER_SCALE = 12.0
@@ -314,8 +317,14 @@ class UNet(nn.Module):
         """The encoding's share of the first conv, shape ``(1, w0, *frame)``."""
         needs_graph = torch.is_grad_enabled() and weight.requires_grad
         # In-place updates (optimiser steps, load_state_dict) bump _version: the key goes stale.
-        key = (id(weight), weight._version, weight.data_ptr(), weight.device, weight.dtype)
+        try:
+            version = weight._version
+        except RuntimeError:  # an inference tensor keeps no version counter: do not cache
+            version = None
+        key = (id(weight), version, weight.data_ptr(), weight.device, weight.dtype)
         key += _autocast_state(weight)
+        if version is None:
+            needs_graph = True  # (never cached below)
         if not needs_graph and self._encoding_cache is not None:
             cached_key, cached = self._encoding_cache
             if cached_key == key:
