@@ -97,6 +97,9 @@ def write_overlay_png(
     origin : "lower" or "upper" for imshow; default "lower" for 3D (RAS arrays: anterior up),
         "upper" for 2D images (row 0 at the top, as X-rays are stored).
     """
+    import matplotlib
+    import matplotlib.cm
+    import matplotlib.colors
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -135,17 +138,15 @@ def write_overlay_png(
         ax.set_title(f"image {label}".strip(), fontsize=9)
         ax = axes[r, 1]
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin=origin, aspect=aspect)
-        heat = pick(anomaly)
-        shown = ax.imshow(
-            np.ma.masked_less(heat, 0.02),
-            cmap="inferno",
-            vmin=0,
-            vmax=1,
-            alpha=0.65,
-            origin=origin,
-            aspect=aspect,
+        heat = np.clip(pick(anomaly), 0.0, 1.0)
+        # opacity grows with the score: low scores leave the anatomy visible, high ones stand out
+        rgba = matplotlib.colormaps["inferno"](heat)
+        rgba[..., 3] = 0.85 * np.clip(heat / 0.5, 0.0, 1.0)
+        ax.imshow(rgba, origin=origin, aspect=aspect)
+        scale = matplotlib.cm.ScalarMappable(
+            norm=matplotlib.colors.Normalize(0.0, 1.0), cmap="inferno"
         )
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.02)
         if contour is not None and np.any(pick(contour)):
             ax.contour(
                 pick(contour).astype(float),
