@@ -1,6 +1,7 @@
 """Screenshots of the three widgets on the built-in real sample data.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--steps 60]
+        [--heatmap-run mtml-demo/run]
 
 Writes docs/preview_widget.png, docs/training_widget.png and docs/heatmap_widget.png (the whole
 napari window, widget docked). The training screenshot comes from a short real run (fold 0 of the
@@ -126,6 +127,10 @@ def heatmap(viewer, run_dir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps of the demo run")
+    parser.add_argument("--heatmap-run", default=None,
+                        help="predict the heatmap with this run folder (e.g. `mtml demo`'s "
+                        "OUT/run, trained on the tumour MRI's own lesion-free slices) instead "
+                        "of the short MNI152 run of the training screenshot")
     args = parser.parse_args()
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
@@ -133,7 +138,7 @@ def main() -> None:
     preview(viewer)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = training(viewer, Path(tmp) / "run", args.steps)
-        heatmap(viewer, run_dir)
+        heatmap(viewer, args.heatmap_run or run_dir)
     viewer.close()
 
 

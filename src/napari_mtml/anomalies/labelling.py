@@ -24,6 +24,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from napari_mtml.anomalies.poisson import bounding_box
+
 __all__ = ["flipped_gaussian_label", "fill_holes_grey", "close_grey"]
 
 #: the largest float32 below 1: the label lives in [0, 1)
@@ -73,7 +75,7 @@ def flipped_gaussian_label(
     mask = mask if mask.dtype == bool else mask != 0
     channels = augmented.ndim == mask.ndim + 1
     out = np.zeros(mask.shape, dtype=np.float32)
-    whole = _bounding_box(mask)
+    whole = bounding_box(mask)
     if whole is not None:
         # face connectivity (ndimage.label's default), on the mask's bounding box only: labelling
         # the whole image would cost more than everything else here for a small anomaly
@@ -275,7 +277,7 @@ def fill_holes_grey(image: np.ndarray) -> np.ndarray:
         return bound  # == image: nothing is enclosed
     # Outside `undecided` the bound equals the image and hence the result; iterate on the box
     # around the undecided voxels only, its border (decided voxels) held by the image itself.
-    box = _bounding_box(undecided)
+    box = bounding_box(undecided)
     box = tuple(slice(s.start - 1, s.stop + 1) for s in box)  # undecided never on the border
     marker = bound[box]  # a view: the result ends up in `bound`
     floor = np.ascontiguousarray(image[box])
@@ -449,21 +451,6 @@ def _filter3(image, axis, op):
     op(image[head], image[tail], out=out[tail])  # out[i] = op(a[i-1], a[i]), i >= 1
     op(out[head], image[tail], out=out[head])  # then with a[i+1], i <= N - 2
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a bool array; None if it is empty."""
-    box = []
-    rest = mask
-    for _ in range(mask.ndim):
-        # leading axis first, then the remaining axes within that slab only
-        profile = np.flatnonzero(rest.reshape(rest.shape[0], -1).any(axis=1))
-        if profile.size == 0:
-            return None
-        lo, hi = int(profile[0]), int(profile[-1]) + 1
-        box.append(slice(lo, hi))
-        rest = rest[lo:hi].any(axis=0)
-    return tuple(box)
 
 
 def _describe(region) -> str:

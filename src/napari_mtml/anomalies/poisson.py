@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-__all__ = ["blend_box", "fast_box_length", "poisson_blend", "solve_poisson_box"]
+__all__ = ["blend_box", "bounding_box", "fast_box_length", "poisson_blend", "solve_poisson_box"]
 
 
 def poisson_blend(
@@ -111,7 +111,21 @@ def blend_box(mask: np.ndarray, fast: bool = False) -> tuple[slice, ...] | None:
     tuple of slices, one per axis, clipped to ``mask.shape``; None if the mask is empty.
     """
     mask = _as_bool_mask(np.asarray(mask), "blend_box")
-    lows, highs = [], []
+    tight = bounding_box(mask)
+    if tight is None:
+        return None
+    box = tuple(
+        slice(max(side.start - 1, 0), min(side.stop + 1, n))
+        for side, n in zip(tight, mask.shape, strict=True)
+    )
+    if fast:
+        box = tuple(_lengthen(side, n) for side, n in zip(box, mask.shape, strict=True))
+    return box
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box of a bool array (one slice per axis); None if it is empty."""
+    box = []
     rest = mask
     for _ in range(mask.ndim):
         # Profile of the leading axis, then the remaining axes from the slab between its first
@@ -121,16 +135,9 @@ def blend_box(mask: np.ndarray, fast: bool = False) -> tuple[slice, ...] | None:
         if profile.size == 0:
             return None
         lo, hi = int(profile[0]), int(profile[-1]) + 1
-        lows.append(lo)
-        highs.append(hi)
+        box.append(slice(lo, hi))
         rest = rest[lo:hi].any(axis=0)
-    box = tuple(
-        slice(max(lo - 1, 0), min(hi + 1, n))
-        for lo, hi, n in zip(lows, highs, mask.shape, strict=True)
-    )
-    if fast:
-        box = tuple(_lengthen(side, n) for side, n in zip(box, mask.shape, strict=True))
-    return box
+    return tuple(box)
 
 
 def _lengthen(side: slice, size: int) -> slice:
