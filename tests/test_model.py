@@ -255,3 +255,12 @@ def test_model_built_under_inference_mode_runs():
         x = torch.ones(2, 1, 32, 32)
         a, b = net(x), net(x)
     assert torch.equal(a, b) and a.shape == (2, 1, 32, 32)
+
+
+def test_models_of_one_frame_share_one_encoding():
+    a = UNet(2, (32, 32), base_features=4, max_features=8, depth=3, init_seed=0)
+    b = UNet(2, (32, 32), base_features=4, max_features=8, depth=3, init_seed=1)
+    assert a.encoding.data_ptr() == b.encoding.data_ptr()  # built once, shared
+    np.testing.assert_array_equal(a.encoding[0].numpy(), positional_encoding((32, 32)))
+    c = UNet(2, (64, 32), base_features=4, max_features=8, depth=3)
+    assert tuple(c.encoding.shape) == (1, 66, 64, 32)
