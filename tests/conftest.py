@@ -24,3 +24,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test images not found at ../shared/data (looked in {SHARED_DATA.name})")
     return SHARED_DATA
+
+
+@pytest.fixture
+def napari_errors():
+    """A function returning the messages of the error notifications napari has shown so far."""
+
+    def errors() -> list[str]:
+        from napari.utils.notifications import notification_manager
+
+        return [str(n.message) for n in notification_manager.records
+                if getattr(n.severity, "value", n.severity) == "error"]
+
+    return errors

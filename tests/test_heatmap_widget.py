@@ -13,13 +13,6 @@ pytestmark = pytest.mark.qt
 PLUGIN = "napari-mtml"
 
 
-def _errors():
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records
-            if getattr(n.severity, "value", n.severity) == "error"]
-
-
 def _disc(shape, seed, radius=0.8):
     rng = np.random.default_rng(seed)
     grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
@@ -52,7 +45,7 @@ def _predict(qtbot, widget):
 
 
 def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtbot, tiny_run,
-                                                        tmp_path):
+                                                        tmp_path, napari_errors):
     from napari_mtml.io import read_image
 
     viewer = make_napari_viewer()
@@ -102,7 +95,7 @@ def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtb
     assert widget.wait(60)
     ref_thr = widget.threshold_slider.value()
     assert 0.0 <= ref_thr <= 1.0
-    assert not any("Heatmap" in m for m in _errors())
+    assert not any("Heatmap" in m for m in napari_errors())
 
     # Save: a NIfTI that reads back on the image's grid.
     path = widget.save(tmp_path / "vol_anomaly.nii.gz")
@@ -113,12 +106,12 @@ def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtb
     np.testing.assert_allclose(back.spacing, layer.scale)
 
 
-def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_path):
+def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(str(tiny_run))
     widget.predict()  # no image layer
-    assert widget.heatmap_layer is None and any("image layer" in m for m in _errors())
+    assert widget.heatmap_layer is None and any("image layer" in m for m in napari_errors())
 
     viewer.add_image(_disc((40, 40), 1), name="img")
     empty = tmp_path / "empty_run"
@@ -130,13 +123,13 @@ def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_pat
     widget.set_run(str(tiny_run))
     big = viewer.add_image(_disc((160, 160), 2, radius=0.95), name="too big")
     widget.image_combo.set_layer(big)
-    n_errors = len(_errors())
+    n_errors = len(napari_errors())
     _predict(qtbot, widget)  # content larger than the run's 64x64 frame allows
-    assert widget.heatmap_layer is None and len(_errors()) == n_errors + 1
-    assert "frame" in _errors()[-1]
+    assert widget.heatmap_layer is None and len(napari_errors()) == n_errors + 1
+    assert "frame" in napari_errors()[-1]
 
     widget.save(tmp_path / "nothing.nii.gz")  # nothing predicted yet
-    assert "nothing to save" in _errors()[-1]
+    assert "nothing to save" in napari_errors()[-1]
 
 
 def test_regions_above_counts_components():
@@ -154,7 +147,7 @@ def test_regions_above_counts_components():
     assert regions_above(heat, 0.99, (1.0, 1.0))[1] == []
 
 
-def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_path):
+def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_path, napari_errors):
     from napari_mtml.config import TrainConfig
     from napari_mtml.training import train
 
@@ -176,4 +169,4 @@ def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_pa
     viewer.add_image(_disc((40, 40), 3), name="flat")
     _predict(qtbot, widget)
     assert widget.heatmap_layer is None
-    assert "3D" in _errors()[-1] and "2D" in _errors()[-1]
+    assert "3D" in napari_errors()[-1] and "2D" in napari_errors()[-1]

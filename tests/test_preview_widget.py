@@ -24,13 +24,6 @@ def _disc(shape, rng):
     return image.astype(np.float32)
 
 
-def _errors():
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records
-            if getattr(n.severity, "value", n.severity) == "error"]
-
-
 def _next_update(qtbot, widget, after: int):
     qtbot.waitUntil(lambda: widget.n_updates > after and not widget.busy, timeout=20000)
 
@@ -120,12 +113,12 @@ def test_preview_3d_random_task_and_layer_source(make_napari_viewer, qtbot):
     widget.stop()
 
 
-def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
+def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path, napari_errors):
     viewer = make_napari_viewer()
     widget = _dock(viewer)
     widget.update_now()  # no image layer at all
     assert widget.preview_layer is None
-    assert any("image layer" in m for m in _errors())
+    assert any("image layer" in m for m in napari_errors())
 
     rng = np.random.default_rng(2)
     viewer.add_image(_disc((40, 40), rng), name="scan")
@@ -134,7 +127,7 @@ def test_preview_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
     widget.folder_edit.setText(str(tmp_path))  # an empty folder
     widget._folder_changed()
     widget.update_now()
-    assert any("holds no images" in m for m in _errors())
+    assert any("holds no images" in m for m in napari_errors())
 
     # The same folder with two PNG images: inter-dataset blending takes its source from there.
     from PIL import Image as PILImage

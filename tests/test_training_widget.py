@@ -12,13 +12,6 @@ pytestmark = pytest.mark.qt
 PLUGIN = "napari-mtml"
 
 
-def _errors():
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records
-            if getattr(n.severity, "value", n.severity) == "error"]
-
-
 def _healthy_folder(folder, n=6, shape=(96, 96)):
     """n small 2D 'brains' (textured discs on zero background) as 2D NIfTI files."""
     folder.mkdir()
@@ -117,12 +110,12 @@ def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(make_napari_viewer,
     assert widget.start_button.isEnabled()
 
 
-def test_training_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
+def test_training_bad_input_notifies(make_napari_viewer, qtbot, tmp_path, napari_errors):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     widget.start()  # nothing filled in
     assert widget.worker is None
-    assert any("no healthy data" in m for m in _errors())
+    assert any("no healthy data" in m for m in napari_errors())
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -130,11 +123,11 @@ def test_training_bad_input_notifies(make_napari_viewer, qtbot, tmp_path):
     widget.start()  # the folder exists but holds nothing: the core says so, in a notification
     assert widget.wait(60)
     assert "error" in widget.message.text()
-    assert len(_errors()) >= 2
+    assert len(napari_errors()) >= 2
 
     widget.source_combo.setCurrentText("open image layers")
     widget.start()  # no layer ticked
-    assert any("no healthy image layer" in m for m in _errors())
+    assert any("no healthy image layer" in m for m in napari_errors())
 
 
 def test_device_list_and_cpu_note(make_napari_viewer):
