@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
+
 __all__ = ["TrainConfig", "MODEL_PRESETS"]
 
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
@@ -128,11 +130,12 @@ class TrainConfig:
     patience: int = 5000
     val_size: int | None = None
     # task parameters
-    min_push: float = 0.5
+    # (the engine's defaults, the paper's; max_push is resolved per modality)
+    min_push: float = _TaskParams.min_push
     max_push: float | None = None
-    intensity_scale: float = 0.2
-    sigma: float = 0.2
-    max_anomalies: int = 4
+    intensity_scale: float = _TaskParams.intensity_scale
+    sigma: float = _TaskParams.sigma
+    max_anomalies: int = _TaskParams.max_anomalies
     flip: bool | None = None
     # filled by `resolve` once the data is known; saved in config.json
     resolved_kind: str | None = field(default=None)
@@ -401,7 +404,7 @@ class TrainConfig:
         """Keyword arguments for `napari_mtml.anomalies.synthesize` (resolved config)."""
         return {
             "min_push": self.min_push,
-            "max_push": self.max_push if self.max_push is not None else 5.0,
+            "max_push": self.max_push if self.max_push is not None else _TaskParams.max_push,
             "intensity_scale": self.intensity_scale,
             "sigma": self.sigma,
             "max_anomalies": self.max_anomalies,
