@@ -15,6 +15,7 @@ from napari_mtml.preprocess import (
     from_frame,
     infer_kind,
     to_frame,
+    to_model_units,
 )
 
 
@@ -289,3 +290,20 @@ def test_chest_xray_file_into_the_frame(shared_data):
     assert arr.min() >= -1 and arr.max() <= 1
     # lungs (air) are darker than the spine (bone) after inversion of MONOCHROME1
     assert arr[100:160, 60:100].mean() < arr[100:160, 120:136].mean()
+
+
+def test_model_units_z_score_volumes_scale_2d_and_invert():
+    rng = np.random.default_rng(0)
+    vol = (50 + 10 * rng.standard_normal((6, 8, 8))).astype(np.float32)
+    fg = np.zeros(vol.shape, bool)
+    fg[1:5, 2:6, 2:6] = True
+    z, offset, scale = to_model_units(vol, fg)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose([z[fg].mean(), z[fg].std()], [0.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(z * scale + offset, vol, rtol=1e-6)
+    img = rng.uniform(100, 900, (10, 12)).astype(np.float32)
+    u, offset, scale = to_model_units(img, None)
+    assert np.isclose(u.min(), -1) and np.isclose(u.max(), 1)
+    np.testing.assert_allclose(u * scale + offset, img, rtol=1e-6)
+    flat, _, scale = to_model_units(np.full((4, 4), 3.0, np.float32), None)  # constant: no NaN
+    assert scale == 1.0 and np.isfinite(flat).all()

@@ -48,6 +48,7 @@ __all__ = [
     "from_frame",
     "infer_kind",
     "to_frame",
+    "to_model_units",
 ]
 
 MRI_FRAME_3D = (80, 112, 80)
@@ -293,6 +294,25 @@ def _fit_error(content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, 
         f"larger than the frame {frame}. A frame of {fit} would fit (frame={fit}), or "
         f"downsample={ds} keeps this frame."
     )
+
+
+def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np.ndarray, float,
+                                                                                float]:
+    """Affine intensity map into the units the task parameters are defined in.
+
+    Volumes (3D): z-score over the foreground (METHOD.md §7, brain); 2D images: [min, max] ->
+    [-1, 1] (§7, X-ray). Returns `(float32 array, offset, scale)` with `array * scale + offset`
+    giving back the input (a preview is shown in the layer's own units). Unlike `to_frame` it
+    keeps the image's grid and never raises: a constant image gets scale 1.
+    """
+    if array.ndim == 3:
+        inside = array[foreground] if foreground is not None and foreground.any() else array
+        offset, scale = float(inside.mean()), float(inside.std())
+    else:
+        lo, hi = float(array.min()), float(array.max())
+        offset, scale = (hi + lo) / 2.0, (hi - lo) / 2.0
+    scale = scale if scale > 0 else 1.0
+    return ((array - offset) / scale).astype(np.float32), offset, scale
 
 
 def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, downsample=2,

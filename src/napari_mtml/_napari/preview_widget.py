@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
 from napari_mtml.anomalies import TASKS, synthesize
+from napari_mtml.preprocess import to_model_units
 
 from ._common import (
     LayerCombo,
@@ -118,24 +119,6 @@ class PreviewResult:
     layer_id: int = 0
     params: dict = field(default_factory=dict)
     slice_index: int | None = None  # the axial slice synthesised in 2D, if any
-
-
-def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np.ndarray, float,
-                                                                                float]:
-    """Affine intensity map into the units the task parameters are defined in.
-
-    Volumes (3D): z-score over the foreground (METHOD.md §7, brain); 2D images: [min, max] ->
-    [-1, 1] (§7, X-ray). Returns `(float32 array, offset, scale)` with `array * scale + offset`
-    giving back the input, so the preview can be shown in the layer's own units.
-    """
-    if array.ndim == 3:
-        inside = array[foreground] if foreground is not None and foreground.any() else array
-        offset, scale = float(inside.mean()), float(inside.std())
-    else:
-        lo, hi = float(array.min()), float(array.max())
-        offset, scale = (hi + lo) / 2.0, (hi - lo) / 2.0
-    scale = scale if scale > 0 else 1.0
-    return ((array - offset) / scale).astype(np.float32), offset, scale
 
 
 def prepare_input(layer_data: np.ndarray, foreground: np.ndarray | None) -> PreviewInput:
