@@ -163,19 +163,13 @@ def _bbox(mask: np.ndarray) -> tuple:
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximal between-class variance over a histogram)."""
+    """Otsu's threshold of a sample (scikit-image's, over a `bins`-bin histogram of its range)."""
+    from skimage.filters import threshold_otsu
+
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
-        return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+        return lo  # scikit-image would warn and return the value; say it without the warning
+    return float(threshold_otsu(np.asarray(values), nbins=bins))
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -429,12 +423,13 @@ def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
 
 
 def _equalise(x: np.ndarray, lo: float, hi: float, bins: int = 256) -> np.ndarray:
-    """Histogram equalisation to [0, 1]: each value -> the CDF at its bin centre."""
-    hist, edges = np.histogram(x, bins=bins, range=(lo, hi))
-    cdf = np.cumsum(hist).astype(np.float64)
-    cdf /= cdf[-1]
-    centres = (edges[:-1] + edges[1:]) / 2
-    return np.interp(x, centres, cdf).astype(np.float32)
+    """Histogram equalisation to [0, 1] (scikit-image's `equalize_hist`), float32.
+
+    `x` is already clipped to the window `[lo, hi]`; the histogram spans the values `x` takes.
+    """
+    from skimage.exposure import equalize_hist
+
+    return np.asarray(equalize_hist(x, nbins=bins), dtype=np.float32)
 
 
 def _cxr_to_frame(scan: Scan, frame, factors, name):

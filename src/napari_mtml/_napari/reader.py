@@ -1,4 +1,7 @@
-"""napari reader contribution: NIfTI, DICOM files and DICOM series folders via `napari_mtml.io`.
+"""napari reader contribution: NIfTI, DICOM files and DICOM folders via `napari_mtml.io`.
+
+A DICOM folder holding several series (a hospital export: localiser, T1, T2, DWI ...) gives one
+layer per series, named by its SeriesDescription.
 
 Layers sit in world millimetres with a diagonal `scale` (the spacing) and `translate` (the RAS
 position of the first voxel), never a rotated affine: the array is already RAS-canonical. The
@@ -9,12 +12,13 @@ maps can be written back in the file's geometry.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from napari_mtml.io import ImageReadError, Scan, image_kind, read_image
+from napari_mtml.io import ImageReadError, ImageReadWarning, Scan, image_kind, read_image
 
 __all__ = ["get_reader", "layer_data_from_scan", "read_layers"]
 
@@ -99,16 +103,53 @@ def _layer_name(path: Path) -> str:
     return name
 
 
+def _series_layers(folder: Path) -> list[tuple]:
+    """One layer per DICOM series of a folder, named by SeriesDescription.
+
+    A folder of one series gives one layer named after the folder. A series that cannot be read
+    (e.g. compressed without a decoder) is left out with an `ImageReadWarning`, so that one odd
+    series does not hide the others; if none can be read, the first error is raised.
+    """
+    from napari_mtml.io.dicom import read_each_series
+
+    results = list(read_each_series(folder))
+    if len(results) == 1:
+        info, scan = results[0]
+        if isinstance(scan, Exception):
+            raise scan
+        return [layer_data_from_scan(scan, _layer_name(folder))]
+    layers, errors, used = [], [], set()
+    for info, scan in results:
+        if isinstance(scan, Exception):
+            errors.append((info, scan))
+            continue
+        name = info.name
+        if name in used:
+            name = f"{name} ({info.number if info.number is not None else info.uid[-8:]})"
+        used.add(name)
+        layers.append(layer_data_from_scan(scan, name))
+    if not layers:
+        raise errors[0][1]
+    for info, exc in errors:
+        warnings.warn(f"series '{info.name}' ({info.uid}) was not opened: {exc}",
+                      ImageReadWarning, stacklevel=2)
+    return layers
+
+
 def read_layers(path) -> list[tuple]:
     """Read one path (or a list of paths) into napari LayerData tuples.
 
-    Raises `ImageReadError` with the file's name and the problem when a file cannot be read
-    (napari shows it as a notification).
+    A DICOM folder gives one layer per series (see `_series_layers`). Raises `ImageReadError`
+    with the file's name and the problem when a file cannot be read (napari shows it as a
+    notification).
     """
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers = []
     for p in paths:
         p = Path(p)
+        if p.is_dir():
+            layers.extend(_series_layers(p))
+            continue
         scan = read_image(p)
         layers.append(layer_data_from_scan(scan, _layer_name(p)))
     if not layers:

@@ -2,7 +2,8 @@
 
 ```python
 from napari_mtml.io import Scan, read_image, write_image, ImageReadError
-scan = read_image(path)              # a file, or a folder holding one DICOM series
+scan = read_image(path)              # a file, or a folder holding DICOM series
+list_series(folder)                  # the DICOM series of a folder; read_image(folder, series=uid)
 write_image(out_path, heatmap, like=scan)   # a map on scan.array's grid, in the file's geometry
 ```
 See `napari_mtml.io.scan` for the geometry convention. Every problem with an input file raises
@@ -18,16 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
+from .dicom import DicomSeries, list_series, looks_like_dicom, read_dicom_file, read_dicom_series
 from .nifti import read_nifti, write_nifti
 from .raster import RASTER_SUFFIXES, read_raster
 from .scan import ImageReadError, ImageReadWarning, Scan
 
 __all__ = [
+    "DicomSeries",
     "ImageReadError",
     "ImageReadWarning",
     "Scan",
     "image_kind",
+    "list_series",
     "read_image",
     "write_image",
 ]
@@ -80,13 +83,15 @@ def image_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike) -> Scan:
+def read_image(path: str | os.PathLike, series: str | None = None) -> Scan:
     """Read a scan: NIfTI-1/2 (.nii, .nii.gz), DICOM (file or series folder), PNG/TIFF (2D).
 
     Parameters
     ----------
     path : a file, or a folder holding DICOM slices (searched recursively; the largest series is
         read and the choice is recorded in `metadata["warnings"]`).
+    series : for a folder, the SeriesInstanceUID of the series to read (`list_series(folder)`
+        lists them); an unknown UID raises `ImageReadError` listing the folder's series.
 
     Returns
     -------
@@ -108,7 +113,12 @@ def read_image(path: str | os.PathLike) -> Scan:
     if not path.exists():
         raise ImageReadError(f"{path}: file or folder not found.")
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, series=series)
+    if series is not None:
+        raise ImageReadError(
+            f"{path}: series={series!r} chooses a series inside a DICOM folder; give the folder, "
+            "not a file."
+        )
     if not path.is_file():
         raise ImageReadError(f"{path}: not a regular file.")
     if path.stat().st_size == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -397,11 +398,38 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_dicom_series(folder: Path) -> Scan:
-    """A folder (searched recursively) holding DICOM slices: the largest series as one volume.
+@dataclass(frozen=True)
+class DicomSeries:
+    """One image series found in a folder (`list_series`).
 
-    Slices of one SeriesInstanceUID are sorted by ImagePositionPatient projected on the slice
-    normal; the z spacing comes from those positions (not SliceThickness).
+    `uid` (SeriesInstanceUID, or "(no SeriesInstanceUID)"), `description` (SeriesDescription,
+    "" if absent), `number` (SeriesNumber or None), `modality`, `n_files` (image files of the
+    series), `rows`, `columns` (of its first file) and `files` (their paths, sorted).
+    """
+
+    uid: str
+    description: str
+    number: int | None
+    modality: str
+    n_files: int
+    rows: int
+    columns: int
+    files: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        """A short display name: the description, else "series N", else the UID's tail."""
+        if self.description:
+            return self.description
+        if self.number is not None:
+            return f"series {self.number}"
+        return f"series {self.uid[-12:]}"
+
+
+def _index_folder(folder: Path) -> tuple[dict[str, list], int, int]:
+    """Headers of every DICOM image file under `folder`, grouped by SeriesInstanceUID.
+
+    Returns `(series uid -> [(path, dataset without pixels), ...], skipped files, files seen)`.
     """
     files = _folder_files(folder)
     series: dict[str, list] = defaultdict(list)
@@ -423,17 +451,110 @@ def read_dicom_series(folder: Path) -> Scan:
             f"{folder}: no DICOM images found in this folder ({len(files)} file(s) looked at); "
             "point at a folder holding the slices of one DICOM series, or at a single file."
         )
-    ranked = sorted(series.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    uid, members = ranked[0]
-    first_meta = _base_metadata(members[0][1], folder, "dicom-series")
-    if len(ranked) > 1:
-        others = ", ".join(f"{u} ({len(m)} file(s))" for u, m in ranked[1:])
-        desc = first_meta["series_description"]
-        warn(first_meta, f"{folder}: {len(ranked)} series found; reading the largest, {uid}"
-                         f"{f' ({desc})' if desc else ''} with {len(members)} file(s). "
-                         f"Others: {others}.")
+    return series, skipped, len(files)
+
+
+def _series_number(ds) -> int | None:
+    try:
+        value = ds.get("SeriesNumber")
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(uid: str, members: list) -> DicomSeries:
+    ds = members[0][1]
+    return DicomSeries(
+        uid=uid,
+        description=str(ds.get("SeriesDescription", "") or "").strip(),
+        number=_series_number(ds),
+        modality=str(ds.get("Modality", "") or ""),
+        n_files=len(members),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        files=tuple(f for f, _ in members),
+    )
+
+
+def _ordered(series: dict[str, list]) -> list[tuple[str, list]]:
+    """Series in the scanner's order: SeriesNumber, then UID (unnumbered ones last)."""
+    def key(item):
+        number = _series_number(item[1][0][1])
+        return (number is None, number if number is not None else 0, item[0])
+
+    return sorted(series.items(), key=key)
+
+
+def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """Every DICOM image series under `folder` (searched recursively), in SeriesNumber order.
+
+    Only headers are read. A hospital export typically holds a localiser, T1, T2, DWI ... as
+    separate series; `read_image(folder, series=s.uid)` reads one of them.
+
+    Raises `ImageReadError` for a missing folder or one without DICOM images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: not a folder; list_series needs a folder of DICOM files.")
+    series, _skipped, _n = _index_folder(folder)
+    return [_describe(uid, members) for uid, members in _ordered(series)]
+
+
+def read_dicom_series(folder: Path, series: str | None = None) -> Scan:
+    """A folder (searched recursively) holding DICOM slices: one series as one volume.
+
+    `series`: the SeriesInstanceUID to read (see `list_series`); `None` reads the largest series
+    and records the others in `metadata["warnings"]`. Slices of one series are sorted by
+    ImagePositionPatient projected on the slice normal; the z spacing comes from those
+    positions (not SliceThickness).
+    """
+    index, skipped, _n = _index_folder(folder)
+    if series is not None:
+        uid = str(series)
+        if uid not in index:
+            found = "; ".join(f"{s.uid} ({s.name}, {s.n_files} file(s))"
+                              for s in (_describe(u, m) for u, m in _ordered(index)))
+            raise ImageReadError(
+                f"{folder}: no series with SeriesInstanceUID {uid}; the folder holds: {found}."
+            )
+        members = index[uid]
+        first_meta = _base_metadata(members[0][1], folder, "dicom-series")
+    else:
+        ranked = sorted(index.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        uid, members = ranked[0]
+        first_meta = _base_metadata(members[0][1], folder, "dicom-series")
+        if len(ranked) > 1:
+            others = ", ".join(f"{u} ({len(m)} file(s))" for u, m in ranked[1:])
+            desc = first_meta["series_description"]
+            warn(first_meta, f"{folder}: {len(ranked)} series found; reading the largest, {uid}"
+                             f"{f' ({desc})' if desc else ''} with {len(members)} file(s). "
+                             f"Others: {others}. Choose one with read_image(folder, "
+                             "series=UID) (list_series lists them).")
     if skipped:
         first_meta["skipped_files"] = skipped
+    return _read_members(folder, members, first_meta)
+
+
+def read_each_series(folder: Path):
+    """Every series of a folder, headers indexed once: yields `(DicomSeries, Scan)` pairs, or
+    `(DicomSeries, ImageReadError)` for a series that cannot be read (the others still are).
+
+    In SeriesNumber order, like `list_series`; what the napari reader uses for one layer per
+    series.
+    """
+    index, _skipped, _n = _index_folder(Path(folder))
+    for uid, members in _ordered(index):
+        info = _describe(uid, members)
+        try:
+            scan = _read_members(Path(folder), members,
+                                 _base_metadata(members[0][1], folder, "dicom-series"))
+        except ImageReadError as exc:
+            yield info, exc
+        else:
+            yield info, scan
+
+
+def _read_members(folder: Path, members: list, first_meta: dict) -> Scan:
     if len(members) == 1 or int(members[0][1].get("NumberOfFrames", 1) or 1) > 1:
         scan = read_dicom_file(members[0][0])
         scan.metadata["warnings"] = first_meta["warnings"] + scan.metadata["warnings"]
