@@ -170,3 +170,149 @@ def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_pa
     _predict(qtbot, widget)
     assert widget.heatmap_layer is None
     assert "3D" in napari_errors()[-1] and "2D" in napari_errors()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry, the region table, 3D, progress and cancel
+# --------------------------------------------------------------------------------------------
+def test_heatmap_on_a_rotated_flipped_layer_sits_on_it(make_napari_viewer, qtbot, tiny_run):
+    from napari_mtml._napari._common import layer_affine
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    # another reader's layer: unit scale, the voxel size, a rotation and a flip in `affine`
+    angle = np.deg2rad(30.0)
+    outer = np.eye(3)
+    outer[:2, :2] = np.array([[np.cos(angle), -np.sin(angle)],
+                              [np.sin(angle), np.cos(angle)]]) @ np.diag([0.5, -0.8])
+    outer[:2, 2] = (12.0, -3.0)
+    layer = viewer.add_image(_disc((40, 40), 4), name="oblique", rotate=10.0, affine=outer)
+    widget.image_combo.set_layer(layer)
+    _predict(qtbot, widget)
+    assert widget.heatmap_layer is not None
+    for out in (widget.heatmap_layer, widget.disagreement_layer, widget.labels_layer):
+        np.testing.assert_allclose(layer_affine(out), layer_affine(layer), atol=1e-9)
+    widget.threshold_slider.setValue(float(np.quantile(widget.prediction.anomaly, 0.8)))
+    widget.apply_threshold()
+    assert widget.regions
+    # sizes in mm^2 from the layer's geometry (0.5 x 0.8 mm pixels), not from its unit scale
+    r = widget.regions[0]
+    assert r.size_mm == pytest.approx(r.voxels * 0.4)
+
+
+def test_region_table_click_features_and_csv(make_napari_viewer, qtbot, tiny_run, tmp_path):
+    import csv
+
+    from napari_mtml._napari._common import viewer_camera
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    layer = viewer.add_image(_disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9),
+                             translate=(10.0, -5.0, 2.0))
+    widget.image_combo.set_layer(layer)
+    _predict(qtbot, widget)
+    heat = widget.prediction.anomaly
+    widget.threshold_slider.setValue(float(np.quantile(heat, 0.97)))
+    widget.apply_threshold()
+    regions = widget.regions
+    assert len(regions) >= 2, "the test needs two regions to click between"
+    labels = widget.labels_layer
+
+    # features: one row per label, the table's numbers
+    features = labels.features
+    assert list(features["index"]) == [r.label for r in regions]
+    np.testing.assert_allclose(features["size_mm"], [r.size_mm for r in regions])
+    np.testing.assert_allclose(features["peak"], [r.peak for r in regions])
+
+    for row in (1, 0):
+        widget.table.selectRow(row)
+        label = regions[row].label
+        assert labels.selected_label == label
+        # the slice shown and the camera centre lie inside that region
+        z = viewer.dims.point[0]
+        centre = (z, *viewer_camera(viewer).center[-2:])
+        index = np.rint(labels.world_to_data(centre)).astype(int)
+        assert labels.data[tuple(index)] == label
+
+    path = widget.export_csv(tmp_path / "regions.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][0] == "threshold"
+    assert float(rows[0][1]) == pytest.approx(widget.threshold_slider.value(), rel=1e-5)
+    header, body = rows[1], rows[2:]
+    assert header[:5] == ["label", "voxels", "size_mm3", "peak", "mean"]
+    assert header[5:] == ["centre_z_mm", "centre_y_mm", "centre_x_mm"]
+    assert [int(r[0]) for r in body] == [r.label for r in regions]
+    assert float(body[0][2]) == pytest.approx(regions[0].voxels * 3.0 * 0.9 * 0.9, rel=1e-5)
+    # the centre column is in world mm: inside the layer's extent along z
+    zs = [float(r[5]) for r in body]
+    assert all(10.0 <= z <= 10.0 + 11 * 3.0 for z in zs)
+
+
+def test_heatmap_in_3d_view_renders(make_napari_viewer, qtbot, tiny_run):
+    from napari_mtml._napari._common import viewer_camera
+
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    layer = viewer.add_image(_disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9))
+    widget.image_combo.set_layer(layer)
+    _predict(qtbot, widget)
+    heat = widget.heatmap_layer
+    assert heat.rendering == "attenuated_mip"
+    heat.contrast_limits = (0.0, float(heat.data.max()) or 1.0)  # bright, to see it
+    viewer.dims.ndisplay = 3
+    viewer_camera(viewer).angles = (0.0, 30.0, 60.0)
+    assert viewer.dims.ndisplay == 3
+    with_heat = np.asarray(viewer.screenshot(canvas_only=False, flash=False))[..., :3]
+    heat.visible = False
+    widget.labels_layer.visible = False
+    without = np.asarray(viewer.screenshot(canvas_only=False, flash=False))[..., :3]
+    assert with_heat.shape == without.shape
+    changed = np.abs(with_heat.astype(int) - without.astype(int)).sum(axis=-1) > 30
+    assert changed.mean() > 0.01, "the heatmap is not visible in the 3D view"
+    # inferno over grey: where it shows, red dominates blue
+    r, b = with_heat[..., 0].astype(int), with_heat[..., 2].astype(int)
+    assert (r[changed] > b[changed]).mean() > 0.5
+
+
+def test_single_prediction_progress_and_cancel(make_napari_viewer, qtbot, tiny_run,
+                                               monkeypatch):
+    import threading
+
+    from napari_mtml.inference import Ensemble
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    layer = viewer.add_image(_disc((40, 40), 5), name="img")
+    widget.image_combo.set_layer(layer)
+
+    entered, release = threading.Event(), threading.Event()
+    original = Ensemble.predict
+
+    def slow_predict(self, scan, *args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return original(self, scan, *args, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "predict", slow_predict)
+    widget.predict()
+    assert widget.busy and widget.cancel_button.isEnabled()
+    assert widget.progress is not None and widget.progress.total == 2
+    qtbot.waitUntil(entered.is_set, timeout=30000)
+    assert widget.progress.n >= 1  # "loading the run" done, "predicting" under way
+    widget.progress.cancel()  # what the Cancel button of napari's activity dock calls
+    assert "cancelling" in widget.status.text()
+    release.set()
+    assert widget.wait(60)
+    assert widget.heatmap_layer is None and widget.prediction is None
+    assert "cancelled" in widget.status.text()
+    assert widget.progress is None and not widget.cancel_button.isEnabled()
+
+    # the next prediction runs normally
+    monkeypatch.setattr(Ensemble, "predict", original)
+    _predict(qtbot, widget)
+    assert widget.heatmap_layer is not None

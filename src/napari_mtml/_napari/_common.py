@@ -2,7 +2,8 @@
 
 Nothing here is science. It turns napari layers into the core's inputs (a `Scan`, a float32
 array and its voxel size in mm) and the core's outputs back into layers that sit exactly on the
-source layer (same `scale` and `translate`), and it runs the core's long calls off the event loop.
+source layer (its whole transform: scale, translate, rotate, shear and affine), and it runs the
+core's long calls off the event loop.
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ from superqt.utils import FunctionWorker, GeneratorWorker
 __all__ = [
     "RUN_BUS",
     "available_devices",
+    "cancelable_bar",
     "ClosingGeneratorWorker",
+    "file_affine_from_layer_matrix",
+    "geometry_metadata",
     "image_layer_array",
+    "layer_affine",
+    "layer_spacing",
     "notify_error",
     "on_grid_of",
+    "scan_from_geometry",
     "scan_from_layer",
     "set_or_add_image",
     "set_or_add_labels",
     "start_worker",
+    "viewer_camera",
+    "voxel_volume",
 ]
 
 
@@ -127,45 +136,127 @@ def image_layer_array(layer, what: str = "this widget") -> np.ndarray:
     return data
 
 
-def _layer_affine(layer, ndim: int) -> np.ndarray:
-    """A 4x4 voxel-to-world affine for a layer that was not read by our reader (diagonal)."""
-    aff = np.eye(4)
-    scale = np.asarray(layer.scale[-ndim:], dtype=float)
-    translate = np.asarray(layer.translate[-ndim:], dtype=float)
-    # napari axes are (z, y, x) / (y, x); a NIfTI affine maps (i, j, k) = (x, y, z).
-    for i, (s, t) in enumerate(zip(scale[::-1], translate[::-1], strict=True)):
-        aff[i, i] = s
-        aff[i, 3] = t
-    return aff
+def layer_affine(layer) -> np.ndarray:
+    """The layer's full data-index -> world matrix, `(n + 1, n + 1)` for an n-D layer.
+
+    Everything napari applies is in it: `scale`, `shear`, `rotate`, `translate` and the extra
+    `affine` (what e.g. napari-nifti passes), read back through napari's own `data_to_world`
+    so that it is exactly what the canvas shows.
+    """
+    n = layer.ndim
+    origin = np.asarray(layer.data_to_world(np.zeros(n)), dtype=float)
+    matrix = np.eye(n + 1)
+    for axis in range(n):
+        unit = np.zeros(n)
+        unit[axis] = 1.0
+        matrix[:n, axis] = np.asarray(layer.data_to_world(unit), dtype=float) - origin
+    matrix[:n, n] = origin
+    return matrix
 
 
-def scan_from_layer(layer, what: str = "this widget"):
-    """A `napari_mtml.io.Scan` for an image layer, keeping the file's geometry when known.
+def layer_spacing(layer) -> tuple[float, ...]:
+    """Millimetres per voxel along each data axis (the column lengths of `layer_affine`)."""
+    linear = layer_affine(layer)[:-1, :-1]
+    return tuple(float(v) for v in np.linalg.norm(linear, axis=0))
 
-    Our reader stores the original `Scan` (or its `affine`) in `layer.metadata`; then maps written
-    with `write_image(..., like=scan)` land on the file's own geometry. For any other layer the
-    geometry comes from the layer's `scale` (mm per voxel) and `translate`.
+
+def voxel_volume(layer) -> float:
+    """mm^2 (2D) or mm^3 (3D) of one voxel: |det| of the linear part (right under shear too)."""
+    return float(abs(np.linalg.det(layer_affine(layer)[:-1, :-1])))
+
+
+def file_affine_from_layer_matrix(matrix: np.ndarray) -> np.ndarray:
+    """A NIfTI-style 4x4 affine (file voxel `(i, j, k)` = array `(x, y, z)` -> world) for a layer
+    matrix over array axes `(z, y, x)` / `(y, x)`.
+
+    This plugin's layers put world axis 0 = S, 1 = A, 2 = R (RAS read backwards, like the array
+    axes), so both the array and the world axes are reversed. A 2D layer becomes a one-slice
+    volume whose slice axis is the world's third axis. The inverse of `Scan.array_affine()`.
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.shape == (3, 3):
+        full = np.eye(4)
+        full[1:3, 1:3] = matrix[:2, :2]
+        full[1:3, 3] = matrix[:2, 2]
+        matrix = full
+    if matrix.shape != (4, 4):
+        raise ValueError(f"a 2D or 3D layer is needed; got a {matrix.shape} transform.")
+    reverse = np.eye(4)[[2, 1, 0, 3]]
+    return reverse @ matrix @ reverse
+
+
+# Scan metadata keys that describe the geometry of the file a Scan was read from; a Scan built
+# from a layer's own geometry must not carry them over (write_image would reorient by them).
+_FILE_GEOMETRY = ("scan", "affine", "spacing", "world_affine", "ornt", "file_shape",
+                  "array_affine", "file_zooms", "qform_code", "sform_code")
+
+
+def scan_from_geometry(data: np.ndarray, matrix: np.ndarray, metadata: dict | None = None,
+                       name: str = "the layer"):
+    """A `Scan` of a layer's array given its full data -> world `matrix` and its `metadata`.
+
+    While the layer is still where our reader put it (`metadata["world_affine"]` equals
+    `matrix`), the file's own geometry (`metadata["scan"]`) is kept, so that maps written with
+    `write_image(..., like=scan)` overlay the original file voxel for voxel. Otherwise the
+    geometry is the matrix's: spacing = mm per data axis, `affine` = the matrix in NIfTI voxel
+    order (`file_affine_from_layer_matrix`).
     """
     from napari_mtml.io import Scan
 
-    data = image_layer_array(layer, what)
-    meta = dict(layer.metadata or {})
+    meta = dict(metadata or {})
+    matrix = np.asarray(matrix, dtype=float)
     original = meta.get("scan")
-    spacing = tuple(float(s) for s in layer.scale[-data.ndim:])
-    if isinstance(original, Scan) and tuple(np.shape(original.array)) == data.shape:
+    placed = meta.get("world_affine")
+    if (isinstance(original, Scan) and tuple(np.shape(original.array)) == tuple(data.shape)
+            and placed is not None and np.shape(placed) == matrix.shape
+            and np.allclose(placed, matrix, atol=1e-6)):
         return Scan(array=data, spacing=tuple(original.spacing), affine=original.affine,
                     metadata=dict(original.metadata))
-    affine = meta.get("affine")
-    affine = np.asarray(affine, dtype=float) if affine is not None else _layer_affine(layer,
-                                                                                     data.ndim)
-    inner = {k: v for k, v in meta.items() if k not in ("scan", "affine")}
+    spacing = tuple(float(v) for v in np.linalg.norm(matrix[:-1, :-1], axis=0))
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"{name} has a degenerate transform (an axis of zero length); fix its "
+                         "scale or affine first.")
+    inner = {k: v for k, v in meta.items() if k not in _FILE_GEOMETRY}
     inner.setdefault("warnings", [])
-    return Scan(array=data, spacing=spacing, affine=affine, metadata=inner)
+    inner["layer_affine"] = matrix
+    return Scan(array=data, spacing=spacing, affine=file_affine_from_layer_matrix(matrix),
+                metadata=inner)
+
+
+def scan_from_layer(layer, what: str = "this widget"):
+    """A `napari_mtml.io.Scan` of an image (or labels) layer, with the layer's geometry.
+
+    A layer opened by our reader, still where the reader put it, gives back the file's own
+    `Scan` geometry. Any other layer (another reader's full `affine`, a rotated, flipped or
+    sheared one) gets its geometry from `layer_affine` (see `scan_from_geometry`).
+    """
+    data = image_layer_array(layer, what)
+    return scan_from_geometry(data, layer_affine(layer), layer.metadata,
+                              f"layer '{layer.name}'")
+
+
+def geometry_metadata(layer) -> dict[str, Any]:
+    """The file-geometry entries of a layer's metadata, for outputs on the same grid (so that
+    saving an output writes it in the source file's geometry, see `scan_from_geometry`)."""
+    meta = layer.metadata or {}
+    return {k: meta[k] for k in ("scan", "world_affine", "affine", "spacing") if k in meta}
 
 
 def on_grid_of(layer) -> dict[str, Any]:
-    """Layer keyword arguments that put an output exactly on `layer` (scale, translate)."""
-    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+    """Layer keyword arguments that put an output exactly on `layer`: its scale, translate,
+    rotate, shear and affine (the whole transform, not only the diagonal part)."""
+    return {
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "rotate": np.array(layer.rotate, dtype=float),
+        "shear": np.array(layer.shear, dtype=float),
+        "affine": np.array(layer.affine.affine_matrix, dtype=float),
+    }
+
+
+def _place(target, grid: dict) -> None:
+    for key, value in grid.items():
+        setattr(target, key, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,29 +275,31 @@ def set_or_add_image(viewer, layer, data: np.ndarray, name: str, grid_of, **kwar
     Returns the layer.
     """
     grid = on_grid_of(grid_of)
+    geometry = geometry_metadata(grid_of)
     if _alive(viewer, layer) and layer.data.ndim == data.ndim:
         layer.data = data
-        layer.scale = grid["scale"]
-        layer.translate = grid["translate"]
+        _place(layer, grid)
+        layer.metadata = {**layer.metadata, **geometry}
         if "contrast_limits" in kwargs:
             layer.contrast_limits = kwargs["contrast_limits"]
         return layer
     if _alive(viewer, layer):
         viewer.layers.remove(layer)
-    return viewer.add_image(data, name=name, **grid, **kwargs)
+    return viewer.add_image(data, name=name, metadata=geometry, **grid, **kwargs)
 
 
 def set_or_add_labels(viewer, layer, data: np.ndarray, name: str, grid_of, **kwargs):
     """Same as `set_or_add_image`, for a Labels layer (integer data)."""
     grid = on_grid_of(grid_of)
+    geometry = geometry_metadata(grid_of)
     if _alive(viewer, layer) and layer.data.ndim == data.ndim:
         layer.data = data
-        layer.scale = grid["scale"]
-        layer.translate = grid["translate"]
+        _place(layer, grid)
+        layer.metadata = {**layer.metadata, **geometry}
         return layer
     if _alive(viewer, layer):
         viewer.layers.remove(layer)
-    return viewer.add_labels(data, name=name, **grid, **kwargs)
+    return viewer.add_labels(data, name=name, metadata=geometry, **grid, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +324,9 @@ class ClosingGeneratorWorker(GeneratorWorker):
                 try:
                     event = next(self._gen)
                 except StopIteration as stop:
+                    if self.abort_requested:  # cancelled during the last step: drop its result
+                        self.aborted.emit()
+                        return None
                     return stop.value
                 self.yielded.emit(event)
         finally:
@@ -271,6 +367,32 @@ def start_worker(
         worker.finished.connect(on_finish)
     worker.start()
     return worker
+
+
+def viewer_camera(viewer):
+    """The viewer's camera (`viewer.scene.camera` from napari 0.9, `viewer.camera` before)."""
+    scene = getattr(viewer, "scene", None)
+    camera = getattr(scene, "camera", None)
+    return camera if camera is not None else viewer.camera
+
+
+def cancelable_bar(total: int, desc: str, on_cancel: Callable[[], None]):
+    """A napari progress bar (activity dock) with a Cancel button that calls `on_cancel` at once.
+
+    napari's `cancelable_progress` only remembers a click (`is_canceled`) and acts on it when
+    the bar is iterated; our bars are updated by events from a worker, so the click is passed on
+    to `on_cancel` (e.g. `worker.quit`) right away. Close the bar when the work ends.
+    """
+    from napari.utils import cancelable_progress
+
+    class _Bar(cancelable_progress):
+        def cancel(self) -> None:
+            already = self.is_canceled
+            super().cancel()
+            if not already:
+                on_cancel()
+
+    return _Bar(total=total, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 `HeatmapWidget(napari_viewer)` is a `QWidget` (manifest command `napari-mtml.heatmap_widget`,
 display name "Heatmap"). Predict loads the run with `napari_mtml.inference.load_ensemble` and calls
-`Ensemble.predict` on the chosen layer, in a worker thread. It adds, on the image's grid (same
-`scale` and `translate`):
+`Ensemble.predict` on the chosen layer, in a worker thread, with a progress bar in napari's
+activity dock that can cancel it (as can the widget's Cancel). It adds, on the image's grid (the
+source layer's whole transform: scale, translate, rotate, shear, affine):
 
 - `<image> anomaly`: the ensemble mean, an Image layer (inferno, additive, opacity 0.6, contrast
-  limits 0-1);
+  limits 0-1; in 3D view rendered as an attenuated maximum intensity projection);
 - `<image> disagreement`: the standard deviation over folds (hidden);
 - `<image> suspicious`: a Labels layer of the connected regions above the threshold, listed in a
-  table with their size (mm^2 in 2D, mm^3 in 3D, from the layer's scale), peak and mean score.
+  table with their size (mm^2 in 2D, mm^3 in 3D, from the layer's transform), peak and mean
+  score. The table is also the Labels layer's `features`; a click on a row centres the view on
+  that region and selects its label; Export writes it as CSV.
 
 The threshold can be set from a healthy reference layer: the score that a chosen percentile of
 that scan's foreground voxels stays under. Save writes the heatmap as NIfTI on the image's
@@ -18,6 +21,7 @@ original geometry (`napari_mtml.io.write_image`, using the layer's metadata).
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QApplication,
     QComboBox,
     QDoubleSpinBox,
@@ -49,12 +54,16 @@ from ._common import (
     RUN_BUS,
     LayerCombo,
     available_devices,
+    cancelable_bar,
+    layer_spacing,
     notify_error,
     notify_info,
     scan_from_layer,
     set_or_add_image,
     set_or_add_labels,
     start_worker,
+    viewer_camera,
+    voxel_volume,
 )
 
 __all__ = ["HeatmapWidget", "Region", "regions_above"]
@@ -68,21 +77,25 @@ MAX_ROWS = 100
 @dataclass(frozen=True)
 class Region:
     """One connected region above the threshold: `label` (its value in the Labels layer),
-    `voxels`, `size_mm` (mm^2 in 2D, mm^3 in 3D), `peak` and `mean` heatmap score."""
+    `voxels`, `size_mm` (mm^2 in 2D, mm^3 in 3D), `peak` and `mean` heatmap score, and
+    `centroid` (its centre of mass in array index coordinates, `(y, x)` or `(z, y, x)`)."""
 
     label: int
     voxels: int
     size_mm: float
     peak: float
     mean: float
+    centroid: tuple[float, ...] = ()
 
 
-def regions_above(heat: np.ndarray, threshold: float,
-                  spacing: tuple[float, ...]) -> tuple[np.ndarray, list[Region]]:
+def regions_above(heat: np.ndarray, threshold: float, spacing: tuple[float, ...],
+                  voxel_size: float | None = None) -> tuple[np.ndarray, list[Region]]:
     """Connected regions of `heat >= threshold` (face connectivity), largest first.
 
-    `heat`: float `(H, W)` or `(D, H, W)`; `spacing`: mm per axis. Returns an int32 label image of
-    the same shape (0 = background, 1 = largest region, ...) and one `Region` per label.
+    `heat`: float `(H, W)` or `(D, H, W)`; `spacing`: mm per axis; `voxel_size`: mm^2 / mm^3 of
+    one voxel when the grid is sheared (default: the product of `spacing`). Returns an int32
+    label image of the same shape (0 = background, 1 = largest region, ...) and one `Region`
+    per label.
     """
     labels, n = ndimage.label(heat >= threshold)
     if n == 0:
@@ -91,14 +104,16 @@ def regions_above(heat: np.ndarray, threshold: float,
     voxels = np.bincount(flat, minlength=n + 1)[1:]
     sums = np.bincount(flat, weights=heat.ravel().astype(np.float64), minlength=n + 1)[1:]
     peaks = np.asarray(ndimage.maximum(heat, labels, index=np.arange(1, n + 1)), dtype=float)
+    centroids = np.asarray(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)),
+                           dtype=float).reshape(n, heat.ndim)
     order = np.argsort(-voxels, kind="stable")
     # Renumber so that label 1 is the largest region (the table's first row).
     remap = np.zeros(n + 1, dtype=np.int32)
     remap[order + 1] = np.arange(1, n + 1, dtype=np.int32)
-    voxel_mm = float(np.prod(spacing))
+    voxel_mm = float(np.prod(spacing)) if voxel_size is None else float(voxel_size)
     regions = [
         Region(int(remap[i + 1]), int(voxels[i]), float(voxels[i] * voxel_mm), float(peaks[i]),
-               float(sums[i] / voxels[i]))
+               float(sums[i] / voxels[i]), tuple(float(c) for c in centroids[i]))
         for i in order
     ]
     return remap[labels], regions
@@ -112,9 +127,10 @@ class HeatmapWidget(QWidget):
     napari_viewer : napari.Viewer
 
     Tests and scripts may use `run_edit`, `image_combo`, `reference_combo`, `percentile_spin`,
-    `threshold_slider`, `table`, `score_label`, `predict()`, `threshold_from_reference()`,
-    `save(path)`, `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`,
-    `labels_layer`, `busy` and `wait()`.
+    `threshold_slider`, `table`, `score_label`, `predict()`, `cancel()`,
+    `threshold_from_reference()`, `show_region(label)`, `export_csv(path)`, `save(path)`,
+    `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`, `labels_layer`, `busy`,
+    `progress` (the napari progress bar while a prediction runs) and `wait()`.
     """
 
     def __init__(self, napari_viewer):
@@ -125,8 +141,10 @@ class HeatmapWidget(QWidget):
         self.heatmap_layer: Image | None = None
         self.disagreement_layer: Image | None = None
         self.labels_layer: Labels | None = None
+        self.progress = None
         self._source_layer = None
         self._worker = None
+        self._cancelled = False
         self._ensembles: dict = {}
         self._reference_cache: dict = {}
 
@@ -139,8 +157,13 @@ class HeatmapWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, Image, exclude=mine, auto_pick=True)
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices()[0])
+        self.device_combo.setToolTip(available_devices()[1])
         self.predict_button = QPushButton("Predict")
         self.predict_button.clicked.connect(self.predict)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop the running prediction; its result is dropped.")
+        self.cancel_button.clicked.connect(self.cancel)
         self.score_label = QLabel("sample score: -")
         self.score_label.setWordWrap(True)
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
@@ -161,7 +184,13 @@ class HeatmapWidget(QWidget):
         self.table.setHorizontalHeaderLabels(["region", "size", "peak", "mean"])
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setToolTip("Click a region to centre the view on it and select its label.")
         self.table.setMinimumHeight(140)
+        self.table.itemSelectionChanged.connect(self._row_selected)
+        self.export_button = QPushButton("Export table (CSV)…")
+        self.export_button.clicked.connect(lambda: self.export_csv())
         self.save_button = QPushButton("Save heatmap (NIfTI)…")
         self.save_button.clicked.connect(lambda: self.save())
         self.status = QLabel("Choose a run folder and an image, then Predict.")
@@ -177,7 +206,7 @@ class HeatmapWidget(QWidget):
         form.addRow("run", run_widget)
         form.addRow("image", self.image_combo)
         form.addRow("device", self.device_combo)
-        form.addRow(self.predict_button)
+        form.addRow(_pair(self.predict_button, self.cancel_button))
         form.addRow(self.score_label)
         form.addRow("threshold", self.threshold_slider)
         form.addRow("healthy reference", self.reference_combo)
@@ -186,7 +215,7 @@ class HeatmapWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.table)
-        layout.addWidget(self.save_button)
+        layout.addWidget(_pair(self.export_button, self.save_button))
         layout.addWidget(self.status)
 
         self._threshold_timer = QTimer(self)
@@ -236,6 +265,10 @@ class HeatmapWidget(QWidget):
         self._reference_cache = {k: v for k, v in self._reference_cache.items()
                                  if k[0] != id(layer)}
 
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        self.cancel()  # closing the dock must not leave a prediction running
+        super().closeEvent(event)
+
     # ----------------------------------------------------------------------------- predict
     def _ensemble(self, run_dir: str, device: str):
         """The loaded run (cached per folder, device and config.json time; worker thread)."""
@@ -257,10 +290,33 @@ class HeatmapWidget(QWidget):
         return self._ensembles[key]
 
     def _job(self, run_dir, device, scan):
-        return self._ensemble(run_dir, device).predict(scan)
+        """The worker: load the run, then predict; each step can be cancelled before it."""
+        yield "loading the run"
+        ensemble = self._ensemble(run_dir, device)
+        yield f"predicting with {len(ensemble.folds)} fold model(s)"
+        return ensemble.predict(scan)
+
+    def _start(self, job, *args, desc: str, steps: int, on_return) -> None:
+        """Run a generator job with the buttons, the napari progress bar and cancel wired."""
+        self._cancelled = False
+        self.predict_button.setEnabled(False)
+        self.reference_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress = cancelable_bar(steps, desc, self.cancel)
+        self._worker = start_worker(
+            job, *args, on_yield=self._step, on_return=on_return, on_error=self._error,
+            on_finish=self._done, on_abort=self._aborted,
+        )
+
+    def _step(self, text) -> None:
+        self.status.setText(f"{text} …")
+        bar = self.progress  # napari may process events while it draws the bar
+        if bar is not None:
+            bar.set_description(str(text))
+            bar.update(1)
 
     def predict(self) -> None:
-        """Predict the chosen image layer in a worker thread."""
+        """Predict the chosen image layer in a worker thread (progress bar, cancelable)."""
         if self._worker is not None:
             return
         layer = self.image_combo.current_layer()
@@ -274,26 +330,35 @@ class HeatmapWidget(QWidget):
             self._error(exc)
             return
         self.status.setText(f"predicting '{layer.name}' …")
-        self.predict_button.setEnabled(False)
-        self._worker = start_worker(
-            self._job, run_dir, self.device_combo.currentText(), scan,
-            on_return=lambda pred: self._show(layer, pred),
-            on_error=self._error, on_finish=self._done,
-        )
+        self._start(self._job, run_dir, self.device_combo.currentText(), scan,
+                    desc=f"mtml heatmap: {layer.name}", steps=2,
+                    on_return=lambda pred: self._show(layer, pred))
+
+    def cancel(self) -> None:
+        """Stop the running prediction after its current step; its result is dropped."""
+        if self._worker is not None and not self._cancelled:
+            self._cancelled = True
+            self.status.setText("cancelling after the current step …")
+            self._worker.quit()
+
+    def _aborted(self) -> None:
+        self.status.setText("cancelled: nothing was changed.")
+        notify_info("Heatmap: prediction cancelled")
 
     def _show(self, layer, prediction) -> None:
-        if layer not in self.viewer.layers:
+        if prediction is None or layer not in self.viewer.layers:
             return
         self.prediction = prediction
         self._source_layer = layer
         self.heatmap_layer = set_or_add_image(
             self.viewer, self.heatmap_layer, prediction.anomaly, layer.name + ANOMALY, layer,
             colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
+            rendering="attenuated_mip", attenuation=0.3,
         )
         self.disagreement_layer = set_or_add_image(
             self.viewer, self.disagreement_layer, prediction.disagreement,
             layer.name + DISAGREEMENT, layer, colormap="viridis", blending="additive",
-            contrast_limits=(0.0, 0.5), visible=False,
+            contrast_limits=(0.0, 0.5), visible=False, rendering="attenuated_mip",
         )
         folds = ", ".join(f"{s:.3f}" for s in getattr(prediction, "fold_scores", ()))
         ens = next(iter(self._ensembles.values()), None)
@@ -316,22 +381,30 @@ class HeatmapWidget(QWidget):
         self._worker = None
         self.predict_button.setEnabled(True)
         self.reference_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     # ----------------------------------------------------------------------------- threshold
     def apply_threshold(self) -> None:
-        """Labels layer and table of the regions above the current threshold."""
+        """Labels layer, its `features` and the table of the regions above the threshold."""
         self._threshold_timer.stop()
         layer = self._source_layer
         if self.prediction is None or layer is None:
             return
         ndim = self.prediction.anomaly.ndim
-        spacing = tuple(float(s) for s in layer.scale[-ndim:])
+        spacing = layer_spacing(layer)[-ndim:]
         labels, self.regions = regions_above(self.prediction.anomaly,
-                                             self.threshold_slider.value(), spacing)
+                                             self.threshold_slider.value(), spacing,
+                                             voxel_size=voxel_volume(layer))
         self.labels_layer = set_or_add_labels(self.viewer, self.labels_layer, labels,
                                               layer.name + SUSPICIOUS, layer, opacity=0.5)
+        self.labels_layer.features = self.region_table()
         unit = "mm²" if ndim == 2 else "mm³"
         shown = self.regions[:MAX_ROWS]
+        self.table.blockSignals(True)
+        self.table.clearSelection()
         self.table.setRowCount(len(shown))
         for row, r in enumerate(shown):
             for col, text in enumerate((str(r.label), f"{r.size_mm:.1f} {unit}", f"{r.peak:.3f}",
@@ -339,9 +412,93 @@ class HeatmapWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 self.table.setItem(row, col, item)
+        self.table.blockSignals(False)
         more = f" (table shows the {MAX_ROWS} largest)" if len(self.regions) > MAX_ROWS else ""
         self.status.setText(f"{len(self.regions)} region(s) at threshold "
                             f"{self.threshold_slider.value():.3f}{more}")
+
+    def region_table(self) -> dict[str, list]:
+        """The regions as columns (also the Labels layer's `features`; `index` = label value).
+
+        `size_mm` is mm^2 (2D) or mm^3 (3D); `centre_*` is the world position (the viewer's
+        axes, in mm) of the region's centre of mass.
+        """
+        layer = self._source_layer
+        ndim = 0 if self.prediction is None else self.prediction.anomaly.ndim
+        axes = ("z", "y", "x")[-ndim:] if ndim else ()
+        table: dict[str, list] = {"index": [], "voxels": [], "size_mm": [], "peak": [],
+                                  "mean": []}
+        for a in axes:
+            table[f"centre_{a}"] = []
+        for r in self.regions:
+            table["index"].append(r.label)
+            table["voxels"].append(r.voxels)
+            table["size_mm"].append(r.size_mm)
+            table["peak"].append(r.peak)
+            table["mean"].append(r.mean)
+            world = layer.data_to_world(r.centroid) if layer is not None else r.centroid
+            for a, w in zip(axes, world[-ndim:], strict=True):
+                table[f"centre_{a}"].append(float(w))
+        return table
+
+    def _row_selected(self) -> None:
+        rows = {i.row() for i in self.table.selectedItems()}
+        if len(rows) == 1:
+            item = self.table.item(rows.pop(), 0)
+            if item is not None:
+                self.show_region(int(item.text()))
+
+    def show_region(self, label: int) -> None:
+        """Centre the view on a region (its voxel nearest its centre of mass: always inside it,
+        even for a curved region) and make its label the selected one of the Labels layer."""
+        labels = self.labels_layer
+        region = next((r for r in self.regions if r.label == label), None)
+        if labels is None or region is None:
+            return
+        voxels = np.argwhere(np.asarray(labels.data) == label)
+        if len(voxels) == 0:
+            return
+        centre = voxels[np.argmin(((voxels - np.asarray(region.centroid)) ** 2).sum(axis=1))]
+        world = np.asarray(labels.data_to_world(centre), dtype=float)
+        dims = self.viewer.dims
+        offset = dims.ndim - len(world)  # the viewer may hold layers with more dimensions
+        for axis in range(len(world)):
+            if offset + axis not in dims.displayed:
+                dims.set_point(offset + axis, float(world[axis]))
+        shown = [float(world[d - offset]) for d in dims.displayed if d - offset >= 0]
+        viewer_camera(self.viewer).center = tuple(shown)
+        labels.selected_label = int(label)
+        labels.visible = True
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        """Write the region table as CSV (one row per region); returns the path."""
+        if not self.regions:
+            notify_error("Heatmap", "no regions to export: Predict an image and set a threshold "
+                                    "with at least one region above it.")
+            return None
+        if path is None:
+            name = self._source_layer.name if self._source_layer is not None else "regions"
+            path, _ = QFileDialog.getSaveFileName(self, "Export regions", f"{name}_regions.csv",
+                                                  "CSV (*.csv)")
+            if not path:
+                return None
+        path = Path(path)
+        table = self.region_table()
+        unit = "mm2" if self.prediction.anomaly.ndim == 2 else "mm3"
+        header = ["label" if k == "index" else f"size_{unit}" if k == "size_mm" else
+                  f"{k}_mm" if k.startswith("centre_") else k for k in table]
+        try:
+            with open(path, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["threshold", f"{self.threshold_slider.value():.6g}"])
+                writer.writerow(header)
+                for row in zip(*table.values(), strict=True):
+                    writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        except OSError as exc:
+            self._error(ValueError(f"{path}: could not write the CSV file ({exc})."))
+            return None
+        self.status.setText(f"exported {len(self.regions)} region(s) to {path}")
+        return path
 
     def threshold_from_reference(self) -> None:
         """Set the threshold to the chosen percentile of a healthy layer's foreground scores."""
@@ -357,25 +514,28 @@ class HeatmapWidget(QWidget):
         except ValueError as exc:
             self._error(exc)
             return
-        self.reference_button.setEnabled(False)
         self.status.setText(f"predicting the healthy reference '{ref.name}' …")
-        self._worker = start_worker(
-            self._reference_job, run_dir, self.device_combo.currentText(), scan, ref, pct,
-            on_return=self._set_threshold, on_error=self._error, on_finish=self._done,
-        )
+        self._start(self._reference_job, run_dir, self.device_combo.currentText(), scan, ref,
+                    pct, desc=f"mtml reference: {ref.name}", steps=2,
+                    on_return=self._set_threshold)
 
-    def _reference_job(self, run_dir, device, scan, ref, pct) -> tuple[float, str]:
+    def _reference_job(self, run_dir, device, scan, ref, pct):
         from napari_mtml.preprocess import foreground_mask
 
         key = (id(ref), id(ref.data), run_dir, device)
         if key not in self._reference_cache:
-            heat = self._ensemble(run_dir, device).predict(scan).anomaly
+            yield "loading the run"
+            ensemble = self._ensemble(run_dir, device)
+            yield "predicting the healthy reference"
+            heat = ensemble.predict(scan).anomaly
             fg = np.asarray(foreground_mask(scan), dtype=bool)
             self._reference_cache[key] = heat[fg] if fg.any() else heat.ravel()
         scores = self._reference_cache[key]
         return float(np.percentile(scores, pct)), ref.name
 
     def _set_threshold(self, value_and_name) -> None:
+        if value_and_name is None:
+            return
         value, name = value_and_name
         self.threshold_slider.setValue(value)
         self.apply_threshold()
@@ -407,3 +567,13 @@ class HeatmapWidget(QWidget):
             return None
         self.status.setText(f"saved {path}")
         return path
+
+
+def _pair(*widgets) -> QWidget:
+    box = QHBoxLayout()
+    box.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        box.addWidget(w)
+    holder = QWidget()
+    holder.setLayout(box)
+    return holder

@@ -4,7 +4,7 @@
 `napari-mtml.preview_widget`, display name "Anomaly preview"). Every change of the task, its
 parameters, the seed or the source re-runs `napari_mtml.anomalies.synthesize` in a worker thread
 and writes the result, in place, into ONE preview image layer and ONE label layer that sit on the
-source layer (same `scale` and `translate`). "Keep" copies the current pair into new layers.
+source layer (its whole transform). "Keep" copies the current pair into new layers.
 
 The widget holds no science: `compute_preview` only gathers inputs for `synthesize`. Slider
 changes are debounced, and while a preview is being computed further changes are coalesced into
@@ -42,8 +42,11 @@ from napari_mtml.preprocess import to_model_units
 
 from ._common import (
     LayerCombo,
+    geometry_metadata,
     image_layer_array,
+    layer_spacing,
     notify_error,
+    on_grid_of,
     scan_from_layer,
     set_or_add_image,
     start_worker,
@@ -436,7 +439,7 @@ class AnomalyPreviewWidget(QWidget):
         if ndim == 3:
             # thick slices (e.g. 6.5 mm over 0.8 mm pixels): a 3D shape on the voxel grid would
             # be a sliver through one or two slices, so preview slice by slice
-            spacing = np.abs(np.asarray(layer.scale, dtype=float))
+            spacing = np.asarray(layer_spacing(layer), dtype=float)
             thick = spacing.min() > 0 and spacing.max() / spacing.min() > 2
             self.mode_combo.blockSignals(True)
             self.mode_combo.setCurrentText(MODE_SLICE if thick else MODE_VOLUME)
@@ -615,7 +618,7 @@ class AnomalyPreviewWidget(QWidget):
             notify_error("Anomaly preview", "nothing to keep yet: wait for a preview first.")
             return None
         tag = f"{layer.name} {result.task} seed {self.seed_spin.value()}"
-        grid = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+        grid = {**on_grid_of(layer), "metadata": geometry_metadata(layer)}
         img = self.viewer.add_image(result.image.copy(), name=tag, colormap="gray",
                                     contrast_limits=tuple(layer.contrast_limits), **grid)
         lab = self.viewer.add_image(result.label.copy(), name=f"{tag} label", colormap="inferno",

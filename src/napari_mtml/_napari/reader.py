@@ -4,9 +4,12 @@ A DICOM folder holding several series (a hospital export: localiser, T1, T2, DWI
 layer per series, named by its SeriesDescription.
 
 Layers sit in world millimetres with a diagonal `scale` (the spacing) and `translate` (the RAS
-position of the first voxel), never a rotated affine: the array is already RAS-canonical. The
-file's own affine and the `Scan` itself are kept in `layer.metadata` ("affine", "scan") so that
-maps can be written back in the file's geometry.
+position of the first voxel): the array is already RAS-canonical, and an oblique acquisition's
+residual tilt is not given to napari (a rotated volume cannot be sliced in 2D without
+resampling). The file's own affine and the `Scan` itself are kept in `layer.metadata`
+("affine", "scan", and "world_affine" = where the layer was put) so that maps can be written
+back in the file's geometry. Layers of other readers keep their full transform: the widgets and
+the writers read it with `_common.layer_affine`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def layer_data_from_scan(scan: Scan, name: str, layer_type: str = "image", **kwa
     meta["affine"] = np.asarray(scan.affine)
     meta["spacing"] = tuple(scan.spacing)
     meta["scan"] = scan
+    # Where the layer is put: `scan_from_layer` trusts the file geometry only while the layer
+    # is still there (a user may rotate or move it afterwards).
+    world = np.eye(scan.ndim + 1)
+    world[:-1, :-1] = np.diag(scale)
+    world[:-1, -1] = translate
+    meta["world_affine"] = world
     layer_kwargs = {"name": name, "scale": scale, "translate": translate, "metadata": meta}
     if layer_type == "labels":
         data = np.rint(scan.array).astype(np.int32)

@@ -136,7 +136,8 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> Scan:
     )
 
 
-def write_image(path: str | os.PathLike, array, like: Scan | None = None) -> Path:
+def write_image(path: str | os.PathLike, array, like: Scan | None = None,
+                dtype=np.float32) -> Path:
     """Write a map that lies on `like.array`'s grid as a float32 NIfTI in `like`'s file geometry.
 
     The array is put back into the file's own voxel order (undoing the RAS reorientation of
@@ -149,6 +150,8 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None) -> Pat
     path : output file name ending in .nii or .nii.gz.
     array : float array with `like.array.shape` (a bool/int mask is written as float32 0/1).
     like : the Scan the map belongs to; None = a plain 1 mm grid.
+    dtype : the voxel type written: float32 (maps), or an integer type for label images
+        (values must fit it; they are written exactly).
     """
     path = Path(path)
     arr = np.asarray(array)
@@ -165,7 +168,17 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None) -> Pat
         )
     if not path.parent.exists():
         raise ValueError(f"{path}: the folder {path.parent} does not exist; create it first.")
-    arr = arr.astype(np.float32)
+    dtype = np.dtype(dtype)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if dtype.kind == "i" or dtype.kind == "u":
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max or
+                         not np.array_equal(arr, np.rint(arr))):
+            raise ValueError(f"{path}: the values do not fit {dtype} exactly; write them as "
+                             "float32 or choose a wider integer type.")
+    elif dtype != np.float32:
+        raise ValueError(f"{path}: write_image writes float32 or integer voxels, not {dtype}.")
     if not np.isfinite(arr).all():
         raise ValueError(f"{path}: the map holds NaN or infinite values; refusing to write it.")
-    return write_nifti(path, arr, like)
+    return write_nifti(path, arr.astype(dtype), like)

@@ -113,8 +113,11 @@ def read_nifti(path: Path) -> Scan:
 
 
 def write_nifti(path: Path, array: np.ndarray, like: Scan) -> Path:
-    """Write `array` (on `like.array`'s grid) as float32 NIfTI-1 in `like`'s file geometry."""
-    data = np.ascontiguousarray(to_file_order(np.asarray(array, dtype=np.float32), like.metadata))
+    """Write `array` (on `like.array`'s grid) as NIfTI-1 in `like`'s file geometry, keeping its
+    voxel type (float32 maps, integer labels)."""
+    array = np.asarray(array)
+    dtype = array.dtype if array.dtype.kind in "iu" else np.dtype(np.float32)
+    data = np.ascontiguousarray(to_file_order(array.astype(dtype, copy=False), like.metadata))
     affine = np.asarray(like.affine, dtype=float)
     img = nib.Nifti1Image(data, affine)
     hdr = img.header
@@ -128,7 +131,7 @@ def write_nifti(path: Path, array: np.ndarray, like: Scan) -> Path:
     if zooms is not None and len(zooms) == 3 and data.ndim == 3:
         hdr.set_zooms(tuple(float(z) for z in zooms))
     hdr.set_xyzt_units("mm")
-    hdr.set_data_dtype(np.float32)
+    hdr.set_data_dtype(dtype)
     try:
         nib.save(img, str(path))
     except OSError as exc:
