@@ -188,3 +188,41 @@ def test_thick_slices_preview_the_current_slice_in_2d(make_napari_viewer, qtbot)
     _next_update(qtbot, widget, count)
     assert widget.last_result.slice_index is None
     widget.stop()
+
+
+def test_keyboard_shortcuts_new_seed_and_keep(make_napari_viewer, qtbot):
+    from napari._app_model import get_app_model
+    from napari.utils.shortcuts import default_shortcuts
+
+    from napari_mtml._napari.preview_widget import SHORTCUTS
+
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    assert sorted(widget.shortcuts) == sorted(SHORTCUTS)
+    # none of them is one of napari's own (viewer, layers, menus)
+    napari_keys = {str(k) for keys in default_shortcuts.values() for k in keys}
+    napari_keys |= {str(kb.keybinding) for kb in get_app_model().keybindings}
+    ours = {key.replace("-", "+") for key in SHORTCUTS}
+    assert not ours & napari_keys, ours & napari_keys
+
+    keymap = {str(k): action for k, action in viewer.keymap.items()}
+    viewer.add_image(_disc((48, 48), np.random.default_rng(1)), name="scan")
+    _next_update(qtbot, widget, 0)
+    seed = widget.seed_spin.value()
+    keymap["Shift+N"](viewer)  # what napari calls for Shift+N on the canvas
+    assert widget.seed_spin.value() != seed
+    _next_update(qtbot, widget, widget.n_updates - 1)
+    n_layers = len(viewer.layers)
+    keymap["Shift+K"](viewer)
+    assert len(viewer.layers) == n_layers + 2  # the kept preview and its label
+
+    # a second preview widget in the same viewer takes the shortcuts over, without a clash
+    from napari_mtml._napari.preview_widget import AnomalyPreviewWidget
+
+    other = AnomalyPreviewWidget(viewer)
+    assert other is not widget and sorted(other.shortcuts) == sorted(SHORTCUTS)
+    seed = other.seed_spin.value()
+    keymap["Shift+N"](viewer)
+    assert other.seed_spin.value() != seed
+    widget.stop()
+    other.stop()

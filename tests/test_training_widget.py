@@ -140,3 +140,26 @@ def test_device_list_and_cpu_note(make_napari_viewer):
     if not torch.cuda.is_available():
         assert "cuda" not in items
         assert "CPU" in widget.device_note.text()
+
+
+def test_live_plot_follows_napari_s_theme(make_napari_viewer):
+    from matplotlib.colors import to_rgb
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+
+    def luminance(colour) -> float:
+        r, g, b = to_rgb(colour)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    viewer.theme = "dark"
+    widget._theme_changed()
+    assert luminance(widget.figure.get_facecolor()) < 0.3  # no white box in a dark window
+    assert luminance(widget.ax_loss.get_facecolor()) < 0.3
+    tick = widget.ax_ap.yaxis.get_ticklabels()[0]
+    assert luminance(tick.get_color()) > 0.7  # readable text
+    assert luminance(widget.ax_ap.yaxis.label.get_color()) > 0.7
+
+    viewer.theme = "light"  # the theme event restyles the plot
+    assert luminance(widget.figure.get_facecolor()) > 0.7
+    assert luminance(widget.ax_ap.yaxis.get_ticklabels()[0].get_color()) < 0.3

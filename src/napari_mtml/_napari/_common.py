@@ -34,6 +34,7 @@ __all__ = [
     "set_or_add_image",
     "set_or_add_labels",
     "start_worker",
+    "theme_colours",
     "viewer_camera",
     "voxel_volume",
 ]
@@ -86,6 +87,46 @@ def available_devices() -> tuple[list[str], str]:
         note = ("No GPU found (CUDA or MPS): training falls back to the CPU. Prefer the light "
                 "model and a few hundred steps.")
     return devices, note
+
+
+# --------------------------------------------------------------------------------------------
+# napari's theme, for what napari does not style itself (matplotlib figures)
+# --------------------------------------------------------------------------------------------
+def _css_colour(value) -> str:
+    """A theme colour as "#rrggbb": pydantic colours (napari >= 0.5) or "rgb(r, g, b)" text."""
+    if hasattr(value, "as_hex"):
+        hexa = value.as_hex()
+        if len(hexa) == 4:  # "#fff" -> "#ffffff"
+            hexa = "#" + "".join(c * 2 for c in hexa[1:])
+        return hexa[:7]
+    text = str(value).strip()
+    if text.startswith("rgb"):
+        r, g, b = (int(float(v)) for v in text[text.index("(") + 1:text.index(")")]
+                   .split(",")[:3])
+        return f"#{r:02x}{g:02x}{b:02x}"
+    return text
+
+
+def theme_colours(viewer) -> dict[str, str]:
+    """`background`, `panel`, `text` and `grid` colours ("#rrggbb") of the viewer's theme."""
+    import warnings
+
+    from napari.utils.theme import get_theme
+
+    theme_id = getattr(viewer, "theme", "dark") or "dark"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # napari 0.5 warns about get_theme's as_dict
+        try:
+            theme = get_theme(theme_id)
+        except ValueError:
+            theme = get_theme("dark")
+    get = theme.get if isinstance(theme, dict) else (lambda key: getattr(theme, key))
+    return {
+        "background": _css_colour(get("background")),
+        "panel": _css_colour(get("foreground")),
+        "text": _css_colour(get("text")),
+        "grid": _css_colour(get("highlight")),
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ a single follow-up run, so a slow 3D volume never queues up stale work or blocks
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +266,40 @@ class FolderSource:
 
 
 # --------------------------------------------------------------------------------------------
+# Keyboard shortcuts (free in napari: none of its own or its menus' uses them)
+# --------------------------------------------------------------------------------------------
+SHORTCUTS = {"Shift-N": "new_seed", "Shift-K": "keep"}
+# viewer -> [weak reference to the preview widget its shortcuts drive, the keys bound]
+_SHORTCUTS_OF_VIEWER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bind_shortcuts(viewer, widget) -> list[str]:
+    """Bind `SHORTCUTS` on the viewer once; a widget docked later in the same viewer takes them
+    over. A key already bound by someone else (another plugin, the user) is left alone.
+    Returns the keys that drive `widget`.
+    """
+    if viewer in _SHORTCUTS_OF_VIEWER:
+        entry = _SHORTCUTS_OF_VIEWER[viewer]
+        entry[0] = weakref.ref(widget)
+        return list(entry[1])
+    entry = [weakref.ref(widget), []]
+    _SHORTCUTS_OF_VIEWER[viewer] = entry
+    for key, method in SHORTCUTS.items():
+        def action(v, _method=method):
+            target = _SHORTCUTS_OF_VIEWER[v][0]() if v in _SHORTCUTS_OF_VIEWER else None
+            if target is not None:
+                getattr(target, _method)()
+
+        action.__doc__ = f"napari-mtml anomaly preview: {method.replace('_', ' ')}"
+        try:
+            viewer.bind_key(key, action)
+        except ValueError:
+            continue  # taken: never override someone else's shortcut
+        entry[1].append(key)
+    return list(entry[1])
+
+
+# --------------------------------------------------------------------------------------------
 # The widget
 # --------------------------------------------------------------------------------------------
 class AnomalyPreviewWidget(QWidget):
@@ -277,7 +312,8 @@ class AnomalyPreviewWidget(QWidget):
 
     Attributes tests and scripts may use: `image_combo`, `foreground_combo`, `task_combo`,
     `source_combo`, `folder_edit`, `seed_spin`, `sliders` (keyword -> slider), `preview_layer`,
-    `label_layer`, `last_result`, `n_updates`, `busy`; methods `update_now()`, `new_seed()`,
+    `label_layer`, `last_result`, `n_updates`, `busy`, `shortcuts` (the keys bound in the
+    viewer: Shift+N = `new_seed()`, Shift+K = `keep()`); methods `update_now()`, `new_seed()`,
     `keep()`, `stop()`.
     """
 
@@ -317,13 +353,16 @@ class AnomalyPreviewWidget(QWidget):
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setValue(0)
         seed_button = QPushButton("New seed")
+        seed_button.setToolTip("Another seed for the same task and parameters (Shift+N in the "
+                               "viewer).")
         seed_button.clicked.connect(self.new_seed)
         self.live_check = QCheckBox("update live")
         self.live_check.setChecked(True)
         update_button = QPushButton("Update")
         update_button.clicked.connect(self.update_now)
         keep_button = QPushButton("Keep")
-        keep_button.setToolTip("Copy the current preview and label into new layers.")
+        keep_button.setToolTip("Copy the current preview and label into new layers "
+                               "(Shift+K in the viewer).")
         keep_button.clicked.connect(self.keep)
         self.status = QLabel("Open an image to preview anomalies.")
         self.status.setWordWrap(True)
@@ -387,6 +426,7 @@ class AnomalyPreviewWidget(QWidget):
         self.mode_combo.currentIndexChanged.connect(self._changed)
         napari_viewer.dims.events.current_step.connect(self._slice_moved)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
+        self.shortcuts = _bind_shortcuts(napari_viewer, self)
         self._task_changed()
         self._image_changed()
 

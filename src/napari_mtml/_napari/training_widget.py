@@ -21,7 +21,6 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image
-from napari.utils import progress
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
@@ -55,10 +54,12 @@ from napari_mtml.training.events import (
 from ._common import (
     RUN_BUS,
     available_devices,
+    cancelable_bar,
     notify_error,
     notify_info,
     scan_from_layer,
     start_worker,
+    theme_colours,
 )
 
 __all__ = ["TrainingWidget", "available_devices"]
@@ -226,6 +227,9 @@ class TrainingWidget(QWidget):
         self._redraw_timer.timeout.connect(self._redraw)
         self._tasks_changed()
         self._source_changed()
+        theme_event = getattr(napari_viewer.events, "theme", None)
+        if theme_event is not None:
+            theme_event.connect(self._theme_changed)
 
     # ----------------------------------------------------------------------------- fields
     def _tasks_changed(self, *args) -> None:
@@ -325,7 +329,7 @@ class TrainingWidget(QWidget):
         total = self._folds * config.max_steps
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(0)
-        self._pbar = progress(total=total, desc="mtml training")
+        self._pbar = cancelable_bar(total, "mtml training", self.cancel)
         self.message.setText(f"training into {config.out} …")
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -368,8 +372,9 @@ class TrainingWidget(QWidget):
         elif isinstance(event, StepEvent):
             self._fold_pos.setdefault(event.fold, len(self._fold_pos))
             done = self._fold_pos[event.fold] * self._max_steps + event.step
-            if self._pbar is not None:
-                self._pbar.update(max(0, done - self.progress_bar.value()))
+            bar = self._pbar  # napari may process events (even _on_finish) while it draws
+            if bar is not None:
+                bar.update(max(0, done - self.progress_bar.value()))
             self.progress_bar.setValue(min(done, self.progress_bar.maximum()))
             self._curve(("loss", event.fold)).append((event.step, event.loss))
             self._plot_dirty = True
@@ -427,6 +432,24 @@ class TrainingWidget(QWidget):
     def _curve(self, key) -> list:
         return self._curves.setdefault(key, [])
 
+    def _theme_changed(self, event=None) -> None:
+        self._plot_dirty = True
+        self._redraw()
+
+    def _style_plot(self) -> dict[str, str]:
+        """napari's theme on the figure: its background, text and grid colours."""
+        colours = theme_colours(self.viewer)
+        self.figure.set_facecolor(colours["background"])
+        for ax in (self.ax_loss, self.ax_ap):
+            ax.set_facecolor(colours["background"])
+            ax.tick_params(colors=colours["text"], labelsize=7)
+            for spine in ax.spines.values():
+                spine.set_color(colours["grid"])
+            ax.xaxis.label.set_color(colours["text"])
+            ax.yaxis.label.set_color(colours["text"])
+            ax.grid(color=colours["grid"], alpha=0.5)
+        return colours
+
     def _reset_plot(self) -> None:
         self._curves = {}
         self._plot_dirty = True
@@ -438,14 +461,12 @@ class TrainingWidget(QWidget):
         self._plot_dirty = False
         for ax in (self.ax_loss, self.ax_ap):
             ax.clear()
-            ax.grid(alpha=0.3)
+        colours = self._style_plot()
         self.ax_loss.set_ylabel("train loss", fontsize=8)
         self.ax_ap.set_ylabel("val AP", fontsize=8)
         self.ax_ap.set_xlabel("step", fontsize=8)
         self.ax_ap.set_ylim(0, 1.25)  # headroom for the legend above AP = 1
         self.ax_ap.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-        for ax in (self.ax_loss, self.ax_ap):
-            ax.tick_params(labelsize=7)
         markers = "os^vDP*X"
         seen_tasks = set()
         for key, points in sorted(self._curves.items(), key=lambda kv: str(kv[0])):
@@ -460,13 +481,15 @@ class TrainingWidget(QWidget):
                 seen_tasks.add(task)
                 self.ax_ap.plot(x, y, marker=markers[fold % len(markers)], ms=3, lw=1,
                                 color=TASK_COLOURS.get(task), label=label)
+        legend_style = {"facecolor": colours["background"], "edgecolor": colours["grid"],
+                        "labelcolor": colours["text"]}
         if any(k[0] == "loss" for k in self._curves):
-            self.ax_loss.legend(fontsize=6, loc="upper right", ncol=3)
+            self.ax_loss.legend(fontsize=6, loc="upper right", ncol=3, **legend_style)
             self.ax_loss.set_yscale("log")
         if seen_tasks:
             # one colour per held-out task; folds differ by marker
             self.ax_ap.legend(fontsize=6, loc="upper center", ncol=3, framealpha=0.7,
-                              handlelength=1.2, columnspacing=0.8)
+                              handlelength=1.2, columnspacing=0.8, **legend_style)
         self.canvas.draw_idle()
 
 
