@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -151,76 +150,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _image_name(path: Path) -> str:
-    """The NAME of NAME_anomaly.nii.gz: the file name without its image suffix."""
-    name = path.name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _expand_images(paths: Sequence[str]) -> list[Path]:
-    """Files as given; a folder of NIfTI/PNG/TIFF files becomes its files (sorted); any other
-    folder is left for the reader (a DICOM series)."""
-    out: list[Path] = []
-    for text in paths:
-        p = Path(text)
-        if not p.exists():
-            raise ValueError(f"{p}: no such file or folder")
-        if p.is_dir():
-            files = sorted(
-                f
-                for f in p.iterdir()
-                if f.is_file()
-                and f.name.lower().endswith(_IMAGE_SUFFIXES)
-                and not f.name.lower().endswith(".dcm")
-            )
-            if files:
-                out.extend(files)
-                continue
-        out.append(p)
-    return out
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from napari_mtml.demo import write_overlay_png
+    from napari_mtml.batch import expand_images, predict_batch
     from napari_mtml.inference import load_ensemble
-    from napari_mtml.io import read_image, write_image
 
-    paths = _expand_images(args.images)
-    names = [_image_name(p) for p in paths]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(
-            f"several inputs would write the same output name(s) {dupes}: predict them into "
-            "separate --out folders"
-        )
+    paths = expand_images(args.images)
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png)
     print(f"{ensemble}")
-    rows = ["name,score,mean_disagreement"]
-    for path, name in zip(paths, names, strict=True):
-        scan = read_image(path)
-        pred = ensemble.predict(scan)
-        write_image(out / f"{name}_anomaly.nii.gz", pred.anomaly, like=scan)
-        write_image(out / f"{name}_disagreement.nii.gz", pred.disagreement, like=scan)
-        if not args.no_png:
-            write_overlay_png(
-                out / f"{name}_overlay.png",
-                scan.array,
-                pred.anomaly,
-                spacing=scan.spacing,
-                title=f"{name}: ensemble of {len(ensemble.folds)} folds, score {pred.score:.3f}",
-            )
-        rows.append(f"{name},{pred.score:.6g},{float(pred.disagreement.mean()):.6g}")
-        print(f"{name}: score {pred.score:.4f} -> {out / (name + '_anomaly.nii.gz')}")
-    (out / "scores.csv").write_text("\n".join(rows) + "\n")
-    return 0
+    result = None
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            where = f"[{item.index + 1}/{item.total}]"
+            if item.error is None:
+                print(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
+            else:
+                print(f"{where} {item.name}: failed (see below)")
+    except BaseException:
+        gen.close()  # writes scores.csv for what succeeded
+        raise
+    failures = result.failures
+    done = len(result.items) - len(failures)
+    print(f"wrote {result.scores_csv} ({done} of {len(result.items)} input(s))")
+    for item in failures:
+        print(f"mtml predict: error: {item.error}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
