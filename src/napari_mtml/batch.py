@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_mtml.files import check_output_folder
+
 __all__ = [
     "BatchItem",
     "BatchResult",
@@ -212,7 +214,8 @@ def predict_batch(
     Raises (when called, before any input is read)
     ------
     ValueError : no inputs, or several inputs that would write the same NAME.
-    OSError : `out_dir` cannot be created (e.g. it is a file).
+    ValueError : `out_dir` (or a parent) is a file.
+    OSError : `out_dir` cannot be created (permissions, ...).
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -224,9 +227,7 @@ def predict_batch(
             f"several inputs would write the same output name(s) {dupes}: predict them into "
             "separate output folders"
         )
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder; give a folder for the outputs")
+    out = check_output_folder(out_dir, "predictions")
     out.mkdir(parents=True, exist_ok=True)
     return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}))
 

@@ -2,7 +2,9 @@
 
 Every subcommand is a thin layer over the plain Python API; heavy imports (torch) happen inside the
 handlers so that `mtml --help` and `mtml preview` stay quick. Errors a user can fix (bad files, bad
-flags) are `ValueError`s in the core; they are printed as one line and exit with status 2.
+flags) are `ValueError`s in the core, and operating-system errors (`OSError`: a file where a
+folder is needed, permissions, a full disk) name their path; both are printed as one line and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def _render_training(gen, *, show: bool):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_mtml.config import TrainConfig
+    from napari_mtml.files import check_output_folder
     from napari_mtml.training import train
 
     # argparse defaults are None, so a flag left out keeps the --config TOML value or the default.
@@ -139,6 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "no healthy scans given: pass files or folders (HEALTHY...) or set "
             "`healthy` in --config"
         )
+    check_output_folder(config.out, "run (--out)")
     show = _rank() == 0
     if show:
         print(
@@ -242,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="a NIfTI, DICOM or 2D image file (3D: a middle slice is shown)")
     p.add_argument("--task", default="all", help="a task name, or 'all' (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="gallery.png", help="PNG file to write (default gallery.png)")
+    p.add_argument(
+        "--out",
+        default="gallery.png",
+        help="PNG file to write (default gallery.png), or an existing folder: NAME_preview.png "
+        "inside it",
+    )
     p.set_defaults(func=_cmd_preview)
 
     p = sub.add_parser(
@@ -373,13 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: the error is one line of stderr, whatever the core put in it."""
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"mtml {args.command}: error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"mtml {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave: a file where a folder is needed, permissions
+        from napari_mtml.files import os_error_message
+
+        print(f"mtml {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtml {args.command}: interrupted", file=sys.stderr)
