@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 # One thread per process: the suite's models are tiny, several tests run two processes at once
@@ -26,3 +27,26 @@ def napari_errors():
                 if getattr(n.severity, "value", n.severity) == "error"]
 
     return errors
+
+
+@pytest.fixture
+def nifti_with_pixdim():
+    """`save(path, array_yx, pixdim)`: a NIfTI with no qform/sform whose pixdim[1:4] holds
+    exactly `pixdim` in the file (NaN, zero or negative: nibabel would fix those on saving)."""
+    import nibabel as nib
+
+    def save(path, array_yx, pixdim):
+        data = np.asarray(array_yx, dtype=np.float32).T.copy()
+        hdr = nib.Nifti1Image(data, None).header.copy()
+        hdr.set_data_dtype(np.float32)
+        hdr.set_qform(None, code=0)
+        hdr.set_sform(None, code=0)
+        hdr["pixdim"][1:4] = pixdim
+        hdr["vox_offset"] = 352
+        with nib.openers.ImageOpener(str(path), "wb") as fh:
+            hdr.write_to(fh)
+            fh.write(b"\0" * (352 - hdr.sizeof_hdr))
+            fh.write(data.tobytes(order="F"))
+        return path
+
+    return save

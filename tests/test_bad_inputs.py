@@ -56,27 +56,8 @@ def _save(path, array_yx, spacing=1.0):
     return path
 
 
-def _save_raw_pixdim(path, array_yx, pixdim):
-    """A NIfTI without qform/sform whose pixdim[1:4] is set as given (NaN, 0, negative)."""
-    img = nib.Nifti1Image(np.asarray(array_yx).T.copy(), None)
-    img.header["pixdim"][1:4] = pixdim
-    img.header.set_qform(None, code=0)
-    img.header.set_sform(None, code=0)
-    nib.save(img, path)
-    # nibabel fixes zero/negative sizes while saving: write the raw values into the file itself
-    raw = nib.load(path)
-    hdr = raw.header.copy()
-    hdr["pixdim"][1:4] = pixdim
-    data = np.asanyarray(raw.dataobj)
-    with nib.openers.ImageOpener(str(path), "wb") as fh:
-        hdr.write_to(fh)
-        fh.write(b"\0" * (int(hdr.get_data_offset()) - hdr.sizeof_hdr))
-        fh.write(np.asarray(data, dtype=hdr.get_data_dtype()).tobytes(order="F"))
-    return path
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def trained(tmp_path_factory):
     """A tiny trained run, its healthy folder, a test image, labels and a config."""
     root = tmp_path_factory.mktemp("bad")
     healthy = root / "healthy"
@@ -93,6 +74,11 @@ def world(tmp_path_factory):
     assert main(["train", str(healthy), "--out", str(run), "--config", str(toml), *FAST]) == 0
     return {"root": root, "healthy": healthy, "run": run, "toml": toml,
             "image": root / "test" / "case1.nii.gz", "labels": root / "labels"}
+
+
+@pytest.fixture
+def world(trained, nifti_with_pixdim):
+    return {**trained, "nifti_with_pixdim": nifti_with_pixdim}
 
 
 @dataclass
@@ -168,7 +154,7 @@ class Case:
 
 def _pixdim_case(pixdim, command):
     def build(w, tmp):
-        img = _save_raw_pixdim(tmp / "odd.nii.gz", _disc(), pixdim)
+        img = w["nifti_with_pixdim"](tmp / "odd.nii.gz", _disc(), pixdim)
         if command == "preview":
             return ["preview", str(img), "--out", str(tmp / "g.png")]
         return ["predict", str(w["run"]), str(img), "--out", str(tmp / "p"), "--no-png"]

@@ -390,8 +390,15 @@ def _one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"mtml {args.command}: warning: {_one_line(str(message))}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning  # a reader's note: one line, no source line
+            return int(args.func(args) or 0)
     except ValueError as exc:
         print(f"mtml {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -343,9 +343,13 @@ class TrainConfig:
             from napari_mtml.files import read_text
 
             name = str(path)
-            if isinstance(path, str) and "\n" in path and not Path(path).exists():
-                raise ValueError("from_json(path) was given text: pass JSON text as text=...")
-            text = read_text(path, "config file")
+            try:
+                text = read_text(path, "config file")
+            except ValueError:
+                if isinstance(path, str) and path.lstrip().startswith("{"):
+                    raise ValueError("from_json(path) was given JSON text, not a file: pass it "
+                                     "as from_json(text=...)") from None
+                raise
         else:
             name = "JSON text"
         try:

@@ -141,12 +141,11 @@ def _nan_to_none(obj):
 
 
 def _output_paths(out) -> tuple[Path, Path, Path]:
-    from napari_mtml.files import check_output_file, check_output_folder
+    from napari_mtml.files import check_output_file
 
     out = Path(out)
     if out.suffix.lower() != ".json":
         out = out / "metrics.json"
-    check_output_folder(out.parent, "metrics (--out)")
     paths = (out, out.with_name(out.stem + "_pr.png"), out.with_name(out.stem + "_roc.png"))
     for path in paths:
         check_output_file(path, "metrics")

@@ -76,16 +76,16 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     device: never opened), unreadable, or not UTF-8 text (with the offset of the first bad byte).
     """
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: {what} not found; check the path")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a folder, not a {what}")
-    if not p.is_file():
-        raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give the "
-                         f"{what} itself")
     try:
+        if not p.exists():
+            raise ValueError(f"{p}: {what} not found; check the path")
+        if p.is_dir():
+            raise ValueError(f"{p}: is a folder, not a {what}")
+        if not p.is_file():
+            raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give "
+                             f"the {what} itself")
         data = p.read_bytes()
-    except OSError as exc:
+    except OSError as exc:  # a name too long, a folder we may not enter...
         raise ValueError(os_error_message(exc)) from None
     try:
         return data.decode("utf-8-sig")
