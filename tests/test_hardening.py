@@ -120,6 +120,18 @@ def test_a_folder_holding_a_pipe_is_refused_not_waited_on(tmp_path):
     assert isinstance(err, ImageReadError) and "x.dcm" in str(err) and "regular" in str(err)
     _, err = _returns(lambda: read_image(fifo), fifo)
     assert isinstance(err, ImageReadError) and "not a regular file" in str(err)
+    # the format readers themselves, called directly, refuse it too
+    from napari_mtml.io import image_kind
+    from napari_mtml.io.dicom import looks_like_dicom, read_dicom_file
+    from napari_mtml.io.nifti import read_nifti
+    from napari_mtml.io.raster import read_raster
+
+    for reader in (read_dicom_file, read_nifti, read_raster):
+        _, err = _returns(lambda r=reader: r(fifo), fifo)
+        assert isinstance(err, ImageReadError) and "not a regular file" in str(err), reader
+    plain = _mkfifo(tmp_path / "no_suffix")
+    assert _returns(lambda: (looks_like_dicom(plain), image_kind(plain)), plain) == (
+        (False, None), None)
 
 
 def test_a_pipe_beside_a_dicom_series_is_skipped_with_a_warning(tmp_path):

@@ -45,7 +45,10 @@ def _suffix(path: Path) -> str:
 
 
 def _sniff(path: Path) -> str | None:
-    """The format from the first bytes, for files without a known suffix."""
+    """The format from the first bytes, for files without a known suffix (regular files only:
+    opening a named pipe would block)."""
+    if not path.is_file():
+        return None
     try:
         with open(path, "rb") as fh:
             head = fh.read(352)

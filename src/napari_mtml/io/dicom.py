@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .scan import ImageReadError, Scan, array_affine_from, canonicalise, check_values, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    array_affine_from,
+    canonicalise,
+    check_values,
+    require_regular_file,
+    warn,
+)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -67,6 +75,9 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if Path(path).is_dir():
+        raise ImageReadError(f"{path}: is a folder; give the folder itself to read a series.")
+    require_regular_file(path)
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except FileNotFoundError:

@@ -12,7 +12,15 @@ from nibabel.imageglobals import LoggingOutputSuppressor
 from nibabel.openers import ImageOpener
 from nibabel.volumeutils import shape_zoom_affine
 
-from .scan import ImageReadError, Scan, canonicalise, check_values, to_file_order, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    canonicalise,
+    check_values,
+    require_regular_file,
+    to_file_order,
+    warn,
+)
 
 # A header claiming more than this is corrupt or not meant for this plugin; refusing early keeps
 # nibabel from allocating the claimed size before it notices the file is short.
@@ -20,6 +28,7 @@ MAX_BYTES = 8 * 1024**3
 
 
 def _load(path: Path):
+    require_regular_file(path)
     try:
         # nibabel logs (and silently fixes) zero/negative voxel sizes; `_geometry` reports them.
         with LoggingOutputSuppressor():
