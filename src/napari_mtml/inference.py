@@ -24,7 +24,6 @@ a larger `--frame`, or crop the image to the region of interest.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,10 +122,9 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
             "`mtml train HEALTHY... --out RUN`)"
         )
     try:
-        text = path.read_text()
-        config = TrainConfig.from_json(text)
-    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}; re-create the run") from exc
+        config = TrainConfig.from_json(path)  # errors name the file
+    except ValueError as exc:
+        raise ValueError(f"{exc}; re-create the run") from None
     try:
         model_kwargs = config.model_kwargs()
     except ValueError as exc:
@@ -141,7 +139,7 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
     settings = _RunSettings(
         dims, frame, kind, config.downsample, model_kwargs, config.n_folds, folds
     )
-    return settings, json.loads(text)
+    return settings, config.to_dict()
 
 
 def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | None) -> list[int]:
@@ -177,7 +175,10 @@ def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | No
     return wanted
 
 
-def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path, device: torch.device,
+                     settings: _RunSettings | None = None) -> dict[str, torch.Tensor]:
+    from napari_mtml.training.checkpoint import check_frame
+
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
@@ -185,9 +186,17 @@ def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); re-train this fold"
         ) from exc
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        if settings is not None:
+            check_frame(path, dict(obj), settings.dims, settings.frame,
+                        path.parent.parent / "config.json")
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a model state dict; re-train this fold")
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. "
+                         f"{bad[0]}); this fold's training diverged or the file is damaged: "
+                         "re-train this fold")
     return dict(obj)
 
 
@@ -230,7 +239,14 @@ class Ensemble:
         self.device = resolve_device(device)
         self.run_dir = run_dir
         self.config = dict(config or {})
-        self.batch_size = int(batch_size or (16 if self.dims == 2 else 1))
+        if batch_size is None:
+            batch_size = 16 if self.dims == 2 else 1
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch size {batch_size!r} is invalid: give a positive number of "
+                             "frames per forward pass (--batch-size B), or leave it out for "
+                             "the default (16 in 2D, 1 in 3D)")
+        self.batch_size = int(batch_size)
         for m in self.models:
             m.eval()
 
@@ -292,7 +308,7 @@ class Ensemble:
         ------
         ValueError : a 2D image for a 3D run, or content that does not fit the run's frame.
         """
-        from napari_mtml.preprocess import from_frame, to_frame
+        from napari_mtml.preprocess import FrameFitError, from_frame, to_frame
 
         array = np.asarray(scan.array)
         name = _scan_name(scan)
@@ -307,11 +323,14 @@ class Ensemble:
             frames, foreground, transform = to_frame(
                 scan, kind=self.kind, dims=self.dims, frame=self.frame, downsample=self.downsample
             )
-        except ValueError as exc:
+        except FrameFitError as exc:
             raise ValueError(
                 f"{name} does not fit the run's {self.dims}D frame {self.frame} at downsample "
                 f"{self.downsample:g}: {exc} (retrain with a larger --frame, or crop the image)"
             ) from exc
+        except ValueError as exc:  # a blank image, a wrong kind...: a larger frame cannot help
+            msg = str(exc)
+            raise ValueError(msg if name in msg else f"{name}: {msg}") from exc
         frames = np.asarray(frames, dtype=np.float32)
         foreground = np.asarray(foreground, dtype=bool)
         stacked = frames.ndim == self.dims + 1  # dims=2 on a 3D scan: (Z, *frame2d)
@@ -407,7 +426,7 @@ def load_ensemble(
     models = []
     for k in wanted:
         path = run_dir / f"fold_{k}" / "best.pt"
-        state = _load_state_dict(path, dev)
+        state = _load_state_dict(path, dev, settings)
         model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs)
         try:
             model.load_state_dict(state)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .scan import ImageReadError, Scan, array_affine_from, canonicalise, check_values, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    array_affine_from,
+    canonicalise,
+    check_values,
+    require_regular_file,
+    warn,
+)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -48,7 +56,12 @@ MAX_FOLDER_FILES = 20000
 
 
 def looks_like_dicom(path: Path) -> bool:
-    """True for a file with the "DICM" marker, or a raw (no preamble) dataset from group 8."""
+    """True for a file with the "DICM" marker, or a raw (no preamble) dataset from group 8.
+
+    Only regular files (links resolved) are opened: a named pipe would block the read forever.
+    """
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -63,6 +76,9 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if Path(path).is_dir():
+        raise ImageReadError(f"{path}: is a folder; give the folder itself to read a series.")
+    require_regular_file(path)
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except FileNotFoundError:
@@ -382,20 +398,36 @@ def _slice_spacing(proj: np.ndarray, path, metadata: dict) -> float | None:
     return spacing
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    files = []
+def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The regular files under `folder` (recursively, sorted), and the other entries skipped.
+
+    Named pipes, sockets, devices and broken links are never opened (reading a pipe blocks).
+    """
+    files: list[Path] = []
+    special: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            files.append(Path(root) / name)
+            f = Path(root) / name
+            if not f.is_file():  # follows links; False for FIFOs, sockets, devices
+                special.append(f)
+                continue
+            files.append(f)
             if len(files) > MAX_FOLDER_FILES:
                 raise ImageReadError(
                     f"{folder}: more than {MAX_FOLDER_FILES} files under this folder; point at "
                     "the folder of one DICOM series."
                 )
-    return files
+    return files, special
+
+
+def _special_note(folder: Path, special: list[Path]) -> str:
+    shown = ", ".join(p.name for p in special[:5]) + (" ..." if len(special) > 5 else "")
+    return (f"{folder}: skipped {len(special)} entr{'y' if len(special) == 1 else 'ies'} that "
+            f"{'is' if len(special) == 1 else 'are'} not a regular file (named pipe, socket, "
+            f"device or broken link): {shown}")
 
 
 @dataclass(frozen=True)
@@ -426,12 +458,13 @@ class DicomSeries:
         return f"series {self.uid[-12:]}"
 
 
-def _index_folder(folder: Path) -> tuple[dict[str, list], int, int]:
+def _index_folder(folder: Path) -> tuple[dict[str, list], int, list[Path]]:
     """Headers of every DICOM image file under `folder`, grouped by SeriesInstanceUID.
 
-    Returns `(series uid -> [(path, dataset without pixels), ...], skipped files, files seen)`.
+    Returns `(series uid -> [(path, dataset without pixels), ...], skipped files, entries that
+    are not regular files)`.
     """
-    files = _folder_files(folder)
+    files, special = _folder_files(folder)
     series: dict[str, list] = defaultdict(list)
     skipped = 0
     for f in files:
@@ -448,10 +481,11 @@ def _index_folder(folder: Path) -> tuple[dict[str, list], int, int]:
         series[str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)")].append((f, ds))
     if not series:
         raise ImageReadError(
-            f"{folder}: no DICOM images found in this folder ({len(files)} file(s) looked at); "
+            f"{folder}: no DICOM images found in this folder ({len(files)} file(s) looked at"
+            f"{'; ' + _special_note(folder, special).split(': ', 1)[1] if special else ''}); "
             "point at a folder holding the slices of one DICOM series, or at a single file."
         )
-    return series, skipped, len(files)
+    return series, skipped, special
 
 
 def _series_number(ds) -> int | None:
@@ -496,7 +530,7 @@ def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: not a folder; list_series needs a folder of DICOM files.")
-    series, _skipped, _n = _index_folder(folder)
+    series, _skipped, _special = _index_folder(folder)
     return [_describe(uid, members) for uid, members in _ordered(series)]
 
 
@@ -508,7 +542,7 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Scan:
     ImagePositionPatient projected on the slice normal; the z spacing comes from those
     positions (not SliceThickness).
     """
-    index, skipped, _n = _index_folder(folder)
+    index, skipped, special = _index_folder(folder)
     if series is not None:
         uid = str(series)
         if uid not in index:
@@ -532,6 +566,8 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Scan:
                              "series=UID) (list_series lists them).")
     if skipped:
         first_meta["skipped_files"] = skipped
+    if special:
+        warn(first_meta, _special_note(folder, special) + ".")
     return _read_members(folder, members, first_meta)
 
 
@@ -542,12 +578,14 @@ def read_each_series(folder: Path):
     In SeriesNumber order, like `list_series`; what the napari reader uses for one layer per
     series.
     """
-    index, _skipped, _n = _index_folder(Path(folder))
+    index, _skipped, special = _index_folder(Path(folder))
     for uid, members in _ordered(index):
         info = _describe(uid, members)
+        meta = _base_metadata(members[0][1], folder, "dicom-series")
+        if special:
+            warn(meta, _special_note(Path(folder), special) + ".")
         try:
-            scan = _read_members(Path(folder), members,
-                                 _base_metadata(members[0][1], folder, "dicom-series"))
+            scan = _read_members(Path(folder), members, meta)
         except ImageReadError as exc:
             yield info, exc
         else:
