@@ -316,3 +316,133 @@ def test_single_prediction_progress_and_cancel(make_napari_viewer, qtbot, tiny_r
     monkeypatch.setattr(Ensemble, "predict", original)
     _predict(qtbot, widget)
     assert widget.heatmap_layer is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Batch: a folder or every open layer, ranked table, click, cancel
+# --------------------------------------------------------------------------------------------
+def _batch_folder(root, n=3):
+    folder = root / "batch_in"
+    folder.mkdir()
+    for i in range(n):
+        # different sizes of disc: different sample scores
+        img = _disc((40, 40), 20 + i, radius=0.5 + 0.12 * i)
+        nib.save(nib.Nifti1Image(img.T, np.diag([0.8, 0.8, 1.0, 1.0])), folder / f"img{i}.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    return folder
+
+
+def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tiny_run,
+                                                 tmp_path):
+    import csv
+
+    from napari_mtml.io import read_image
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    folder = _batch_folder(tmp_path)
+    out = tmp_path / "batch_out"
+    widget.batch_folder_edit.setText(str(folder))
+    widget.batch_out_edit.setText(str(out))
+    widget.batch_png_check.setChecked(False)
+    widget.run_batch()
+    assert widget.busy and widget.progress is not None and widget.progress.total == 5
+    assert widget.wait(120)
+
+    items = widget.batch_items
+    assert len(items) == 4 and widget.batch_result is not None
+    ok = [it for it in items if it.error is None]
+    assert [it.name for it in items[3:]] == ["broken"] and "broken.nii.gz" in items[3].error
+    scores = [it.score for it in ok]
+    assert scores == sorted(scores, reverse=True)  # ranked by sample score
+    assert widget.batch_table.rowCount() == 4
+    assert widget.batch_table.item(0, 0).text() == ok[0].name
+    assert widget.batch_table.item(3, 3).text() == "failed"
+    for it in ok:
+        assert (out / f"{it.name}_anomaly.nii.gz").is_file()
+        assert (out / f"{it.name}_disagreement.nii.gz").is_file()
+    with open(out / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["name"] for r in rows) == ["img0", "img1", "img2"]
+
+    # A click opens the image with its heatmap: the map of the file, on the image's grid.
+    n_layers = len(viewer.layers)
+    widget.batch_table.selectRow(1)
+    image = viewer.layers[ok[1].name]
+    assert image.data.shape == (1, 40, 40)
+    np.testing.assert_allclose(widget.heatmap_layer.data,
+                               read_image(out / f"{ok[1].name}_anomaly.nii.gz").array)
+    np.testing.assert_allclose(widget.heatmap_layer.scale, image.scale)
+    assert len(viewer.layers) > n_layers and widget.labels_layer is not None
+    assert widget.prediction.score == pytest.approx(ok[1].score)
+    widget.batch_table.selectRow(1)  # again: the same layers, not new copies
+    assert sum(ly.name == ok[1].name for ly in viewer.layers) == 1
+
+
+def test_batch_of_open_layers_maps_back_onto_each_layer(make_napari_viewer, qtbot, tiny_run,
+                                                       tmp_path):
+    from napari_mtml._napari._common import layer_affine, scan_from_layer
+    from napari_mtml.inference import load_ensemble
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    flat = viewer.add_image(_disc((40, 40), 30), name="flat one", scale=(0.7, 0.7))
+    tilted = viewer.add_image(_disc((40, 40), 31, radius=0.6), name="tilted",
+                              scale=(0.9, -0.9), rotate=20.0)
+    widget.batch_source_combo.setCurrentText("all open image layers")
+    widget.batch_out_edit.setText(str(tmp_path / "layers_out"))
+    widget.run_batch()
+    assert widget.wait(120)
+    names = sorted(it.name for it in widget.batch_items)
+    assert names == ["flat_one", "tilted"] and all(it.error is None for it in widget.batch_items)
+    assert (tmp_path / "layers_out" / "tilted_anomaly.nii.gz").is_file()
+
+    ensemble = load_ensemble(tiny_run, device="cpu", folds=[0])
+    for layer, name in ((tilted, "tilted"), (flat, "flat_one")):
+        row = [it.name for it in widget.batch_items].index(name)
+        widget.open_batch_item(row)
+        heat = widget.heatmap_layer
+        np.testing.assert_allclose(layer_affine(heat), layer_affine(layer), atol=1e-9)
+        direct = ensemble.predict(scan_from_layer(layer)).anomaly  # the same, on the layer
+        np.testing.assert_allclose(heat.data, direct, atol=1e-5)
+
+
+def test_batch_cancel_keeps_scores_of_the_images_done(make_napari_viewer, qtbot, tiny_run,
+                                                      tmp_path, monkeypatch):
+    import threading
+
+    from napari_mtml.inference import Ensemble
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    folder = _batch_folder(tmp_path)
+    out = tmp_path / "cancelled"
+    widget.batch_folder_edit.setText(str(folder))
+    widget.batch_out_edit.setText(str(out))
+    widget.batch_png_check.setChecked(False)
+
+    second, release = threading.Event(), threading.Event()
+    original = Ensemble.predict
+    calls = []
+
+    def counted(self, scan, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # hold the second image until the test has cancelled
+            second.set()
+            release.wait(30)
+        return original(self, scan, *args, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "predict", counted)
+    widget.run_batch()
+    qtbot.waitUntil(second.is_set, timeout=60000)
+    widget.batch_cancel_button.click()
+    release.set()
+    assert widget.wait(60)
+    assert len(calls) == 2  # nothing after the cancelled image
+    assert "cancelled" in widget.status.text() and widget.batch_result is None
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert lines[0].startswith("name,score") and 1 <= len(lines) - 1 <= 2
+    assert not widget.cancel_button.isEnabled() and widget.progress is None

@@ -138,6 +138,20 @@ def expand_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _in_memory(item) -> bool:
+    from napari_mtml.io import Scan
+
+    return isinstance(item, Scan)
+
+
+def _memory_name(scan) -> str:
+    name = str(scan.metadata.get("name") or "").strip()
+    if not name:
+        raise ValueError("an in-memory image (Scan) in a batch needs metadata['name'] for its "
+                         "output file names")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _one_line(path: Path, exc: BaseException) -> str:
     """The failure of one input as one line that names its file."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -202,7 +216,10 @@ def predict_batch(
     ensemble : a loaded `napari_mtml.inference.Ensemble` (anything with `.predict(scan, **kw)`
         returning a `Prediction`, and `.folds`).
     paths : image files or DICOM series folders (`expand_images` turns folders of files into
-        their files).
+        their files); an item may also be a `napari_mtml.io.Scan` already in memory (e.g. a
+        napari layer), named by its `metadata["name"]`, predicted as it is (its metadata, such
+        as an X-ray's window, kept) and written in its geometry; its item's `path` is
+        `Path(NAME)`.
     out_dir : the output folder (created with its parents).
     png : also write `NAME_overlay.png`.
     predict_kwargs : passed on as `ensemble.predict(scan, **predict_kwargs)`.
@@ -217,10 +234,10 @@ def predict_batch(
     ValueError : `out_dir` (or a parent) is a file.
     OSError : `out_dir` cannot be created (permissions, ...).
     """
-    paths = [Path(p) for p in paths]
+    paths = [p if _in_memory(p) else Path(p) for p in paths]
     if not paths:
         raise ValueError("no input images given")
-    names = [image_name(p) for p in paths]
+    names = [_memory_name(p) if _in_memory(p) else image_name(p) for p in paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(
@@ -247,13 +264,14 @@ def _run(
     total = len(paths)
     result = BatchResult(out_dir=out, scores_csv=out / "scores.csv")
     try:
-        for index, (path, name) in enumerate(zip(paths, names, strict=True)):
+        for index, (source, name) in enumerate(zip(paths, names, strict=True)):
+            path = Path(name) if _in_memory(source) else source  # what the item names
             anomaly_path = out / f"{name}_anomaly.nii.gz"
             disagreement_path = out / f"{name}_disagreement.nii.gz"
             overlay_path = out / f"{name}_overlay.png" if png else None
             written: list[Path] = []
             try:
-                scan = read_image(path)
+                scan = source if _in_memory(source) else read_image(source)
                 pred = ensemble.predict(scan, **predict_kwargs)
                 write_image(anomaly_path, pred.anomaly, like=scan)
                 written.append(anomaly_path)

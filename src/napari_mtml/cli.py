@@ -155,6 +155,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from napari_mtml.batch import expand_images, predict_batch
     from napari_mtml.inference import load_ensemble
 
@@ -163,6 +165,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     gen = predict_batch(ensemble, paths, args.out, png=not args.no_png)
     print(f"{ensemble}")
     result = None
+    # One bar over the images on a terminal; none in a log file or a pipe (disable=None).
+    bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None, dynamic_ncols=True)
     try:
         while True:
             try:
@@ -170,14 +174,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             except StopIteration as stop:
                 result = stop.value
                 break
+            bar.update(1)
             where = f"[{item.index + 1}/{item.total}]"
             if item.error is None:
-                print(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
+                bar.write(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
             else:
-                print(f"{where} {item.name}: failed (see below)")
+                bar.write(f"{where} {item.name}: failed (see below)")
     except BaseException:
         gen.close()  # writes scores.csv for what succeeded
         raise
+    finally:
+        bar.close()
     failures = result.failures
     done = len(result.items) - len(failures)
     print(f"wrote {result.scores_csv} ({done} of {len(result.items)} input(s))")

@@ -17,6 +17,13 @@ source layer's whole transform: scale, translate, rotate, shear, affine):
 The threshold can be set from a healthy reference layer: the score that a chosen percentile of
 that scan's foreground voxels stays under. Save writes the heatmap as NIfTI on the image's
 original geometry (`napari_mtml.io.write_image`, using the layer's metadata).
+
+Batch: every image of a folder, or every open image layer, through `napari_mtml.batch.
+predict_batch` (the core of `mtml predict`) in a worker, with a cancelable napari progress bar.
+It writes `NAME_anomaly.nii.gz`, `NAME_disagreement.nii.gz` (and `NAME_overlay.png`) and
+`scores.csv` into the output folder (cancelling keeps `scores.csv` for the images done). A
+table ranks the images by sample score; a click opens the image with its heatmap, which then
+becomes the widget's current result (threshold, regions, save).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -33,10 +41,12 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QApplication,
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -67,6 +77,9 @@ from ._common import (
 )
 
 __all__ = ["HeatmapWidget", "Region", "regions_above"]
+
+BATCH_FOLDER = "a folder of images"
+BATCH_LAYERS = "all open image layers"
 
 ANOMALY = " anomaly"
 DISAGREEMENT = " disagreement"
@@ -130,7 +143,10 @@ class HeatmapWidget(QWidget):
     `threshold_slider`, `table`, `score_label`, `predict()`, `cancel()`,
     `threshold_from_reference()`, `show_region(label)`, `export_csv(path)`, `save(path)`,
     `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`, `labels_layer`, `busy`,
-    `progress` (the napari progress bar while a prediction runs) and `wait()`.
+    `progress` (the napari progress bar while a prediction runs) and `wait()`; for batches
+    `batch_source_combo`, `batch_folder_edit`, `batch_out_edit`, `batch_png_check`,
+    `batch_table`, `run_batch()`, `batch_items` (the `BatchItem`s so far, ranked),
+    `batch_result` and `open_batch_item(row)`.
     """
 
     def __init__(self, napari_viewer):
@@ -147,6 +163,11 @@ class HeatmapWidget(QWidget):
         self._cancelled = False
         self._ensembles: dict = {}
         self._reference_cache: dict = {}
+        self.batch_items: list = []
+        self.batch_result = None
+        self._batch_running = False
+        self._batch_sources: dict = {}  # NAME -> (layer, Scan metadata, ndim) for layer inputs
+        self._batch_opened: dict = {}  # input path -> the image layer a click opened
 
         self.run_edit = QLineEdit()
         self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt)")
@@ -196,6 +217,33 @@ class HeatmapWidget(QWidget):
         self.status = QLabel("Choose a run folder and an image, then Predict.")
         self.status.setWordWrap(True)
 
+        self.batch_source_combo = QComboBox()
+        self.batch_source_combo.addItems([BATCH_FOLDER, BATCH_LAYERS])
+        self.batch_folder_edit = QLineEdit()
+        self.batch_folder_edit.setPlaceholderText("folder of NIfTI / DICOM / PNG images")
+        self.batch_out_edit = QLineEdit()
+        self.batch_out_edit.setPlaceholderText("output folder (maps and scores.csv)")
+        self.batch_png_check = QCheckBox("PNG overlays")
+        self.batch_png_check.setChecked(True)
+        self.batch_button = QPushButton("Predict batch")
+        self.batch_button.clicked.connect(self.run_batch)
+        self.batch_cancel_button = QPushButton("Cancel")
+        self.batch_cancel_button.setEnabled(False)
+        self.batch_cancel_button.clicked.connect(self.cancel)
+        self.batch_table = QTableWidget(0, 4)
+        self.batch_table.setHorizontalHeaderLabels(["image", "score", "disagreement", "status"])
+        self.batch_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.batch_table.verticalHeader().setVisible(False)
+        self.batch_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.batch_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.batch_table.setToolTip("Ranked by sample score; click an image to open it with its "
+                                    "heatmap.")
+        self.batch_table.setMinimumHeight(120)
+        self.batch_table.itemSelectionChanged.connect(self._batch_row_selected)
+        self.batch_source_combo.currentIndexChanged.connect(
+            lambda *_: self.batch_folder_edit.setEnabled(
+                self.batch_source_combo.currentText() == BATCH_FOLDER))
+
         form = QFormLayout()
         run_row = QHBoxLayout()
         run_row.setContentsMargins(0, 0, 0, 0)
@@ -212,10 +260,21 @@ class HeatmapWidget(QWidget):
         form.addRow("healthy reference", self.reference_combo)
         form.addRow("percentile", self.percentile_spin)
         form.addRow(self.reference_button)
+        batch_box = QGroupBox("Batch")
+        batch_form = QFormLayout(batch_box)
+        batch_form.addRow("images", self.batch_source_combo)
+        batch_form.addRow("folder", _pair(self.batch_folder_edit,
+                                          _browse_button(self, self.batch_folder_edit)))
+        batch_form.addRow("output", _pair(self.batch_out_edit,
+                                          _browse_button(self, self.batch_out_edit)))
+        batch_form.addRow(_pair(self.batch_png_check, self.batch_button,
+                                self.batch_cancel_button))
+        batch_form.addRow(self.batch_table)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.table)
         layout.addWidget(_pair(self.export_button, self.save_button))
+        layout.addWidget(batch_box)
         layout.addWidget(self.status)
 
         self._threshold_timer = QTimer(self)
@@ -299,20 +358,28 @@ class HeatmapWidget(QWidget):
     def _start(self, job, *args, desc: str, steps: int, on_return) -> None:
         """Run a generator job with the buttons, the napari progress bar and cancel wired."""
         self._cancelled = False
-        self.predict_button.setEnabled(False)
-        self.reference_button.setEnabled(False)
+        for button in (self.predict_button, self.reference_button, self.batch_button):
+            button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self.batch_cancel_button.setEnabled(True)
         self.progress = cancelable_bar(steps, desc, self.cancel)
         self._worker = start_worker(
             job, *args, on_yield=self._step, on_return=on_return, on_error=self._error,
             on_finish=self._done, on_abort=self._aborted,
         )
 
-    def _step(self, text) -> None:
-        self.status.setText(f"{text} …")
+    def _step(self, event) -> None:
+        from napari_mtml.batch import BatchItem
+
+        if isinstance(event, BatchItem):
+            self._batch_item(event)
+            text = f"{event.index + 1}/{event.total} {event.name}"
+        else:
+            text = str(event)
+            self.status.setText(f"{text} …")
         bar = self.progress  # napari may process events while it draws the bar
         if bar is not None:
-            bar.set_description(str(text))
+            bar.set_description(text)
             bar.update(1)
 
     def predict(self) -> None:
@@ -342,12 +409,20 @@ class HeatmapWidget(QWidget):
             self._worker.quit()
 
     def _aborted(self) -> None:
-        self.status.setText("cancelled: nothing was changed.")
-        notify_info("Heatmap: prediction cancelled")
+        if self.batch_items and self._batch_running:
+            done = sum(item.error is None for item in self.batch_items)
+            self.status.setText(f"batch cancelled after {len(self.batch_items)} image(s); "
+                                f"scores.csv lists the {done} done.")
+        else:
+            self.status.setText("cancelled: nothing was changed.")
+        notify_info("Heatmap: cancelled")
 
     def _show(self, layer, prediction) -> None:
         if prediction is None or layer not in self.viewer.layers:
             return
+        if layer is not self._source_layer:
+            # another image: its own output layers (the previous image keeps its heatmap)
+            self.heatmap_layer = self.disagreement_layer = self.labels_layer = None
         self.prediction = prediction
         self._source_layer = layer
         self.heatmap_layer = set_or_add_image(
@@ -379,12 +454,172 @@ class HeatmapWidget(QWidget):
 
     def _done(self) -> None:
         self._worker = None
-        self.predict_button.setEnabled(True)
-        self.reference_button.setEnabled(True)
+        self._batch_running = False
+        for button in (self.predict_button, self.reference_button, self.batch_button):
+            button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self.batch_cancel_button.setEnabled(False)
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+
+    # ----------------------------------------------------------------------------- batch
+    def _batch_inputs(self) -> tuple[list, int]:
+        """What the batch predicts: paths (a folder) or in-memory Scans (the open layers)."""
+        if self.batch_source_combo.currentText() == BATCH_LAYERS:
+            layers = [ly for ly in self.viewer.layers
+                      if isinstance(ly, Image) and not self._is_output(ly)
+                      and not getattr(ly, "rgb", False)]
+            if not layers:
+                raise ValueError("no image layers are open: open scans first, or predict a "
+                                 "folder.")
+            scans, used = [], set()
+            self._batch_sources = {}
+            for layer in layers:
+                scan = scan_from_layer(layer, "Batch")
+                name = _safe_name(layer.name)
+                while name in used:
+                    name += "_"
+                used.add(name)
+                scan.metadata["name"] = name
+                self._batch_sources[name] = (layer, dict(scan.metadata), scan.ndim)
+                scans.append(scan)
+            return scans, len(scans)
+        from napari_mtml.batch import expand_images
+
+        folder = self.batch_folder_edit.text().strip()
+        if not folder:
+            raise ValueError("no input folder chosen: type or browse a folder of images, or "
+                             "predict all open image layers.")
+        if not Path(folder).expanduser().is_dir():
+            raise ValueError(f"input folder '{folder}' does not exist.")
+        paths = expand_images([Path(folder).expanduser()])
+        self._batch_sources = {}
+        return paths, len(paths)
+
+    def run_batch(self) -> None:
+        """Predict every image of the folder (or every open image layer) in a worker."""
+        if self._worker is not None:
+            return
+        run_dir = self.run_edit.text().strip()
+        out_dir = self.batch_out_edit.text().strip()
+        try:
+            if not run_dir:
+                raise ValueError("no run folder chosen: train one with the Training widget or "
+                                 "`mtml train`, then choose its folder.")
+            if not out_dir:
+                raise ValueError("no output folder chosen: choose where the maps and "
+                                 "scores.csv go.")
+            inputs, n = self._batch_inputs()
+        except (ValueError, OSError) as exc:
+            self._error(exc)
+            return
+        self.batch_items = []
+        self.batch_result = None
+        self.batch_table.setRowCount(0)
+        self._batch_running = True
+        self.status.setText(f"batch of {n} image(s) into {out_dir} …")
+        self._start(self._batch_job, run_dir, self.device_combo.currentText(), inputs,
+                    Path(out_dir).expanduser(), self.batch_png_check.isChecked(),
+                    desc="mtml batch", steps=n + 1, on_return=self._batch_done)
+
+    def _batch_job(self, run_dir, device, inputs, out_dir, png):
+        """The worker: the run, then the core's batch generator (closing this closes it)."""
+        from napari_mtml.batch import predict_batch
+
+        yield "loading the run"
+        ensemble = self._ensemble(run_dir, device)
+        result = yield from predict_batch(ensemble, inputs, out_dir, png=png)
+        return result
+
+    def _batch_item(self, item) -> None:
+        self.batch_items.append(item)
+        # ranked: highest sample score first, failures last
+        self.batch_items.sort(key=lambda it: (it.error is not None,
+                                              -(it.score if it.score is not None else 0.0),
+                                              it.index))
+        self._fill_batch_table()
+
+    def _fill_batch_table(self) -> None:
+        self.batch_table.blockSignals(True)
+        self.batch_table.clearSelection()
+        self.batch_table.setRowCount(len(self.batch_items))
+        for row, item in enumerate(self.batch_items):
+            ok = item.error is None
+            cells = (item.name, f"{item.score:.4f}" if ok else "-",
+                     f"{item.mean_disagreement:.4f}" if ok else "-", "done" if ok else "failed")
+            for col, text in enumerate(cells):
+                cell = QTableWidgetItem(text)
+                cell.setFlags(cell.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                if not ok:
+                    cell.setToolTip(item.error)
+                self.batch_table.setItem(row, col, cell)
+        self.batch_table.blockSignals(False)
+
+    def _batch_done(self, result) -> None:
+        if result is None:
+            return
+        self.batch_result = result
+        failed = len(result.failures)
+        self.status.setText(f"batch done: {len(result.items) - failed} of {len(result.items)} "
+                            f"image(s) predicted; {result.scores_csv}"
+                            + (f"; {failed} failed (hover the table)" if failed else ""))
+        notify_info(f"Heatmap: batch written to {result.out_dir}")
+
+    def _batch_row_selected(self) -> None:
+        rows = {i.row() for i in self.batch_table.selectedItems()}
+        if len(rows) == 1:
+            self.open_batch_item(rows.pop())
+
+    def open_batch_item(self, row: int) -> None:
+        """Open the image of a batch row (or reuse its layer) with its heatmap, which becomes
+        the widget's current result (threshold, regions, save)."""
+        if not 0 <= row < len(self.batch_items):
+            return
+        item = self.batch_items[row]
+        if item.error is not None:
+            notify_error("Heatmap", item.error)
+            return
+        try:
+            layer, anomaly, spread = self._load_batch_item(item)
+        except (ValueError, OSError) as exc:
+            self._error(exc)
+            return
+        self.viewer.layers.selection.active = layer
+        self._show(layer, SimpleNamespace(anomaly=anomaly, disagreement=spread,
+                                          score=item.score, fold_scores=()))
+        self.status.setText(f"{item.name}: sample score {item.score:.4f} (batch rank "
+                            f"{row + 1} of {len(self.batch_items)})")
+
+    def _load_batch_item(self, item):
+        """(image layer, anomaly, disagreement) of a batch item, the maps on the layer's grid."""
+        import nibabel as nib
+
+        from napari_mtml.io import read_image
+        from napari_mtml.io.scan import from_file_order
+
+        from .reader import layer_data_from_scan
+
+        if item.name in self._batch_sources:  # a layer input: maps back onto its grid
+            layer, metadata, ndim = self._batch_sources[item.name]
+            if layer not in self.viewer.layers:
+                raise ValueError(f"layer '{item.name}' was closed; its maps are in "
+                                 f"{item.anomaly_path.parent}.")
+            maps = [from_file_order(np.asarray(nib.load(p).dataobj, dtype=np.float32),
+                                    metadata, ndim)
+                    for p in (item.anomaly_path, item.disagreement_path)]
+            return layer, maps[0], maps[1]
+        layer = self._batch_opened.get(str(item.path))
+        scan = read_image(item.path)
+        if layer is None or layer not in self.viewer.layers:
+            data, kwargs, _ = layer_data_from_scan(scan, item.name)
+            layer = self.viewer.add_image(data, **kwargs)
+            self._batch_opened[str(item.path)] = layer
+        # the maps were written in the input's own geometry: read back on the same grid
+        maps = [from_file_order(np.asarray(nib.load(p).dataobj, dtype=np.float32),
+                                scan.metadata, scan.ndim)
+                for p in (item.anomaly_path, item.disagreement_path)]
+        return layer, maps[0], maps[1]
 
     # ----------------------------------------------------------------------------- threshold
     def apply_threshold(self) -> None:
@@ -577,3 +812,20 @@ def _pair(*widgets) -> QWidget:
     holder = QWidget()
     holder.setLayout(box)
     return holder
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "layer"
+
+
+def _browse_button(parent, edit: QLineEdit) -> QPushButton:
+    button = QPushButton("…")
+    button.setMaximumWidth(30)
+
+    def browse():
+        folder = QFileDialog.getExistingDirectory(parent, "Choose a folder")
+        if folder:
+            edit.setText(folder)
+
+    button.clicked.connect(browse)
+    return button

@@ -189,6 +189,18 @@ def to_file_order(array: np.ndarray, metadata: dict) -> np.ndarray:
     return apply_orientation(data, ornt_transform(identity, ornt))
 
 
+def from_file_order(data: np.ndarray, metadata: dict, ndim: int) -> np.ndarray:
+    """Inverse of `to_file_order`: a map stored in a file's `(i, j, k)` voxel order (as
+    `write_image(..., like=scan)` wrote it) back onto `scan.array`'s grid (`ndim` = its ndim)."""
+    data = np.asarray(data)
+    if ndim == 2:
+        return data.reshape(data.shape[:2]).T
+    ornt = metadata.get("ornt")
+    if ornt is not None:
+        data = apply_orientation(data, np.asarray(ornt, dtype=float))
+    return data.transpose(2, 1, 0)
+
+
 def require_regular_file(path) -> None:
     """`ImageReadError` unless `path` is a regular file (links resolved): a named pipe, socket or
     device is never opened (reading a pipe would block forever)."""
