@@ -3,11 +3,14 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--steps 60]
         [--heatmap-run mtml-demo/run]
 
-Writes docs/preview_widget.png, docs/training_widget.png and docs/heatmap_widget.png (the whole
-napari window, widget docked). The training screenshot comes from a short real run (fold 0 of the
-1/4 split, a small U-Net, axial slices of the healthy MNI152 brain); the heatmap screenshot predicts
-the clinical brain-tumour MRI with that run. A run this short is a demonstration of the GUI, not a
-trained detector: the heatmap shows what the models learnt in a minute of CPU time.
+Writes (the whole napari window, widget docked) docs/preview_widget.png, docs/training_widget.png,
+docs/heatmap_widget.png (the region table with a region clicked: view centred on it, its label
+selected), docs/heatmap_batch.png (a batch over open image layers, ranked by sample score) and
+docs/heatmap_3d.png (the heatmap over the scan in napari's 3D view). The training screenshot
+comes from a short real run (fold 0 of the 1/4 split, a small U-Net, axial slices of the healthy
+MNI152 brain); the heatmap screenshots predict the clinical brain-tumour MRI with that run, or
+with `--heatmap-run` (e.g. `mtml demo`'s OUT/run, trained on the tumour MRI's own lesion-free
+slices). A short run is a demonstration of the GUI, not a trained detector.
 """
 
 from __future__ import annotations
@@ -45,12 +48,7 @@ def _wait(predicate, timeout: float = 600.0) -> None:
 
 
 def _shot(viewer, name: str) -> None:
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    _settle(0.3)
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # pop-ups (e.g. napari's PyQt5 deprecation note) would cover the canvas
-    _settle(0.8)
+    _settle(1.0)
     PILImage.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(DOCS / name)
     print(f"wrote {DOCS / name}")
 
@@ -104,11 +102,13 @@ def training(viewer, run_dir: Path, steps: int):
     return widget.run_dir
 
 
-def heatmap(viewer, run_dir: str) -> None:
+def heatmap(viewer, run_dir: str, out_dir: Path) -> None:
+    from napari_mtml._napari._common import viewer_camera
+
     viewer.open_sample(PLUGIN, "brain_tumour")
     image = viewer.layers["brain1 T1 (tumour)"]
     tumour = viewer.layers["tumour label"]
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(run_dir)
     widget.image_combo.set_layer(image)
     widget.predict()
@@ -118,10 +118,41 @@ def heatmap(viewer, run_dir: str) -> None:
     heat = widget.prediction.anomaly
     widget.threshold_slider.setValue(float(np.quantile(heat[heat > 0], 0.99)))
     widget.apply_threshold()
-    z = int(np.argmax(np.asarray(tumour.data).reshape(tumour.data.shape[0], -1).sum(axis=1)))
-    _show_slice(viewer, z)
     tumour.visible = False
+    # the region table with a region clicked: the view centres on it, its label is selected
+    inside = np.asarray(tumour.data) > 0
+    labels = np.asarray(widget.labels_layer.data)
+    overlap = [int(((labels == r.label) & inside).sum()) for r in widget.regions[:100]]
+    row = int(np.argmax(overlap)) if max(overlap, default=0) > 0 else 0
+    widget.table.selectRow(row)
     _shot(viewer, "heatmap_widget.png")
+
+    # 3D: the scan as a maximum intensity projection, the heatmap as an attenuated one
+    widget.labels_layer.visible = False
+    viewer.dims.ndisplay = 3
+    viewer_camera(viewer).angles = (-10.0, 25.0, 70.0)
+    viewer_camera(viewer).zoom = 2.2
+    image.opacity = 0.6
+    _shot(viewer, "heatmap_3d.png")
+    viewer.dims.ndisplay = 2
+    image.opacity = 1.0
+
+    # batch over open image layers: the scan and thick slabs of it (with and without tumour)
+    for name, (z0, z1) in (("slices 0-10 (no tumour)", (0, 11)),
+                           ("slices 11-17 (tumour)", (11, 18)),
+                           ("slices 18-24 (no tumour)", (18, 25))):
+        translate = np.asarray(image.translate, dtype=float)
+        translate[0] += z0 * image.scale[0]
+        viewer.add_image(np.asarray(image.data)[z0:z1], name=name, scale=image.scale,
+                         translate=translate, colormap="gray", visible=False)
+    widget.batch_source_combo.setCurrentText("all open image layers")
+    widget.batch_out_edit.setText(str(out_dir))
+    widget.run_batch()
+    _wait(lambda: not widget.busy)
+    widget.batch_table.selectRow(0)
+    _settle(0.5)
+    _shot(viewer, "heatmap_batch.png")
+    viewer.window.remove_dock_widget(dock)
 
 
 def main() -> None:
@@ -138,7 +169,7 @@ def main() -> None:
     preview(viewer)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = training(viewer, Path(tmp) / "run", args.steps)
-        heatmap(viewer, args.heatmap_run or run_dir)
+        heatmap(viewer, args.heatmap_run or run_dir, Path(tmp) / "batch")
     viewer.close()
 
 
