@@ -48,7 +48,19 @@ def _wait(predicate, timeout: float = 600.0) -> None:
 
 
 def _shot(viewer, name: str) -> None:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
     _settle(1.0)
+    # let napari's own notifications ("Training finished", ...) time out as they do for a user
+    # (their 4 s timer runs only while the window is active, which Xvfb without a window
+    # manager does not keep up: start it as a mouse leaving the toast would)
+    window = viewer.window._qt_window
+    for toast in window.findChildren(NapariQtNotification):
+        if toast.isVisible():
+            toast.timer_start()
+    _wait(lambda: not any(t.isVisible() for t in window.findChildren(NapariQtNotification)),
+          timeout=20.0)
+    _settle(0.5)
     PILImage.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(DOCS / name)
     print(f"wrote {DOCS / name}")
 
@@ -125,17 +137,22 @@ def heatmap(viewer, run_dir: str, out_dir: Path) -> None:
     overlap = [int(((labels == r.label) & inside).sum()) for r in widget.regions[:100]]
     row = int(np.argmax(overlap)) if max(overlap, default=0) > 0 else 0
     widget.table.selectRow(row)
+    widget.table.scrollToItem(widget.table.item(row, 0))
     _shot(viewer, "heatmap_widget.png")
 
-    # 3D: the scan as a maximum intensity projection, the heatmap as an attenuated one
+    # 3D: the scan faint, the heatmap as an attenuated MIP from 0.1 to its maximum
     widget.labels_layer.visible = False
     viewer.dims.ndisplay = 3
-    viewer_camera(viewer).angles = (-10.0, 25.0, 70.0)
+    viewer_camera(viewer).angles = (-20.0, 30.0, 120.0)
     viewer_camera(viewer).zoom = 2.2
-    image.opacity = 0.6
+    image.opacity = 0.35
+    widget.heatmap_layer.contrast_limits = (0.1, float(heat.max()))
+    widget.heatmap_layer.opacity = 0.9
     _shot(viewer, "heatmap_3d.png")
     viewer.dims.ndisplay = 2
     image.opacity = 1.0
+    widget.heatmap_layer.contrast_limits = (0.0, 1.0)
+    widget.heatmap_layer.opacity = 0.6
 
     # batch over open image layers: the scan and thick slabs of it (with and without tumour)
     for name, (z0, z1) in (("slices 0-10 (no tumour)", (0, 11)),
@@ -149,8 +166,10 @@ def heatmap(viewer, run_dir: str, out_dir: Path) -> None:
     widget.batch_out_edit.setText(str(out_dir))
     widget.run_batch()
     _wait(lambda: not widget.busy)
+    for layer in list(viewer.layers):  # the earlier results out of the way
+        if layer.name.startswith("brain1 T1 (tumour) "):
+            layer.visible = False
     widget.batch_table.selectRow(0)
-    _settle(0.5)
     _shot(viewer, "heatmap_batch.png")
     viewer.window.remove_dock_widget(dock)
 
@@ -165,6 +184,8 @@ def main() -> None:
     args = parser.parse_args()
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
+    # the active window, as on a desktop: napari's notifications then time out by themselves
+    viewer.window._qt_window.activateWindow()
     _settle(1.0)
     preview(viewer)
     with tempfile.TemporaryDirectory() as tmp:

@@ -546,7 +546,9 @@ class HeatmapWidget(QWidget):
         self.batch_table.setRowCount(len(self.batch_items))
         for row, item in enumerate(self.batch_items):
             ok = item.error is None
-            cells = (item.name, f"{item.score:.4f}" if ok else "-",
+            shown = self._batch_sources[item.name][0].name if item.name in \
+                self._batch_sources else item.name  # a layer by its own name
+            cells = (shown, f"{item.score:.4f}" if ok else "-",
                      f"{item.mean_disagreement:.4f}" if ok else "-", "done" if ok else "failed")
             for col, text in enumerate(cells):
                 cell = QTableWidgetItem(text)
@@ -585,10 +587,16 @@ class HeatmapWidget(QWidget):
         except (ValueError, OSError) as exc:
             self._error(exc)
             return
+        layer.visible = True
         self.viewer.layers.selection.active = layer
         self._show(layer, SimpleNamespace(anomaly=anomaly, disagreement=spread,
                                           score=item.score, fold_scores=()))
-        self.status.setText(f"{item.name}: sample score {item.score:.4f} (batch rank "
+        for out in (self.heatmap_layer, self.labels_layer):
+            if out is not None:
+                out.visible = True
+        # show the image where its heatmap peaks
+        self._go_to(layer, np.unravel_index(int(np.argmax(anomaly)), anomaly.shape))
+        self.status.setText(f"{layer.name}: sample score {item.score:.4f} (batch rank "
                             f"{row + 1} of {len(self.batch_items)})")
 
     def _load_batch_item(self, item):
@@ -635,6 +643,8 @@ class HeatmapWidget(QWidget):
                                              voxel_size=voxel_volume(layer))
         self.labels_layer = set_or_add_labels(self.viewer, self.labels_layer, labels,
                                               layer.name + SUSPICIOUS, layer, opacity=0.5)
+        if self.heatmap_layer is not None:  # for "iso" rendering in 3D: the same surface
+            self.heatmap_layer.iso_threshold = float(self.threshold_slider.value())
         self.labels_layer.features = self.region_table()
         unit = "mm²" if ndim == 2 else "mm³"
         shown = self.regions[:MAX_ROWS]
@@ -694,7 +704,13 @@ class HeatmapWidget(QWidget):
         if len(voxels) == 0:
             return
         centre = voxels[np.argmin(((voxels - np.asarray(region.centroid)) ** 2).sum(axis=1))]
-        world = np.asarray(labels.data_to_world(centre), dtype=float)
+        self._go_to(labels, centre)
+        labels.selected_label = int(label)
+        labels.visible = True
+
+    def _go_to(self, layer, index) -> None:
+        """Move the sliders to the data `index` of `layer` and centre the camera on it."""
+        world = np.asarray(layer.data_to_world(np.asarray(index, dtype=float)), dtype=float)
         dims = self.viewer.dims
         offset = dims.ndim - len(world)  # the viewer may hold layers with more dimensions
         for axis in range(len(world)):
@@ -702,8 +718,6 @@ class HeatmapWidget(QWidget):
                 dims.set_point(offset + axis, float(world[axis]))
         shown = [float(world[d - offset]) for d in dims.displayed if d - offset >= 0]
         viewer_camera(self.viewer).center = tuple(shown)
-        labels.selected_label = int(label)
-        labels.visible = True
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the region table as CSV (one row per region); returns the path."""
