@@ -301,13 +301,14 @@ class UNet(nn.Module):
                 f"axes, got {tuple(x.shape)}."
             )
         spatial = tuple(x.shape[2:])
-        if self.frame is not None and spatial != self.frame:
+        if self.pos_encoding and spatial != self.frame:
             raise ValueError(
                 f"UNet: this model is tied to the frame {self.frame} (its positional encoding "
                 f"is built for it) but the input's spatial size is {spatial}; bring the image "
                 "into the frame first (napari_mtml.preprocess.to_frame)."
             )
-        if self.frame is None:
+        if not self.pos_encoding and spatial != self.frame:
+            # fully convolutional without the encoding: any size the U-Net divides
             self._check_frame(spatial, self.dims, self.depth)
 
     # ------------------------------------------------------------------ weights
