@@ -43,6 +43,15 @@ def _parse_frame(text: str) -> tuple[int, ...]:
     return frame
 
 
+def _parse_duration(text: str) -> float:
+    from napari_mtml.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--time: {exc}") from None
+
+
 def _parse_fold(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"
@@ -325,7 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="external dataset folder for the inter-dataset blending task",
     )
-    p.add_argument("--max-steps", type=int, metavar="N", help="training steps per fold")
+    p.add_argument(
+        "--time",
+        dest="time_budget",
+        type=_parse_duration,
+        metavar="15m",
+        help="train for this long in all (e.g. 90s, 15m, 1.5h): a measured warm-up plans the "
+        "steps of every fold, recorded in config.json (--max-steps then replays it)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="training steps per fold (with --time: an upper bound)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("auto", "small", "light", "paper"),
+        help="model, batch, resolution and schedule together: auto (default) = small on a "
+        "CPU, light on Apple MPS, paper on a CUDA GPU; flags given here override it",
+    )
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="fine-tune from a trained run folder or a built-in model (builtin:brain-t1)",
+    )
     p.add_argument("--batch-size", type=int, metavar="B")
     p.add_argument(
         "--frame",
@@ -336,11 +369,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         dest="preset",
-        choices=("paper", "light"),
-        help="U-Net preset: the paper's widths, or a light one for CPUs",
+        choices=("paper", "light", "small"),
+        help="U-Net preset: the paper's widths, light (half), or small (8-64, for CPUs)",
     )
     p.add_argument("--kind", choices=("auto", "mri", "cxr"), help="preprocessing pipeline")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        metavar="MM",
+        help="MRI: resample to this voxel size in mm (in-plane for 2D models)",
+    )
+    p.add_argument(
+        "--downsample",
+        type=float,
+        metavar="F",
+        help="MRI: downsample by this factor instead of to a spacing (the paper's 2)",
+    )
+    p.add_argument(
+        "--brain-mask",
+        choices=("auto",),
+        help="auto: place the synthetic anomalies inside an automatic brain mask (heads with "
+        "the skull on; needs the brain extra: pip install 'napari-mtml[brain]')",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "paper"),
+        help="cosine: warm-up then a half cosine to the last planned step; paper: x0.9997122 "
+        "per step (tuned for 20,000 steps)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        metavar="D",
+        help="validate and save a moving average of the weights with this decay (0 = off)",
+    )
     p.add_argument(
         "--val-every", dest="val_interval", type=int, metavar="N", help="validate every N steps"
     )
