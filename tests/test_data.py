@@ -124,7 +124,8 @@ def _fake_io(monkeypatch, shapes):
             raise ValueError(f"{path}: not a NIfTI file")
         return SimpleNamespace(array=np.ones(shapes[path.name], np.float32))
 
-    def frame(scan, path, kind, dims, frame, downsample, spacing=None, foreground=None):
+    def frame(scan, path, kind, dims, frame, downsample, spacing=None, foreground=None,
+              placement=None):
         arr = scan.array
         if arr.ndim == 3 and dims == 2:
             fg = np.zeros(arr.shape, bool)

@@ -230,7 +230,8 @@ class HealthyCollection:
                    kind: str = "auto", frame: Sequence[int] | str | None = None,
                    downsample: float = 2, min_foreground: float = 0.05,
                    spacing: float | None = None,
-                   multiple: int | dict[int, int] = 16) -> HealthyCollection:
+                   multiple: int | dict[int, int] = 16,
+                   brain_mask: str | None = None) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
         dims: None (the scans' own), 3, or 2 (3D volumes become their axial slices; slices whose
@@ -239,7 +240,9 @@ class HealthyCollection:
         to every scan's content (sizes multiples of `multiple`, or of `multiple[dims]`).
         Raises `ValueError` naming the file for unreadable files, 2D and 3D scans mixed,
         `dims=3` with 2D images, content too big for the frame, NaN values, and fewer than five
-        items in total.
+        items in total. brain_mask="auto": anomalies are placed inside an automatic brain mask
+        of each volume (`napari_mtml.brainmask`; heads with the skull on), the image keeps its
+        head; 2D images keep their foreground.
         """
         files = expand_paths(paths)
         scans = [(path, _read_scan(path)) for path in files]
@@ -267,9 +270,12 @@ class HealthyCollection:
                                  f"{first[0]}); train 2D and 3D data separately")
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
+            placement = None
+            if brain_mask == "auto" and scan_ndim == 3 and not single_slice:
+                placement = _brain_mask(scan, path)
             array, fg, item_kind = _frame_scan(scan, path, kind, 2 if single_slice else dims,
                                                frame, downsample, spacing,
-                                               foregrounds.pop(path, None))
+                                               foregrounds.pop(path, None), placement)
             if single_slice:
                 array, fg = array[0], None if fg is None else fg[0]
             if not np.isfinite(array).all():
@@ -361,12 +367,24 @@ def _fit_collection_frame(scans, frame: str, dims, kind, downsample, spacing, mu
     return fit_frame(tuple(max(c[i] for c in contents) for i in range(n_dims)), m)
 
 
+def _brain_mask(scan, path: Path) -> np.ndarray:
+    """The automatic brain mask of a healthy volume, any failure naming the file."""
+    from napari_mtml.brainmask import brain_mask
+
+    try:
+        return brain_mask(scan)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+
+
 def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
                 downsample: float, spacing: float | None = None, foreground=None,
-                ) -> tuple[np.ndarray, np.ndarray | None, str]:
+                placement=None) -> tuple[np.ndarray, np.ndarray | None, str]:
     """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
-    foreground are stacks `(Z, *frame2d)`."""
-    from napari_mtml.preprocess import infer_kind, to_frame
+    foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
+    narrows the returned foreground (where anomalies go), e.g. the brain of a head."""
+    from napari_mtml.preprocess import infer_kind, mask_to_frame, to_frame
 
     try:
         array, fg, transform = to_frame(scan, kind=kind, dims=dims,
@@ -376,6 +394,8 @@ def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[i
     except ValueError as exc:
         msg = str(exc)
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+    if placement is not None and fg is not None:
+        fg = fg & mask_to_frame(placement, transform)
     item_kind = getattr(transform, "kind", None)
     if item_kind not in ("mri", "cxr"):
         item_kind = kind if kind in ("mri", "cxr") else infer_kind(scan)

@@ -49,6 +49,7 @@ __all__ = [
     "content_shape",
     "fit_frame",
     "infer_kind",
+    "mask_to_frame",
     "mri_factors",
     "to_frame",
     "to_model_units",
@@ -544,6 +545,26 @@ def _cxr_to_frame(scan: Scan, frame, factors, name):
         offset=(0, 0), window=None if window is None else (lo + (hi - lo) / 2, hi - lo),
     )
     return out, np.ones(frame, dtype=bool), transform
+
+
+def mask_to_frame(mask, transform: FrameTransform) -> np.ndarray:
+    """A bool mask on the scan's grid (e.g. a brain mask) taken into the frame by the same
+    crop, resampling (linear, kept where >= 0.5) and padding as the scan: bool,
+    `transform.frame_array_shape`."""
+    if not isinstance(transform, FrameTransform):
+        raise ValueError("transform must be the FrameTransform returned by to_frame.")
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != tuple(transform.scan_shape):
+        raise ValueError(
+            f"the mask has shape {m.shape}; the scan has {tuple(transform.scan_shape)}."
+        )
+    crop = m[tuple(slice(a, b) for a, b in transform.crop)].astype(np.float32)
+    small = _resample(crop, transform.scale, transform.scaled_shape, order=1,
+                      anti_alias=True) >= 0.5
+    out = np.zeros(transform.frame_array_shape, dtype=bool)
+    out[tuple(slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape,
+                                              strict=True))] = small
+    return out
 
 
 # --------------------------------------------------------------------------------------------

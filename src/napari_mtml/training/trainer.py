@@ -182,6 +182,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         collection = HealthyCollection.from_paths(
             config.healthy, dims=config.read_dims, kind=config.kind, frame=_frame_arg(config),
             min_foreground=config.min_foreground, multiple=_multiple(config),
+            brain_mask=config.brain_mask if config.brain_mask != "none" else None,
             **config.resample)
     if config.dims is not None and collection.dims != config.dims:
         raise ValueError(f"the healthy data is {collection.dims}D but dims = {config.dims}")
