@@ -1,29 +1,19 @@
 """Shared pytest fixtures.
 
-`shared_data` points at the real images of ../shared/data (beside the project root); tests that
-need them skip with a clear reason where that folder is absent.
+Tests on real images use the package's own sample data (`napari_mtml.samples.sample_data_path`),
+so that a fresh clone runs every test without any folder beside the project.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+import numpy as np
 import pytest
 
 # One thread per process: the suite's models are tiny, several tests run two processes at once
 # (DDP), and on a busy 2-core machine torch with 2 threads was ~10x slower on tiny convolutions.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test images not found at ../shared/data (looked in {SHARED_DATA.name})")
-    return SHARED_DATA
 
 
 @pytest.fixture
@@ -37,3 +27,26 @@ def napari_errors():
                 if getattr(n.severity, "value", n.severity) == "error"]
 
     return errors
+
+
+@pytest.fixture
+def nifti_with_pixdim():
+    """`save(path, array_yx, pixdim)`: a NIfTI with no qform/sform whose pixdim[1:4] holds
+    exactly `pixdim` in the file (NaN, zero or negative: nibabel would fix those on saving)."""
+    import nibabel as nib
+
+    def save(path, array_yx, pixdim):
+        data = np.asarray(array_yx, dtype=np.float32).T.copy()
+        hdr = nib.Nifti1Image(data, None).header.copy()
+        hdr.set_data_dtype(np.float32)
+        hdr.set_qform(None, code=0)
+        hdr.set_sform(None, code=0)
+        hdr["pixdim"][1:4] = pixdim
+        hdr["vox_offset"] = 352
+        with nib.openers.ImageOpener(str(path), "wb") as fh:
+            hdr.write_to(fh)
+            fh.write(b"\0" * (352 - hdr.sizeof_hdr))
+            fh.write(data.tobytes(order="F"))
+        return path
+
+    return save

@@ -133,8 +133,8 @@ def test_time_budget_records_its_plan_and_max_steps_replays_it(tmp_path):
     assert any(isinstance(e, Notice) and "time budget" in e.text for e in events)
     assert [e.max_steps for e in events if isinstance(e, FoldStarted)] == [n]
     _drain(train(_tiny(tmp_path, "replay", max_steps=n), collection=col))
-    a = torch.load(tmp_path / "timed" / "fold_0" / "best.pt", weights_only=True)
-    b = torch.load(tmp_path / "replay" / "fold_0" / "best.pt", weights_only=True)
+    a = torch.load(tmp_path / "timed" / "fold_0" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "replay" / "fold_0" / "best.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -177,7 +177,7 @@ def test_ema_run_saves_the_averaged_weights(tmp_path):
     col = _collection()
     _drain(train(_tiny(tmp_path, "ema", max_steps=6, ema=0.9), collection=col))
     last = torch.load(tmp_path / "ema" / "fold_0" / "last.pt", weights_only=True)
-    best = torch.load(tmp_path / "ema" / "fold_0" / "best.pt", weights_only=True)
+    best = torch.load(tmp_path / "ema" / "fold_0" / "best.pt", weights_only=True)["model"]
     assert "ema" in last
     k = next(iter(best))
     assert not torch.equal(last["model"][k], last["ema"][k])
@@ -188,10 +188,10 @@ def test_ema_run_saves_the_averaged_weights(tmp_path):
 def test_fine_tuning_starts_from_the_given_run(tmp_path):
     col = _collection()
     _drain(train(_tiny(tmp_path, "base", max_steps=4), collection=col))
-    base = torch.load(tmp_path / "base" / "fold_0" / "best.pt", weights_only=True)
+    base = torch.load(tmp_path / "base" / "fold_0" / "best.pt", weights_only=True)["model"]
     _drain(train(_tiny(tmp_path, "tuned", max_steps=1, lr=1e-12, warmup_start=1.0,
                        init=str(tmp_path / "base")), collection=col))
-    tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)
+    tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
     for k in base:  # a step at a vanishing rate: still the starting weights
         torch.testing.assert_close(tuned[k], base[k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no such built-in model"):

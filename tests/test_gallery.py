@@ -9,6 +9,7 @@ from PIL import Image
 
 from napari_mtml.cli import main
 from napari_mtml.gallery import prepare_image, write_gallery
+from napari_mtml.samples import sample_data_path
 
 
 def _small_brain(path, shape=(24, 28, 24)):
@@ -73,9 +74,9 @@ def test_preview_rejects_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_gallery_of_the_real_brain_template(shared_data, tmp_path):
+def test_gallery_of_the_real_brain_template(tmp_path):
     """The real MNI template end to end (one task: the 3D synthesis at full size takes a moment)."""
-    path = shared_data / "mni152" / "mni152_t1_1mm.nii.gz"
+    path = sample_data_path("mni152_t1")
     out = write_gallery(path, tmp_path / "brain.png", task="smooth_intensity", seed=0)
     with Image.open(out) as im:
         assert np.asarray(im.convert("L")).std() > 10

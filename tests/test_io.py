@@ -15,6 +15,7 @@ from nibabel.testing import data_path as NIB_DATA
 from pydicom.data import get_testdata_file
 
 from napari_mtml.io import ImageReadError, ImageReadWarning, Scan, read_image, write_image
+from napari_mtml.samples import sample_data_path
 
 PYDICOM_DATA = Path(get_testdata_file("CT_small.dcm")).parent
 
@@ -89,17 +90,17 @@ def test_a_written_map_lands_on_the_original_file_voxels(tmp_path):
     np.testing.assert_array_equal(on_file, (las > 1.0).astype(np.float32))
 
 
-def test_brain1_shape_spacing_and_orientation(shared_data):
-    scan = read_image(shared_data / "brain-tumour-t1" / "brain1_image.nii.gz")
+def test_brain1_shape_spacing_and_orientation():
+    scan = read_image(sample_data_path("brain_tumour_image"))
     assert scan.array.shape == (25, 256, 256)
     assert scan.array.dtype == np.float32
     assert scan.spacing == pytest.approx((6.5, 0.78125, 0.78125))
     assert scan.metadata["orientation"] == "LAS"
-    raw = nib.load(shared_data / "brain-tumour-t1" / "brain1_image.nii.gz")
+    raw = nib.load(sample_data_path("brain_tumour_image"))
     np.testing.assert_array_equal(scan.affine, raw.affine)
     # LAS -> RAS flips x: the file's first x column is the array's last
     np.testing.assert_array_equal(scan.array[:, :, -1], np.asanyarray(raw.dataobj)[0].T)
-    label = read_image(shared_data / "brain-tumour-t1" / "brain1_label.nii.gz")
+    label = read_image(sample_data_path("brain_tumour_label"))
     assert label.array.shape == scan.array.shape
     assert int(label.array.sum()) == 4137
     lesion_slices = np.flatnonzero(label.array.any(axis=(1, 2)))
@@ -200,11 +201,11 @@ def test_spacing_falls_back_to_imager_spacing_then_to_one_with_a_warning(tmp_pat
         assert read_image(path).spacing == (1.0, 1.0)
 
 
-def test_chest_xray_cr_is_2d_inverted_with_spacing_fallback(shared_data):
-    path = shared_data / "chest-xray" / "RG1_UNCR.dcm"
+def test_chest_xray_cr_is_2d_inverted_with_spacing_fallback():
+    path = sample_data_path("chest_xray")
     with pytest.warns(ImageReadWarning, match="PixelSpacing"):
         scan = read_image(path)
-    assert scan.array.shape == (1955, 1841)
+    assert scan.array.shape == (977, 920)  # the package's copy is downsampled 2x2
     assert scan.spacing == (1.0, 1.0)
     assert scan.metadata["modality"] == "CR"
     assert scan.metadata["inverted"] is True

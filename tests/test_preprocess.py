@@ -21,6 +21,7 @@ from napari_mtml.preprocess import (
     to_frame,
     to_model_units,
 )
+from napari_mtml.samples import sample_data_path
 
 
 def _ellipsoid(shape, radii, centre=None) -> np.ndarray:
@@ -300,11 +301,11 @@ def test_cxr_maps_return_to_the_right_pixels():
 # --------------------------------------------------------------------------------------------
 # Real files
 # --------------------------------------------------------------------------------------------
-def test_mni152_fits_the_paper_frame_and_maps_back(shared_data):
-    scan = read_image(shared_data / "mni152" / "mni152_t1_1mm.nii.gz")
+def test_mni152_fits_the_paper_frame_and_maps_back():
+    scan = read_image(sample_data_path("mni152_t1"))
     arr, fg, tr = to_frame(scan)
     assert arr.shape == (80, 112, 80)
-    mask = read_image(shared_data / "mni152" / "mni152_brain_mask_1mm.nii.gz").array > 0
+    mask = read_image(sample_data_path("mni152_brain_mask")).array > 0
     own = foreground_mask(scan)
     # the template's nonzero region covers its brain mask
     assert own[mask].mean() > 0.99
@@ -312,22 +313,22 @@ def test_mni152_fits_the_paper_frame_and_maps_back(shared_data):
     assert (back[ndimage.binary_erosion(own, iterations=2)] >= 0.5).all()
 
 
-def test_brain1_slices_fit_the_2d_frame(shared_data):
-    scan = read_image(shared_data / "brain-tumour-t1" / "brain1_image.nii.gz")
+def test_brain1_slices_fit_the_2d_frame():
+    scan = read_image(sample_data_path("brain_tumour_image"))
     arr, fg, tr = to_frame(scan, dims=2)
     assert arr.shape == (25, 128, 128)
     assert infer_kind(scan) == "mri"
     fg_head = foreground_mask(scan)
     # unstripped: the head mask keeps the tumour slices' whole head, not the air
     assert 0.3 < fg_head.mean() < 0.8
-    label = read_image(shared_data / "brain-tumour-t1" / "brain1_label.nii.gz").array > 0
+    label = read_image(sample_data_path("brain_tumour_label")).array > 0
     assert fg_head[label].all()
 
 
-def test_chest_xray_file_into_the_frame(shared_data):
+def test_chest_xray_file_into_the_frame():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageReadWarning)
-        scan = read_image(shared_data / "chest-xray" / "RG1_UNCR.dcm")
+        scan = read_image(sample_data_path("chest_xray"))
     arr, fg, tr = to_frame(scan)
     assert arr.shape == (256, 256) and tr.kind == "cxr"
     assert arr.min() >= -1 and arr.max() <= 1

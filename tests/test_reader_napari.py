@@ -76,9 +76,9 @@ def test_core_sample_helper_gives_scans_without_napari_layers():
 # --------------------------------------------------------------------------------------------
 # Through napari
 # --------------------------------------------------------------------------------------------
-def test_viewer_opens_nifti_with_spacing_and_affine(make_napari_viewer, shared_data):
+def test_viewer_opens_nifti_with_spacing_and_affine(make_napari_viewer):
     viewer = make_napari_viewer()
-    path = shared_data / "brain-tumour-t1" / "brain1_image.nii.gz"
+    path = sample_data_path("brain_tumour_image")
     layers = viewer.open(str(path), plugin="napari-mtml")
     assert len(layers) == 1
     layer = layers[0]

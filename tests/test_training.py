@@ -91,7 +91,9 @@ def test_run_folder_layout_and_weights_only_loading(tmp_path):
     assert not set(f0["train_data"]) & set(f0["val_data"])
     best = torch.load(run / "fold_0" / "best.pt", weights_only=True)
     net = UNet(**saved.model_kwargs())
-    net.load_state_dict(best)  # the best checkpoint is a plain state dict of the config's model
+    # the best checkpoint: the weights of the config's model and the frame they were trained on
+    assert best["frame"] == [32, 32] and best["dims"] == 2
+    net.load_state_dict(best["model"])
     last = torch.load(run / "fold_0" / "last.pt", weights_only=True)
     assert last["step"] == 6 and last["finished"] and set(last["rng"]) >= {"torch_cpu", "data"}
     lines = [json.loads(x) for x in (run / "fold_0" / "log.jsonl").read_text().splitlines()]
@@ -213,7 +215,7 @@ def test_config_json_roundtrip_and_resolve(tmp_path):
     cfg = TrainConfig(healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light",
                       recipe="paper")
     assert cfg.frame == (80, 112, 80) and cfg.fold == 2
-    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert TrainConfig.from_json(text=cfg.to_json()) == cfg
     r = cfg.resolve(3, "mri", (80, 112, 80))
     assert (r.batch_size, r.lr, r.max_push, r.flip) == (8, 1e-3, 5.0, True)
     assert r.model_kwargs() == {"dims": 3, "frame": (80, 112, 80), "base_features": 16,

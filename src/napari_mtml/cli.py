@@ -2,7 +2,9 @@
 
 Every subcommand is a thin layer over the plain Python API; heavy imports (torch) happen inside the
 handlers so that `mtml --help` and `mtml preview` stay quick. Errors a user can fix (bad files, bad
-flags) are `ValueError`s in the core; they are printed as one line and exit with status 2.
+flags) are `ValueError`s in the core, and operating-system errors (`OSError`: a file where a
+folder is needed, permissions, a full disk) name their path; both are printed as one line and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -138,6 +139,7 @@ def _render_training(gen, *, show: bool):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_mtml.config import TrainConfig
+    from napari_mtml.files import check_output_folder
     from napari_mtml.training import train
 
     # argparse defaults are None, so a flag left out keeps the --config TOML value or the default.
@@ -149,6 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "no healthy scans given: pass files or folders (HEALTHY...) or set "
             "`healthy` in --config"
         )
+    check_output_folder(config.out, "run (--out)")
     show = _rank() == 0
     if show:
         print(
@@ -160,76 +163,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _image_name(path: Path) -> str:
-    """The NAME of NAME_anomaly.nii.gz: the file name without its image suffix."""
-    name = path.name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _expand_images(paths: Sequence[str]) -> list[Path]:
-    """Files as given; a folder of NIfTI/PNG/TIFF files becomes its files (sorted); any other
-    folder is left for the reader (a DICOM series)."""
-    out: list[Path] = []
-    for text in paths:
-        p = Path(text)
-        if not p.exists():
-            raise ValueError(f"{p}: no such file or folder")
-        if p.is_dir():
-            files = sorted(
-                f
-                for f in p.iterdir()
-                if f.is_file()
-                and f.name.lower().endswith(_IMAGE_SUFFIXES)
-                and not f.name.lower().endswith(".dcm")
-            )
-            if files:
-                out.extend(files)
-                continue
-        out.append(p)
-    return out
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from napari_mtml.demo import write_overlay_png
+    from napari_mtml.batch import expand_images, predict_batch
     from napari_mtml.inference import load_ensemble
-    from napari_mtml.io import read_image, write_image
 
-    paths = _expand_images(args.images)
-    names = [_image_name(p) for p in paths]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(
-            f"several inputs would write the same output name(s) {dupes}: predict them into "
-            "separate --out folders"
-        )
+    paths = expand_images(args.images)
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png)
     print(f"{ensemble}")
-    rows = ["name,score,mean_disagreement"]
-    for path, name in zip(paths, names, strict=True):
-        scan = read_image(path)
-        pred = ensemble.predict(scan)
-        write_image(out / f"{name}_anomaly.nii.gz", pred.anomaly, like=scan)
-        write_image(out / f"{name}_disagreement.nii.gz", pred.disagreement, like=scan)
-        if not args.no_png:
-            write_overlay_png(
-                out / f"{name}_overlay.png",
-                scan.array,
-                pred.anomaly,
-                spacing=scan.spacing,
-                title=f"{name}: ensemble of {len(ensemble.folds)} folds, score {pred.score:.3f}",
-            )
-        rows.append(f"{name},{pred.score:.6g},{float(pred.disagreement.mean()):.6g}")
-        print(f"{name}: score {pred.score:.4f} -> {out / (name + '_anomaly.nii.gz')}")
-    (out / "scores.csv").write_text("\n".join(rows) + "\n")
-    return 0
+    result = None
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            where = f"[{item.index + 1}/{item.total}]"
+            if item.error is None:
+                print(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
+            else:
+                print(f"{where} {item.name}: failed (see below)")
+    except BaseException:
+        gen.close()  # writes scores.csv for what succeeded
+        raise
+    failures = result.failures
+    done = len(result.items) - len(failures)
+    print(f"wrote {result.scores_csv} ({done} of {len(result.items)} input(s))")
+    for item in failures:
+        print(f"mtml predict: error: {item.error}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -295,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="a NIfTI, DICOM or 2D image file (3D: a middle slice is shown)")
     p.add_argument("--task", default="all", help="a task name, or 'all' (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="gallery.png", help="PNG file to write (default gallery.png)")
+    p.add_argument(
+        "--out",
+        default="gallery.png",
+        help="PNG file to write (default gallery.png), or an existing folder: NAME_preview.png "
+        "inside it",
+    )
     p.set_defaults(func=_cmd_preview)
 
     p = sub.add_parser(
@@ -499,13 +467,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: the error is one line of stderr, whatever the core put in it."""
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"mtml {args.command}: warning: {_one_line(str(message))}", file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"mtml {args.command}: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning  # a reader's note: one line, no source line
+            return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"mtml {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave: a file where a folder is needed, permissions
+        from napari_mtml.files import os_error_message
+
+        print(f"mtml {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtml {args.command}: interrupted", file=sys.stderr)

@@ -366,11 +366,11 @@ class TrainConfig:
             except ModuleNotFoundError:
                 raise ValueError(f"{path}: reading TOML on Python 3.10 needs the 'tomli' "
                                  "package: pip install tomli") from None
+        from napari_mtml.files import read_text
+
+        text = read_text(path, "config file")
         try:
-            with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: config file not found; check the path") from None
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: not valid TOML ({exc}); fix the file") from None
         flat: dict[str, Any] = {}
@@ -411,25 +411,38 @@ class TrainConfig:
         return text
 
     @classmethod
-    def from_json(cls, source: str | Path) -> TrainConfig:
-        """Read a config from a JSON file path, or from JSON text."""
-        text = str(source)
-        name = "JSON text"
-        if not text.lstrip().startswith("{"):
-            name = text
+    def from_json(cls, path: str | os.PathLike | None = None, *,
+                  text: str | None = None) -> TrainConfig:
+        """Read a config from a JSON file (`path`, e.g. a run's config.json) or from JSON
+        `text` (as `to_json()` returns it): exactly one of the two. Errors name the file."""
+        if (path is None) == (text is None):
+            raise ValueError("from_json takes a file path or text=JSON text (one of the two)")
+        if path is not None:
+            from napari_mtml.files import read_text
+
+            name = str(path)
             try:
-                text = Path(source).read_text()
-            except FileNotFoundError:
-                raise ValueError(f"{name}: config file not found; is this a run folder's "
-                                 "config.json?") from None
+                text = read_text(path, "config file")
+            except ValueError:
+                if isinstance(path, str) and path.lstrip().startswith("{"):
+                    raise ValueError("from_json(path) was given JSON text, not a file: pass it "
+                                     "as from_json(text=...)") from None
+                raise
+        else:
+            name = "JSON text"
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{name}: not valid JSON ({exc})") from None
+            empty = " (the file is empty)" if not text.strip() else ""
+            raise ValueError(f"{name}: not valid JSON{empty} ({exc})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{name}: expected a JSON object of settings")
+            raise ValueError(f"{name}: expected a JSON object of settings ({{...}}), found a "
+                             f"{type(data).__name__}")
         _check_names(data, name)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
 
     # ----------------------------------------------------------------------------- resolution
     def with_recipe(self, device_type: str = "cpu") -> TrainConfig:

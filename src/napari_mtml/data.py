@@ -24,6 +24,9 @@ import numpy as np
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MIN_PLACEABLE_SHARE",
+    "placeable_share",
+    "takes_smallest_anomaly",
     "HealthySample",
     "HealthyCollection",
     "expand_paths",
@@ -150,7 +153,10 @@ class HealthyCollection:
     """Healthy images, framed and held in memory, in sorted order, with their data folds.
 
     Build with `from_paths` (files) or `from_arrays` (arrays already in a common frame, e.g. from
-    napari layers or tests). Attributes: `samples` (list of `HealthySample`), `dims` (2 or 3),
+    napari layers or tests). Images whose foreground cannot take the smallest synthetic anomaly
+    (`takes_smallest_anomaly`) are dropped here, before any training, with one entry in `notes`
+    naming them: no image a fold may draw can then fail the anomaly placement in the middle of a
+    run. Attributes: `samples` (list of `HealthySample`), `dims` (2 or 3),
     `kind` ("mri" or "cxr"), `frame` (tuple), `from_slices` (2D items cut from volumes),
     `folds` (int64 `(len(samples),)` data fold per sample, see `assign_folds`).
     """
@@ -167,12 +173,16 @@ class HealthyCollection:
             if s.foreground is not None and s.foreground.shape != frame:
                 raise ValueError(f"{s.name}: foreground shape {s.foreground.shape} differs "
                                  f"from its image's {frame}")
+        notes = list(notes)
+        samples, unusable = _drop_unplaceable(samples)
+        if unusable:
+            notes.append(unplaceable_notice(unusable))
         self.samples = samples
         self.dims = int(dims)
         self.kind = kind
         self.frame = tuple(int(v) for v in frame)
         self.from_slices = from_slices
-        self.notes = list(notes)
+        self.notes = notes
         groups = [s.group for s in samples]
         self.folds = assign_folds(len(samples), groups if from_slices else None)
         self.split_by = ("volume" if from_slices and len(set(groups)) >= N_DATA_FOLDS
@@ -255,6 +265,7 @@ class HealthyCollection:
         kinds: set[str] = set()
         from_slices = False
         dropped = 0
+        small_files: list[str] = []
         for group, (path, scan) in enumerate(scans):
             scan_ndim = int(np.ndim(scan.array))
             # A 2D NIfTI reads as a one-slice volume: it is a 2D image, framed as its one slice.
@@ -285,9 +296,7 @@ class HealthyCollection:
                 from_slices = True
                 for z in range(array.shape[0]):
                     sl_fg = None if fg is None else fg[z]
-                    cover = (np.count_nonzero(array[z]) if sl_fg is None
-                             else np.count_nonzero(sl_fg)) / array[z].size
-                    if cover < max(min_foreground, 1e-12):
+                    if _cover(array[z], sl_fg) < max(min_foreground, 1e-12):
                         dropped += 1
                         continue
                     samples.append(HealthySample(
@@ -295,9 +304,16 @@ class HealthyCollection:
                         None if sl_fg is None else np.ascontiguousarray(sl_fg, dtype=bool),
                         f"{_display_name(path)}[z={z}]", group))
             else:
+                if array.ndim == 2 and _cover(array, fg) < max(min_foreground, 1e-12):
+                    small_files.append(_display_name(path))  # as for slices cut from volumes
+                    continue
                 samples.append(HealthySample(np.asarray(array, dtype=np.float32),
                                              None if fg is None else np.asarray(fg, dtype=bool),
                                              _display_name(path), group))
+        if not samples and small_files:
+            raise ValueError(f"no usable images: all {len(small_files)} 2D image(s) have less "
+                             f"than {min_foreground:.0%} foreground ({_listed(small_files)}); "
+                             "lower min_foreground")
         if not samples:
             raise ValueError(f"no usable slices: all {dropped} slices of {len(files)} volume(s) "
                              f"have (almost) no foreground; lower min_foreground")
@@ -305,9 +321,89 @@ class HealthyCollection:
         if dropped:
             notes.append(f"dropped {dropped} slice(s) with less than {min_foreground:.0%} "
                          "foreground")
+        if small_files:
+            notes.append(f"dropped {len(small_files)} 2D image(s) with less than "
+                         f"{min_foreground:.0%} foreground: {_listed(small_files)}")
         out_dims = 2 if from_slices else first[1]
         return cls(samples, out_dims, kinds.pop() if len(kinds) == 1 else "mri",
                    from_slices=from_slices, notes=notes)
+
+
+def _cover(image: np.ndarray, foreground: np.ndarray | None) -> float:
+    """The foreground's share of a 2D item (nonzero pixels when it has no mask)."""
+    n = np.count_nonzero(image) if foreground is None else np.count_nonzero(foreground)
+    return n / image.size
+
+
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+#: An image "takes" an anomaly when the smallest anomaly the tasks draw has at least this share of
+#: its positions with half of it on the foreground: then the placement's bounded random search
+#: (100 positions x 4 shapes) fails with probability below (1 - 0.01) ** 400 ~ 2 % even at that
+#: smallest size, and the dataset's fallback (`_smallest_anomaly_item`) retries many times more.
+MIN_PLACEABLE_SHARE = 0.01
+
+
+def placeable_share(foreground: np.ndarray | None, min_size: float | None = None,
+                    max_size: float | None = None) -> float:
+    """The share of positions where the smallest synthetic anomaly has half of it on `foreground`.
+
+    The smallest anomaly is the axis-aligned ellipse (ellipsoid) whose diameters are the tasks'
+    lower size bounds for this frame (`anomalies.shapes.size_bounds`, `min_size` of
+    `TaskParams`); positions are those of its box inside the frame, as the placement draws them.
+    A foreground of None (everywhere) gives 1.
+    """
+    from scipy.signal import fftconvolve
+
+    from napari_mtml.anomalies.placement import MIN_FOREGROUND_FRACTION
+    from napari_mtml.anomalies.shapes import size_bounds
+    from napari_mtml.anomalies.tasks import TaskParams
+
+    if foreground is None:
+        return 1.0
+    fg = np.asarray(foreground, dtype=bool)
+    if fg.all():
+        return 1.0
+    if not fg.any():
+        return 0.0
+    lb, _ = size_bounds(fg.shape, TaskParams.min_size if min_size is None else min_size,
+                        TaskParams.max_size if max_size is None else max_size)
+    axes = [(np.arange(n) - (n - 1) / 2) / (n / 2) for n in lb]
+    radius2 = sum(a.reshape([-1 if i == j else 1 for j in range(len(lb))]) ** 2
+                  for i, a in enumerate(axes))
+    kernel = (radius2 <= 1.0).astype(np.float32)
+    need = MIN_FOREGROUND_FRACTION * float(kernel.sum())
+    # the kernel is symmetric, so the convolution is the correlation: voxels on the foreground
+    # for every corner of the box inside the frame ("valid")
+    on = fftconvolve(fg.astype(np.float32), kernel, mode="valid")
+    return float(np.mean(on >= need - 0.5))
+
+
+def takes_smallest_anomaly(foreground: np.ndarray | None) -> bool:
+    """Whether an image's foreground can take the smallest synthetic anomaly (see
+    `placeable_share` and `MIN_PLACEABLE_SHARE`)."""
+    return placeable_share(foreground) >= MIN_PLACEABLE_SHARE
+
+
+def _drop_unplaceable(samples: list[HealthySample]) -> tuple[list[HealthySample], list[str]]:
+    """The samples that take the smallest anomaly, and the names of those that do not."""
+    kept, dropped = [], []
+    for s in samples:
+        (kept if takes_smallest_anomaly(s.foreground) else dropped).append(s)
+    if not kept:
+        raise ValueError(f"no healthy image can take a synthetic anomaly: the foregrounds of all "
+                         f"{len(samples)} image(s) are too small or too thin "
+                         f"({_listed([s.name for s in dropped])}); check the foreground masks "
+                         "or give images with more anatomy")
+    return kept, [s.name for s in dropped]
+
+
+def unplaceable_notice(names: Sequence[str]) -> str:
+    return (f"dropped {len(names)} image(s) whose foreground is too small or too thin to take "
+            f"the smallest synthetic anomaly: {_listed(list(names))}")
 
 
 def _display_name(path: Path) -> str:
@@ -445,6 +541,27 @@ def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator,
     return image, result.image, result.label, fg, result.mask
 
 
+_FALLBACK_TRIES = 10
+
+
+def _smallest_anomaly_item(samples: SourcePool, sid: int, task: int, rng: np.random.Generator,
+                           error: Exception | None, **kw) -> tuple:
+    """`(sid, *_synthesize_item(...))` with anomalies of the smallest size, on `samples[sid]`
+    or other samples: what an item falls back to when its normal draw found no place."""
+    from napari_mtml.anomalies.tasks import TaskParams
+
+    params = dict(kw.pop("task_params") or {})
+    params["max_size"] = params.get("min_size", TaskParams.min_size)
+    for _ in range(_FALLBACK_TRIES):
+        try:
+            return (sid, *_synthesize_item(samples[sid], task, rng, task_params=params, **kw))
+        except ValueError as exc:
+            error = exc
+            sid = int(rng.integers(len(samples)))
+    raise ValueError(f"could not place a task-{task} anomaly even at the smallest size on "
+                     f"{_FALLBACK_TRIES} images ({error}); check the foreground masks") from error
+
+
 class SyntheticDataset:
     """Training items with fresh synthetic anomalies, a map-style torch dataset.
 
@@ -515,8 +632,11 @@ class SyntheticDataset:
             except ValueError as exc:
                 last_error = exc
                 sid = int(rng.integers(len(self.samples)))
-        raise ValueError(f"could not place a {task}-task anomaly on {sample.name} and 4 other "
-                         f"images ({last_error}); check the foreground masks") from last_error
+        # Every image took the smallest anomaly when the collection was built: fall back to
+        # anomalies of that size rather than raise inside a loader worker in the middle of a run.
+        return _smallest_anomaly_item(self.samples, sid, task, rng, last_error, flip=self.flip,
+                                      task_params=self.task_params, intra=self.intra,
+                                      external=self.external)[2:4] + (task,)
 
     def __getitem__(self, k: int):
         import torch
@@ -618,7 +738,9 @@ def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, se
                 last_error = exc
                 sid = int(rng.integers(len(samples)))
         else:
-            raise ValueError(f"could not build validation item {j} ({last_error})")
+            sid, h, aug, label, fg, mask = _smallest_anomaly_item(
+                samples, sid, task, rng, last_error, flip=False, task_params=task_params or {},
+                intra=samples, external=external)
         healthy.append(h)
         augmented.append(aug)
         labels.append(label)

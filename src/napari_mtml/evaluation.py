@@ -141,12 +141,15 @@ def _nan_to_none(obj):
 
 
 def _output_paths(out) -> tuple[Path, Path, Path]:
+    from napari_mtml.files import check_output_file
+
     out = Path(out)
     if out.suffix.lower() != ".json":
         out = out / "metrics.json"
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
-    return out, out.with_name(out.stem + "_pr.png"), out.with_name(out.stem + "_roc.png")
+    paths = (out, out.with_name(out.stem + "_pr.png"), out.with_name(out.stem + "_roc.png"))
+    for path in paths:
+        check_output_file(path, "metrics")
+    return paths
 
 
 def _plot_curves(pr_path: Path, roc_path: Path, curves: dict) -> None:
@@ -231,6 +234,9 @@ def evaluate_folder(
         prediction whose shape differs from its label's (or foreground's) (names both files).
     """
     from napari_mtml.io import read_image as _read_image
+
+    if out is not None:
+        _output_paths(out)  # a bad --out is said before the images are read
 
     def read_image(path):
         # An all-zero label (a healthy case) or a flat prediction is normal here, not an oddity.
@@ -328,6 +334,7 @@ def evaluate_folder(
 
     if out is not None:
         json_path, pr_path, roc_path = _output_paths(out)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         result["files"] = {"metrics": str(json_path), "pr_curve": str(pr_path),
                            "roc_curve": str(roc_path)}
         pixel_curve = pooled.curves() if not math.isnan(pixel["ap"]) else None

@@ -88,14 +88,15 @@ def write_gallery(
     Parameters
     ----------
     image_path : a NIfTI, DICOM or 2D image file (anything `napari_mtml.io.read_image` reads).
-    out : the PNG file to write (its folder is created if needed).
+    out : the PNG file to write (its folder is created if needed); an existing folder means
+        `out/NAME_preview.png` (see `gallery_path`).
     task : "all", a task name from `TASKS` or its id (int or digit string).
     seed : each task's row uses `numpy.random.default_rng([seed, task_id])`, so a row does not
         depend on which other tasks are shown.
 
     Returns
     -------
-    The path written.
+    The path actually written.
 
     Raises
     ------
@@ -108,12 +109,16 @@ def write_gallery(
     from napari_mtml.io import read_image
 
     names = _tasks(task)
+    out = gallery_path(image_path, out)  # refused before any work when it cannot be written
     scan = read_image(image_path)
-    image, foreground, params = prepare_image(scan.array)
-    results = []
-    for name in names:
-        rng = np.random.default_rng([int(seed), TASKS.index(name)])
-        results.append(synthesize(image, foreground, task=name, rng=rng, **params))
+    try:
+        image, foreground, params = prepare_image(scan.array)
+        results = []
+        for name in names:
+            rng = np.random.default_rng([int(seed), TASKS.index(name)])
+            results.append(synthesize(image, foreground, task=name, rng=rng, **params))
+    except ValueError as exc:  # the image's content, not the call: name the file
+        raise ValueError(f"{image_path}: {exc}") from None
 
     volumetric = image.ndim == 3
     shown_fg = foreground if foreground is not None else np.ones(image.shape, dtype=bool)
@@ -161,7 +166,21 @@ def write_gallery(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+def gallery_path(image_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The file `write_gallery` writes for `out`: an existing folder gets NAME_preview.png
+    inside it, a name without a suffix gets ".png" (what the PNG writer would add anyway).
+    Refused (`ValueError`) when a pipe or a file in place of a folder is in the way."""
+    from napari_mtml.batch import image_name
+    from napari_mtml.files import check_output_file
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"{image_name(image_path)}_preview.png"
+    elif not out.suffix:
+        out = out.with_suffix(".png")
+    return check_output_file(out, "gallery PNG")

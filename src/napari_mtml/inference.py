@@ -24,7 +24,6 @@ a larger `--frame`, or crop the image to the region of interest.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,10 +130,9 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
             "`mtml train HEALTHY... --out RUN`)"
         )
     try:
-        text = path.read_text()
-        config = TrainConfig.from_json(text)
-    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}; re-create the run") from exc
+        config = TrainConfig.from_json(path)  # errors name the file
+    except ValueError as exc:
+        raise ValueError(f"{exc}; re-create the run") from None
     try:
         model_kwargs = config.model_kwargs()
     except ValueError as exc:
@@ -150,7 +148,7 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
         dims, frame, kind, config.resample["downsample"], config.spacing, model_kwargs,
         config.n_folds, folds
     )
-    return settings, json.loads(text)
+    return settings, config.to_dict()
 
 
 def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | None) -> list[int]:
@@ -186,7 +184,10 @@ def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | No
     return wanted
 
 
-def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path, device: torch.device,
+                     settings: _RunSettings | None = None) -> dict[str, torch.Tensor]:
+    from napari_mtml.training.checkpoint import check_frame
+
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
@@ -194,9 +195,17 @@ def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); re-train this fold"
         ) from exc
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        if settings is not None:
+            check_frame(path, dict(obj), settings.dims, settings.frame,
+                        path.parent.parent / "config.json")
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a model state dict; re-train this fold")
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. "
+                         f"{bad[0]}); this fold's training diverged or the file is damaged: "
+                         "re-train this fold")
     return dict(obj)
 
 
@@ -259,7 +268,14 @@ class Ensemble:
         self.device = resolve_device(device)
         self.run_dir = run_dir
         self.config = dict(config or {})
-        self.batch_size = int(batch_size or (16 if self.dims == 2 else 1))
+        if batch_size is None:
+            batch_size = 16 if self.dims == 2 else 1
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch size {batch_size!r} is invalid: give a positive number of "
+                             "frames per forward pass (--batch-size B), or leave it out for "
+                             "the default (16 in 2D, 1 in 3D)")
+        self.batch_size = int(batch_size)
         for m in self.models:
             m.eval()
 
@@ -342,6 +358,7 @@ class Ensemble:
             of the wrong shape.
         """
         from napari_mtml.preprocess import (
+            FrameFitError,
             content_shape,
             fit_frame,
             foreground_mask,
@@ -387,13 +404,16 @@ class Ensemble:
             frames, frame_fg, transform = to_frame(
                 scan, kind=kind, dims=self.dims, frame=frame, foreground=foreground, **resample
             )
-        except ValueError as exc:
+        except FrameFitError as exc:
             res = (f"{self.spacing:g} mm" if self.spacing is not None
                    else f"downsample {self.downsample:g}")
             raise ValueError(
                 f"{name} does not fit the run's {self.dims}D frame {self.frame} at {res}: "
                 f"{exc} (crop the image, or retrain with a larger --frame)"
             ) from exc
+        except ValueError as exc:  # a blank image, a wrong kind...: a larger frame cannot help
+            msg = str(exc)
+            raise ValueError(msg if name in msg else f"{name}: {msg}") from exc
         frames = np.asarray(frames, dtype=np.float32)
         frame_fg = np.asarray(frame_fg, dtype=bool)
         stacked = frames.ndim == self.dims + 1  # dims=2 on a 3D scan: (Z, *frame2d)
@@ -502,7 +522,7 @@ def load_ensemble(
     models = []
     for k in wanted:
         path = run_dir / f"fold_{k}" / "best.pt"
-        state = _load_state_dict(path, dev)
+        state = _load_state_dict(path, dev, settings)
         model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs)
         try:
             model.load_state_dict(state)

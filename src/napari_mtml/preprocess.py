@@ -43,6 +43,7 @@ __all__ = [
     "CXR_MODALITIES",
     "MRI_FRAME_2D",
     "MRI_FRAME_3D",
+    "FrameFitError",
     "FrameTransform",
     "foreground_mask",
     "from_frame",
@@ -288,12 +289,16 @@ def _plain_factors(downsample, n: int) -> tuple:
     return tuple(float(v) for v in values)
 
 
+class FrameFitError(ValueError):
+    """The image's content does not fit the frame (the message names the frame that would)."""
+
+
 def _fit_error(content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, what: str,
                multiple: int) -> ValueError:
     need = tuple(int(math.ceil(c / multiple) * multiple) for c in content)
     fit = tuple(max(f, n) for f, n in zip(frame, need, strict=True))
     ds = max(math.ceil(max(c / f for c, f in zip(crop_shape, frame, strict=True))), 1)
-    return ValueError(
+    return FrameFitError(
         f"{what}: the foreground crop {crop_shape} downsampled by {factors} is {content} voxels, "
         f"larger than the frame {frame}. A frame of {fit} would fit (frame={fit}), or "
         f"downsample={ds} keeps this frame."

@@ -86,12 +86,17 @@ def notify_error(what: str, exc: BaseException | str) -> None:
     """Show the core's message as a napari error notification (no traceback for bad input).
 
     `ValueError`s are the core's "bad input" errors: their message already says what to do, so it
-    is shown as is. Anything else is unexpected; its type is kept in the message for bug reports.
+    is shown as is; an `OSError` is said as `mtml` says it (`napari_mtml.files.os_error_message`).
+    Anything else is unexpected; its type is kept in the message for bug reports.
     """
     if isinstance(exc, str):
         msg = exc
     elif isinstance(exc, ValueError):
         msg = str(exc)
+    elif isinstance(exc, OSError):  # the same one line `mtml` prints: the path and the problem
+        from napari_mtml.files import os_error_message
+
+        msg = os_error_message(exc)
     else:
         msg = f"{type(exc).__name__}: {exc}"
     show_error(f"{what}: {msg}" if what else msg)

@@ -45,7 +45,10 @@ def _suffix(path: Path) -> str:
 
 
 def _sniff(path: Path) -> str | None:
-    """The format from the first bytes, for files without a known suffix."""
+    """The format from the first bytes, for files without a known suffix (regular files only:
+    opening a named pipe would block)."""
+    if not path.is_file():
+        return None
     try:
         with open(path, "rb") as fh:
             head = fh.read(352)
@@ -137,11 +140,20 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None) -> Pat
     Parameters
     ----------
     path : output file name ending in .nii or .nii.gz.
-    array : float array with `like.array.shape` (a bool/int mask is written as float32 0/1).
+    array : real array with `like.array.shape` (a bool/int mask is written as float32 0/1);
+        complex and other non-real arrays are refused (`ValueError`), never silently cut.
     like : the Scan the map belongs to; None = a plain 1 mm grid.
     """
-    path = Path(path)
+    from napari_mtml.files import check_output_file
+
+    path = check_output_file(path, "map")
     arr = np.asarray(array)
+    if arr.dtype.kind not in "biuf":
+        what = "complex" if arr.dtype.kind == "c" else f"of type {arr.dtype}"
+        raise ValueError(
+            f"{path}: the map is {what}; write_image writes real-valued maps (take .real, "
+            "np.abs(...) or convert it yourself, as the case needs)."
+        )
     if like is None:
         like = Scan(array=np.zeros(arr.shape, dtype=np.float32), spacing=(1.0,) * arr.ndim)
     if arr.shape != like.array.shape:

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .scan import ImageReadError, Scan, array_affine_from, canonicalise, check_values, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    array_affine_from,
+    canonicalise,
+    check_values,
+    require_regular_file,
+    warn,
+)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -47,7 +55,12 @@ MAX_FOLDER_FILES = 20000
 
 
 def looks_like_dicom(path: Path) -> bool:
-    """True for a file with the "DICM" marker, or a raw (no preamble) dataset from group 8."""
+    """True for a file with the "DICM" marker, or a raw (no preamble) dataset from group 8.
+
+    Only regular files (links resolved) are opened: a named pipe would block the read forever.
+    """
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -62,6 +75,9 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if Path(path).is_dir():
+        raise ImageReadError(f"{path}: is a folder; give the folder itself to read a series.")
+    require_regular_file(path)
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except FileNotFoundError:
@@ -381,20 +397,36 @@ def _slice_spacing(proj: np.ndarray, path, metadata: dict) -> float | None:
     return spacing
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    files = []
+def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The regular files under `folder` (recursively, sorted), and the other entries skipped.
+
+    Named pipes, sockets, devices and broken links are never opened (reading a pipe blocks).
+    """
+    files: list[Path] = []
+    special: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            files.append(Path(root) / name)
+            f = Path(root) / name
+            if not f.is_file():  # follows links; False for FIFOs, sockets, devices
+                special.append(f)
+                continue
+            files.append(f)
             if len(files) > MAX_FOLDER_FILES:
                 raise ImageReadError(
                     f"{folder}: more than {MAX_FOLDER_FILES} files under this folder; point at "
                     "the folder of one DICOM series."
                 )
-    return files
+    return files, special
+
+
+def _special_note(folder: Path, special: list[Path]) -> str:
+    shown = ", ".join(p.name for p in special[:5]) + (" ..." if len(special) > 5 else "")
+    return (f"{folder}: skipped {len(special)} entr{'y' if len(special) == 1 else 'ies'} that "
+            f"{'is' if len(special) == 1 else 'are'} not a regular file (named pipe, socket, "
+            f"device or broken link): {shown}")
 
 
 def read_dicom_series(folder: Path) -> Scan:
@@ -403,7 +435,7 @@ def read_dicom_series(folder: Path) -> Scan:
     Slices of one SeriesInstanceUID are sorted by ImagePositionPatient projected on the slice
     normal; the z spacing comes from those positions (not SliceThickness).
     """
-    files = _folder_files(folder)
+    files, special = _folder_files(folder)
     series: dict[str, list] = defaultdict(list)
     skipped = 0
     for f in files:
@@ -420,7 +452,8 @@ def read_dicom_series(folder: Path) -> Scan:
         series[str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)")].append((f, ds))
     if not series:
         raise ImageReadError(
-            f"{folder}: no DICOM images found in this folder ({len(files)} file(s) looked at); "
+            f"{folder}: no DICOM images found in this folder ({len(files)} file(s) looked at"
+            f"{'; ' + _special_note(folder, special).split(': ', 1)[1] if special else ''}); "
             "point at a folder holding the slices of one DICOM series, or at a single file."
         )
     ranked = sorted(series.items(), key=lambda kv: (-len(kv[1]), kv[0]))
@@ -434,6 +467,8 @@ def read_dicom_series(folder: Path) -> Scan:
                          f"Others: {others}.")
     if skipped:
         first_meta["skipped_files"] = skipped
+    if special:
+        warn(first_meta, _special_note(folder, special) + ".")
     if len(members) == 1 or int(members[0][1].get("NumberOfFrames", 1) or 1) > 1:
         scan = read_dicom_file(members[0][0])
         scan.metadata["warnings"] = first_meta["warnings"] + scan.metadata["warnings"]

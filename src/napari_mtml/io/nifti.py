@@ -8,8 +8,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import LoggingOutputSuppressor
+from nibabel.openers import ImageOpener
+from nibabel.volumeutils import shape_zoom_affine
 
-from .scan import ImageReadError, Scan, canonicalise, check_values, to_file_order, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    canonicalise,
+    check_values,
+    require_regular_file,
+    to_file_order,
+    warn,
+)
 
 # A header claiming more than this is corrupt or not meant for this plugin; refusing early keeps
 # nibabel from allocating the claimed size before it notices the file is short.
@@ -17,8 +28,11 @@ MAX_BYTES = 8 * 1024**3
 
 
 def _load(path: Path):
+    require_regular_file(path)
     try:
-        img = nib.load(str(path))
+        # nibabel logs (and silently fixes) zero/negative voxel sizes; `_geometry` reports them.
+        with LoggingOutputSuppressor():
+            img = nib.load(str(path))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found.") from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
@@ -34,6 +48,59 @@ def _load(path: Path):
             f"{path}: nibabel reads it as {type(img).__name__}, not NIfTI; convert it to .nii.gz."
         )
     return img
+
+
+def _raw_pixdim(path: Path, img) -> np.ndarray:
+    """pixdim[1:4] as stored in the file: nibabel's loaded header has zero/negative ones fixed."""
+    try:
+        with ImageOpener(str(path), "rb") as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        return np.asarray(raw["pixdim"][1:4], dtype=float)
+    except Exception:  # unreadable here means nibabel read a header we cannot: keep its values
+        return np.asarray(img.header["pixdim"][1:4], dtype=float)
+
+
+def _geometry(path: Path, img, metadata: dict) -> tuple[np.ndarray, list[float]]:
+    """The file's voxel-to-world affine and voxel sizes (mm, file axes i, j, k), agreeing.
+
+    One rule for the voxel sizes (pixdim[1:4]): a NaN, infinite, zero or negative one is not
+    trusted. With a usable stored affine (qform or sform code > 0, finite, invertible) that axis
+    takes the affine's column length; without one it takes 1 mm, and the affine is built from the
+    voxel sizes (nibabel's convention for files without an orientation). Either way one warning
+    names the file and the axes, and the spacing and the affine agree.
+    """
+    hdr = img.header
+    n_spatial = min(len(img.shape), 3)
+    raw = _raw_pixdim(path, img)
+    bad = [ax for ax in range(n_spatial) if not (np.isfinite(raw[ax]) and raw[ax] > 0)]
+    zooms = [float(raw[ax]) if ax < n_spatial and ax not in bad else 1.0 for ax in range(3)]
+    stored = None
+    if int(hdr["qform_code"]) > 0 or int(hdr["sform_code"]) > 0:
+        with np.errstate(all="ignore"):
+            aff = np.asarray(img.affine, dtype=float)
+            ok = np.isfinite(aff).all() and abs(np.linalg.det(aff[:3, :3])) > 1e-12
+        if ok:
+            stored = aff
+        else:
+            warn(metadata, f"{path}: the header's qform/sform affine is unusable (not finite or "
+                           "singular); placing the image by its voxel sizes only.")
+    axes = ", ".join("ijk"[ax] for ax in bad)
+    values = ", ".join(f"{raw[ax]:g}" for ax in bad)
+    if stored is not None:
+        columns = np.sqrt((stored[:3, :3] ** 2).sum(axis=0))
+        for ax in bad:
+            zooms[ax] = float(columns[ax])
+        if bad:
+            warn(metadata, f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
+                           "positive numbers; using the affine's "
+                           f"{', '.join(f'{zooms[ax]:g}' for ax in bad)} mm.")
+        return stored, zooms
+    if bad:
+        warn(metadata, f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
+                       "positive numbers and there is no usable qform/sform; using 1 mm for "
+                       f"axis {axes}.")
+    shape = tuple(int(s) for s in img.shape[:3]) + (1,) * (3 - n_spatial)
+    return shape_zoom_affine(shape, zooms, x_flip=True), zooms
 
 
 def read_nifti(path: Path) -> Scan:
@@ -90,23 +157,13 @@ def read_nifti(path: Path) -> Scan:
         ) from None
     while data.ndim < 3:
         data = data[..., None]
-    affine = np.asarray(img.affine, dtype=float)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        warn(metadata, f"{path}: the header's affine is unusable; using the voxel sizes only.")
-        affine = np.diag([*[float(z) or 1.0 for z in hdr.get_zooms()[:3]], 1.0])
-    zooms = [float(z) for z in hdr.get_zooms()[:3]]
-    zooms += [1.0] * (3 - len(zooms))
-    if any(not np.isfinite(z) or z <= 0 for z in zooms):
-        warn(metadata, f"{path}: voxel sizes {zooms} in the header are not positive; using the "
-                       "affine's column lengths.")
-        zooms = None
+    affine, zooms = _geometry(path, img, metadata)
     array, spacing, geometry = canonicalise(data, affine, zooms)
     metadata.update(geometry)
     metadata["nifti_version"] = 2 if isinstance(img, nib.Nifti2Image) else 1
     metadata["qform_code"] = int(hdr["qform_code"])
     metadata["sform_code"] = int(hdr["sform_code"])
-    metadata["file_zooms"] = tuple(float(z) for z in (zooms or np.sqrt(
-        (affine[:3, :3] ** 2).sum(axis=0))))
+    metadata["file_zooms"] = tuple(zooms)
     metadata["file_dtype"] = str(dtype)
     check_values(array, path, metadata)
     return Scan(array=array, spacing=spacing, affine=affine, metadata=metadata)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .scan import ImageReadError, Scan, array_affine_from, check_values, warn
+from .scan import (
+    ImageReadError,
+    Scan,
+    array_affine_from,
+    check_values,
+    require_regular_file,
+    warn,
+)
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -19,6 +26,8 @@ def read_raster(path: Path) -> Scan:
     A multi-page TIFF gives its first page and a warning.
     """
     from PIL import Image, UnidentifiedImageError
+
+    require_regular_file(path)
 
     metadata: dict = {"path": str(path), "format": "raster", "modality": "", "orientation": None,
                       "window": None, "warnings": []}

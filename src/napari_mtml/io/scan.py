@@ -189,6 +189,19 @@ def to_file_order(array: np.ndarray, metadata: dict) -> np.ndarray:
     return apply_orientation(data, ornt_transform(identity, ornt))
 
 
+def require_regular_file(path) -> None:
+    """`ImageReadError` unless `path` is a regular file (links resolved): a named pipe, socket or
+    device is never opened (reading a pipe would block forever)."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: file not found.")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: is a folder, not a file.")
+    if not p.is_file():
+        raise ImageReadError(f"{p}: not a regular file (a named pipe, socket or device); it is "
+                             "not opened.")
+
+
 def warn(metadata: dict, message: str) -> None:
     """Record a reader warning in `metadata["warnings"]` and emit it as `ImageReadWarning`."""
     metadata.setdefault("warnings", []).append(message)

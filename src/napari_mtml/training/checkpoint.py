@@ -6,10 +6,14 @@ the previous checkpoint or the new one, never a torn file. Contents are tensors,
 numbers and strings only, so `torch.load(path, weights_only=True)` loads them without unpickling
 arbitrary objects.
 
-`best.pt`: the model's `state_dict()` alone (keys without a DDP `module.` prefix).
+`best.pt`: `{"format", "model", "dims", "frame"}`: the model's `state_dict()` (keys without a
+DDP `module.` prefix) and the dimensionality and input frame it was trained on (`frame_record`),
+so that a run whose config.json was edited afterwards is refused rather than run on a frame the
+model never saw. (Older runs hold the bare state dict; they load without that check.)
 `last.pt`: a dict with `model`, `optimizer`, `scheduler` (plain dicts), `step`, `best_step`,
 `best_val_loss`, `finished`, `stopped_early`, `rng` (`torch_cpu`, `torch_cuda` states and the
-data stream position `{"seed", "rank", "world_size", "next_item"}`) and `format` (an int, 1).
+data stream position `{"seed", "rank", "world_size", "next_item"}`), `dims`, `frame` and
+`format` (an int, 1).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "FORMAT_VERSION"]
+__all__ = ["save_atomic", "load_checkpoint", "FORMAT_VERSION", "frame_record", "check_frame",
+           "model_checkpoint"]
 
 FORMAT_VERSION = 1
 
@@ -53,3 +58,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:
         raise ValueError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc}); "
                          "retrain this fold or restore the file") from None
+
+
+def frame_record(dims: int, frame) -> dict[str, Any]:
+    """What a checkpoint records about the input it was trained on: `{"dims", "frame"}`."""
+    return {"dims": int(dims), "frame": [int(f) for f in frame]}
+
+
+def model_checkpoint(state_dict: dict[str, torch.Tensor], dims: int, frame) -> dict[str, Any]:
+    """`best.pt`'s content: the weights with the frame they were trained on."""
+    return {"format": FORMAT_VERSION, "model": state_dict, **frame_record(dims, frame)}
+
+
+def check_frame(path: str | Path, checkpoint: Any, dims: int, frame, config_path: str | Path,
+                ) -> None:
+    """`ValueError` naming both files when the frame a checkpoint was trained on differs from the
+    run's config.json (edited after training); checkpoints that record no frame pass."""
+    if not isinstance(checkpoint, dict) or "frame" not in checkpoint:
+        return
+    saved = (int(checkpoint.get("dims", len(checkpoint["frame"]))),
+             tuple(int(f) for f in checkpoint["frame"]))
+    now = (int(dims), tuple(int(f) for f in frame))
+    if saved != now:
+        raise ValueError(
+            f"{path} was trained on the {saved[0]}D frame {saved[1]} but {config_path} says "
+            f"the {now[0]}D frame {now[1]}; was config.json edited? restore frame = "
+            f"{list(saved[1])} there (a model only works on the frame it was trained on)")

@@ -41,7 +41,14 @@ from napari_mtml.data import (
     make_loader,
     make_validation_set,
 )
-from napari_mtml.training.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
+from napari_mtml.training.checkpoint import (
+    FORMAT_VERSION,
+    check_frame,
+    frame_record,
+    load_checkpoint,
+    model_checkpoint,
+    save_atomic,
+)
 from napari_mtml.training.crossval import FoldSplit, task_folds
 from napari_mtml.training.events import (
     FoldFinished,
@@ -206,6 +213,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
                          "ranks; use a multiple of the number of processes")
     notices += collection.notes
     splits = [s for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
+    _check_batch_size(cfg, collection, splits)
     if external is None and any(1 in s.train_tasks + s.val_tasks for s in splits):
         notices.append(NO_EXTERNAL_NOTICE)
     factory = model_factory or _build_unet
@@ -347,6 +355,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         if changed:
             raise ValueError(f"{cfg_path}: cannot resume, these settings differ from the saved "
                              f"run: {', '.join(changed)}; use the same settings or a new --out")
+    if cfg.resume:
+        _check_resumable(run_dir, splits)
     if not cfg.resume:
         for s in splits:
             if (run_dir / f"fold_{s.index}" / "last.pt").exists():
@@ -368,16 +378,44 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
     tmp.replace(run_dir / "folds.json")
 
 
+def _check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
+    """`--resume` continues from each fold's last.pt; a fold that has a best.pt but lost its
+    last.pt would silently restart at step 0 and overwrite that best.pt: refuse, naming the file.
+    A fold with no checkpoint at all (not started, or stopped before its first validation)
+    starts from scratch."""
+    for s in splits:
+        fold_dir = run_dir / f"fold_{s.index}"
+        if (fold_dir / "best.pt").exists() and not (fold_dir / "last.pt").is_file():
+            raise ValueError(f"{fold_dir / 'last.pt'}: missing, but the fold has a best.pt; "
+                             "cannot resume this fold (restore last.pt, or move the fold's "
+                             "folder away to train it again from scratch)")
+
+
+def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
+                      splits: list[FoldSplit]) -> None:
+    """Refuse a batch far larger than the data: each step would repeat every training image
+    many times over (and try to hold them all in memory at once)."""
+    default = TrainConfig().resolve(cfg.dims, cfg.resolved_kind, cfg.frame).batch_size
+    n_train = min(len(collection.indices(s.train_data)) for s in splits)
+    limit = max(default, n_train)
+    if cfg.batch_size > limit:
+        raise ValueError(f"batch size {cfg.batch_size} is far larger than the data: a fold "
+                         f"trains on {n_train} image(s); use --batch-size {limit} or less "
+                         "(each image is drawn with fresh anomalies every epoch anyway)")
+
+
 def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            line = raw.decode("utf-8")
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a hard kill
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            continue  # a line torn by a hard kill, or bytes that are not a log line
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     tmp.replace(path)
@@ -403,6 +441,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     step, best_step, best_val, done = 0, 0, math.inf, False
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
+        check_frame(last_path, state, cfg.dims, cfg.frame, run_dir / "config.json")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -502,13 +541,14 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                 stopped_early = step - best_step >= cfg.patience
                 if dist.main:
                     if best:
-                        save_atomic(_cpu_state_dict(evaluated), best_path)
+                        save_atomic(model_checkpoint(_cpu_state_dict(evaluated), cfg.dims,
+                                                     cfg.frame), best_path)
                     finished = stopped_early or step >= cfg.max_steps
                     state = _last_state(model, optimizer, schedule, step, best_step, best_val,
                                         finished, stopped_early, seed, dist, local_batch, device)
                     if ema is not None:
                         state["ema"] = _cpu_state_dict(ema.module)
-                    save_atomic(state, last_path)
+                    save_atomic(state | frame_record(cfg.dims, cfg.frame), last_path)
                     log.write(json.dumps({"type": "validation", "step": step,
                                           "val_loss": val_loss, "ap": ap, "best": best}) + "\n")
                     log.flush()

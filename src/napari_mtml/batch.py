@@ -1,0 +1,292 @@
+"""Batch prediction: ensemble heatmaps for many images into one folder (Qt-free core).
+
+`mtml predict` and the napari batch widget both drive the same generator:
+
+```python
+from napari_mtml.batch import predict_batch, expand_images
+gen = predict_batch(ensemble, expand_images(["scans/"]), "out", png=True)
+try:
+    while True:
+        item = next(gen)              # a BatchItem after each input, failed ones included
+except StopIteration as stop:
+    result = stop.value               # BatchResult
+# cancel: gen.close() -- scores.csv is still written for the inputs done so far
+```
+
+Per input NAME (`image_name`): `NAME_anomaly.nii.gz` (ensemble mean) and `NAME_disagreement.nii.gz`
+(std over folds) on the input's own grid and geometry, `NAME_overlay.png` (with `png=True`), and
+at the end `scores.csv` (csv module: `name, score, mean_disagreement, anomaly_file`) for the inputs
+that succeeded. An input that cannot be read or predicted becomes an item with `error` set (one
+line naming the file), its partial outputs are removed, and the batch goes on. `scores.csv` is
+written atomically (temporary file + `os.replace`) both at the end and when the generator is
+closed early, so no half-written table is ever left.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import tempfile
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_mtml.files import check_output_folder
+
+__all__ = [
+    "BatchItem",
+    "BatchResult",
+    "IMAGE_SUFFIXES",
+    "expand_images",
+    "image_name",
+    "predict_batch",
+]
+
+# The suffixes `image_name` strips and a folder's files are picked by (".dcm" files of a folder
+# are a DICOM series: the folder is read as one image).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+SCORES_HEADER = ("name", "score", "mean_disagreement", "anomaly_file")
+
+
+@dataclass
+class BatchItem:
+    """One input done (or failed).
+
+    index : 0-based position of the input in the batch; total : number of inputs.
+    path : the input (file or DICOM series folder); name : its NAME in the output file names.
+    score : sample-level score (`Prediction.score`); mean_disagreement : mean of the disagreement
+        map over the whole image; both None when the input failed.
+    anomaly_path, disagreement_path, overlay_path : the files written (overlay None with
+        `png=False`); all None when the input failed.
+    error : one line naming the file, when this input failed; None otherwise.
+    """
+
+    index: int
+    total: int
+    path: Path
+    name: str
+    score: float | None = None
+    mean_disagreement: float | None = None
+    anomaly_path: Path | None = None
+    disagreement_path: Path | None = None
+    overlay_path: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """The whole batch: `items` in input order, `scores_csv` the table of the successful ones."""
+
+    out_dir: Path
+    items: list[BatchItem] = field(default_factory=list)
+    scores_csv: Path | None = None
+
+    @property
+    def failures(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is not None]
+
+
+def image_name(path: str | os.PathLike) -> str:
+    """The NAME of NAME_anomaly.nii.gz: the file (or folder) name without its image suffix."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The inputs of a batch, in order.
+
+    A file is taken as given; a folder holding NIfTI/PNG/TIFF/JPEG files becomes those files
+    (sorted by name; only regular files, links resolved, are taken: a named pipe or socket is
+    skipped and never opened); any other folder is one input (a DICOM series, for the reader).
+
+    Raises
+    ------
+    ValueError : a path that does not exist, or that is neither a regular file nor a folder.
+    """
+    out: list[Path] = []
+    for text in paths:
+        p = Path(text)
+        if not p.exists():
+            raise ValueError(f"{p}: no such file or folder")
+        if p.is_dir():
+            try:
+                entries = sorted(p.iterdir())
+            except OSError as exc:
+                raise ValueError(f"{p}: cannot list the folder ({exc.strerror or exc})") from None
+            files = [
+                f
+                for f in entries
+                if f.is_file()  # follows links; False for FIFOs, sockets, devices
+                and f.name.lower().endswith(IMAGE_SUFFIXES)
+                and not f.name.lower().endswith(".dcm")
+            ]
+            if files:
+                out.extend(files)
+                continue
+        elif not p.is_file():
+            raise ValueError(
+                f"{p}: not a regular file (a named pipe, socket or device); give an image file "
+                "or a folder"
+            )
+        out.append(p)
+    return out
+
+
+def _one_line(path: Path, exc: BaseException) -> str:
+    """The failure of one input as one line that names its file."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    if str(path) not in text:
+        text = f"{path}: {text}"
+    return text
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What a bad input (not a bug) raises: the core's ValueErrors, the OS's errors, memory."""
+    errors: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(oom, type):
+        errors.append(oom)
+    return tuple(errors)
+
+
+def _write_scores(path: Path, items: list[BatchItem]) -> Path:
+    """`scores.csv` for the successful items, via a temporary file and `os.replace`."""
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SCORES_HEADER)
+    for item in items:
+        if item.error is not None:
+            continue
+        writer.writerow(
+            (
+                item.name,
+                f"{item.score:.6g}",
+                f"{item.mean_disagreement:.6g}",
+                item.anomaly_path.name if item.anomaly_path is not None else "",
+            )
+        )
+    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".csv.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def predict_batch(
+    ensemble: Any,
+    paths: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    png: bool = True,
+    predict_kwargs: Mapping[str, Any] | None = None,
+) -> Generator[BatchItem, None, BatchResult]:
+    """Predict every input with `ensemble` into `out_dir`, one `BatchItem` yielded per input.
+
+    Parameters
+    ----------
+    ensemble : a loaded `napari_mtml.inference.Ensemble` (anything with `.predict(scan, **kw)`
+        returning a `Prediction`, and `.folds`).
+    paths : image files or DICOM series folders (`expand_images` turns folders of files into
+        their files).
+    out_dir : the output folder (created with its parents).
+    png : also write `NAME_overlay.png`.
+    predict_kwargs : passed on as `ensemble.predict(scan, **predict_kwargs)`.
+
+    Returns (the generator's return value)
+    -------
+    BatchResult : every item, and the `scores.csv` path.
+
+    Raises (when called, before any input is read)
+    ------
+    ValueError : no inputs, or several inputs that would write the same NAME.
+    ValueError : `out_dir` (or a parent) is a file.
+    OSError : `out_dir` cannot be created (permissions, ...).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no input images given")
+    names = [image_name(p) for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(
+            f"several inputs would write the same output name(s) {dupes}: predict them into "
+            "separate output folders"
+        )
+    out = check_output_folder(out_dir, "predictions")
+    out.mkdir(parents=True, exist_ok=True)
+    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}))
+
+
+def _run(
+    ensemble: Any,
+    paths: list[Path],
+    names: list[str],
+    out: Path,
+    png: bool,
+    predict_kwargs: dict[str, Any],
+) -> Generator[BatchItem, None, BatchResult]:
+    from napari_mtml.demo import write_overlay_png
+    from napari_mtml.io import read_image, write_image
+
+    errors = _input_errors()
+    total = len(paths)
+    result = BatchResult(out_dir=out, scores_csv=out / "scores.csv")
+    try:
+        for index, (path, name) in enumerate(zip(paths, names, strict=True)):
+            anomaly_path = out / f"{name}_anomaly.nii.gz"
+            disagreement_path = out / f"{name}_disagreement.nii.gz"
+            overlay_path = out / f"{name}_overlay.png" if png else None
+            written: list[Path] = []
+            try:
+                scan = read_image(path)
+                pred = ensemble.predict(scan, **predict_kwargs)
+                write_image(anomaly_path, pred.anomaly, like=scan)
+                written.append(anomaly_path)
+                write_image(disagreement_path, pred.disagreement, like=scan)
+                written.append(disagreement_path)
+                if overlay_path is not None:
+                    written.append(overlay_path)
+                    write_overlay_png(
+                        overlay_path,
+                        scan.array,
+                        pred.anomaly,
+                        spacing=scan.spacing,
+                        title=f"{name}: ensemble of {len(ensemble.folds)} folds, "
+                        f"score {pred.score:.3f}",
+                    )
+                item = BatchItem(
+                    index,
+                    total,
+                    path,
+                    name,
+                    score=float(pred.score),
+                    mean_disagreement=float(pred.disagreement.mean()),
+                    anomaly_path=anomaly_path,
+                    disagreement_path=disagreement_path,
+                    overlay_path=overlay_path,
+                )
+            except errors as exc:
+                for f in written:  # a failed input leaves none of its outputs behind
+                    f.unlink(missing_ok=True)
+                item = BatchItem(index, total, path, name, error=_one_line(path, exc))
+            result.items.append(item)
+            yield item
+    finally:
+        # Also on gen.close() (cancel) and on an unexpected error: the table of what succeeded.
+        _write_scores(result.scores_csv, result.items)
+    return result

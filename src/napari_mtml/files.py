@@ -1,0 +1,129 @@
+"""The file-system boundary: text files read with clear errors, OS errors said in one line.
+
+Every place that reads a settings or log file, or reports an operating-system error to a user
+(the `mtml` command, the napari widgets), goes through these, so that the message always names
+the path and says what is wrong with it:
+
+```python
+from napari_mtml.files import read_text, os_error_message, check_output_file
+text = read_text("run.toml", what="config file")   # ValueError naming the file on any problem
+os_error_message(exc)        # "out/run: a file is in the way, not a folder"  (one line)
+check_output_file(path)      # ValueError when an existing path there is a folder, pipe, ...
+check_output_folder(path)    # ValueError when a file is where the folder (or a parent) must be
+```
+Only regular files are ever opened: a named pipe (FIFO) would block the read or write forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+__all__ = ["check_output_file", "check_output_folder", "os_error_message", "read_text"]
+
+_REASONS = {
+    errno.ENOENT: "no such file or folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EMFILE: "too many open files",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first existing non-folder among `path`'s parents (what makes ENOTDIR)."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line naming the path of an `OSError` and what is wrong with it (no traceback).
+
+    `FileExistsError` from creating a folder where a file is, `NotADirectoryError` from a path
+    that runs through a file, `IsADirectoryError`, permissions, a full disk... each says which
+    path and why; an error without a path keeps the system's text.
+    """
+    name = exc.filename
+    reason = _REASONS.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+    if name is None:
+        return " ".join(str(exc).split()) or reason
+    path = Path(os.fsdecode(name))
+    if exc.errno == errno.EEXIST:
+        reason = ("exists and is not a folder (a folder is needed here)"
+                  if path.exists() and not path.is_dir() else "already exists")
+    elif exc.errno == errno.ENOTDIR:
+        blocker = _file_in_the_way(path)
+        reason = (f"{blocker} is a file, not a folder" if blocker is not None
+                  else "is not a folder")
+    text = f"{path}: {reason}"
+    if exc.filename2 is not None:
+        text += f" (while moving it to {os.fsdecode(exc.filename2)})"
+    return text
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of a regular file (a leading byte-order mark is dropped).
+
+    Raises `ValueError` naming the file: missing, a folder, not a regular file (pipe, socket,
+    device: never opened), unreadable, or not UTF-8 text (with the offset of the first bad byte).
+    """
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise ValueError(f"{p}: {what} not found; check the path")
+        if p.is_dir():
+            raise ValueError(f"{p}: is a folder, not a {what}")
+        if not p.is_file():
+            raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give "
+                             f"the {what} itself")
+        data = p.read_bytes()
+    except OSError as exc:  # a name too long, a folder we may not enter...
+        raise ValueError(os_error_message(exc)) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{p}: not a UTF-8 text {what} (byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            "cannot be decoded); save it as UTF-8 text"
+        ) from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """`path` as a Path, refused (ValueError) when something other than a regular file is there.
+
+    Writing onto a named pipe blocks until someone reads it, and onto a folder fails late with an
+    OS error; both are said up front, naming the path.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p}: is a folder; give a file name for the {what}")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give a "
+                         f"plain file name for the {what}")
+    blocker = _file_in_the_way(p)
+    if blocker is not None:
+        raise ValueError(f"{p}: {blocker} is a file, not a folder")
+    return p
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """`path` as a Path, refused (ValueError) when it, or one of its parents, exists as a file.
+
+    Checked before long work starts, so that a run does not read all its data and then fail on
+    creating its folder.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{p}: exists and is not a folder; give a folder for the {what}")
+    blocker = _file_in_the_way(p)
+    if blocker is not None:
+        raise ValueError(f"{p}: {blocker} is a file, not a folder; give a folder for the {what}")
+    return p
