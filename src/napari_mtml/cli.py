@@ -164,12 +164,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from napari_mtml.batch import expand_images, predict_batch
+    from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup, predict_batch
     from napari_mtml.inference import load_ensemble
 
     paths = expand_images(args.images)
+    if args.mask_dir and args.brain_mask:
+        raise ValueError("give either --mask-dir or --brain-mask, not both")
+    mask_for = None
+    if args.mask_dir:
+        mask_for = mask_dir_lookup(args.mask_dir)
+    elif args.brain_mask == "auto":
+        from napari_mtml.brainmask import INSTALL_HINT, available
+
+        if not available():
+            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
+        mask_for = auto_brain_mask
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png)
+    predict_kwargs = {"keep_background": args.keep_background, "score": args.score,
+                      "tta": args.tta}
+    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png,
+                        predict_kwargs=predict_kwargs, mask_for=mask_for)
     print(f"{ensemble}")
     result = None
     try:
@@ -396,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(std over folds) on the input's own grid and geometry, NAME_overlay.png, and "
         "scores.csv with the sample-level scores.",
     )
-    p.add_argument("run", metavar="RUN", help="a run folder written by `mtml train`")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="a run folder written by `mtml train`, or a built-in model (builtin:brain-t1)",
+    )
     p.add_argument(
         "images",
         nargs="+",
@@ -412,6 +430,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per forward pass (default 16 in 2D, 1 in 3D)",
     )
     p.add_argument("--no-png", action="store_true", help="skip the overlay PNGs")
+    p.add_argument(
+        "--brain-mask",
+        choices=("auto",),
+        help="auto: keep the maps inside an automatic brain mask (brain MRI with the skull on; "
+        "needs the brain extra: pip install 'napari-mtml[brain]'); written as NAME_mask.nii.gz",
+    )
+    p.add_argument(
+        "--mask-dir",
+        metavar="DIR",
+        help="masks to keep the maps inside, one per input: DIR/NAME[_mask].nii.gz",
+    )
+    p.add_argument(
+        "--keep-background",
+        action="store_true",
+        help="keep the maps outside the foreground (or mask) instead of setting them to 0",
+    )
+    p.add_argument(
+        "--score",
+        choices=("mean", "max", "top1"),
+        help="the sample score of scores.csv (default top1: the mean of the map's highest 1 %%; "
+        "every score is written as its own column too)",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also predict each image mirrored left-right and average (twice the time)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser(
