@@ -326,6 +326,9 @@ def test_images_too_small_for_the_smallest_anomaly_are_dropped_up_front():
     assert len(col.notes) == 1 and "speck" in col.notes[0] and "line" in col.notes[0]
     with pytest.raises(ValueError, match="no healthy image can take"):
         HealthyCollection.from_arrays([speck * 1.0] * 5, [speck] * 5)
+    with pytest.raises(ValueError, match="only 4 healthy image.*need at least 5.*speck"):
+        HealthyCollection.from_arrays(ims[:4] + [speck * 1.0], fgs[:4] + [speck],
+                                      names=["a", "b", "c", "d", "speck"])
 
 
 def test_a_draw_that_finds_no_place_falls_back_instead_of_raising(monkeypatch):
