@@ -344,6 +344,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
         if dist.main:
             _truncate_log(log_path, step)
+    elif dist.main:
+        _truncate_log(log_path, 0)  # from scratch: no lines of an earlier try stay in the log
     if done or step >= cfg.max_steps:
         result = FoldFinished(split.index, best_step, best_val, str(best_path), done)
         if dist.main:
