@@ -29,7 +29,7 @@ import io as _io
 import os
 import tempfile
 from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,8 @@ class BatchResult:
     """The whole batch: `items` in input order, `scores_csv` the table of the successful ones."""
 
     out_dir: Path
-    items: list[BatchItem] = field(default_factory=list)
-    scores_csv: Path | None = None
+    items: list[BatchItem]
+    scores_csv: Path
 
     @property
     def failures(self) -> list[BatchItem]:
@@ -245,7 +245,7 @@ def _run(
 
     errors = _input_errors()
     total = len(paths)
-    result = BatchResult(out_dir=out, scores_csv=out / "scores.csv")
+    result = BatchResult(out_dir=out, items=[], scores_csv=out / "scores.csv")
     try:
         for index, (path, name) in enumerate(zip(paths, names, strict=True)):
             anomaly_path = out / f"{name}_anomaly.nii.gz"
