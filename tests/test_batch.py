@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import nibabel as nib
 import numpy as np
@@ -47,6 +48,11 @@ def test_image_name_and_expand(tmp_path):
     assert [p.name for p in expand_images([d])] == ["a.png", "b.nii.gz"]
     with pytest.raises(ValueError, match="nope"):
         expand_images([tmp_path / "nope.nii.gz"])
+    if hasattr(os, "mkfifo"):  # a named pipe is never taken (reading it would block)
+        os.mkfifo(d / "c.nii.gz")
+        assert [p.name for p in expand_images([d])] == ["a.png", "b.nii.gz"]
+        with pytest.raises(ValueError, match="not a regular file"):
+            expand_images([d / "c.nii.gz"])
 
 
 def test_a_bad_input_among_good_ones_does_not_stop_the_batch(ensemble, tmp_path):

@@ -87,8 +87,8 @@ class BatchResult:
     """The whole batch: `items` in input order, `scores_csv` the table of the successful ones."""
 
     out_dir: Path
-    items: list[BatchItem] = field(default_factory=list)
-    scores_csv: Path | None = None
+    items: list[BatchItem]
+    scores_csv: Path
 
     @property
     def failures(self) -> list[BatchItem]:
@@ -258,7 +258,7 @@ def _run(
 
     errors = _input_errors()
     total = len(paths)
-    result = BatchResult(out_dir=out, scores_csv=out / "scores.csv")
+    result = BatchResult(out_dir=out, items=[], scores_csv=out / "scores.csv")
     try:
         for index, (path, name) in enumerate(zip(paths, names, strict=True)):
             anomaly_path = out / f"{name}_anomaly.nii.gz"

@@ -433,8 +433,8 @@ class TrainConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            empty = " (the file is empty)" if not text.strip() else ""
-            raise ValueError(f"{name}: not valid JSON{empty} ({exc})") from None
+            why = "the file is empty" if not text.strip() else str(exc)
+            raise ValueError(f"{name}: not valid JSON ({why})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{name}: expected a JSON object of settings ({{...}}), found a "
                              f"{type(data).__name__}")

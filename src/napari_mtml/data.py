@@ -177,6 +177,10 @@ class HealthyCollection:
         samples, unusable = _drop_unplaceable(samples)
         if unusable:
             notes.append(unplaceable_notice(unusable))
+            if len(samples) < N_DATA_FOLDS:
+                raise ValueError(f"only {len(samples)} healthy image(s) left, the {N_DATA_FOLDS} "
+                                 f"data folds need at least {N_DATA_FOLDS}: "
+                                 f"{unplaceable_notice(unusable)}; add more healthy scans")
         self.samples = samples
         self.dims = int(dims)
         self.kind = kind

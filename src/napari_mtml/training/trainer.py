@@ -395,7 +395,8 @@ def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
                       splits: list[FoldSplit]) -> None:
     """Refuse a batch far larger than the data: each step would repeat every training image
     many times over (and try to hold them all in memory at once)."""
-    default = TrainConfig().resolve(cfg.dims, cfg.resolved_kind, cfg.frame).batch_size
+    # the paper's batch for this kind of data (50 in 2D, 8 in 3D): the largest any recipe uses
+    default = TrainConfig(recipe="paper").resolve(cfg.dims, cfg.resolved_kind, cfg.frame).batch_size
     n_train = min(len(collection.indices(s.train_data)) for s in splits)
     limit = max(default, n_train)
     if cfg.batch_size > limit:
@@ -455,6 +456,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
         if dist.main:
             _truncate_log(log_path, step)
+    elif dist.main:
+        _truncate_log(log_path, 0)  # from scratch: no lines of an earlier try stay in the log
     if done or step >= cfg.max_steps:
         result = FoldFinished(split.index, best_step, best_val, str(best_path), done)
         if dist.main:
