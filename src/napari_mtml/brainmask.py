@@ -54,6 +54,7 @@ from napari_mtml.io import Scan
 __all__ = [
     "INSTALL_HINT",
     "METHODS",
+    "EXTRA_SUMMARY",
     "BrainMaskUnavailable",
     "available",
     "brain_mask",
