@@ -54,6 +54,7 @@ from napari_mtml.io import Scan
 __all__ = [
     "INSTALL_HINT",
     "METHODS",
+    "EXTRA_SUMMARY",
     "BrainMaskUnavailable",
     "available",
     "brain_mask",
@@ -65,7 +66,7 @@ INSTALL_HINT = 'pip install "napari-mtml[brain]"'
 METHODS = ("auto", "deepbet")
 # What the extra adds, in one sentence, for widgets and CLI messages.
 EXTRA_SUMMARY = ("automatic brain extraction for brain MRI with the skull on (deepbet, weights "
-                 "inside the package, about 3-10 s per volume on a CPU), so that maps stay "
+                 "inside the package, a few seconds per volume on a CPU), so that maps stay "
                  "inside the brain")
 
 # Relative deviation from `spacing_mm` up to which a scan is given to the network on its own grid.
@@ -334,9 +335,10 @@ def brain_mask(scan: Scan, *, method: str = "auto", dilate_mm: float = 3.0,
     threshold : probability above which a voxel is brain (deepbet's default 0.5).
     spacing_mm, device : see `brain_probability`.
 
-    Deterministic: the same scan gives the same mask (CPU). Time: about 3-10 s per volume on
-    two CPU threads, whatever the voxel count (the network always runs at 256^3 inside the
-    brain's box); the networks load once per process (about 0.2 s).
+    Deterministic: the same scan gives the same mask (CPU). Cost: about 6 CPU-seconds per
+    volume (about 3 s on two idle cores), whatever the voxel count, as the network always runs
+    at 256^3 inside the brain's box; the first call of a process adds TorchScript's warm-up and
+    the networks load once per process (0.2-0.4 s). `benchmarks/bench_brainmask.py` measures it.
 
     Raises
     ------
