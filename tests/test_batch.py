@@ -80,7 +80,8 @@ def test_a_bad_input_among_good_ones_does_not_stop_the_batch(ensemble, tmp_path)
         assert item.disagreement_path.is_file() and item.overlay_path is None
         assert 0.0 <= item.score <= 1.0
     rows = _rows(result.scores_csv)
-    assert rows[0] == ["name", "score", "mean_disagreement", "anomaly_file"]
+    assert rows[0][:4] == ["name", "score", "mean_disagreement", "anomaly_file"]
+    assert rows[0][4:] == ["score_method", "mean", "max", "top1"]
     assert [r[0] for r in rows[1:]] == ["a,1", "c"]
     assert rows[1][3] == "a,1_anomaly.nii.gz"
     assert float(rows[1][1]) == pytest.approx(items[0].score, rel=1e-5)

@@ -372,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--brain-mask",
-        choices=("auto",),
-        help="auto: place the synthetic anomalies inside an automatic brain mask (heads with "
-        "the skull on; needs the brain extra: pip install 'napari-mtml[brain]')",
+        metavar="auto|DIR",
+        help="place the synthetic anomalies inside the brain of heads with the skull on: auto "
+        "= an automatic brain mask (needs the brain extra: pip install 'napari-mtml[brain]'), "
+        "or a folder of masks named like the scans (NAME[_mask].nii.gz)",
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument(

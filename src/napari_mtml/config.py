@@ -123,8 +123,9 @@ class TrainConfig:
             U-Net's divisor holding every scan's content) instead of the fixed default frames.
         min_foreground: with `dims=2` from volumes, slices whose foreground covers less than this
             fraction of the slice are dropped (no brain, nothing to learn).
-        brain_mask: "auto" = place the synthetic anomalies inside an automatic brain mask
-            (`napari_mtml.brainmask`, the `brain` extra) for heads with the skull on.
+        brain_mask: where the synthetic anomalies go in heads with the skull on: "auto" = an
+            automatic brain mask (`napari_mtml.brainmask`, the `brain` extra), or a folder of
+            masks named like the scans (NAME[_mask].nii.gz); unset = the head.
 
     Optimisation (METHOD.md section 6)
         lr: peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
@@ -289,9 +290,9 @@ class TrainConfig:
             raise bad("kind", f"use one of {', '.join(_KINDS)}")
         positive_float("downsample", allow_none=True)
         positive_float("spacing", allow_none=True)
-        if self.brain_mask not in (None, "auto", "none"):
-            raise bad("brain_mask", "use 'auto' (place anomalies inside an automatic brain "
-                      "mask) or leave unset")
+        if self.brain_mask is not None and not str(self.brain_mask).strip():
+            raise bad("brain_mask", "use 'auto' (an automatic brain mask), a folder of masks "
+                      "named like the scans, or leave unset")
         if not 0 <= self.min_foreground < 1:
             raise bad("min_foreground", "use a fraction in [0, 1)")
         positive_float("lr", allow_none=True)

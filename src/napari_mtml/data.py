@@ -245,7 +245,7 @@ class HealthyCollection:
                    downsample: float = 2, min_foreground: float = 0.05,
                    spacing: float | None = None,
                    multiple: int | dict[int, int] = 16,
-                   brain_mask: str | None = None) -> HealthyCollection:
+                   brain_mask: str | Path | None = None) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
         dims: None (the scans' own), 3, or 2 (3D volumes become their axial slices; slices whose
@@ -256,7 +256,8 @@ class HealthyCollection:
         `dims=3` with 2D images, content too big for the frame, NaN values, and fewer than five
         items in total. brain_mask="auto": anomalies are placed inside an automatic brain mask
         of each volume (`napari_mtml.brainmask`; heads with the skull on), the image keeps its
-        head; 2D images keep their foreground.
+        head; a folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images
+        keep their foreground.
         """
         files = expand_paths(paths)
         scans = [(path, _read_scan(path)) for path in files]
@@ -270,6 +271,7 @@ class HealthyCollection:
         from_slices = False
         dropped = 0
         small_files: list[str] = []
+        placer = _placement_masks(brain_mask) if brain_mask is not None else None
         for group, (path, scan) in enumerate(scans):
             scan_ndim = int(np.ndim(scan.array))
             # A 2D NIfTI reads as a one-slice volume: it is a 2D image, framed as its one slice.
@@ -286,8 +288,8 @@ class HealthyCollection:
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
             placement = None
-            if brain_mask == "auto" and scan_ndim == 3 and not single_slice:
-                placement = _brain_mask(scan, path)
+            if placer is not None and scan_ndim == 3 and not single_slice:
+                placement = placer(path, scan)
             array, fg, item_kind = _frame_scan(scan, path, kind, 2 if single_slice else dims,
                                                frame, downsample, spacing,
                                                foregrounds.pop(path, None), placement)
@@ -467,12 +469,22 @@ def _fit_collection_frame(scans, frame: str, dims, kind, downsample, spacing, mu
     return fit_frame(tuple(max(c[i] for c in contents) for i in range(n_dims)), m)
 
 
-def _brain_mask(scan, path: Path) -> np.ndarray:
-    """The automatic brain mask of a healthy volume, any failure naming the file."""
+def _placement_masks(source: str | Path) -> Callable:
+    """`masks(path, scan)`: the brain mask of a healthy volume, automatic ("auto") or the file
+    of the same name in the folder `source`; any failure names the file."""
+    from napari_mtml.batch import mask_dir_lookup
+
+    if str(source) != "auto":
+        lookup = mask_dir_lookup(source)
+        return lambda path, scan: _named(path, lambda: lookup(path, scan))
     from napari_mtml.brainmask import brain_mask
 
+    return lambda path, scan: _named(path, lambda: brain_mask(scan))
+
+
+def _named(path: Path, make: Callable) -> np.ndarray:
     try:
-        return brain_mask(scan)
+        return make()
     except ValueError as exc:
         msg = str(exc)
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
