@@ -185,10 +185,10 @@ class Template:
     @cached_property
     def levels(self) -> dict[str, float]:
         """Reference intensities inside the brain: `wm` (90th percentile: white matter on a
-        T1), `csf` (1st percentile: ventricles and sulci), `median`."""
+        T1), `csf` (1st percentile: ventricles and sulci), `median`, `p99`."""
         v = self.image[self.brain]
-        p1, p50, p90 = np.percentile(v, [1, 50, 90])
-        return {"wm": float(p90), "csf": float(p1), "median": float(p50)}
+        p1, p50, p90, p99 = np.percentile(v, [1, 50, 90, 99])
+        return {"wm": float(p90), "csf": float(p1), "median": float(p50), "p99": float(p99)}
 
     @cached_property
     def envelope(self) -> np.ndarray:
@@ -570,17 +570,18 @@ def make_variant(template: Template, rng: np.random.Generator, *,
                          "translation too large)")
 
     # 4. scanner: contrast, bias, noise, gain
+    # (levels from the healthy template, so that a lesion does not change the scanner's draws)
     np.maximum(image, 0.0, out=image)
-    ref = float(np.percentile(image[brain], 99)) or 1.0
+    ref = template.levels["p99"] or 1.0
     gamma = _log_uniform(streams[_CONTRAST], s.gamma_range)
     image = (ref * (image / ref) ** gamma).astype(np.float32)
+    wm_level = ref * (template.levels["wm"] / ref) ** gamma
     bias_std = _uniform(streams[_BIAS], s.bias_range)
     if bias_std > 0:
         out_extent = [n * v for n, v in zip(out_shape, out_spacing, strict=True)]
         f = SmoothField(out_extent, s.bias_scale_mm, streams[_BIAS])
         image *= np.exp(np.float32(bias_std) * f.on_grid(*_grid_positions(out_shape,
                                                                            out_spacing)))
-    wm_level = float(np.percentile(image[brain], 90))
     noise = _uniform(streams[_NOISE], s.noise_range)
     image = rician_noise(image, noise * wm_level, streams[_NOISE])
     gain = _log_uniform(streams[_CONTRAST], s.gain_range)
