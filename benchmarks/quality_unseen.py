@@ -667,25 +667,23 @@ def estimate_brain_mask(scan) -> np.ndarray:
 
 
 def tumour_brain_mask(scan) -> tuple[np.ndarray, str]:
-    """(brain mask, how it was made): `napari_mtml.brainmask` when importable, else the
+    """(brain mask, how it was made): `napari_mtml.brainmask.brain_mask(scan)` (deepbet, the
+    `brain` extra, its default 3 mm dilation) when it is importable and available, else the
     heuristic `estimate_brain_mask`."""
     try:
-        import napari_mtml.brainmask as bm  # noqa: F401  (developer hb's module, issue 8)
+        import napari_mtml.brainmask as bm
     except ImportError:
         return estimate_brain_mask(scan), "heuristic estimate_brain_mask (no napari_mtml.brainmask)"
-    for name in ("brain_mask", "extract_brain", "compute_brain_mask"):
-        fn = getattr(bm, name, None)
-        if callable(fn):
-            try:
-                out = fn(scan)
-                mask = np.asarray(getattr(out, "mask", out)).astype(bool)
-                if mask.shape == scan.array.shape and mask.any():
-                    return mask, f"napari_mtml.brainmask.{name}"
-            except Exception as exc:  # the optional extra may be missing its weights/package
-                print(f"  napari_mtml.brainmask.{name} failed ({type(exc).__name__}: {exc}); "
-                      "using the heuristic mask")
-                break
-    return estimate_brain_mask(scan), "heuristic estimate_brain_mask (brainmask unusable)"
+    if hasattr(bm, "available") and not bm.available():
+        return estimate_brain_mask(scan), "heuristic estimate_brain_mask (brain extra missing)"
+    try:
+        mask = np.asarray(bm.brain_mask(scan)).astype(bool)
+    except Exception as exc:  # the optional extra may be broken; say so and go on
+        print(f"  napari_mtml.brainmask.brain_mask failed ({type(exc).__name__}: {exc})")
+        return estimate_brain_mask(scan), "heuristic estimate_brain_mask (brain_mask failed)"
+    if mask.shape != scan.array.shape or not mask.any():
+        return estimate_brain_mask(scan), "heuristic estimate_brain_mask (brain_mask empty)"
+    return mask, "napari_mtml.brainmask.brain_mask (deepbet, default dilation)"
 
 
 def run_tumour(work: Path, label: str, train_args: list[str], predict_args: list[str],
