@@ -97,6 +97,7 @@ _MARKER = ".quality_unseen"
 AREA_PERCENTILE = 99.9
 SMOOTH_MM = 2.0
 SLICE_MIN_LESION_MM2 = 10.0
+HIT_MM = 3.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,6 +464,19 @@ def region_scores(values: np.ndarray, smooth_values: np.ndarray, threshold: floa
     }
 
 
+def peak_hit(smooth: np.ndarray, region: np.ndarray, lesion: np.ndarray, spacing,
+             tolerance_mm: float = HIT_MM) -> bool:
+    """Whether the peak of the smoothed map inside `region` lies within `tolerance_mm` of the
+    lesion: what a user looking at the hottest spot sees."""
+    values = np.where(region, smooth, -np.inf)
+    peak = np.array(np.unravel_index(int(np.argmax(values)), values.shape))
+    pts = np.argwhere(lesion)
+    if pts.size == 0:
+        return False
+    d = np.sqrt((((pts - peak) * np.asarray(spacing)) ** 2).sum(axis=1)).min()
+    return bool(d <= tolerance_mm)
+
+
 def slice_table(anomaly, smooth, region, brain, lesion, spacing, threshold) -> tuple:
     """Per-slice scores over `region` for the eligible slices; (scores dict of lists, labels)."""
     area_mm2 = spacing[1] * spacing[2]
@@ -574,6 +588,9 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
                 add(m, ["head:all", f"head:protocol:{it['protocol']}"], counts)
             smooth = smoothed(amap, scan.spacing)
             row["scores"][m] = {}
+            if is_lesion:
+                row.setdefault("peak_hit", {})[m] = peak_hit(smooth, brain, lesion,
+                                                             scan.spacing)
             for r in REGIONS:
                 region = brain if r == "brain" else np.ones_like(brain)
                 row["scores"][m][r] = region_scores(amap[region], smooth[region],
@@ -592,6 +609,16 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
     for m in METHODS:
         aps = [pixel[m][f"kind:{k}"]["ap"] for k in kinds if f"kind:{k}" in pixel[m]]
         pixel[m]["kind_mean_ap"] = float(np.mean(aps)) if aps else math.nan
+    hits: dict[str, Any] = {}
+    for m in METHODS:
+        rows = [r for r in volume_rows if r["label"]]
+        hits[m] = {"all": float(np.mean([r["peak_hit"][m] for r in rows])) if rows else math.nan}
+        for k in kinds:
+            sel = [r["peak_hit"][m] for r in rows if r["kind"] == k]
+            hits[m][f"kind:{k}"] = float(np.mean(sel)) if sel else math.nan
+        for sev in severities:
+            sel = [r["peak_hit"][m] for r in rows if r["severity"] == sev]
+            hits[m][f"severity:{sev}"] = float(np.mean(sel)) if sel else math.nan
     sample: dict[str, Any] = {}
     for m in METHODS:
         sample[m] = {}
@@ -622,6 +649,7 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
                 sample[m][r][s] = entry
     return {
         "pixel": pixel,
+        "peak_hit": hits,
         "sample": sample,
         "thresholds": thresholds,
         "volumes": volume_rows,
@@ -747,6 +775,8 @@ def _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred: Pat
             pm.update(amap, tumour, mask=region)
             res[f"pixel_{region_name}_all_slices"] = pm.compute()
         smooth = smoothed(amap, scan.spacing)
+        res["peak_hit_brain"] = peak_hit(smooth, brain, tumour, scan.spacing)
+        res["peak_hit_head"] = peak_hit(smooth, head, tumour, scan.spacing)
         for region_name, region in (("brain", brain), ("whole", np.ones_like(brain))):
             sc, lab = [], []
             for z in range(len(amap)):
@@ -785,6 +815,14 @@ def print_synthetic(res: dict[str, Any]) -> None:
         line += _f(p["all"]["auroc"]) + "".join(" " + _f(p.get(f"severity:{s}", {}).get("ap"))
                                                 for s in sevs)
         print(line)
+    print(f"\npeak hit: fraction of lesioned volumes whose smoothed map peaks (inside the brain) "
+          f"within {HIT_MM:g} mm of the lesion")
+    print(f"{'method':<8}" + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
+          + f"{'all':>9}" + "".join(f"{s[:7]:>8}" for s in sevs))
+    for m in METHODS:
+        h = res["peak_hit"][m]
+        print(f"{m:<8}" + "".join(" " + _f(h.get(f"kind:{k}")) for k in kinds) + "  "
+              + _f(h["all"]) + "".join(" " + _f(h.get(f"severity:{s}")) for s in sevs))
     print("\npixel AP per protocol, inside the brain mask (and inside the head mask: skull on)")
     cols = [f"protocol:{p}" for p in PROTOCOLS] + [f"head:protocol:{p}" for p in PROTOCOLS
                                                    if p.endswith("skull")]
@@ -814,18 +852,24 @@ def print_synthetic(res: dict[str, Any]) -> None:
           f"{sl['n'] - sl['n_pos']} healthy slices)")
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def print_tumour(res: dict[str, Any]) -> None:
     print(f"\nreal tumour (brain1, skull on, tumour slices {res['lesion_slices'][0]}-"
           f"{res['lesion_slices'][-1]}); brain mask: {res['brain_mask']}, keeps "
           f"{res['tumour_kept_by_brain_mask']:.0%} of the tumour")
     print(f"{'method':<8}{'AP head':>9}{'AUC head':>9}{'AP brain':>9}{'AUC brain':>10}"
-          f"{'slice AUC top1 brain':>22}{'max_smooth':>11}{'top1 whole':>11}")
+          f"{'slice AUC top1 brain':>22}{'max_smooth':>11}{'top1 whole':>11}"
+          f"{'peak hit brain/head':>21}")
     for m, r in res["methods"].items():
         print(f"{m:<8}{_f(r['pixel_head']['ap'], 9)}{_f(r['pixel_head']['auroc'], 9)}"
               f"{_f(r['pixel_brain']['ap'], 9)}{_f(r['pixel_brain']['auroc'], 10)}"
               f"{_f(r['slice_brain']['top1']['auroc'], 22)}"
               f"{_f(r['slice_brain']['max_smooth']['auroc'], 11)}"
-              f"{_f(r['slice_whole']['top1']['auroc'], 11)}")
+              f"{_f(r['slice_whole']['top1']['auroc'], 11)}"
+              f"{_yes(r['peak_hit_brain']):>16}/{_yes(r['peak_hit_head'])}")
     print("(pixel: the tumour slices only, never trained on; slices: all 25, the lesion-free "
           "ones were the training data)")
 
