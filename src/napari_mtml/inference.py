@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_mtml.devices import resolve_device
+
 __all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device"]
 
 
@@ -58,36 +60,6 @@ class Prediction:
     score: float
     fold_scores: tuple[float, ...] = field(default=())
     fold_maps: tuple[np.ndarray, ...] = field(default=())
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`"auto"` -> CUDA if available, else Apple MPS if available, else CPU; others as given.
-
-    Raises `ValueError` for a device name torch does not know or one that is not available here.
-    """
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available: use auto or cpu")
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(
-                f"device {device!r} asked for but MPS is not available: use auto or cpu"
-            )
-    return dev
 
 
 # --------------------------------------------------------------------------------------------
