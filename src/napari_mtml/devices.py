@@ -296,13 +296,16 @@ def prepare_model_for_device(model: torch.nn.Module, device: torch.device | str,
                              channels_last: bool | None = None) -> torch.nn.Module:
     """Move ``model`` to ``device`` in the memory format that runs fastest there; returns it.
 
-    ``channels_last`` None (default) = on for CPU and CUDA (oneDNN and cuDNN pick their fastest
-    convolutions for channels-last tensors), off on MPS. Inputs need not be converted: the
-    model's first convolution produces channels-last activations from weights in that format.
+    ``channels_last`` None (default) = on for 3D models on CPU and CUDA, off otherwise. Measured
+    on CPU (oneDNN): channels-last-3d forward passes of the 3D U-Nets ran ~1.2x faster
+    (benchmarks/bench_inference.py); for the 2D training step it made no difference
+    (bench_training.py --variants: 0.98x), so 2D models keep the default layout. Inputs need
+    not be converted: a convolution whose weights are channels-last gives channels-last
+    activations.
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if channels_last is None:
-        channels_last = dev.type in ("cpu", "cuda")
+        channels_last = dev.type in ("cpu", "cuda") and _spatial_dims(model) == 3
     model.to(dev)
     if channels_last:
         dims = _spatial_dims(model)
