@@ -28,9 +28,12 @@ The thread rule (`torch_thread_count`, applied by `apply_thread_rule`)
     generator apply it at the start of every fold (so a long run follows the machine's load
     fold by fold), inference when it loads an ensemble.
 
-Model set-up for a device (`prepare_model_for_device`, `autocast_dtype`)
-    Memory format and bf16 autocast measured on CPU (benchmarks/bench_training.py --variants,
-    benchmarks/bench_inference.py); see their docstrings for when each is used.
+Model set-up for a device (`prepare_model_for_device`, `autocast_dtype`, `compile_model`)
+    Measured on CPU (benchmarks/bench_training.py --variants, benchmarks/bench_inference.py):
+    channels-last pays for 3D forward passes (~1.2x), not for the 2D training step (0.98x);
+    torch.compile gave the demo step nothing (1.01x) after minutes of compiling, so nothing
+    compiles by default; bf16 autocast gave 1.6-1.8x on a CPU with AMX, opt-in on the CPU
+    (``MTML_CPU_BF16=1``) until its quality is checked.
 """
 
 from __future__ import annotations
@@ -273,11 +276,13 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
-def autocast_dtype(device: torch.device | str, *, training: bool = True) -> torch.dtype | None:
-    """The autocast dtype to use on ``device``, or None for plain float32.
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The training autocast dtype on ``device``, or None for plain float32.
 
-    CUDA: bf16 (training and inference). CPU: bf16 only where the CPU has native bf16
-    instructions (`cpu_supports_bf16`); ``MTML_CPU_BF16=0`` turns it off, ``=1`` forces it.
+    CUDA: bf16. CPU: float32 unless ``MTML_CPU_BF16=1`` (and the CPU has native bf16
+    instructions, `cpu_supports_bf16`, or the variable forces it anyway). On a CPU with AMX the
+    demo model's step ran 1.6-1.8x faster in bf16 (bench_training.py --variants), but its
+    effect on quality is not yet checked with benchmarks/quality_heldout.py, so it stays opt-in.
     MPS: None.
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -286,10 +291,11 @@ def autocast_dtype(device: torch.device | str, *, training: bool = True) -> torc
     if dev.type != "cpu":
         return None
     flag = os.environ.get("MTML_CPU_BF16", "").strip()
-    if flag in ("0", "1"):
-        return torch.bfloat16 if flag == "1" else None
-    del training
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    if flag == "1":
+        return torch.bfloat16
+    if flag not in ("", "0"):
+        raise ValueError(f"MTML_CPU_BF16={flag!r}: use 1 (bf16 autocast on the CPU) or 0")
+    return None
 
 
 def prepare_model_for_device(model: torch.nn.Module, device: torch.device | str, *,

@@ -312,7 +312,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
     log = open(log_path, "a") if dist.main else None  # noqa: SIM115 - closed in finally
-    amp = autocast_dtype(device)  # bf16 on CUDA and on CPUs with native bf16, else None
+    amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     stopped_early = False
     try:
         net.train()
