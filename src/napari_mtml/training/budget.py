@@ -55,7 +55,9 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
     and `min_seconds` are both reached (at most `max_steps`); the median step is kept, so one
     slow step (another process) does not skew the plan."""
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
+    from napari_mtml.devices import apply_thread_rule, autocast_dtype
 
+    apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
     rng_state = torch.get_rng_state()
     t0 = time.perf_counter()
     model = model_factory(cfg, 0).to(device)
@@ -67,7 +69,7 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
     setup_s = time.perf_counter() - t0
-    amp = device.type == "cuda"
+    amp = autocast_dtype(device)
     times: list[float] = []
     try:
         model.train()
@@ -75,7 +77,8 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
             t = time.perf_counter()
             images, labels, _ = next(batches)
             images, labels = images.to(device), labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                enabled=amp is not None):
                 pred = model(images)
             loss = torch.nn.functional.mse_loss(pred.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -94,7 +97,8 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
         draw_s = (time.perf_counter() - t) / n_val
         model.eval()
         x = torch.from_numpy(np.concatenate([val.healthy, val.augmented])).unsqueeze(1)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                                    enabled=amp is not None):
             model(x.to(device))  # untimed: first call of a new batch size
             t = time.perf_counter()
             model(x.to(device))

@@ -41,6 +41,7 @@ from napari_mtml.data import (
     make_loader,
     make_validation_set,
 )
+from napari_mtml.devices import apply_thread_rule, autocast_dtype, pick_device
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -104,30 +105,6 @@ def _dist_from_env() -> _Dist:
     if world <= 1:
         return _Dist()
     return _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
-    """The torch device for `name` ("auto": cuda > mps > cpu) and a notice when auto falls back
-    to the CPU. An explicit device that is not available raises `ValueError`."""
-    kind = name.split(":")[0]
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps"), None
-        return torch.device("cpu"), ("no GPU found: training on the CPU, which is slow; the light "
-                                     "model (preset 'light') and loader workers (1-2) help")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
-                         "or auto")
-    if kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError("device 'mps' requested but it is not available; use --device cpu")
-    if kind == "cuda" and ":" not in name:
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-    return torch.device(name), None
 
 
 def _build_unet(cfg: TrainConfig, seed: int) -> torch.nn.Module:
@@ -432,6 +409,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
         fold_dir.mkdir(parents=True, exist_ok=True)
     seed = _fold_seed(cfg.seed, split.index)
 
+    apply_thread_rule(cfg.workers, device)  # per fold: follows the machine's load (devices.py)
     model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
     if cfg.init:
         model.load_state_dict(_init_weights(cfg.init, split.index))
@@ -487,7 +465,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
     log = open(log_path, "a") if dist.main else None  # noqa: SIM115 - closed in finally
-    amp = device.type == "cuda"
+    amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     stopped_early = False
     scheduler = make_scheduler(optimizer, schedule, cfg.lr, step)
     evaluated = ema.module if ema is not None else model  # what validation sees and best.pt holds
@@ -499,7 +477,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             labels = labels.to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
             try:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                    enabled=amp is not None):
                     pred = net(images)
                 loss = torch.nn.functional.mse_loss(pred.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -595,26 +574,33 @@ def _last_state(model, optimizer, schedule, step, best_step, best_val, finished,
             "finished": bool(finished), "stopped_early": bool(stopped_early), "rng": rng}
 
 
-@torch.no_grad()
 def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: torch.device,
-              amp: bool) -> tuple[float, dict[str, float]]:
+              amp: torch.dtype | bool | None) -> tuple[float, dict[str, float]]:
     """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
     over voxels; AP pooled over each task's items (healthy and augmented) inside the
-    foreground, predictions clipped to [0, 1]."""
+    foreground, predictions clipped to [0, 1].
+
+    ``amp``: the autocast dtype (or True for bf16, False/None for none). Each forward takes the
+    healthy and the augmented images of ``batch`` items together (twice the training batch,
+    one call instead of two), under `torch.inference_mode`."""
     from napari_mtml.metrics import average_precision
 
+    dtype = torch.bfloat16 if amp is True else (amp or None)
     was_training = model.training
     model.eval()
     n = len(val)
     pred_h = np.empty(val.healthy.shape, np.float32)
     pred_a = np.empty(val.augmented.shape, np.float32)
-    for lo in range(0, n, batch):
-        hi = min(lo + batch, n)
-        for src, dst in ((val.healthy, pred_h), (val.augmented, pred_a)):
-            x = torch.from_numpy(src[lo:hi]).unsqueeze(1).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.inference_mode():
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            both = np.concatenate([val.healthy[lo:hi], val.augmented[lo:hi]])
+            x = torch.from_numpy(both).unsqueeze(1).to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                enabled=dtype is not None):
                 y = model(x)
-            dst[lo:hi] = y.float().squeeze(1).cpu().numpy()
+            y = y.float().squeeze(1).cpu().numpy()
+            pred_h[lo:hi], pred_a[lo:hi] = y[: hi - lo], y[hi - lo:]
     model.train(was_training)
     val_loss = float(np.mean(pred_h.astype(np.float64) ** 2)
                      + np.mean((pred_a.astype(np.float64) - val.label) ** 2))
