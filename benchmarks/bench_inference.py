@@ -1,13 +1,22 @@
 """Seconds per 5-fold ensemble prediction on CPU (randomly initialised weights: timing only).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_inference.py            # 1 thread
-    python benchmarks/bench_inference.py --threads 2 --repeats 3
+    python benchmarks/bench_inference.py --threads 2                 # issue 11's table
+    python benchmarks/bench_inference.py --threads 2 --repeats 3 --cases 3d-paper
 
 Cases: a 2D X-ray in the 256x256 frame (the built-in chest radiograph) and a 3D brain in the
 80x112x80 frame (the built-in MNI152 template), each with the paper's and the light U-Net
-preset. For every case a run folder with 5 folds is built in a temporary directory, then
-`load_ensemble(run).predict(scan)` is timed end to end (preprocessing, 5 forward passes, mapping
-back), next to the forward passes alone. Target (issue 4): <= 5 s for the 3D paper preset.
+preset. For every case a run folder with 5 folds is built in a temporary directory, then three
+set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the scan end to end
+(`predict`: preprocessing, 5 forward passes, mapping back):
+
+- before: the models built as before issue 11 (random initialisation, then the weights
+  loaded; default memory format), float32;
+- float32: `load_ensemble(run)` (no random initialisation, channels-last 3D);
+- bfloat16: `load_ensemble(run, precision="bfloat16")`, with the largest difference of its
+  ensemble map from the float32 one (`max |diff|`; on random weights, which move more than
+  trained ones).
+
+Goals (issue 11, 2 threads): 3D paper <= 6 s, 3D light <= 2.5 s.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ def _build_run(root: Path, dims: int, kind: str, frame: tuple[int, ...], preset:
     run = root / f"run_{dims}d_{preset}"
     run.mkdir()
     cfg = TrainConfig(
-        healthy=("unused",), out=str(run), dims=dims, frame=frame, kind=kind, preset=preset
+        healthy=("unused",), out=str(run), dims=dims, frame=frame, kind=kind, preset=preset,
+        recipe="paper",
     ).resolve(dims, kind, frame)
     cfg.to_json(run / "config.json")
     n_params = 0
@@ -42,57 +52,89 @@ def _build_run(root: Path, dims: int, kind: str, frame: tuple[int, ...], preset:
     return run, n_params
 
 
+def _before(run, device):
+    """The ensemble as `load_ensemble` built it before issue 11: random initialisation first,
+    default memory format, float32."""
+    import torch
+
+    from napari_mtml.inference import Ensemble, _read_settings
+    from napari_mtml.model import UNet
+
+    settings, cfg = _read_settings(run)
+    models = []
+    for k in range(settings.n_folds):
+        model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs)
+        model.load_state_dict(torch.load(run / f"fold_{k}" / "best.pt", weights_only=True))
+        models.append(model.to(device).eval())
+    return Ensemble(models, dims=settings.dims, frame=settings.frame, kind=settings.kind,
+                    downsample=settings.downsample, device=device, run_dir=run, config=cfg)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="timed predictions per case")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
-                        "OMP_NUM_THREADS, else torch's default)")
+                        "OMP_NUM_THREADS, else the thread rule)")
     parser.add_argument("--cases", default="2d-paper,2d-light,3d-paper,3d-light")
+    parser.add_argument("--setups", default="before,float32,bfloat16")
     args = parser.parse_args(argv)
 
     import numpy as np
     import torch
 
     from napari_mtml.inference import load_ensemble
-    from napari_mtml.preprocess import to_frame
     from napari_mtml.samples import load_sample
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
     if threads:
+        os.environ["MTML_THREADS"] = str(threads)  # load_ensemble applies the thread rule
         torch.set_num_threads(threads)
     scans = {2: load_sample("chest_xray"), 3: load_sample("mni152_t1")}
     setups = {2: ("cxr", (256, 256)), 3: ("mri", (80, 112, 80))}
+    makers = {
+        "before": lambda run: _before(run, "cpu"),
+        "float32": lambda run: load_ensemble(run, device="cpu"),
+        "bfloat16": lambda run: load_ensemble(run, device="cpu", precision="bfloat16"),
+    }
+    names = args.setups.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             dims, preset = int(case[0]), case.split("-")[1]
             kind, frame = setups[dims]
             run, n_params = _build_run(Path(tmp), dims, kind, frame, preset)
-            t = time.perf_counter()
-            ens = load_ensemble(run, device="cpu")
-            t_load = time.perf_counter() - t
             scan = scans[dims]
-            ens.predict(scan)  # warm-up (allocator, oneDNN kernels)
-            totals = []
+            loads = {k: [] for k in names}
+            predicts = {k: [] for k in names}
+            maps = {}
             for _ in range(args.repeats):
-                t = time.perf_counter()
-                pred = ens.predict(scan)
-                totals.append(time.perf_counter() - t)
-            frames, _, _ = to_frame(scan, kind=kind, dims=dims, frame=frame)
-            frames = np.asarray(frames)[None]
-            t = time.perf_counter()
-            ens.predict_frames(frames)
-            t_fwd = time.perf_counter() - t
-            rows.append((f"{dims}D {'x'.join(map(str, frame))}", preset, n_params / 1e6, t_load,
-                         statistics.median(totals), t_fwd, pred.anomaly.shape))
+                for name in names:
+                    t = time.perf_counter()
+                    ens = makers[name](run)
+                    loads[name].append(time.perf_counter() - t)
+                    ens.predict(scan)  # warm-up (allocator, oneDNN kernels)
+                    t = time.perf_counter()
+                    pred = ens.predict(scan)
+                    predicts[name].append(time.perf_counter() - t)
+                    maps[name] = pred.anomaly
+                    del ens
+            for name in names:
+                diff = ""
+                if name == "bfloat16" and "float32" in maps:
+                    diff = f"{float(np.abs(maps[name] - maps['float32']).max()):.3f}"
+                rows.append((f"{dims}D {'x'.join(map(str, frame))}", preset, n_params / 1e6,
+                             name, statistics.median(loads[name]),
+                             statistics.median(predicts[name]), min(predicts[name]),
+                             max(predicts[name]), diff))
             print(f"done {case}", file=sys.stderr, flush=True)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
-          f"median of {args.repeats}")
-    print(f"{'frame':<16}{'preset':<8}{'M params':>9}{'load s':>8}{'predict s':>11}"
-          f"{'forward s':>11}  input grid")
-    for frame, preset, mp, tl, tp, tf, shape in rows:
-        print(f"{frame:<16}{preset:<8}{mp:>9.1f}{tl:>8.2f}{tp:>11.2f}{tf:>11.2f}  {shape}")
+          f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
+    print("| frame | preset | M params | set-up | load s | predict s (min-max) | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for frame, preset, mp, name, tl, tp, lo, hi, diff in rows:
+        print(f"| {frame} | {preset} | {mp:.1f} | {name} | {tl:.2f} | {tp:.2f} ({lo:.2f}-{hi:.2f}) "
+              f"| {diff} |")
     return 0
 
 

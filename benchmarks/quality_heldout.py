@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         run = Path(tmp) / "run"
         config = TrainConfig(
             healthy=(), out=str(run), dims=2, train_tasks=1, frame=frame, kind="mri",
-            preset="light", base_features=args.base_features, depth=args.depth,
+            recipe="paper", preset="light", base_features=args.base_features, depth=args.depth,
             max_features=args.max_features, pos_encoding=args.pos_encoding,
             max_steps=args.steps, batch_size=args.batch_size,
             val_interval=args.val_interval, val_size=args.val_size, device="cpu",

@@ -308,7 +308,7 @@ def _check_csv(w, tmp, o):
     with open(tmp / "p" / "scores.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0][:2] == ["name", "score"]
-    assert [r[0] for r in rows[1:]] == ["a,1", 'b"2'] and all(len(r) == 4 for r in rows)
+    assert [r[0] for r in rows[1:]] == ["a,1", 'b"2'] and all(len(r) == len(rows[0]) for r in rows)
 
 
 def _preview_into_dir(w, tmp):

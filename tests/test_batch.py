@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import nibabel as nib
 import numpy as np
@@ -47,6 +48,11 @@ def test_image_name_and_expand(tmp_path):
     assert [p.name for p in expand_images([d])] == ["a.png", "b.nii.gz"]
     with pytest.raises(ValueError, match="nope"):
         expand_images([tmp_path / "nope.nii.gz"])
+    if hasattr(os, "mkfifo"):  # a named pipe is never taken (reading it would block)
+        os.mkfifo(d / "c.nii.gz")
+        assert [p.name for p in expand_images([d])] == ["a.png", "b.nii.gz"]
+        with pytest.raises(ValueError, match="not a regular file"):
+            expand_images([d / "c.nii.gz"])
 
 
 def test_a_bad_input_among_good_ones_does_not_stop_the_batch(ensemble, tmp_path):
@@ -74,7 +80,8 @@ def test_a_bad_input_among_good_ones_does_not_stop_the_batch(ensemble, tmp_path)
         assert item.disagreement_path.is_file() and item.overlay_path is None
         assert 0.0 <= item.score <= 1.0
     rows = _rows(result.scores_csv)
-    assert rows[0] == ["name", "score", "mean_disagreement", "anomaly_file"]
+    assert rows[0][:4] == ["name", "score", "mean_disagreement", "anomaly_file"]
+    assert rows[0][4:] == ["score_method", "mean", "max", "top1"]
     assert [r[0] for r in rows[1:]] == ["a,1", "c"]
     assert rows[1][3] == "a,1_anomaly.nii.gz"
     assert float(rows[1][1]) == pytest.approx(items[0].score, rel=1e-5)

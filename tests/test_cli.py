@@ -107,6 +107,48 @@ def test_predict_writes_maps_on_the_input_grid(trained, tiny, capsys):
     assert scores[0].startswith("name,score") and scores[1].startswith("case1,")
 
 
+def test_predict_masks_scores_and_background(trained, tiny, capsys, monkeypatch):
+    case = tiny["test"] / "case1.nii.gz"
+    masks = tiny["root"] / "masks"
+    masks.mkdir()
+    half = np.zeros((28, 28), np.uint8)
+    half[:, :14] = 1  # (y, x): the left half
+    _save(masks / "case1_mask.nii.gz", half)
+    out = tiny["root"] / "pred_masked"
+    rc = main(["predict", str(trained), str(case), "--out", str(out), "--device", "cpu",
+               "--no-png", "--mask-dir", str(masks), "--score", "max"])
+    assert rc == 0, capsys.readouterr().err
+    heat = nib.load(out / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
+    assert np.all(heat[:, 14:] == 0) and (out / "case1_mask.nii.gz").is_file()
+    import csv
+
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert rows[0]["score_method"] == "max" and rows[0]["score"] == rows[0]["max"]
+    assert float(rows[0]["top1"]) >= float(rows[0]["mean"])
+    # without a mask the map is 0 outside the foreground (the disc) unless kept
+    plain, kept = tiny["root"] / "pred_plain", tiny["root"] / "pred_kept"
+    for folder, extra in ((plain, []), (kept, ["--keep-background"])):
+        assert main(["predict", str(trained), str(case), "--out", str(folder), "--device",
+                     "cpu", "--no-png", *extra]) == 0
+    corner = (slice(5, 7), slice(5, 7))  # inside the disc's box (the crop), outside the disc
+    assert np.all(nib.load(plain / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
+                  [corner] == 0)
+    assert np.any(nib.load(kept / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
+                  [corner] > 0)
+    # a missing mask names the input and the folder; no extra: the install hint
+    other = tiny["root"] / "no_masks"
+    other.mkdir()
+    rc = main(["predict", str(trained), str(case), "--out", str(tiny["root"] / "p2"),
+               "--device", "cpu", "--no-png", "--mask-dir", str(other)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "case1" in err and "no_masks" in err
+    import napari_mtml.brainmask as bm
+
+    monkeypatch.setattr(bm, "available", lambda: False)
+    _fails(capsys, ["predict", str(trained), str(case), "--out", str(tiny["root"] / "p3"),
+                    "--brain-mask", "auto"], "napari-mtml[brain]")
+
+
 def test_evaluate_pairs_predictions_and_labels(trained, tiny, capsys):
     pred = tiny["root"] / "pred_eval"
     assert main(["predict", str(trained), str(tiny["test"]), "--out", str(pred), "--no-png",

@@ -124,7 +124,8 @@ def _fake_io(monkeypatch, shapes):
             raise ValueError(f"{path}: not a NIfTI file")
         return SimpleNamespace(array=np.ones(shapes[path.name], np.float32))
 
-    def frame(scan, path, kind, dims, frame, downsample):
+    def frame(scan, path, kind, dims, frame, downsample, spacing=None, foreground=None,
+              placement=None):
         arr = scan.array
         if arr.ndim == 3 and dims == 2:
             fg = np.zeros(arr.shape, bool)
@@ -375,3 +376,33 @@ def test_blending_sources(monkeypatch):
     calls.clear()
     SyntheticDataset(samples, [1], seed=0).draw(0)
     assert id(calls[0][2]) in own_ids
+
+
+def test_from_paths_places_anomalies_inside_given_brain_masks(tmp_path):
+    """brain_mask=FOLDER: each volume's placement foreground is its mask of the same name,
+    taken into the frame; the image keeps its whole head."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(4)
+    scans, masks = tmp_path / "scans", tmp_path / "masks"
+    scans.mkdir()
+    masks.mkdir()
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in (12, 40, 40)], indexing="ij")
+    head = (yy**2 + xx**2) < 0.8
+    brain = (yy**2 + xx**2) < 0.5
+    for i in range(5):
+        img = np.where(head, 50.0, 0.0) + np.where(brain, 50.0, 0.0)
+        img = (img + head * rng.normal(0, 5, head.shape)).astype(np.float32)
+        nib.save(nib.Nifti1Image(img.T.copy(), np.eye(4)), scans / f"s{i}.nii.gz")
+        nib.save(nib.Nifti1Image(brain.T.astype(np.uint8).copy(), np.eye(4)),
+                 masks / f"s{i}_mask.nii.gz")
+    plain = HealthyCollection.from_paths([scans], dims=2, frame=(48, 48))
+    inside = HealthyCollection.from_paths([scans], dims=2, frame=(48, 48), brain_mask=masks)
+    assert len(plain) == len(inside)
+    for a, b in zip(plain.samples, inside.samples, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)  # the image keeps its head
+        assert b.foreground.sum() < 0.7 * a.foreground.sum()  # 0.5 / 0.8 of the area
+        assert not (b.foreground & ~a.foreground).any()
+    (masks / "s3_mask.nii.gz").unlink()
+    with pytest.raises(ValueError, match="s3"):
+        HealthyCollection.from_paths([scans], dims=2, frame=(48, 48), brain_mask=masks)

@@ -122,7 +122,7 @@ def _third_party_imports() -> dict[str, list[str]]:
 
 
 def test_every_dependency_has_a_floor():
-    for group in (None, "test", "all"):
+    for group in (None, *PYPROJECT["project"]["optional-dependencies"]):
         for name, req in _requirements(group).items():
             assert _floor(req) is not None, f"{name} in {group or 'dependencies'} has no floor"
 

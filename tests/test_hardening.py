@@ -243,6 +243,26 @@ def test_resume_drops_undecodable_log_lines(tmp_path):
     assert log.read_text(encoding="utf-8").splitlines() == lines[:2]
 
 
+def test_a_fold_restarted_from_scratch_keeps_no_log_of_the_earlier_try(tmp_path):
+    from napari_mtml.data import HealthyCollection
+    from napari_mtml.training import train
+
+    fg = np.zeros((32, 32), bool)
+    fg[6:26, 6:26] = True
+    col = HealthyCollection.from_arrays([np.where(fg, 1.0 + i, 0.0) for i in range(5)], [fg] * 5)
+    cfg = TrainConfig(out=str(tmp_path / "run"), fold=0, max_steps=2, batch_size=2, val_size=2,
+                      val_interval=2, warmup_steps=1, device="cpu", kind="mri",
+                      base_features=4, depth=2, max_features=8, resume=True)
+    log = tmp_path / "run" / "fold_0" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"type": "step", "step": 1, "loss": 9.0}) + "\n")  # killed early
+    for _ in train(cfg, collection=col):
+        pass
+    steps = [json.loads(x) for x in log.read_text().splitlines() if '"step"' in x]
+    assert [e["step"] for e in steps if e["type"] == "step"] == [1, 2]
+    assert all(e.get("loss") != 9.0 for e in steps)
+
+
 # ------------------------------------------------------------------ 5. silent odd results
 
 def test_write_image_refuses_complex_maps(tmp_path):
@@ -326,6 +346,9 @@ def test_images_too_small_for_the_smallest_anomaly_are_dropped_up_front():
     assert len(col.notes) == 1 and "speck" in col.notes[0] and "line" in col.notes[0]
     with pytest.raises(ValueError, match="no healthy image can take"):
         HealthyCollection.from_arrays([speck * 1.0] * 5, [speck] * 5)
+    with pytest.raises(ValueError, match="only 4 healthy image.*need at least 5.*speck"):
+        HealthyCollection.from_arrays(ims[:4] + [speck * 1.0], fgs[:4] + [speck],
+                                      names=["a", "b", "c", "d", "speck"])
 
 
 def test_a_draw_that_finds_no_place_falls_back_instead_of_raising(monkeypatch):

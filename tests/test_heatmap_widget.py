@@ -33,7 +33,8 @@ def tiny_run(tmp_path_factory):
         nib.save(nib.Nifti1Image(_disc((96, 96), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
     config = TrainConfig(healthy=(str(healthy),), out=str(root / "run"), fold=0, max_steps=2,
                          dims=2, batch_size=2, val_interval=2, val_size=4, frame=(64, 64),
-                         preset="light", depth=3, base_features=8, device="cpu")
+                         preset="light", depth=3, base_features=8, device="cpu",
+                         pos_encoding=True)
     for _ in train(config):
         pass
     return root / "run"

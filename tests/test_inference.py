@@ -14,16 +14,16 @@ from napari_mtml.inference import Ensemble, load_ensemble
 from napari_mtml.io import Scan, read_image, write_image
 from napari_mtml.model import UNet
 
-TINY = {"preset": "light", "base_features": 4, "depth": 2, "max_features": 8}
+TINY = {"preset": "light", "base_features": 4, "depth": 2, "max_features": 8, "recipe": "paper"}
 
 
-def make_run(root, dims=2, frame=(16, 16), missing=(), train_tasks=1):
+def make_run(root, dims=2, frame=(16, 16), missing=(), train_tasks=1, **settings):
     """A run folder as `train` leaves it, with randomly initialised tiny U-Nets."""
     run = root / "run"
     run.mkdir()
     cfg = TrainConfig(
         healthy=("unused",), out=str(run), dims=dims, frame=frame, kind="mri",
-        train_tasks=train_tasks, **TINY,
+        train_tasks=train_tasks, **{**TINY, **settings},
     ).resolve(dims, "mri", frame)
     cfg.to_json(run / "config.json")
     for k in range(math.comb(5, train_tasks)):
@@ -64,7 +64,11 @@ def test_2d_prediction_on_the_input_grid(tmp_path, rng):
     np.testing.assert_allclose(pred.anomaly, folds.mean(0), atol=1e-5)
     assert np.all(pred.disagreement <= 0.5 + 1e-6)
     assert 0 <= pred.score <= 1 and len(pred.fold_scores) == 5
-    assert pred.score == pytest.approx(np.mean(pred.fold_scores), abs=1e-5)
+    # the mean is linear: the ensemble's mean score is the mean of the folds' mean scores
+    by_mean = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), score="mean")
+    assert by_mean.score == pytest.approx(np.mean(by_mean.fold_scores), abs=1e-5)
+    assert pred.score == pred.scores[pred.score_method] and pred.score_method == "top1"
+    assert pred.scores["top1"] >= pred.scores["mean"]
     # Outside the foreground crop nothing was predicted.
     assert pred.anomaly[0, 0] == 0 and pred.disagreement[0, 0] == 0
 
@@ -124,6 +128,26 @@ def test_too_large_for_the_frame_names_a_frame_that_fits(tmp_path, rng):
     big = disc_image((90, 90), rng, radius=0.45)  # ~80 px disc -> 40 px after x2: > 16
     with pytest.raises(ValueError, match=r"frame \(16, 16\).*would fit"):
         ens.predict(Scan(array=big, spacing=(1.0, 1.0)))
+
+
+def test_a_run_without_positional_encoding_grows_its_frame_to_the_image(tmp_path, rng):
+    ens = load_ensemble(make_run(tmp_path, recipe="small", pos_encoding=False), device="cpu")
+    assert not ens.fixed_frame and ens.spacing == 2.0
+    big = disc_image((90, 90), rng, radius=0.45)  # ~80 mm disc -> 40 px at 2 mm: > 16
+    pred = ens.predict(Scan(array=big, spacing=(1.0, 1.0)))
+    assert pred.anomaly.shape == big.shape and np.isfinite(pred.anomaly).all()
+    # the map is 0 outside the foreground unless the background is kept
+    outside = big == 0
+    assert outside.any() and np.all(pred.anomaly[outside] == 0)
+    kept = ens.predict(Scan(array=big, spacing=(1.0, 1.0)), keep_background=True)
+    assert kept.mask is None and np.any(kept.anomaly[outside] > 0)
+    # a given mask restricts the map and the score
+    half = np.zeros(big.shape, bool)
+    half[:, :45] = True
+    masked = ens.predict(Scan(array=big, spacing=(1.0, 1.0)), mask=half)
+    assert np.all(masked.anomaly[~half] == 0) and masked.mask is not None
+    with pytest.raises(ValueError, match="mask has shape"):
+        ens.predict(Scan(array=big, spacing=(1.0, 1.0)), mask=half[:10])
 
 
 def test_written_maps_keep_the_file_geometry(tmp_path, rng):

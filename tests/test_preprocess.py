@@ -11,9 +11,13 @@ from scipy import ndimage
 from napari_mtml.io import ImageReadWarning, Scan, read_image
 from napari_mtml.preprocess import (
     FrameTransform,
+    content_shape,
+    fit_frame,
     foreground_mask,
     from_frame,
     infer_kind,
+    mask_to_frame,
+    mri_factors,
     to_frame,
     to_model_units,
 )
@@ -158,6 +162,45 @@ def test_dims_2_on_a_volume_stacks_slices_with_one_shared_crop():
             assert (back[z][inner] >= 0.5).all() and (back[z][~outer] < 0.5).all()
     with pytest.raises(ValueError, match="shape"):
         from_frame(np.zeros((64, 64)), tr)
+
+
+def test_target_spacing_brings_scans_of_any_voxel_size_to_one_scale():
+    rng = np.random.default_rng(7)
+    fine = _stripped_brain(rng, shape=(40, 60, 50))  # 1 mm
+    coarse = Scan(array=ndimage.zoom(fine.array, 0.5, order=1), spacing=(2.0, 2.0, 2.0))
+    assert mri_factors(fine, 3, spacing=2.0) == (2.0, 2.0, 2.0)
+    assert mri_factors(coarse, 3, spacing=2.0) == (1.0, 1.0, 1.0)
+    thick = Scan(array=fine.array[::5], spacing=(5.0, 1.0, 1.0))
+    assert mri_factors(thick, 2, spacing=2.0) == (2.0, 2.0)  # in-plane only for slices
+    assert mri_factors(thick, 3, spacing=2.0) == (0.4, 2.0, 2.0)  # thick slices upsampled
+    a = content_shape(fine, spacing=2.0)
+    b = content_shape(coarse, spacing=2.0)
+    assert all(abs(x - y) <= 1 for x, y in zip(a, b, strict=True))
+    arr, fg, tr = to_frame(fine, frame="fit", spacing=2.0, multiple=8)
+    assert arr.shape == fit_frame(a, 8) and all(f % 8 == 0 for f in arr.shape)
+    assert all(f - 8 < c <= f for f, c in zip(arr.shape, a, strict=True))  # the smallest fit
+    assert tr.scale == (2.0, 2.0, 2.0)
+    back = from_frame(arr, tr)
+    assert back.shape == fine.array.shape
+    with pytest.raises(ValueError, match="spacing"):
+        mri_factors(fine, 3, spacing=-1)
+    with pytest.raises(ValueError, match="'fit'"):
+        to_frame(fine, frame="tight")
+
+
+def test_mask_to_frame_follows_the_scan():
+    rng = np.random.default_rng(8)
+    scan = _stripped_brain(rng, shape=(12, 90, 80))
+    for dims, frame in ((3, (16, 48, 48)), (2, (48, 48))):
+        arr, fg, tr = to_frame(scan, dims=dims, frame=frame)
+        # the foreground itself arrives exactly as to_frame's own
+        np.testing.assert_array_equal(mask_to_frame(foreground_mask(scan), tr), fg)
+        left = np.zeros(scan.array.shape, bool)
+        left[..., :40] = True
+        m = mask_to_frame(left, tr)
+        assert m.shape == arr.shape and m.any() and not m.all()
+    with pytest.raises(ValueError, match="shape"):
+        mask_to_frame(np.ones((3, 3, 3), bool), tr)
 
 
 def test_content_larger_than_the_frame_names_a_frame_that_fits():

@@ -212,19 +212,23 @@ def test_cuda_requested_without_gpu(tmp_path):
 # --------------------------------------------------------------------------- config
 
 def test_config_json_roundtrip_and_resolve(tmp_path):
-    cfg = TrainConfig(healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light")
+    cfg = TrainConfig(healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light",
+                      recipe="paper")
     assert cfg.frame == (80, 112, 80) and cfg.fold == 2
     assert TrainConfig.from_json(text=cfg.to_json()) == cfg
     r = cfg.resolve(3, "mri", (80, 112, 80))
     assert (r.batch_size, r.lr, r.max_push, r.flip) == (8, 1e-3, 5.0, True)
     assert r.model_kwargs() == {"dims": 3, "frame": (80, 112, 80), "base_features": 16,
                                 "max_features": 160, "depth": 5, "pos_encoding": True}
-    x = TrainConfig().resolve(2, "cxr", (256, 256))
+    assert (r.max_steps, r.lr_schedule, r.warmup_steps, r.val_interval) == (20000, "paper", 100,
+                                                                           250)
+    paper = TrainConfig(recipe="paper")
+    x = paper.resolve(2, "cxr", (256, 256))
     assert (x.batch_size, x.lr, x.max_push, x.flip, x.depth) == (50, 5e-3, 10.0, False, 7)
     # the depth follows the frame when the preset's does not divide it
-    assert TrainConfig().resolve(2, "mri", (112, 80)).depth == 5
+    assert paper.resolve(2, "mri", (112, 80)).depth == 5
     # ... and when the bottleneck would shrink to a single voxel (64 / 2**6 = 1)
-    assert TrainConfig().resolve(2, "mri", (64, 64)).depth == 6
+    assert paper.resolve(2, "mri", (64, 64)).depth == 6
     r.to_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == r
 

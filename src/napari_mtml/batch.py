@@ -28,7 +28,7 @@ import csv
 import io as _io
 import os
 import tempfile
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,16 @@ __all__ = [
     "expand_images",
     "image_name",
     "predict_batch",
+    "mask_dir_lookup",
+    "auto_brain_mask",
 ]
 
 # The suffixes `image_name` strips and a folder's files are picked by (".dcm" files of a folder
 # are a DICOM series: the folder is read as one image).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
-SCORES_HEADER = ("name", "score", "mean_disagreement", "anomaly_file")
+SCORES_HEADER = ("name", "score", "mean_disagreement", "anomaly_file", "score_method", "mean",
+                 "max", "top1")
 
 
 @dataclass
@@ -74,6 +77,9 @@ class BatchItem:
     disagreement_path: Path | None = None
     overlay_path: Path | None = None
     error: str | None = None
+    scores: dict = field(default_factory=dict)
+    score_method: str | None = None
+    mask_path: Path | None = None
 
 
 @dataclass
@@ -81,8 +87,8 @@ class BatchResult:
     """The whole batch: `items` in input order, `scores_csv` the table of the successful ones."""
 
     out_dir: Path
-    items: list[BatchItem] = field(default_factory=list)
-    scores_csv: Path | None = None
+    items: list[BatchItem]
+    scores_csv: Path
 
     @property
     def failures(self) -> list[BatchItem]:
@@ -188,6 +194,8 @@ def _write_scores(path: Path, items: list[BatchItem]) -> Path:
                 f"{item.score:.6g}",
                 f"{item.mean_disagreement:.6g}",
                 item.anomaly_path.name if item.anomaly_path is not None else "",
+                item.score_method or "",
+                *(f"{item.scores[k]:.6g}" if k in item.scores else "" for k in SCORES_HEADER[5:]),
             )
         )
     fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".csv.tmp", dir=path.parent)
@@ -208,6 +216,7 @@ def predict_batch(
     *,
     png: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
+    mask_for: Callable[[Path, Any], Any] | None = None,
 ) -> Generator[BatchItem, None, BatchResult]:
     """Predict every input with `ensemble` into `out_dir`, one `BatchItem` yielded per input.
 
@@ -223,6 +232,9 @@ def predict_batch(
     out_dir : the output folder (created with its parents).
     png : also write `NAME_overlay.png`.
     predict_kwargs : passed on as `ensemble.predict(scan, **predict_kwargs)`.
+    mask_for : `mask_for(path, scan) -> bool array or None`, the mask the map of that input is
+        kept inside (`Ensemble.predict(mask=...)`; see `mask_dir_lookup`, `auto_brain_mask`);
+        a mask used is also written as `NAME_mask.nii.gz`.
 
     Returns (the generator's return value)
     -------
@@ -246,7 +258,7 @@ def predict_batch(
         )
     out = check_output_folder(out_dir, "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}))
+    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}), mask_for)
 
 
 def _run(
@@ -256,13 +268,14 @@ def _run(
     out: Path,
     png: bool,
     predict_kwargs: dict[str, Any],
+    mask_for: Callable[[Path, Any], Any] | None = None,
 ) -> Generator[BatchItem, None, BatchResult]:
     from napari_mtml.demo import write_overlay_png
     from napari_mtml.io import read_image, write_image
 
     errors = _input_errors()
     total = len(paths)
-    result = BatchResult(out_dir=out, scores_csv=out / "scores.csv")
+    result = BatchResult(out_dir=out, items=[], scores_csv=out / "scores.csv")
     try:
         for index, (source, name) in enumerate(zip(paths, names, strict=True)):
             path = Path(name) if _in_memory(source) else source  # what the item names
@@ -272,7 +285,16 @@ def _run(
             written: list[Path] = []
             try:
                 scan = source if _in_memory(source) else read_image(source)
-                pred = ensemble.predict(scan, **predict_kwargs)
+                mask = mask_for(path, scan) if mask_for is not None else None
+                kwargs = dict(predict_kwargs)
+                mask_path = None
+                if mask is not None:
+                    kwargs["mask"] = mask
+                pred = ensemble.predict(scan, **kwargs)
+                if mask is not None:
+                    mask_path = out / f"{name}_mask.nii.gz"
+                    write_image(mask_path, mask.astype("uint8"), like=scan)
+                    written.append(mask_path)
                 write_image(anomaly_path, pred.anomaly, like=scan)
                 written.append(anomaly_path)
                 write_image(disagreement_path, pred.disagreement, like=scan)
@@ -297,6 +319,9 @@ def _run(
                     anomaly_path=anomaly_path,
                     disagreement_path=disagreement_path,
                     overlay_path=overlay_path,
+                    scores=dict(getattr(pred, "scores", {}) or {}),
+                    score_method=getattr(pred, "score_method", None),
+                    mask_path=mask_path,
                 )
             except errors as exc:
                 for f in written:  # a failed input leaves none of its outputs behind
@@ -308,3 +333,45 @@ def _run(
         # Also on gen.close() (cancel) and on an unexpected error: the table of what succeeded.
         _write_scores(result.scores_csv, result.items)
     return result
+
+
+def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
+    """`mask_for` of `predict_batch` for a folder of masks: input NAME takes the file of the
+    same NAME, optionally ending in `_mask`, `_brainmask`, `_foreground` or `_fg` (any image
+    suffix). An input without a mask is an error naming both; a mask of another shape too."""
+    import re
+
+    import numpy as np
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: the mask folder does not exist (--mask-dir)")
+    pattern = re.compile(r"_(mask|brainmask|foreground|fg)$", re.IGNORECASE)
+    found: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES):
+            found.setdefault(pattern.sub("", image_name(f)), f)
+
+    def mask_for(path: Path, scan: Any):
+        from napari_mtml.io import read_image
+
+        name = image_name(path)
+        if name not in found:
+            raise ValueError(f"{path}: no mask named {name}[_mask].nii.gz in {folder}")
+        mask = np.asarray(read_image(found[name]).array) > 0
+        if mask.shape != tuple(scan.array.shape):
+            raise ValueError(f"{found[name]}: mask shape {mask.shape} differs from {path}'s "
+                             f"{tuple(scan.array.shape)}")
+        return mask
+
+    return mask_for
+
+
+def auto_brain_mask(path: Path, scan: Any):
+    """`mask_for` of `predict_batch`: an automatic brain mask (`napari_mtml.brainmask`, the
+    `brain` extra) for volumes; 2D images keep their foreground (None)."""
+    from napari_mtml.brainmask import brain_mask
+
+    if scan.array.ndim != 3 or scan.array.shape[0] < 2:
+        return None
+    return brain_mask(scan)

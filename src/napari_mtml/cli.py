@@ -44,6 +44,15 @@ def _parse_frame(text: str) -> tuple[int, ...]:
     return frame
 
 
+def _parse_duration(text: str) -> float:
+    from napari_mtml.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--time: {exc}") from None
+
+
 def _parse_fold(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"
@@ -157,12 +166,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from napari_mtml.batch import expand_images, predict_batch
+    from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup, predict_batch
     from napari_mtml.inference import load_ensemble
 
     paths = expand_images(args.images)
+    if args.mask_dir and args.brain_mask:
+        raise ValueError("give either --mask-dir or --brain-mask, not both")
+    mask_for = None
+    if args.mask_dir:
+        mask_for = mask_dir_lookup(args.mask_dir)
+    elif args.brain_mask == "auto":
+        from napari_mtml.brainmask import INSTALL_HINT, available
+
+        if not available():
+            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
+        mask_for = auto_brain_mask
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png)
+    predict_kwargs = {"keep_background": args.keep_background, "score": args.score,
+                      "tta": args.tta}
+    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png,
+                        predict_kwargs=predict_kwargs, mask_for=mask_for)
     print(f"{ensemble}")
     result = None
     # One bar over the images on a terminal; none in a log file or a pipe (disable=None).
@@ -230,7 +253,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(
         args.out,
+        time_budget=args.time_budget,
         max_steps=args.max_steps,
+        recipe=args.recipe,
+        brain_mask=args.brain_mask,
         device=args.device,
         seed=args.seed,
         workers=args.workers,
@@ -300,7 +326,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="external dataset folder for the inter-dataset blending task",
     )
-    p.add_argument("--max-steps", type=int, metavar="N", help="training steps per fold")
+    p.add_argument(
+        "--time",
+        dest="time_budget",
+        type=_parse_duration,
+        metavar="15m",
+        help="train for this long in all (e.g. 90s, 15m, 1.5h): a measured warm-up plans the "
+        "steps of every fold, recorded in config.json (--max-steps then replays it)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="training steps per fold (with --time: an upper bound)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("auto", "small", "light", "paper"),
+        help="model, batch, resolution and schedule together: auto (default) = small on a "
+        "CPU, light on Apple MPS, paper on a CUDA GPU; flags given here override it",
+    )
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="fine-tune from a trained run folder or a built-in model (builtin:brain-t1)",
+    )
     p.add_argument("--batch-size", type=int, metavar="B")
     p.add_argument(
         "--frame",
@@ -311,11 +361,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         dest="preset",
-        choices=("paper", "light"),
-        help="U-Net preset: the paper's widths, or a light one for CPUs",
+        choices=("paper", "light", "small"),
+        help="U-Net preset: the paper's widths, light (half), or small (8-64, for CPUs)",
     )
     p.add_argument("--kind", choices=("auto", "mri", "cxr"), help="preprocessing pipeline")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        metavar="MM",
+        help="MRI: resample to this voxel size in mm (in-plane for 2D models)",
+    )
+    p.add_argument(
+        "--downsample",
+        type=float,
+        metavar="F",
+        help="MRI: downsample by this factor instead of to a spacing (the paper's 2)",
+    )
+    p.add_argument(
+        "--brain-mask",
+        metavar="auto|DIR",
+        help="place the synthetic anomalies inside the brain of heads with the skull on: auto "
+        "= an automatic brain mask (needs the brain extra: pip install 'napari-mtml[brain]'), "
+        "or a folder of masks named like the scans (NAME[_mask].nii.gz)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "paper"),
+        help="cosine: warm-up then a half cosine to the last planned step; paper: x0.9997122 "
+        "per step (tuned for 20,000 steps)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        metavar="D",
+        help="validate and save a moving average of the weights with this decay (0 = off)",
+    )
     p.add_argument(
         "--val-every", dest="val_interval", type=int, metavar="N", help="validate every N steps"
     )
@@ -337,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(std over folds) on the input's own grid and geometry, NAME_overlay.png, and "
         "scores.csv with the sample-level scores.",
     )
-    p.add_argument("run", metavar="RUN", help="a run folder written by `mtml train`")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="a run folder written by `mtml train`, or a built-in model (builtin:brain-t1)",
+    )
     p.add_argument(
         "images",
         nargs="+",
@@ -353,6 +438,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per forward pass (default 16 in 2D, 1 in 3D)",
     )
     p.add_argument("--no-png", action="store_true", help="skip the overlay PNGs")
+    p.add_argument(
+        "--brain-mask",
+        choices=("auto",),
+        help="auto: keep the maps inside an automatic brain mask (brain MRI with the skull on; "
+        "needs the brain extra: pip install 'napari-mtml[brain]'); written as NAME_mask.nii.gz",
+    )
+    p.add_argument(
+        "--mask-dir",
+        metavar="DIR",
+        help="masks to keep the maps inside, one per input: DIR/NAME[_mask].nii.gz",
+    )
+    p.add_argument(
+        "--keep-background",
+        action="store_true",
+        help="keep the maps outside the foreground (or mask) instead of setting them to 0",
+    )
+    p.add_argument(
+        "--score",
+        choices=("mean", "max", "top1"),
+        help="the sample score of scores.csv (default top1: the mean of the map's highest 1 %%; "
+        "every score is written as its own column too)",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also predict each image mirrored left-right and average (twice the time)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser(
@@ -374,14 +486,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the whole method end to end on the built-in sample data",
-        description="Train a small 1/4 ensemble (5 folds, light 2D U-Net) on the lesion-free "
-        "slices of the built-in brain tumour MRI, predict the volume, and score the heatmaps "
-        "against the real tumour mask next to a random baseline (minutes on 2 CPU cores).",
+        description="Train a 1/4 ensemble (5 folds; on a CPU the small 2D recipe) for a few "
+        "minutes on the lesion-free slices of the built-in brain tumour MRI, predict the "
+        "volume, and score the heatmaps against the real tumour mask next to a random "
+        "baseline.",
     )
     p.add_argument(
         "--out", default="mtml-demo", metavar="DIR", help="output folder (default mtml-demo)"
     )
-    p.add_argument("--max-steps", type=int, metavar="N", help="training steps per fold")
+    p.add_argument(
+        "--time",
+        dest="time_budget",
+        type=_parse_duration,
+        metavar="4m",
+        help="training time in all (default 4m; e.g. 90s, 10m)",
+    )
+    p.add_argument(
+        "--max-steps", type=int, metavar="N", help="training steps per fold instead of --time"
+    )
+    p.add_argument(
+        "--recipe", default="auto", choices=("auto", "small", "light", "paper"),
+        help="as mtml train (default auto: small on a CPU)",
+    )
+    p.add_argument(
+        "--brain-mask", default="auto", choices=("auto", "none"),
+        help="auto (default): with the brain extra installed, anomalies and maps inside an "
+        "automatic brain mask",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, default=0, metavar="W")
     p.add_argument("--seed", type=int, default=0, metavar="S")

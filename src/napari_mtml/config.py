@@ -37,13 +37,44 @@ from typing import Any
 
 from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
 
-__all__ = ["TrainConfig", "MODEL_PRESETS"]
+__all__ = ["TrainConfig", "MODEL_PRESETS", "RECIPES", "RECIPE_NAMES", "recipe_for_device",
+           "parse_duration"]
 
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
 MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
     "paper": {3: (32, 5, 320), 2: (32, 7, 512)},
     "light": {3: (16, 5, 160), 2: (16, 7, 256)},
+    "small": {3: (8, 5, 64), 2: (8, 5, 64)},
 }
+
+#: What each recipe sets when the user leaves a setting unset (None). "auto" picks "small" on a
+#: CPU, "light" on Apple's MPS and "paper" on CUDA (`recipe_for_device`). Figures behind the
+#: choices: README "What a CPU run can and cannot do" and benchmarks/quality_unseen.py.
+RECIPES: dict[str, dict[str, Any]] = {
+    # METHOD.md sections 5-7: the paper's models, schedule and x2 downsampling, fixed frames,
+    # 20,000 steps, positional encoding; dims from the data (3D brains).
+    "paper": {"preset": "paper", "pos_encoding": True, "lr_schedule": "paper", "ema": 0.0,
+              "max_steps": 20000, "downsample": 2.0, "fit_frame": False},
+    # Half the paper's widths, no positional encoding, the schedule spanning the run, frames
+    # fitted to the data at a fixed physical spacing.
+    "light": {"preset": "light", "pos_encoding": False, "lr_schedule": "cosine", "ema": 0.0,
+              "max_steps": 2000, "spacing": 2.0, "fit_frame": True},
+    # What a CPU can train well in minutes: a 0.28 M-parameter U-Net on axial slices (2D models
+    # read thick-slice clinical volumes too), batch 16, cosine schedule over the planned run.
+    "small": {"preset": "small", "pos_encoding": False, "lr_schedule": "cosine", "ema": 0.0,
+              "max_steps": 1500, "spacing": 2.0, "fit_frame": True, "dims": 2,
+              "batch_size": {2: 16, 3: 4}},
+}
+RECIPE_NAMES = ("auto", *RECIPES)
+_SCHEDULES = ("paper", "cosine")
+
+
+def recipe_for_device(recipe: str, device_type: str) -> str:
+    """The concrete recipe of `recipe` ("auto" -> by device type: cuda "paper", mps "light",
+    anything else "small")."""
+    if recipe != "auto":
+        return recipe
+    return {"cuda": "paper", "mps": "light"}.get(device_type, "small")
 
 _KINDS = ("auto", "mri", "cxr")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -62,28 +93,51 @@ class TrainConfig:
         fold: the fold index to train (0..C(5,T)-1), or "all" (sequentially).
         external: folder of the external dataset for the inter-dataset blending task (task 1);
             None = task 1 draws its sources from the training data (announced by a `Notice`).
-        max_steps: optimiser steps per fold (upper bound; early stopping may end sooner).
-        batch_size: global batch (split over DDP ranks); None = 8 (3D) / 50 (2D).
+        max_steps: optimiser steps per fold (upper bound; early stopping may end sooner);
+            None = the recipe's, or planned from `time_budget`.
+        time_budget: seconds for the whole command (all folds it trains, data loading
+            included): a short measured warm-up on the device plans `max_steps`, which
+            config.json records (with the measured costs in `plan`) so that `max_steps`
+            replays the run exactly. With `max_steps` also given, that is an upper bound.
+        batch_size: global batch (split over DDP ranks); None = the recipe's, else 8 (3D) /
+            50 (2D).
         frame: the model's input shape, None = the preprocessing default for the data.
         device: "auto" (cuda > mps > cpu), "cpu", "cuda" or "mps" ("cuda:1" also accepted).
         workers: DataLoader worker processes generating anomalies (0 = in the training process).
         seed: base seed of everything random (model init, batches, validation set).
         resume: continue each fold from its `last.pt`.
+        recipe: "auto" (by device: "small" on a CPU, "light" on MPS, "paper" on CUDA),
+            "small", "light" or "paper": fills every setting left unset (see `RECIPES`).
+        init: fine-tune from a trained run: a run folder or "builtin:NAME"; fold K starts
+            from that run's fold K (or its fold K mod its number of folds).
 
     Model (`napari_mtml.model.UNet`)
-        preset: "paper" or "light"; base_features / depth / max_features override it.
-        pos_encoding: add the coordinate + Fourier-feature input channels.
+        preset: "paper", "light" or "small"; base_features / depth / max_features override it.
+        pos_encoding: add the coordinate + Fourier-feature input channels (ties the model to
+            its frame; without it the U-Net is fully convolutional and predicts any size).
 
     Preprocessing (`napari_mtml.preprocess.to_frame`)
-        kind: "auto", "mri" or "cxr"; downsample: in-plane/volume factor (MRI), usually 2.
+        kind: "auto", "mri" or "cxr". MRI resampling: `spacing` (target mm per frame voxel,
+            in-plane for 2D slices) or `downsample` (a factor; the paper's 2).
+        fit_frame: with `frame` unset, fit the frame to the data (the smallest multiple of the
+            U-Net's divisor holding every scan's content) instead of the fixed default frames.
         min_foreground: with `dims=2` from volumes, slices whose foreground covers less than this
             fraction of the slice are dropped (no brain, nothing to learn).
+        brain_mask: where the synthetic anomalies go in heads with the skull on: "auto" = an
+            automatic brain mask (`napari_mtml.brainmask`, the `brain` extra), or a folder of
+            masks named like the scans (NAME[_mask].nii.gz); unset = the head.
 
     Optimisation (METHOD.md section 6)
         lr: peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
         warmup_steps, warmup_start: linear warm-up from `warmup_start * lr` over `warmup_steps`.
+        lr_schedule: "paper" (after warm-up, x`lr_decay` per step down to
+            `final_lr_fraction * lr`, then constant: tuned for 20,000 steps) or "cosine"
+            (after warm-up, a half cosine from lr down to `final_lr_fraction * lr` at the
+            last planned step: the whole schedule fits any run length).
         lr_decay: multiplicative factor per step after warm-up (0.9997122 in the paper),
             down to `final_lr_fraction * lr` (1/20), then constant.
+        ema: decay of an exponential moving average of the weights used for validation and
+            saved as best.pt (0 = none).
 
     Validation and selection
         val_interval: validate every this many steps (and at the last step).
@@ -102,31 +156,39 @@ class TrainConfig:
     train_tasks: int = 1
     fold: int | str = "all"
     external: str | None = None
-    max_steps: int = 20000
+    max_steps: int | None = None
+    time_budget: float | None = None
     batch_size: int | None = None
     frame: tuple[int, ...] | None = None
     device: str = "auto"
     workers: int = 0
     seed: int = 0
     resume: bool = False
+    recipe: str = "auto"
+    init: str | None = None
     # model
-    preset: str = "paper"
+    preset: str | None = None
     base_features: int | None = None
     depth: int | None = None
     max_features: int | None = None
-    pos_encoding: bool = True
+    pos_encoding: bool | None = None
     # preprocessing
     kind: str = "auto"
-    downsample: int = 2
+    downsample: float | None = None
+    spacing: float | None = None
+    fit_frame: bool | None = None
     min_foreground: float = 0.05
+    brain_mask: str | None = None
     # optimisation
     lr: float | None = None
-    warmup_steps: int = 100
+    lr_schedule: str | None = None
+    warmup_steps: int | None = None
     warmup_start: float = 0.01
     lr_decay: float = 0.9997122
     final_lr_fraction: float = 0.05
+    ema: float | None = None
     # validation and selection
-    val_interval: int = 250
+    val_interval: int | None = None
     patience: int = 5000
     val_size: int | None = None
     # task parameters
@@ -139,6 +201,9 @@ class TrainConfig:
     flip: bool | None = None
     # filled by `resolve` once the data is known; saved in config.json
     resolved_kind: str | None = field(default=None)
+    resolved_recipe: str | None = field(default=None)
+    # filled when a time budget planned the steps: the measured costs behind `max_steps`
+    plan: dict | None = field(default=None)
 
     def __post_init__(self) -> None:
         # Normalise the container types that JSON/TOML/argparse hand over as lists or strings.
@@ -196,7 +261,12 @@ class TrainConfig:
         ):
             raise bad("fold", f"with train_tasks = {self.train_tasks} there are {n_folds} folds: "
                       f"use 0..{n_folds - 1} or 'all'")
-        positive_int("max_steps")
+        positive_int("max_steps", allow_none=True)
+        positive_float("time_budget", allow_none=True)
+        if self.recipe not in RECIPE_NAMES:
+            raise bad("recipe", f"use one of {', '.join(RECIPE_NAMES)}")
+        if self.init is not None and not str(self.init).strip():
+            raise bad("init", "give a run folder or builtin:NAME")
         positive_int("batch_size", allow_none=True)
         positive_int("workers", minimum=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -211,22 +281,31 @@ class TrainConfig:
         dev = str(self.device)
         if dev.split(":")[0] not in _DEVICES:
             raise bad("device", f"use one of {', '.join(_DEVICES)} (or cuda:N)")
-        if self.preset not in MODEL_PRESETS:
+        if self.preset is not None and self.preset not in MODEL_PRESETS:
             raise bad("preset", f"use one of {', '.join(MODEL_PRESETS)}")
         positive_int("base_features", allow_none=True)
         positive_int("depth", allow_none=True)
         positive_int("max_features", allow_none=True)
         if self.kind not in _KINDS:
             raise bad("kind", f"use one of {', '.join(_KINDS)}")
-        positive_int("downsample")
+        positive_float("downsample", allow_none=True)
+        positive_float("spacing", allow_none=True)
+        if self.brain_mask is not None and not str(self.brain_mask).strip():
+            raise bad("brain_mask", "use 'auto' (an automatic brain mask), a folder of masks "
+                      "named like the scans, or leave unset")
         if not 0 <= self.min_foreground < 1:
             raise bad("min_foreground", "use a fraction in [0, 1)")
         positive_float("lr", allow_none=True)
-        positive_int("warmup_steps", minimum=0)
+        if self.lr_schedule is not None and self.lr_schedule not in _SCHEDULES:
+            raise bad("lr_schedule", f"use one of {', '.join(_SCHEDULES)}")
+        positive_int("warmup_steps", allow_none=True, minimum=0)
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(
+                self.ema, (int, float)) or not 0 <= self.ema < 1):
+            raise bad("ema", "use a decay in [0, 1) (0 = no moving average)")
         positive_float("warmup_start", upper=1.0)
         positive_float("lr_decay", upper=1.0)
         positive_float("final_lr_fraction", upper=1.0)
-        positive_int("val_interval")
+        positive_int("val_interval", allow_none=True)
         positive_int("patience")
         positive_int("val_size", allow_none=True)
         positive_float("min_push")
@@ -237,11 +316,11 @@ class TrainConfig:
         positive_float("intensity_scale")
         positive_float("sigma")
         positive_int("max_anomalies")
-        for name in ("resume", "pos_encoding"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "use true or false")
-        if self.flip is not None and not isinstance(self.flip, bool):
-            raise bad("flip", "use true, false, or leave unset")
+        if not isinstance(self.resume, bool):
+            raise bad("resume", "use true or false")
+        for name in ("pos_encoding", "flip", "fit_frame"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise bad(name, "use true, false, or leave unset")
         if not self.out:
             raise bad("out", "give a run folder")
 
@@ -355,8 +434,8 @@ class TrainConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            empty = " (the file is empty)" if not text.strip() else ""
-            raise ValueError(f"{name}: not valid JSON{empty} ({exc})") from None
+            why = "the file is empty" if not text.strip() else str(exc)
+            raise ValueError(f"{name}: not valid JSON ({why})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{name}: expected a JSON object of settings ({{...}}), found a "
                              f"{type(data).__name__}")
@@ -367,13 +446,57 @@ class TrainConfig:
             raise ValueError(f"{name}: {exc}") from None
 
     # ----------------------------------------------------------------------------- resolution
-    def resolve(self, dims: int, kind: str, frame: tuple[int, ...]) -> TrainConfig:
-        """A copy with every data-dependent default filled in, for `dims` (2 or 3), the data's
-        preprocessing `kind` ("mri" or "cxr") and the model input `frame`."""
+    def with_recipe(self, device_type: str = "cpu") -> TrainConfig:
+        """A copy with the recipe's settings filled in where this config leaves them unset.
+
+        `device_type` ("cpu", "cuda", "mps") resolves `recipe="auto"` (`recipe_for_device`).
+        Explicit settings always win; `downsample` or `spacing` given by the user replaces the
+        recipe's resampling. `max_steps` comes from the recipe only without a `time_budget`
+        (a budget plans the steps instead). Idempotent."""
+        name = self.resolved_recipe or recipe_for_device(self.recipe, device_type)
+        values = dict(RECIPES[name])
+        fill: dict[str, Any] = {"resolved_recipe": name}
+        resampling_given = self.downsample is not None or self.spacing is not None
+        for key, value in values.items():
+            if key in ("downsample", "spacing") and resampling_given:
+                continue
+            if key == "max_steps" and self.time_budget is not None:
+                continue
+            if key in ("dims", "batch_size"):  # `read_dims`; per dims, in `resolve`
+                continue
+            if getattr(self, key) is None:
+                fill[key] = value
+        return self.replace(**fill)
+
+    @property
+    def read_dims(self) -> int | None:
+        """How to read scan files: the `dims` given, else the recipe's preference (the small
+        recipe trains 2D models on the axial slices of volumes), else the scans' own."""
+        if self.dims is not None:
+            return self.dims
+        if self.frame is not None:  # a frame of 3 sizes is a 3D model
+            return len(self.frame)
+        name = self.resolved_recipe or recipe_for_device(self.recipe, "cpu")
+        return RECIPES[name].get("dims")
+
+    @property
+    def resample(self) -> dict[str, Any]:
+        """`to_frame` keywords of this config's resampling: `spacing` (mm) or `downsample`."""
+        if self.spacing is not None:
+            return {"spacing": float(self.spacing), "downsample": 2}
+        return {"downsample": self.downsample if self.downsample is not None else 2}
+
+    def resolve(self, dims: int, kind: str, frame: tuple[int, ...],
+                device_type: str = "cpu") -> TrainConfig:
+        """A copy with every default filled in: the recipe's (`with_recipe`), then those that
+        depend on the data: `dims` (2 or 3), its preprocessing `kind` ("mri" or "cxr") and the
+        model input `frame`. `max_steps` must be known (given, from the recipe, or planned
+        from a time budget) for the warm-up and validation interval to follow from it."""
         if dims not in (2, 3) or kind not in ("mri", "cxr"):
             raise ValueError(f"resolve needs dims 2 or 3 and kind mri or cxr, got {dims}, {kind}")
-        base, depth, maxf = MODEL_PRESETS[self.preset][dims]
-        if self.depth is None:
+        cfg = self.with_recipe(device_type)
+        base, depth, maxf = MODEL_PRESETS[cfg.preset][dims]
+        if cfg.depth is None:
             # lower the depth until every frame size divides and the bottleneck keeps more than
             # one voxel (instance normalisation is undefined on a single voxel)
             while depth > 2 and (
@@ -381,19 +504,35 @@ class TrainConfig:
                 or math.prod(v // 2 ** (depth - 1) for v in frame) < 2
             ):
                 depth -= 1
-        return self.replace(
+        steps = cfg.max_steps
+        paper = cfg.lr_schedule == "paper"
+        if steps is None:
+            warmup, interval = cfg.warmup_steps, cfg.val_interval
+        else:
+            # the paper's 100 warm-up steps and validation every 250 steps suit its 20,000-step
+            # runs; a schedule spanning a shorter run warms up over 5% of it and validates 8 times
+            warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (
+                100 if paper else max(1, min(100, round(0.05 * steps))))
+            interval = cfg.val_interval if cfg.val_interval is not None else (
+                250 if paper else max(1, math.ceil(steps / 8)))
+        return cfg.replace(
             dims=dims,
             frame=tuple(int(v) for v in frame),
             resolved_kind=kind,
-            batch_size=self.batch_size or (8 if dims == 3 else 50),
-            lr=self.lr or (1e-3 if dims == 3 else 5e-3),
-            max_push=self.max_push if self.max_push is not None else (5.0 if kind == "mri"
-                                                                       else 10.0),
-            flip=self.flip if self.flip is not None else (kind == "mri"),
-            val_size=self.val_size or (16 if dims == 3 else 64),
-            base_features=self.base_features or base,
-            depth=self.depth or depth,
-            max_features=self.max_features or maxf,
+            batch_size=cfg.batch_size or RECIPES[cfg.resolved_recipe].get(
+                "batch_size", {}).get(dims) or (8 if dims == 3 else 50),
+            lr=cfg.lr or (1e-3 if dims == 3 else 5e-3),
+            max_push=cfg.max_push if cfg.max_push is not None else (5.0 if kind == "mri"
+                                                                     else 10.0),
+            flip=cfg.flip if cfg.flip is not None else (kind == "mri"),
+            val_size=cfg.val_size or (16 if dims == 3 else 64),
+            base_features=cfg.base_features or base,
+            depth=cfg.depth or depth,
+            max_features=cfg.max_features or maxf,
+            warmup_steps=warmup,
+            val_interval=interval,
+            ema=cfg.ema if cfg.ema is not None else 0.0,
+            lr_schedule=cfg.lr_schedule or "paper",
         )
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -403,14 +542,14 @@ class TrainConfig:
         if self.dims is None or self.frame is None:
             raise ValueError("model_kwargs needs a resolved config (dims and frame known): "
                              "call resolve() or read the run's config.json")
-        base, depth, maxf = MODEL_PRESETS[self.preset][self.dims]
+        base, depth, maxf = MODEL_PRESETS[self.preset or "paper"][self.dims]
         return {
             "dims": self.dims,
             "frame": tuple(self.frame),
             "base_features": self.base_features or base,
             "max_features": self.max_features or maxf,
             "depth": self.depth or depth,
-            "pos_encoding": self.pos_encoding,
+            "pos_encoding": bool(self.pos_encoding) if self.pos_encoding is not None else True,
         }
 
     def task_params(self) -> dict[str, Any]:
@@ -431,6 +570,27 @@ class TrainConfig:
     def fold_indices(self) -> list[int]:
         """The folds this config trains: all of them, or the one of `fold`."""
         return list(range(self.n_folds)) if self.fold == "all" else [int(self.fold)]
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds of a duration: a number (seconds), or text such as "90s", "15m", "1.5h",
+    "1h30m". Raises `ValueError` with the accepted forms."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        import re
+
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
+                             r"(?:(\d+(?:\.\d+)?)s?)?", text)
+        if not text or parts is None or not any(parts.groups()):
+            raise ValueError(f"duration {value!r} is invalid: use seconds or e.g. 90s, 15m, 1.5h, "
+                             "1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"duration {value!r} is invalid: it must be more than 0 seconds")
+    return seconds
 
 
 def _parse_frame(text: str) -> tuple[int, ...]:

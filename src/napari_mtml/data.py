@@ -177,6 +177,10 @@ class HealthyCollection:
         samples, unusable = _drop_unplaceable(samples)
         if unusable:
             notes.append(unplaceable_notice(unusable))
+            if len(samples) < N_DATA_FOLDS:
+                raise ValueError(f"only {len(samples)} healthy image(s) left, the {N_DATA_FOLDS} "
+                                 f"data folds need at least {N_DATA_FOLDS}: "
+                                 f"{unplaceable_notice(unusable)}; add more healthy scans")
         self.samples = samples
         self.dims = int(dims)
         self.kind = kind
@@ -237,25 +241,38 @@ class HealthyCollection:
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path] | str | Path, dims: int | None = None,
-                   kind: str = "auto", frame: Sequence[int] | None = None, downsample: int = 2,
-                   min_foreground: float = 0.05) -> HealthyCollection:
+                   kind: str = "auto", frame: Sequence[int] | str | None = None,
+                   downsample: float = 2, min_foreground: float = 0.05,
+                   spacing: float | None = None,
+                   multiple: int | dict[int, int] = 16,
+                   brain_mask: str | Path | None = None) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
         dims: None (the scans' own), 3, or 2 (3D volumes become their axial slices; slices whose
         foreground covers less than `min_foreground` of the slice are dropped). kind, frame,
-        downsample: as `napari_mtml.preprocess.to_frame`. Raises `ValueError` naming the file for
-        unreadable files, 2D and 3D scans mixed, `dims=3` with 2D images, content too big for
-        the frame, NaN values, and fewer than five items in total.
+        downsample, spacing: as `napari_mtml.preprocess.to_frame`; `frame="fit"` fits one frame
+        to every scan's content (sizes multiples of `multiple`, or of `multiple[dims]`).
+        Raises `ValueError` naming the file for unreadable files, 2D and 3D scans mixed,
+        `dims=3` with 2D images, content too big for the frame, NaN values, and fewer than five
+        items in total. brain_mask="auto": anomalies are placed inside an automatic brain mask
+        of each volume (`napari_mtml.brainmask`; heads with the skull on), the image keeps its
+        head; a folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images
+        keep their foreground.
         """
         files = expand_paths(paths)
+        scans = [(path, _read_scan(path)) for path in files]
+        foregrounds: dict[Path, np.ndarray] = {}
+        if isinstance(frame, str):
+            frame = _fit_collection_frame(scans, frame, dims, kind, downsample, spacing,
+                                          multiple, foregrounds)
         samples: list[HealthySample] = []
         first: tuple[Path, int] | None = None
         kinds: set[str] = set()
         from_slices = False
         dropped = 0
         small_files: list[str] = []
-        for group, path in enumerate(files):
-            scan = _read_scan(path)
+        placer = _placement_masks(brain_mask) if brain_mask is not None else None
+        for group, (path, scan) in enumerate(scans):
             scan_ndim = int(np.ndim(scan.array))
             # A 2D NIfTI reads as a one-slice volume: it is a 2D image, framed as its one slice.
             single_slice = scan_ndim == 3 and scan.array.shape[0] == 1
@@ -270,8 +287,12 @@ class HealthyCollection:
                                  f"{first[0]}); train 2D and 3D data separately")
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
+            placement = None
+            if placer is not None and scan_ndim == 3 and not single_slice:
+                placement = placer(path, scan)
             array, fg, item_kind = _frame_scan(scan, path, kind, 2 if single_slice else dims,
-                                               frame, downsample)
+                                               frame, downsample, spacing,
+                                               foregrounds.pop(path, None), placement)
             if single_slice:
                 array, fg = array[0], None if fg is None else fg[0]
             if not np.isfinite(array).all():
@@ -408,19 +429,85 @@ def _read_scan(path: Path):
         raise ValueError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
 
 
+def _scan_dims(scan, dims: int | None) -> int:
+    """The dimensionality a scan is framed in: 2 for a one-slice volume (a 2D NIfTI)."""
+    if scan.array.ndim == 3 and scan.array.shape[0] == 1:
+        return 2
+    return int(dims or scan.array.ndim)
+
+
+def _fit_collection_frame(scans, frame: str, dims, kind, downsample, spacing, multiple,
+                          foregrounds: dict) -> tuple[int, ...] | None:
+    """One frame for every scan: the smallest holding each one's content (MRI); None (the
+    default frame) for X-rays. Fills `foregrounds` (path -> mask) so they are computed once."""
+    from napari_mtml.preprocess import content_shape, fit_frame, foreground_mask, infer_kind
+
+    if frame != "fit":
+        raise ValueError(f"frame {frame!r} is invalid: give sizes (e.g. 128,128) or 'fit'")
+    contents: list[tuple[int, ...]] = []
+    n_dims = None
+    for path, scan in scans:
+        d = _scan_dims(scan, dims)
+        k = kind if kind in ("mri", "cxr") else infer_kind(scan)
+        if k == "cxr":
+            return None
+        try:
+            fg = foreground_mask(scan, kind="mri")
+            size = content_shape(scan, kind="mri", dims=d, downsample=downsample,
+                                 spacing=spacing, foreground=fg)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+        foregrounds[path] = fg
+        if n_dims is not None and len(size) != n_dims:
+            return None  # mixed dimensionality: reported with its file by the framing loop
+        n_dims = len(size)
+        contents.append(size)
+    if not contents:
+        return None
+    m = multiple.get(n_dims, 16) if isinstance(multiple, dict) else int(multiple)
+    return fit_frame(tuple(max(c[i] for c in contents) for i in range(n_dims)), m)
+
+
+def _placement_masks(source: str | Path) -> Callable:
+    """`masks(path, scan)`: the brain mask of a healthy volume, automatic ("auto") or the file
+    of the same name in the folder `source`; any failure names the file."""
+    from napari_mtml.batch import mask_dir_lookup
+
+    if str(source) != "auto":
+        lookup = mask_dir_lookup(source)
+        return lambda path, scan: _named(path, lambda: lookup(path, scan))
+    from napari_mtml.brainmask import brain_mask
+
+    return lambda path, scan: _named(path, lambda: brain_mask(scan))
+
+
+def _named(path: Path, make: Callable) -> np.ndarray:
+    try:
+        return make()
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+
+
 def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
-                downsample: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+                downsample: float, spacing: float | None = None, foreground=None,
+                placement=None) -> tuple[np.ndarray, np.ndarray | None, str]:
     """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
-    foreground are stacks `(Z, *frame2d)`."""
-    from napari_mtml.preprocess import infer_kind, to_frame
+    foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
+    narrows the returned foreground (where anomalies go), e.g. the brain of a head."""
+    from napari_mtml.preprocess import infer_kind, mask_to_frame, to_frame
 
     try:
         array, fg, transform = to_frame(scan, kind=kind, dims=dims,
                                         frame=tuple(frame) if frame else None,
-                                        downsample=downsample)
+                                        downsample=downsample, spacing=spacing,
+                                        foreground=foreground)
     except ValueError as exc:
         msg = str(exc)
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
+    if placement is not None and fg is not None:
+        fg = fg & mask_to_frame(placement, transform)
     item_kind = getattr(transform, "kind", None)
     if item_kind not in ("mri", "cxr"):
         item_kind = kind if kind in ("mri", "cxr") else infer_kind(scan)

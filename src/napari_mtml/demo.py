@@ -7,8 +7,9 @@ What it does (`run_demo`):
    lesion-free slices (0-10 and 18-24) are the *healthy* training data, written as one volume
    `data/brain1_lesion_free_slices.nii.gz` (18 slices).
 2. Trains the paper's 1/4 task cross-validation (5 models, each trained on one synthetic task and
-   validated on the other four) with a small 2D U-Net (no positional encoding, see `DEMO_MODEL`)
-   on the axial slices (`dims=2`). Split rule:
+   validated on the other four) with the recipe for the device (on a CPU the "small" one: a
+   0.28 M-parameter 2D U-Net without positional encoding on 2 mm axial slices) for `DEMO_TIME`
+   seconds, planned from a measured warm-up (`--time`). Split rule:
    one volume holds all healthy slices, so the five data folds are contiguous runs of slices
    (sorted by slice index: 4, 4, 3, 4, 3 slices); each model's training and validation slices
    are disjoint. The built-in healthy MNI152 brain (skull-stripped template) is the external
@@ -37,19 +38,9 @@ import numpy as np
 
 __all__ = ["DemoResult", "run_demo", "write_overlay_png"]
 
-#: Default optimiser steps per fold: about a minute per fold on 2 CPU cores.
-DEMO_STEPS = 240
-DEMO_BATCH = 8
-DEMO_FRAME = (128, 128)
-#: A U-Net lighter than the "light" preset (widths 8-64, 5 levels, 0.28 M parameters): about
-#: 0.2 s per step of 8 slices of 128x128 on one core, where the "light" preset (16-256, 7 levels)
-#: takes three times as long, which would not fit the demo's few minutes.
-#: No positional encoding in the demo: with a few hundred steps on 18 slices the encoded models
-#: mostly learnt a map of frame positions (the maps of different slices correlated at 0.999, tumour
-#: AP 0.019 against 0.014 for random), while without it the maps follow the image content (tumour
-#: AP 0.039, AUROC 0.79; one run each on 2 CPU cores). The paper's setting (`pos_encoding=True`)
-#: is one keyword away.
-DEMO_MODEL = {"base_features": 8, "depth": 5, "max_features": 64, "pos_encoding": False}
+#: Default training time (seconds): the recipe for the device ("small" on a CPU: a 0.28 M
+#: parameter 2D U-Net without positional encoding, 2 mm slices, cosine schedule) for this long.
+DEMO_TIME = 240.0
 _MARKER = ".mtml-demo"
 
 
@@ -227,17 +218,33 @@ def _pixel_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def _slice_auroc(heat: np.ndarray, region: np.ndarray, lesion: np.ndarray,
+                 method: str) -> dict[str, float]:
+    """Slice-level AUROC/AP: each axial slice scored by `method` inside `region`, lesion
+    slices (any lesion voxel) against the others."""
+    from napari_mtml.metrics import average_precision, roc_auc
+    from napari_mtml.scores import sample_score
+
+    keep = [z for z in range(heat.shape[0]) if region[z].any()]
+    scores = np.array([sample_score(heat[z], region[z], method) for z in keep])
+    labels = np.array([bool(lesion[z].any()) for z in keep])
+    return {"auroc": float(roc_auc(scores, labels)), "ap": float(average_precision(scores, labels)),
+            "slices": len(keep)}
+
+
 def run_demo(
     out_dir: str | Path = "mtml-demo",
     *,
+    time_budget: float | None = None,
     max_steps: int | None = None,
-    batch_size: int = DEMO_BATCH,
-    preset: str = "light",
+    batch_size: int | None = None,
+    recipe: str = "auto",
     device: str = "auto",
     seed: int = 0,
     workers: int = 0,
     val_interval: int | None = None,
-    val_size: int = 16,
+    val_size: int | None = None,
+    brain_mask: str = "auto",
     render: Callable[[Generator], Any] | None = None,
     **model: Any,
 ) -> DemoResult:
@@ -247,17 +254,21 @@ def run_demo(
     ----------
     out_dir : folder for everything (created). A previous demo's `run/` inside it is replaced;
         any other existing run there is refused.
-    max_steps : optimiser steps per fold (default `DEMO_STEPS`).
-    batch_size, preset, device, seed, workers : as `TrainConfig`.
-    val_interval : validate every N steps (default: 4 times per fold).
-    val_size : validation items per fold (each also fed healthy).
+    time_budget : seconds for the training (default `DEMO_TIME`, unless `max_steps` is given).
+    max_steps : optimiser steps per fold instead of (or, with `time_budget`, as a cap on) the
+        time budget.
+    batch_size, recipe, device, seed, workers, val_interval, val_size : as `TrainConfig`
+        (unset: the recipe's; "auto" is the small recipe on a CPU).
+    brain_mask : "auto": when the `brain` extra is installed, anomalies are placed inside an
+        automatic brain mask in training and the maps are kept inside it; "none": head mask.
     render : drives the training generator (the CLI passes its progress bar); default prints
         one line per fold.
-    model : `base_features`, `depth`, `max_features`, `pos_encoding` overriding the preset
-        (default `DEMO_MODEL`; tests use a tiny U-Net).
+    model : `base_features`, `depth`, `max_features`, `pos_encoding` overriding the recipe
+        (tests use a tiny U-Net).
 
     Returns a `DemoResult`; also prints a short summary.
     """
+    from napari_mtml import brainmask
     from napari_mtml.config import TrainConfig
     from napari_mtml.inference import load_ensemble
     from napari_mtml.io import Scan, read_image, write_image
@@ -275,7 +286,9 @@ def run_demo(
             )
         shutil.rmtree(run_dir)
     (out / _MARKER).write_text("written by mtml demo; its run/ folder is replaced on re-runs\n")
-    steps = int(max_steps or DEMO_STEPS)
+    if time_budget is None and max_steps is None:
+        time_budget = DEMO_TIME
+    use_brain = brain_mask == "auto" and brainmask.available()
 
     paths = _sample_paths()
     scan = read_image(paths["image"])
@@ -304,62 +317,79 @@ def run_demo(
         train_tasks=1,
         fold="all",
         external=str(paths["external"]),
-        max_steps=steps,
+        max_steps=max_steps,
+        time_budget=time_budget,
         batch_size=batch_size,
-        frame=DEMO_FRAME,
+        recipe=recipe,
         device=device,
         workers=workers,
         seed=seed,
-        preset=preset,
         kind="mri",
-        val_interval=int(val_interval or max(1, steps // 4)),
+        val_interval=val_interval,
         val_size=val_size,
-        warmup_steps=min(100, max(1, steps // 5)),
-        **{**DEMO_MODEL, **model},
+        brain_mask="auto" if use_brain else None,
+        **model,
     )
-    widths = f"{config.base_features}-{config.max_features} features, depth {config.depth}"
-    if not config.pos_encoding:
-        widths += ", no positional encoding"
+    budget = (f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold")
     print(
-        f"mtml demo: 1/4 task cross-validation, 5 small 2D U-Nets ({widths}) x {steps} steps on "
-        f"{len(healthy_slices)} lesion-free slices ({paths['image'].name}); external dataset "
-        f"for inter-dataset blending: {paths['external'].name}"
+        f"mtml demo: 1/4 task cross-validation (5 models) for {budget} on "
+        f"{len(healthy_slices)} lesion-free slices of {paths['image'].name}; external dataset "
+        f"for inter-dataset blending: {paths['external'].name}; brain mask: "
+        + ("automatic (deepbet)" if use_brain else "none (head mask; pip install "
+           "'napari-mtml[brain]' adds one)")
     )
-    (render or _quiet)(train(config))
+    result = (render or _quiet)(train(config))
     t_train = time.perf_counter() - t0
+    steps = int(json.loads((run_dir / "config.json").read_text())["max_steps"])
 
     ensemble = load_ensemble(run_dir, device=device)
-    pred = ensemble.predict(scan, keep_folds=True)
+    head = foreground_mask(scan, kind="mri")
+    brain = brainmask.brain_mask(scan) if use_brain else None
+    pred = ensemble.predict(scan, keep_folds=True, mask=brain)
     anomaly_path = write_image(out / "brain1_anomaly.nii.gz", pred.anomaly, like=scan)
     disagreement_path = write_image(
         out / "brain1_disagreement.nii.gz", pred.disagreement, like=scan
     )
 
-    head = foreground_mask(scan, kind="mri")
-    sel = np.zeros_like(head)
-    sel[lesion_slices] = head[lesion_slices]
-    labels = tumour[sel]
-    rng = np.random.default_rng(seed)
-    random_scores = rng.random(labels.shape, dtype=np.float64).astype(np.float32)
-    ensemble_metrics = _pixel_metrics(pred.anomaly[sel], labels)
-    random_metrics = _pixel_metrics(random_scores, labels)
-    prevalence = float(labels.mean())
-    fold_metrics = {}
-    for k, fold_map in zip(ensemble.folds, pred.fold_maps, strict=True):
-        fold_metrics[f"fold_{k}"] = _pixel_metrics(fold_map[sel], labels)
-    metrics = {
-        "what": "pixel AP / AUROC pooled over the head-mask voxels of the tumour slices "
-        f"{lesion_slices.tolist()} (never used in training)",
-        "voxels": int(labels.size),
-        "tumour_voxels": int(labels.sum()),
-        "prevalence": prevalence,
-        "ensemble": ensemble_metrics,
-        "random": random_metrics,
-        "folds": fold_metrics,
-        "sample_score": pred.score,
+    def pixel(region: np.ndarray) -> dict[str, Any]:
+        sel = np.zeros_like(region)
+        sel[lesion_slices] = region[lesion_slices]
+        labels = tumour[sel]
+        rng = np.random.default_rng(seed)
+        random_scores = rng.random(labels.shape, dtype=np.float64).astype(np.float32)
+        return {
+            "voxels": int(labels.size),
+            "tumour_voxels": int(labels.sum()),
+            "prevalence": float(labels.mean()),
+            "ensemble": _pixel_metrics(pred.anomaly[sel], labels),
+            "random": _pixel_metrics(random_scores, labels),
+            "folds": {f"fold_{k}": _pixel_metrics(m[sel], labels)
+                      for k, m in zip(ensemble.folds, pred.fold_maps, strict=True)},
+        }
+
+    in_head = pixel(head)
+    metrics: dict[str, Any] = {
+        "what": "pixel AP / AUROC pooled over the voxels of the tumour slices "
+        f"{lesion_slices.tolist()} (never used in training) inside the head mask, and inside "
+        "the automatic brain mask when the brain extra is installed; slice-level AUROC of the "
+        f"sample score ({pred.score_method}) of every slice, tumour slices against the others "
+        "(which were the training data)",
+        **in_head,
+        "slice_level": _slice_auroc(pred.anomaly, head, tumour, pred.score_method),
         "max_steps_per_fold": steps,
         "train_seconds": round(t_train, 1),
+        "time_budget_seconds": time_budget,
     }
+    if brain is not None:
+        metrics["in_brain_mask"] = pixel(brain)
+        metrics["in_brain_mask"]["tumour_kept"] = float(brain[tumour].mean())
+        metrics["in_brain_mask"]["slice_level"] = _slice_auroc(pred.anomaly, brain, tumour,
+                                                               pred.score_method)
+    shown_region = metrics.get("in_brain_mask", in_head)
+    ens_m, rnd_m = shown_region["ensemble"], shown_region["random"]
+    fold_metrics = shown_region["folds"]
+    where = "the brain mask" if brain is not None else "the head mask"
+    del result
 
     area = tumour[lesion_slices].reshape(len(lesion_slices), -1).sum(axis=1)
     peak = int(lesion_slices[np.argmax(area)])
@@ -374,23 +404,24 @@ def run_demo(
         contour=tumour,
         spacing=scan.spacing,
         slices=show,
-        title=f"mtml demo: tumour-slice pixel AP {ensemble_metrics['ap']:.3f} "
-        f"(random {random_metrics['ap']:.3f})",
+        title=f"mtml demo: tumour-slice pixel AP {ens_m['ap']:.3f} in {where} "
+        f"(random {rnd_m['ap']:.3f})",
     )
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    ratio = ensemble_metrics["ap"] / max(random_metrics["ap"], 1e-12)
+    ratio = ens_m["ap"] / max(rnd_m["ap"], 1e-12)
     fold_aps = [m["ap"] for m in fold_metrics.values()]
+    sl = shown_region.get("slice_level", metrics["slice_level"])
     summary = "\n".join(
         [
-            f"tumour slices {lesion_slices.min()}-{lesion_slices.max()}, inside the head mask "
-            f"({labels.size} voxels, {prevalence:.2%} tumour):",
-            f"  ensemble pixel AP {ensemble_metrics['ap']:.3f}, AUROC "
-            f"{ensemble_metrics['auroc']:.3f}",
-            f"  random score     AP {random_metrics['ap']:.3f}, AUROC "
-            f"{random_metrics['auroc']:.3f}  (ensemble AP = {ratio:.1f}x random)",
+            f"tumour slices {lesion_slices.min()}-{lesion_slices.max()}, inside {where} "
+            f"({shown_region['voxels']} voxels, {shown_region['prevalence']:.2%} tumour):",
+            f"  ensemble pixel AP {ens_m['ap']:.3f}, AUROC {ens_m['auroc']:.3f}",
+            f"  random score     AP {rnd_m['ap']:.3f}, AUROC "
+            f"{rnd_m['auroc']:.3f}  (ensemble AP = {ratio:.1f}x random)",
             f"  single folds     AP {min(fold_aps):.3f} to {max(fold_aps):.3f}",
+            f"  slice level: tumour slices against the others, AUROC {sl['auroc']:.3f}",
             f"  one patient, {len(healthy_slices)} training slices with the skull on, a small "
             f"model and {steps} CPU steps per fold: a demonstration of the pipeline, not a "
             "validated detector (the paper trains for hours on hundreds of skull-stripped "

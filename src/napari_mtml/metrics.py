@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Names of the per-slice / per-sample scores: mean, 75th percentile, mean of the top 25%.
-SCORE_NAMES = ("mean", "p75", "top25_mean")
+SCORE_NAMES = ("mean", "p75", "top25_mean", "top1")
 #: A slice is anomalous if more than this fraction of its pixels is (5 pixels of a 128x128 slice).
 SLICE_ANOMALY_FRACTION = 5 / 128**2
 
@@ -296,8 +296,9 @@ class PooledMetrics:
 
 
 def summary_scores(values) -> dict:
-    """The three scores of a set of values: ``mean``, ``p75`` (75th percentile, linear
-    interpolation) and ``top25_mean`` (mean of the ``ceil(N / 4)`` largest values).
+    """The scores of a set of values: ``mean``, ``p75`` (75th percentile, linear
+    interpolation), ``top25_mean`` (mean of the ``ceil(N / 4)`` largest values) and ``top1``
+    (mean of the highest 1 %, at least 10 values: `napari_mtml.scores`' default sample score).
 
     ``values``: array_like of float, any shape, at least one element. Returns floats.
     """
@@ -306,10 +307,13 @@ def summary_scores(values) -> dict:
         raise ValueError("summary_scores needs at least one value.")
     k = max(1, math.ceil(v.size / 4))
     top = np.partition(v, v.size - k)[v.size - k :]
+    from napari_mtml.scores import sample_score
+
     return {
         "mean": float(v.mean()),
         "p75": float(np.percentile(v, 75)),
         "top25_mean": float(top.mean()),
+        "top1": sample_score(v, None, "top1"),
     }
 
 

@@ -47,7 +47,11 @@ __all__ = [
     "FrameTransform",
     "foreground_mask",
     "from_frame",
+    "content_shape",
+    "fit_frame",
     "infer_kind",
+    "mask_to_frame",
+    "mri_factors",
     "to_frame",
     "to_model_units",
 ]
@@ -315,7 +319,7 @@ def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np
 
 
 def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, downsample=2,
-             foreground=None):
+             foreground=None, spacing: float | None = None, multiple: int = 16):
     """Bring a scan into the model's frame (see the module docstring for both pipelines).
 
     Parameters
@@ -325,10 +329,15 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
     dims : None (the scan's own), 3, or 2. `dims=2` on a 3D scan cuts it into axial slices that
         share one in-plane crop (the foreground's bounding box over all slices) and one z-score.
     frame : frame shape of one image; default MRI 3D (80, 112, 80), MRI 2D (128, 128),
-        CXR (256, 256).
+        CXR (256, 256). MRI also takes "fit": the smallest frame holding the content whose
+        sizes are multiples of `multiple` (see `fit_frame`); CXR then uses its default.
     downsample : MRI: input voxels per frame voxel (a number, or one per frame axis); CXR: the
         intermediate resize is `frame * downsample` (2 -> 512x512, as in the paper).
     foreground : optional bool array of `scan.array`'s shape; default `foreground_mask(scan)`.
+    spacing : MRI: target voxel size in mm of the frame (in-plane for `dims=2` on a volume);
+        replaces `downsample` (the factor per axis becomes `spacing / scan.spacing`, so scans of
+        any voxel size arrive at one physical scale). Ignored for CXR.
+    multiple : the size multiple of a fitted frame (a U-Net of depth d needs 2**(d-1)).
 
     Returns
     -------
@@ -367,22 +376,88 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
             raise ValueError(
                 f"{name} is a 3D volume; the X-ray pipeline (kind='cxr') needs a 2D image."
             )
-        return _cxr_to_frame(scan, _plain_frame(frame, 2, CXR_FRAME),
+        return _cxr_to_frame(scan, _plain_frame(None if isinstance(frame, str) else frame, 2,
+                                                CXR_FRAME),
                              _plain_factors(downsample, 2), name)
     stacked = scan.ndim == 3 and dims == 2
+    factors = mri_factors(scan, dims, downsample=downsample, spacing=spacing)
+    if isinstance(frame, str):
+        if frame != "fit":
+            raise ValueError(f"frame must be a tuple of {dims} ints or 'fit'; got {frame!r}.")
+        fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
+        _check_foreground(fg, name)
+        foreground = fg
+        frame = fit_frame(_content(fg, factors, stacked), multiple)
     frame = _plain_frame(frame, dims, MRI_FRAME_2D if dims == 2 else MRI_FRAME_3D)
-    return _mri_to_frame(scan, frame, _plain_factors(downsample, dims), stacked, foreground,
-                         name)
+    return _mri_to_frame(scan, frame, factors, stacked, foreground, name)
 
 
-def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
-    arr = scan.array
-    fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
+def mri_factors(scan, dims: int | None = None, downsample=2,
+                spacing: float | None = None) -> tuple[float, ...]:
+    """Input voxels per frame voxel along the frame's axes (the last `dims` axes of the scan).
+
+    With `spacing` (mm), `spacing / scan.spacing` per axis (below 1 upsamples, e.g. thick
+    slices in 3D); otherwise `downsample` (a number, or one per axis).
+    """
+    scan = _as_scan(scan)
+    dims = scan.ndim if dims is None else int(dims)
+    if spacing is None:
+        return _plain_factors(downsample, dims)
+    try:
+        target = float(spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be a positive number of mm; got {spacing!r}.") from None
+    if not (math.isfinite(target) and target > 0):
+        raise ValueError(f"spacing must be a positive number of mm; got {spacing!r}.")
+    return tuple(target / float(s) for s in scan.spacing[-dims:])
+
+
+def fit_frame(content, multiple: int = 16) -> tuple[int, ...]:
+    """The smallest frame holding `content` (voxels per axis) whose sizes are multiples of
+    `multiple` (at least one multiple per axis)."""
+    m = int(multiple)
+    if m < 1:
+        raise ValueError(f"multiple must be a positive integer; got {multiple!r}.")
+    return tuple(max(m, int(math.ceil(int(c) / m) * m)) for c in content)
+
+
+def content_shape(scan, kind: str = "auto", dims: int | None = None, downsample=2,
+                  spacing: float | None = None, foreground=None) -> tuple[int, ...]:
+    """Voxels per frame axis that an MRI scan's foreground crop takes after resampling: what a
+    frame must hold (`fit_frame(content_shape(...), multiple)` is the frame `"fit"` gives).
+    X-rays fill their fixed frame: their default frame is returned."""
+    scan = _as_scan(scan)
+    if kind == "auto":
+        kind = infer_kind(scan)
+    if kind == "cxr":
+        return CXR_FRAME
+    dims = scan.ndim if dims is None else int(dims)
+    fg = foreground_mask(scan, kind="mri") if foreground is None else np.asarray(foreground,
+                                                                                   dtype=bool)
+    _check_foreground(fg, _name(scan))
+    stacked = scan.ndim == 3 and dims == 2
+    return _content(fg, mri_factors(scan, dims, downsample, spacing), stacked)
+
+
+def _check_foreground(fg: np.ndarray, name: str) -> None:
     if not fg.any():
         raise ValueError(
             f"{name}: the foreground is empty (the image is blank or constant); nothing to "
             "z-score or to place anomalies on. Check the file or pass a foreground mask."
         )
+
+
+def _content(fg: np.ndarray, factors, stacked: bool) -> tuple[int, ...]:
+    box = _bbox(fg)
+    if stacked:
+        box = box[1:]
+    return tuple(int(math.ceil((b - a) / s)) for (a, b), s in zip(box, factors, strict=True))
+
+
+def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
+    arr = scan.array
+    fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
+    _check_foreground(fg, name)
     values = arr[fg].astype(np.float64)
     mean, std = float(values.mean()), float(values.std())
     if not std > 0:
@@ -470,6 +545,26 @@ def _cxr_to_frame(scan: Scan, frame, factors, name):
         offset=(0, 0), window=None if window is None else (lo + (hi - lo) / 2, hi - lo),
     )
     return out, np.ones(frame, dtype=bool), transform
+
+
+def mask_to_frame(mask, transform: FrameTransform) -> np.ndarray:
+    """A bool mask on the scan's grid (e.g. a brain mask) taken into the frame by the same
+    crop, resampling (linear, kept where >= 0.5) and padding as the scan: bool,
+    `transform.frame_array_shape`."""
+    if not isinstance(transform, FrameTransform):
+        raise ValueError("transform must be the FrameTransform returned by to_frame.")
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != tuple(transform.scan_shape):
+        raise ValueError(
+            f"the mask has shape {m.shape}; the scan has {tuple(transform.scan_shape)}."
+        )
+    crop = m[tuple(slice(a, b) for a, b in transform.crop)].astype(np.float32)
+    small = _resample(crop, transform.scale, transform.scaled_shape, order=1,
+                      anti_alias=True) >= 0.5
+    out = np.zeros(transform.frame_array_shape, dtype=bool)
+    out[tuple(slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape,
+                                              strict=True))] = small
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ class TaskParams:
     sigma: float = 0.2
     shape: str = "random"
     max_attempts: int = 100
+    #: blending tasks: grow the Poisson box to a fast sine-transform length (see
+    #: `poisson.poisson_blend`); False solves on the exact box of METHOD.md (mask box + 1 voxel)
+    fast_box: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first parameter out of its range."""
@@ -441,7 +444,8 @@ class _BlendTask:
             raise ValueError(f"task {self.name!r} needs a blending source")
         # one voxel of target around the shape is the Dirichlet border of the solve; each side is
         # then grown to a length whose sine transform is fast (as `poisson_blend` does by default)
-        outer, mask, _ = _shape_in_box(placed, image.shape, 1, fast_box_length)
+        lengthen = fast_box_length if context.params.fast_box else None
+        outer, mask, _ = _shape_in_box(placed, image.shape, 1, lengthen)
         target = np.asarray(image[outer], dtype=np.float32)
         # the forward differences that start on the mask read the source there and one voxel
         # further along each axis: nowhere else does the solve look at the source

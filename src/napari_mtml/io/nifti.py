@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.imageglobals import LoggingOutputSuppressor
+from nibabel import imageglobals
 from nibabel.openers import ImageOpener
 from nibabel.volumeutils import shape_zoom_affine
 
@@ -27,11 +29,24 @@ from .scan import (
 MAX_BYTES = 8 * 1024**3
 
 
+@contextmanager
+def _quiet_nibabel():
+    """nibabel's header checks log (and fix) zero/negative voxel sizes on stderr; `_geometry`
+    reports them itself, as one warning. (nibabel's own LoggingOutputSuppressor loses the
+    logger's handler on exit, so it is not used.)"""
+    logger = imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load(path: Path):
     require_regular_file(path)
     try:
-        # nibabel logs (and silently fixes) zero/negative voxel sizes; `_geometry` reports them.
-        with LoggingOutputSuppressor():
+        with _quiet_nibabel():
             img = nib.load(str(path))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found.") from None

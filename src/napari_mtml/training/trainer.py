@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from napari_mtml.data import (
     make_loader,
     make_validation_set,
 )
+from napari_mtml.devices import apply_thread_rule, autocast_dtype, pick_device
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -58,8 +60,16 @@ from napari_mtml.training.events import (
     StepEvent,
     ValidationEvent,
 )
+from napari_mtml.training.schedule import (
+    WarmupCosineLR,
+    WarmupExponentialLR,
+    WeightAverage,
+    make_schedule,
+    make_scheduler,
+)
 
-__all__ = ["train", "WarmupExponentialLR", "pick_device", "TrainingOutOfMemory", "TASK_NAMES"]
+__all__ = ["train", "WarmupExponentialLR", "WarmupCosineLR", "pick_device", "TrainingOutOfMemory",
+           "TASK_NAMES"]
 
 TASK_NAMES = ("intra_blend", "inter_blend", "sink", "source", "smooth_intensity")
 # Settings that may change between a run and its resumption without changing what is trained.
@@ -72,27 +82,6 @@ ModelFactory = Callable[[TrainConfig, int], torch.nn.Module]
 
 class TrainingOutOfMemory(ValueError):
     """The accelerator ran out of memory (a `ValueError`: the user can fix it by a setting)."""
-
-
-class WarmupExponentialLR:
-    """Learning-rate factor per step: linear warm-up from `start` to 1 over `warmup_steps`,
-    then `decay ** (step - warmup_steps)` down to `floor`, then constant.
-
-    With the paper's numbers (0.01, 100, 0.9997122, 1/20) the floor is reached at step ~10,508.
-    The state is the step alone, which `last.pt` stores."""
-
-    def __init__(self, warmup_steps: int = 100, start: float = 0.01, decay: float = 0.9997122,
-                 floor: float = 0.05):
-        self.warmup_steps, self.start, self.decay, self.floor = warmup_steps, start, decay, floor
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (1.0 - self.start) * step / self.warmup_steps
-        return max(self.decay ** (step - self.warmup_steps), self.floor)
-
-    def state_dict(self) -> dict:
-        return {"warmup_steps": self.warmup_steps, "start": self.start, "decay": self.decay,
-                "floor": self.floor}
 
 
 @dataclass
@@ -116,30 +105,6 @@ def _dist_from_env() -> _Dist:
     if world <= 1:
         return _Dist()
     return _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
-    """The torch device for `name` ("auto": cuda > mps > cpu) and a notice when auto falls back
-    to the CPU. An explicit device that is not available raises `ValueError`."""
-    kind = name.split(":")[0]
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps"), None
-        return torch.device("cpu"), ("no GPU found: training on the CPU, which is slow; the light "
-                                     "model (preset 'light') and loader workers (1-2) help")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
-                         "or auto")
-    if kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError("device 'mps' requested but it is not available; use --device cpu")
-    if kind == "cuda" and ":" not in name:
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-    return torch.device(name), None
 
 
 def _build_unet(cfg: TrainConfig, seed: int) -> torch.nn.Module:
@@ -189,27 +154,37 @@ def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
 
 def _train_run(config, collection, external, model_factory, dist, device, cpu_notice):
     # Everything that can fail on bad input happens before the first event.
+    t_start = time.perf_counter()
     notices = [cpu_notice] if cpu_notice else []
+    config = _with_init(config)
+    config = config.with_recipe(device.type)
+    if config.recipe == "auto" or config.time_budget is not None:
+        notices.append(_recipe_notice(config, device))
     if collection is None:
         if not config.healthy:
             raise ValueError("no healthy scans given: pass files or folders of healthy images")
         collection = HealthyCollection.from_paths(
-            config.healthy, dims=config.dims, kind=config.kind, frame=config.frame,
-            downsample=config.downsample, min_foreground=config.min_foreground)
+            config.healthy, dims=config.read_dims, kind=config.kind, frame=_frame_arg(config),
+            min_foreground=config.min_foreground, multiple=_multiple(config),
+            brain_mask=config.brain_mask if config.brain_mask != "none" else None,
+            **config.resample)
     if config.dims is not None and collection.dims != config.dims:
         raise ValueError(f"the healthy data is {collection.dims}D but dims = {config.dims}")
     if config.frame is not None and tuple(config.frame) != collection.frame:
         raise ValueError(f"frame {tuple(config.frame)} differs from the data's frame "
                          f"{collection.frame}")
     kind = config.kind if config.kind in ("mri", "cxr") else collection.kind
-    cfg = config.resolve(collection.dims, kind, collection.frame)
+    if config.resume and config.time_budget is not None:
+        config = _saved_plan(config)
+    cfg = config.resolve(collection.dims, kind, collection.frame, device.type)
     if external is None and cfg.external:
         external = HealthyCollection.from_paths(
-            cfg.external, dims=cfg.dims, kind=kind, frame=cfg.frame,
-            downsample=cfg.downsample, min_foreground=cfg.min_foreground)
-    if external is not None and external.frame != collection.frame:
-        raise ValueError(f"external dataset frame {external.frame} differs from the healthy "
-                         f"data's {collection.frame}; frame both the same way")
+            cfg.external, dims=cfg.dims, kind=kind,
+            frame="fit" if cfg.fit_frame else cfg.frame, min_foreground=cfg.min_foreground,
+            multiple=_multiple(cfg), **cfg.resample)
+    if external is not None and external.dims != collection.dims:
+        raise ValueError(f"the external dataset is {external.dims}D but the healthy data is "
+                         f"{collection.dims}D; give both as 2D images or both as volumes")
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {dist.world_size} "
                          "ranks; use a multiple of the number of processes")
@@ -218,6 +193,11 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     _check_batch_size(cfg, collection, splits)
     if external is None and any(1 in s.train_tasks + s.val_tasks for s in splits):
         notices.append(NO_EXTERNAL_NOTICE)
+    factory = model_factory or _build_unet
+    if cfg.time_budget is not None and cfg.plan is None:  # measure, plan every fold's steps
+        cfg, plan_notice = _plan(config, cfg, collection, external, splits, factory, dist,
+                                 device, kind, t_start)
+        notices.append(plan_notice)
 
     run_dir = Path(cfg.out)
     if dist.main:
@@ -229,12 +209,116 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
 
     finished: list[FoldFinished] = []
     for split in splits:
-        result = yield from _train_fold(cfg, split, collection, external, model_factory or
-                                        _build_unet, dist, device, run_dir)
+        result = yield from _train_fold(cfg, split, collection, external, factory, dist, device,
+                                        run_dir)
         finished.append(result)
     if dist.main:
         yield RunFinished(str(run_dir), finished)
     return RunResult(str(run_dir), finished)
+
+
+#: Settings a fine-tuned run takes from the run it starts from, unless given: the model must
+#: be the same network, and the data must arrive at the same scale and dimensionality.
+_INIT_SETTINGS = ("preset", "base_features", "depth", "max_features", "pos_encoding", "dims",
+                  "spacing", "downsample", "fit_frame", "kind", "resolved_recipe")
+
+
+def _with_init(config: TrainConfig) -> TrainConfig:
+    """A config fine-tuning from `config.init` (a run folder or builtin:NAME) takes that run's
+    model and preprocessing settings where it leaves them unset."""
+    if not config.init:
+        return config
+    from napari_mtml.builtin import resolve_run
+
+    run = resolve_run(config.init)
+    saved = TrainConfig.from_json(run / "config.json")
+    fill = {}
+    for key in _INIT_SETTINGS:
+        mine, theirs = getattr(config, key), getattr(saved, key)
+        if key == "kind" and mine == "auto":
+            mine = None
+        if key in ("spacing", "downsample") and (config.spacing is not None
+                                                  or config.downsample is not None):
+            continue
+        if key == "kind":
+            theirs = saved.resolved_kind or theirs
+        if mine is None and theirs is not None:
+            fill[key] = theirs
+    if saved.pos_encoding and saved.frame is not None and config.frame is None:
+        fill["frame"] = tuple(saved.frame)  # a positional encoding ties the model to its frame
+    return config.replace(**fill)
+
+
+def _frame_arg(cfg: TrainConfig):
+    return cfg.frame if cfg.frame is not None else ("fit" if cfg.fit_frame else None)
+
+
+def _multiple(cfg: TrainConfig) -> dict[int, int]:
+    """Per number of dims, the size multiple a fitted frame needs: 2**(depth - 1)."""
+    from napari_mtml.config import MODEL_PRESETS
+
+    out = {}
+    for dims in (2, 3):
+        depth = cfg.depth or MODEL_PRESETS[cfg.preset or "paper"][dims][1]
+        out[dims] = 2 ** (depth - 1)
+    return out
+
+
+def _recipe_notice(cfg: TrainConfig, device: torch.device) -> str:
+    from napari_mtml.config import MODEL_PRESETS
+
+    name = cfg.resolved_recipe
+    base, depth, maxf = MODEL_PRESETS[cfg.preset][cfg.dims or 3]
+    how = "chosen for the device" if cfg.recipe == "auto" else "as asked"
+    res = (f"{cfg.spacing:g} mm voxels" if cfg.spacing is not None
+           else f"downsampled x{cfg.downsample:g}")
+    dims = {None: "the data's own dimensions", 2: "2D (volumes as axial slices)", 3: "3D"}
+    return (f"recipe '{name}' ({how}, {device.type}): {cfg.preset} U-Net "
+            f"{cfg.base_features or base}-{cfg.max_features or maxf} wide, depth "
+            f"{cfg.depth or depth}, positional encoding {'on' if cfg.pos_encoding else 'off'}, "
+            f"{dims.get(cfg.dims, cfg.dims)}, {res}, {cfg.lr_schedule} learning-rate schedule"
+            + (f", batch {cfg.batch_size}" if cfg.batch_size else ""))
+
+
+def _saved_plan(config: TrainConfig) -> TrainConfig:
+    """Resuming a run planned from a time budget: its planned steps, not a new plan."""
+    path = Path(config.out) / "config.json"
+    if not path.is_file():
+        return config
+    saved = TrainConfig.from_json(path)
+    if saved.plan is None or saved.max_steps is None:
+        return config
+    return config.replace(max_steps=saved.max_steps, plan=saved.plan)
+
+
+def _plan(config, cfg, collection, external, splits, factory, dist, device, kind, t_start):
+    """Measure a step on this device, plan `max_steps` from the time budget; the resolved
+    config with the plan recorded, and a notice saying what was planned."""
+    from napari_mtml.training.budget import measure_costs, plan_steps
+
+    steps = 0
+    if dist.main:
+        split = splits[0]
+        ext = external.samples if external is not None else None
+        costs = measure_costs(cfg, collection.subset(split.train_data), split.train_tasks,
+                              factory, device, external=ext)
+        elapsed = time.perf_counter() - t_start
+        steps = plan_steps(float(cfg.time_budget), elapsed, len(splits), costs,
+                           int(cfg.val_size), cap=config.max_steps)
+    if dist.active:
+        t = torch.tensor([steps], dtype=torch.int64, device=device)
+        torch.distributed.broadcast(t, src=0)
+        steps = int(t.item())
+    plan = {"time_budget_s": float(cfg.time_budget), "folds": len(splits), "planned_steps": steps}
+    if dist.main:
+        plan.update(costs.to_dict())
+        plan["elapsed_before_training_s"] = round(elapsed, 3)
+    planned = config.replace(max_steps=steps, plan=plan).resolve(
+        collection.dims, kind, collection.frame, device.type)
+    notice = (f"time budget {cfg.time_budget / 60:.1f} min: a step takes "
+              f"{plan.get('step_s', float('nan')):.3f} s here, so {steps} steps for each of "
+              f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)")
+    return planned, notice
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
@@ -288,7 +372,8 @@ def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
                       splits: list[FoldSplit]) -> None:
     """Refuse a batch far larger than the data: each step would repeat every training image
     many times over (and try to hold them all in memory at once)."""
-    default = TrainConfig().resolve(cfg.dims, cfg.resolved_kind, cfg.frame).batch_size
+    # the paper's batch for this kind of data (50 in 2D, 8 in 3D): the largest any recipe uses
+    default = TrainConfig(recipe="paper").resolve(cfg.dims, cfg.resolved_kind, cfg.frame).batch_size
     n_train = min(len(collection.indices(s.train_data)) for s in splits)
     limit = max(default, n_train)
     if cfg.batch_size > limit:
@@ -324,17 +409,22 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
         fold_dir.mkdir(parents=True, exist_ok=True)
     seed = _fold_seed(cfg.seed, split.index)
 
+    apply_thread_rule(cfg.workers, device)  # per fold: follows the machine's load (devices.py)
     model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
+    if cfg.init:
+        model.load_state_dict(_init_weights(cfg.init, split.index))
     model.to(device)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = WarmupExponentialLR(cfg.warmup_steps, cfg.warmup_start, cfg.lr_decay,
-                                   cfg.final_lr_fraction)
+    schedule = make_schedule(cfg)
     step, best_step, best_val, done = 0, 0, math.inf, False
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
         check_frame(last_path, state, cfg.dims, cfg.frame, run_dir / "config.json")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state.get("ema") or state["model"])
         step, best_step = int(state["step"]), int(state["best_step"])
         # A fold that stopped early is done; one that reached max_steps continues when the
         # resumed run allows more steps.
@@ -344,6 +434,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
         if dist.main:
             _truncate_log(log_path, step)
+    elif dist.main:
+        _truncate_log(log_path, 0)  # from scratch: no lines of an earlier try stay in the log
     if done or step >= cfg.max_steps:
         result = FoldFinished(split.index, best_step, best_val, str(best_path), done)
         if dist.main:
@@ -373,24 +465,28 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
     log = open(log_path, "a") if dist.main else None  # noqa: SIM115 - closed in finally
-    amp = device.type == "cuda"
+    amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     stopped_early = False
+    scheduler = make_scheduler(optimizer, schedule, cfg.lr, step)
+    evaluated = ema.module if ema is not None else model  # what validation sees and best.pt holds
     try:
         net.train()
         while step < cfg.max_steps:
             images, labels, _ = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            lr = cfg.lr * schedule.factor(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
             try:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                    enabled=amp is not None):
                     pred = net(images)
                 loss = torch.nn.functional.mse_loss(pred.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model, step)
             except torch.OutOfMemoryError as exc:
                 raise TrainingOutOfMemory(
                     f"out of {device.type} memory at batch size {cfg.batch_size} with the "
@@ -416,7 +512,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             if step % cfg.val_interval == 0 or step == cfg.max_steps:
                 val_loss, ap = math.nan, {}
                 if dist.main:
-                    val_loss, ap = _validate(model, val_set, local_batch, device, amp)
+                    val_loss, ap = _validate(evaluated, val_set, local_batch, device, amp)
                 if dist.active:
                     t = torch.tensor([val_loss], dtype=torch.float64, device=device)
                     torch.distributed.broadcast(t, src=0)
@@ -427,13 +523,14 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                 stopped_early = step - best_step >= cfg.patience
                 if dist.main:
                     if best:
-                        save_atomic(model_checkpoint(_cpu_state_dict(model), cfg.dims,
+                        save_atomic(model_checkpoint(_cpu_state_dict(evaluated), cfg.dims,
                                                      cfg.frame), best_path)
                     finished = stopped_early or step >= cfg.max_steps
-                    save_atomic(_last_state(model, optimizer, schedule, step, best_step,
-                                            best_val, finished, stopped_early, seed, dist,
-                                            local_batch, device)
-                                | frame_record(cfg.dims, cfg.frame), last_path)
+                    state = _last_state(model, optimizer, schedule, step, best_step, best_val,
+                                        finished, stopped_early, seed, dist, local_batch, device)
+                    if ema is not None:
+                        state["ema"] = _cpu_state_dict(ema.module)
+                    save_atomic(state | frame_record(cfg.dims, cfg.frame), last_path)
                     log.write(json.dumps({"type": "validation", "step": step,
                                           "val_loss": val_loss, "ap": ap, "best": best}) + "\n")
                     log.flush()
@@ -452,6 +549,15 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     return result
 
 
+def _init_weights(init: str, fold: int) -> dict[str, torch.Tensor]:
+    """The weights fold `fold` of a fine-tuned run starts from: fold K of the `init` run (a
+    run folder or builtin:NAME), or fold K mod its number of trained folds."""
+    from napari_mtml.builtin import resolve_run
+    from napari_mtml.inference import load_fold_weights
+
+    return load_fold_weights(resolve_run(init), fold)
+
+
 def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -468,26 +574,33 @@ def _last_state(model, optimizer, schedule, step, best_step, best_val, finished,
             "finished": bool(finished), "stopped_early": bool(stopped_early), "rng": rng}
 
 
-@torch.no_grad()
 def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: torch.device,
-              amp: bool) -> tuple[float, dict[str, float]]:
+              amp: torch.dtype | bool | None) -> tuple[float, dict[str, float]]:
     """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
     over voxels; AP pooled over each task's items (healthy and augmented) inside the
-    foreground, predictions clipped to [0, 1]."""
+    foreground, predictions clipped to [0, 1].
+
+    ``amp``: the autocast dtype (or True for bf16, False/None for none). Each forward takes the
+    healthy and the augmented images of ``batch`` items together (twice the training batch,
+    one call instead of two), under `torch.inference_mode`."""
     from napari_mtml.metrics import average_precision
 
+    dtype = torch.bfloat16 if amp is True else (amp or None)
     was_training = model.training
     model.eval()
     n = len(val)
     pred_h = np.empty(val.healthy.shape, np.float32)
     pred_a = np.empty(val.augmented.shape, np.float32)
-    for lo in range(0, n, batch):
-        hi = min(lo + batch, n)
-        for src, dst in ((val.healthy, pred_h), (val.augmented, pred_a)):
-            x = torch.from_numpy(src[lo:hi]).unsqueeze(1).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.inference_mode():
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            both = np.concatenate([val.healthy[lo:hi], val.augmented[lo:hi]])
+            x = torch.from_numpy(both).unsqueeze(1).to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                enabled=dtype is not None):
                 y = model(x)
-            dst[lo:hi] = y.float().squeeze(1).cpu().numpy()
+            y = y.float().squeeze(1).cpu().numpy()
+            pred_h[lo:hi], pred_a[lo:hi] = y[: hi - lo], y[hi - lo:]
     model.train(was_training)
     val_loss = float(np.mean(pred_h.astype(np.float64) ** 2)
                      + np.mean((pred_a.astype(np.float64) - val.label) ** 2))

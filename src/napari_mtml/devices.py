@@ -1,0 +1,347 @@
+"""Where the models run: device choice, torch's CPU thread count, and per-device model set-up.
+
+Device choice
+    `pick_device` (training: ``"auto"`` = CUDA > MPS > CPU, with a notice when it falls back to
+    the CPU) and `resolve_device` (inference, the same order, no notice). An explicit device
+    that is not available is a `ValueError`.
+
+The thread rule (`torch_thread_count`, applied by `apply_thread_rule`)
+    torch's intra-op threads = the cores this process may use, minus the data-loader workers
+    (each runs its anomaly synthesis on one core), minus the cores other processes keep busy
+    right now; at least 1::
+
+        threads = max(1, cores - workers - busy_elsewhere)
+
+    ``cores`` is the CPUs this process is allowed on (its affinity mask, capped by a cgroup CPU
+    quota, e.g. a container's ``--cpus``); ``busy_elsewhere`` is the CPU time other processes
+    used over a short window (``/proc/stat`` on Linux, sampled for 0.2 s; 0 where it cannot be
+    read), rounded to whole cores.
+
+    Why: torch's OpenMP threads meet at a barrier after every operation, so one thread that
+    shares its core with another busy process holds all of them back; on 2 cores a training
+    step with 2 threads ran 5-10x slower beside another busy process than with 1 thread
+    (benchmarks/bench_training.py --contention). Giving the threads only the cores nobody else
+    uses keeps the step rate close to the free share of the machine.
+
+    Precedence: ``MTML_THREADS`` (a positive integer) wins; otherwise, when ``OMP_NUM_THREADS``
+    is set, torch's own setting from it is kept; otherwise the rule. The CLI and the training
+    generator apply it at the start of every fold (so a long run follows the machine's load
+    fold by fold), inference when it loads an ensemble.
+
+Model set-up for a device (`prepare_model_for_device`, `autocast_dtype`, `compile_model`)
+    Measured on CPU (benchmarks/bench_training.py --variants, benchmarks/bench_inference.py):
+    channels-last pays for 3D forward passes (~1.2x), not for the 2D training step (0.98x);
+    torch.compile gave the demo step nothing (1.01x) after minutes of compiling, so nothing
+    compiles by default; bf16 autocast gave 1.6-1.8x on a CPU with AMX, opt-in on the CPU
+    (``MTML_CPU_BF16=1``) until its quality is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "apply_thread_rule",
+    "autocast_dtype",
+    "available_cores",
+    "compile_model",
+    "busy_cores_elsewhere",
+    "cpu_supports_bf16",
+    "pick_device",
+    "prepare_model_for_device",
+    "resolve_device",
+    "torch_thread_count",
+]
+
+CPU_NOTICE = ("no GPU found: training on the CPU, which is slow; the light model (preset "
+              "'light') and loader workers (1-2) help")
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
+    """The torch device for `name` ("auto": cuda > mps > cpu) and a notice when auto falls back
+    to the CPU. An explicit device that is not available raises `ValueError`.
+
+    ``local_rank`` picks the GPU of a distributed rank (``cuda`` and ``auto`` on CUDA)."""
+    kind = name.split(":")[0]
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count()), None
+        if _mps_available():
+            return torch.device("mps"), None
+        return torch.device("cpu"), CPU_NOTICE
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
+                         "or auto")
+    if kind == "mps" and not _mps_available():
+        raise ValueError("device 'mps' requested but it is not available; use --device cpu")
+    if kind == "cuda" and ":" not in name:
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
+    return torch.device(name), None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` -> CUDA if available, else Apple MPS if available, else CPU; others as given.
+
+    Raises `ValueError` for a device name torch does not know or one that is not available here.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available: use auto or cpu")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {device!r} asked for but MPS is not available: use auto or cpu")
+    return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+# ------------------------------------------------------------------------------------ threads
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by a cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``) quota, or None."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds used by this process (all its threads) and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+#: (monotonic time, value) of the last measurement, reused for `_BUSY_REUSE_S` seconds: folds of
+#: a small run (and tests) start in quick succession
+_busy_memo: tuple[float, float] | None = None
+_BUSY_REUSE_S = 10.0
+
+
+def busy_cores_elsewhere(window: float = 0.2) -> float:
+    """How many cores other processes kept busy over the last ``window`` seconds.
+
+    Machine-wide busy time from /proc/stat minus this process's own, in cores (0 where
+    /proc/stat is unavailable, e.g. macOS and Windows). Sleeps ``window`` seconds, unless a
+    measurement of the last 10 s can be reused.
+    """
+    global _busy_memo
+    now = time.monotonic()
+    if _busy_memo is not None and now - _busy_memo[0] < _BUSY_REUSE_S:
+        return _busy_memo[1]
+    value = _measure_busy(window)
+    _busy_memo = (time.monotonic(), value)
+    return value
+
+
+def _measure_busy(window: float) -> float:
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    own0, t0 = _own_cpu_seconds(), time.monotonic()
+    time.sleep(window)
+    second = _cpu_times()
+    own1, t1 = _own_cpu_seconds(), time.monotonic()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    ncpu = os.cpu_count() or 1
+    busy_fraction = (second[0] - first[0]) / (second[1] - first[1])
+    elsewhere = busy_fraction * ncpu - (own1 - own0) / max(t1 - t0, 1e-6)
+    return max(0.0, elsewhere)
+
+
+def torch_thread_count(workers: int = 0, *, cores: int | None = None,
+                       busy: float | None = None) -> int:
+    """The thread rule: ``max(1, cores - workers - round(busy))`` (see the module docstring).
+
+    Parameters
+    ----------
+    workers : data-loader worker processes of this run (each keeps one core busy).
+    cores : CPUs this process may use (default `available_cores()`).
+    busy : cores other processes keep busy (default `busy_cores_elsewhere()`, 0.2 s to measure).
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    cores = available_cores() if cores is None else int(cores)
+    busy = busy_cores_elsewhere() if busy is None else float(busy)
+    # a core counts as taken from 0.5 of it on: one thread that shares a core stalls the rest
+    return max(1, cores - int(workers) - int(math.floor(busy + 0.5)))
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("MTML_THREADS", "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"MTML_THREADS={value!r}: give a positive number of threads")
+    return n
+
+
+def apply_thread_rule(workers: int = 0, device: torch.device | str | None = None) -> int:
+    """Set torch's intra-op thread count by the rule and return it.
+
+    ``MTML_THREADS`` wins; with ``OMP_NUM_THREADS`` set, torch's current setting is kept;
+    otherwise `torch_thread_count(workers)`. On a GPU the same rule applies (the CPU threads
+    then mostly feed the device). Raises ValueError for a malformed ``MTML_THREADS``.
+    """
+    del device  # the rule is the same everywhere; kept for callers that pass it
+    forced = _env_threads()
+    if forced is not None:
+        n = forced
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    else:
+        n = torch_thread_count(workers)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------------------ model set-up
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16), where
+    oneDNN runs bf16 convolutions faster than float32; elsewhere bf16 is emulated and slower."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return False
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The training autocast dtype on ``device``, or None for plain float32.
+
+    CUDA: bf16. CPU: float32 unless ``MTML_CPU_BF16=1`` (and the CPU has native bf16
+    instructions, `cpu_supports_bf16`, or the variable forces it anyway). On a CPU with AMX the
+    demo model's step ran 1.6-1.8x faster in bf16 (bench_training.py --variants), but its
+    effect on quality is not yet checked with benchmarks/quality_heldout.py, so it stays opt-in.
+    MPS: None.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda":
+        return torch.bfloat16
+    if dev.type != "cpu":
+        return None
+    flag = os.environ.get("MTML_CPU_BF16", "").strip()
+    if flag == "1":
+        return torch.bfloat16
+    if flag not in ("", "0"):
+        raise ValueError(f"MTML_CPU_BF16={flag!r}: use 1 (bf16 autocast on the CPU) or 0")
+    return None
+
+
+def prepare_model_for_device(model: torch.nn.Module, device: torch.device | str, *,
+                             channels_last: bool | None = None) -> torch.nn.Module:
+    """Move ``model`` to ``device`` in the memory format that runs fastest there; returns it.
+
+    ``channels_last`` None (default) = on for 3D models on CPU and CUDA, off otherwise. Measured
+    on CPU (oneDNN): channels-last-3d forward passes of the 3D U-Nets ran ~1.2x faster
+    (benchmarks/bench_inference.py); for the 2D training step it made no difference
+    (bench_training.py --variants: 0.98x), so 2D models keep the default layout. Inputs need
+    not be converted: a convolution whose weights are channels-last gives channels-last
+    activations.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if channels_last is None:
+        channels_last = dev.type in ("cpu", "cuda") and _spatial_dims(model) == 3
+    model.to(dev)
+    if channels_last:
+        dims = _spatial_dims(model)
+        if dims == 2:
+            model.to(memory_format=torch.channels_last)
+        elif dims == 3:
+            model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def _spatial_dims(model: torch.nn.Module) -> int | None:
+    dims = getattr(model, "dims", None)
+    if dims in (2, 3):
+        return int(dims)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            return 2
+        if isinstance(m, torch.nn.Conv3d):
+            return 3
+    return None
+
+
+def compile_model(model: torch.nn.Module):
+    """``(torch.compile(model), None)``, or ``(model, reason)`` where compiling is unavailable
+    (no compiler, an unsupported platform or torch version). Compiling itself happens on the
+    first call; a caller should be ready for that call to fail too (see bench_training)."""
+    compile_fn = getattr(torch, "compile", None)
+    if compile_fn is None:
+        return model, "torch.compile is not in this torch version"
+    try:
+        return compile_fn(model), None
+    except Exception as exc:  # e.g. RuntimeError on an unsupported Python
+        return model, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

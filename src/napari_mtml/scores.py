@@ -1,0 +1,84 @@
+"""Sample-level scores of an anomaly map: "is this scan abnormal?" as one number.
+
+```python
+from napari_mtml.scores import sample_score, SAMPLE_SCORES
+sample_score(heat, mask, "top1")         # mean of the highest 1 % of the map inside mask
+all_scores(heat, mask, threshold=0.3)    # {"mean": ..., "max": ..., "top1": ..., "area": ...}
+```
+
+Methods (each over the voxels of `mask`; the whole map without one):
+
+- ``"mean"``: the mean of the map (METHOD.md section 8; dominated by the many normal voxels, so a
+  small lesion hardly moves it).
+- ``"max"``: the maximum of the map after a light Gaussian smoothing (sigma 1 voxel, per
+  slice for thick-slice volumes), so that a single noisy voxel does not decide.
+- ``"top1"``: the mean of the highest 1 % of the map (at least 10 voxels): a lesion of a
+  percent of the organ fills it; normal scans keep it low.
+- ``"area"``: the fraction of the voxels above `threshold` (a value calibrated on healthy scans,
+  e.g. the run's `calibration.json`); needs the threshold.
+
+The default (`DEFAULT_SAMPLE_SCORE`) was chosen by measurement on held-out lesions unlike the
+training tasks (benchmarks/quality_unseen.py; the figures are in the README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["SAMPLE_SCORES", "DEFAULT_SAMPLE_SCORE", "sample_score", "all_scores"]
+
+SAMPLE_SCORES = ("mean", "max", "top1", "area")
+DEFAULT_SAMPLE_SCORE = "top1"
+_TOP_FRACTION = 0.01
+_TOP_MIN = 10
+
+
+def _values(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float32)
+    if mask is None:
+        return heat.ravel()
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != heat.shape:
+        raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
+    return heat[mask] if mask.any() else heat.ravel()
+
+
+def sample_score(heat: np.ndarray, mask: np.ndarray | None = None,
+                 method: str = DEFAULT_SAMPLE_SCORE, *, threshold: float | None = None,
+                 spacing=None) -> float:
+    """One sample-level score of an anomaly map (see the module docstring for `method`).
+
+    heat: 2D or 3D float map (values in [0, 1]); mask: bool of the same shape or None (an
+    empty mask counts as none); threshold: for "area"; spacing: mm per axis, so that "max"
+    smooths within slices only when the slices are more than twice as thick as the pixels.
+    """
+    if method not in SAMPLE_SCORES:
+        raise ValueError(f"unknown sample score {method!r}; use one of {', '.join(SAMPLE_SCORES)}")
+    heat = np.asarray(heat, dtype=np.float32)
+    if method == "mean":
+        return float(_values(heat, mask).mean(dtype=np.float64))
+    if method == "max":
+        sigma = [1.0] * heat.ndim
+        if spacing is not None and heat.ndim == 3 and spacing[0] > 2 * min(spacing[1:]):
+            sigma[0] = 0.0
+        return float(_values(ndimage.gaussian_filter(heat, sigma, mode="nearest"), mask).max())
+    values = _values(heat, mask)
+    if method == "top1":
+        k = min(values.size, max(_TOP_MIN, math.ceil(_TOP_FRACTION * values.size)))
+        return float(np.partition(values, values.size - k)[values.size - k:].mean(
+            dtype=np.float64))
+    if threshold is None or not math.isfinite(threshold):
+        raise ValueError("the 'area' sample score needs a threshold calibrated on healthy scans")
+    return float(np.mean(values > threshold))
+
+
+def all_scores(heat: np.ndarray, mask: np.ndarray | None = None, *,
+               threshold: float | None = None, spacing=None) -> dict[str, float]:
+    """Every sample score of `SAMPLE_SCORES` ("area" only with a threshold)."""
+    out = {m: sample_score(heat, mask, m, spacing=spacing) for m in ("mean", "max", "top1")}
+    if threshold is not None:
+        out["area"] = sample_score(heat, mask, "area", threshold=threshold)
+    return out

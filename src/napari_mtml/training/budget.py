@@ -1,0 +1,130 @@
+"""Training to a time budget: measure what a step costs on the device at hand, plan the steps.
+
+`train(config)` with `config.time_budget` (seconds for the whole command) calls
+`measure_costs` once, after the data is read: a throw-away copy of the fold's model takes a few
+real optimiser steps on real batches from the real loader (same batch size, workers and device),
+then runs a validation forward pass and draws a few validation items. `plan_steps` spreads what
+is left of the budget over the folds to train:
+
+    per fold:  steps * step_s + n_val * val_size * 2 * forward_s + val_size * draw_s + setup_s
+
+(`n_val` validations per fold, each feeding every validation item healthy and augmented). The
+throw-away model never touches the run: its weights, its data stream and the global RNG state
+are discarded, so a run planned to N steps is the very run that `max_steps = N` replays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["StepCosts", "measure_costs", "plan_steps", "VALIDATIONS_PER_FOLD"]
+
+#: A schedule spanning the run validates this many times per fold (TrainConfig.resolve).
+VALIDATIONS_PER_FOLD = 8
+#: Fraction of the budget kept back for what is not modelled (checkpoints, logs, jitter).
+SAFETY = 0.03
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds: one optimiser step (batch drawn, forward, backward, update), one
+    validation forward pass of one item, drawing one validation item, and building a fold
+    (model, optimiser, loader)."""
+
+    step_s: float
+    forward_s: float
+    draw_s: float
+    setup_s: float
+    measured_steps: int
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, external=None,
+                  min_steps: int = 4, max_steps: int = 12, min_seconds: float = 4.0) -> StepCosts:
+    """Time a few real training steps and validation pieces of `cfg` (resolved, any
+    `max_steps`) on `samples` (a fold's training data) with the fold's `tasks`.
+
+    Takes 2 untimed steps (allocations, loader start-up), then timed steps until `min_steps`
+    and `min_seconds` are both reached (at most `max_steps`); the median step is kept, so one
+    slow step (another process) does not skew the plan."""
+    from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
+    from napari_mtml.devices import apply_thread_rule, autocast_dtype
+
+    apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
+    rng_state = torch.get_rng_state()
+    t0 = time.perf_counter()
+    model = model_factory(cfg, 0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
+    task_params = cfg.task_params()
+    dataset = SyntheticDataset(samples, tasks, seed=0x71AE, flip=bool(cfg.flip),
+                               task_params=task_params, external=external)
+    loader = make_loader(dataset, int(cfg.batch_size), workers=int(cfg.workers),
+                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    setup_s = time.perf_counter() - t0
+    amp = autocast_dtype(device)
+    times: list[float] = []
+    try:
+        model.train()
+        for i in range(max_steps + 2):
+            t = time.perf_counter()
+            images, labels, _ = next(batches)
+            images, labels = images.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                enabled=amp is not None):
+                pred = model(images)
+            loss = torch.nn.functional.mse_loss(pred.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+                if len(times) >= min_steps and sum(times) >= min_seconds:
+                    break
+        n_val = max(1, min(4, int(cfg.val_size)))
+        t = time.perf_counter()
+        val = make_validation_set(samples, tasks, n_val, seed=0x71AE, task_params=task_params,
+                                  external=external)
+        draw_s = (time.perf_counter() - t) / n_val
+        model.eval()
+        x = torch.from_numpy(np.concatenate([val.healthy, val.augmented])).unsqueeze(1)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.bfloat16,
+                                                    enabled=amp is not None):
+            model(x.to(device))  # untimed: first call of a new batch size
+            t = time.perf_counter()
+            model(x.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        forward_s = (time.perf_counter() - t) / len(x)
+    finally:
+        del batches
+        torch.set_rng_state(rng_state)
+    return StepCosts(float(np.median(times)), forward_s, draw_s, setup_s, len(times))
+
+
+def plan_steps(budget_s: float, elapsed_s: float, n_folds: int, costs: StepCosts,
+               val_size: int, *, n_val: int = VALIDATIONS_PER_FOLD, cap: int | None = None,
+               ) -> int:
+    """Optimiser steps per fold so that `n_folds` folds end within `budget_s` seconds of which
+    `elapsed_s` are spent. Raises `ValueError` when not even a few steps per fold fit."""
+    left = budget_s * (1.0 - SAFETY) - elapsed_s
+    per_fold = left / max(1, n_folds)
+    fixed = (n_val * val_size * 2 * costs.forward_s + val_size * costs.draw_s + costs.setup_s)
+    steps = math.floor((per_fold - fixed) / costs.step_s) if costs.step_s > 0 else 0
+    if steps < 10:
+        need = elapsed_s + n_folds * (fixed + 10 * costs.step_s)
+        raise ValueError(
+            f"a time budget of {budget_s:.0f} s is too short: {elapsed_s:.0f} s went on reading "
+            f"the data and measuring, and one step takes {costs.step_s:.2f} s, so fewer than 10 "
+            f"steps per fold would fit in {n_folds} fold(s); give at least "
+            f"{math.ceil(need / 60)} min, fewer folds (--fold K), or a smaller --batch-size")
+    return min(steps, cap) if cap else steps

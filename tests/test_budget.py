@@ -1,0 +1,198 @@
+"""Recipes, the time budget's plan, the schedule spanning the run, weight averaging, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mtml.cli import build_parser
+from napari_mtml.config import RECIPES, TrainConfig, parse_duration, recipe_for_device
+from napari_mtml.data import HealthyCollection
+from napari_mtml.training import FoldStarted, Notice, train
+from napari_mtml.training.budget import SAFETY, StepCosts, plan_steps
+from napari_mtml.training.schedule import (
+    WarmupCosineLR,
+    WarmupExponentialLR,
+    WeightAverage,
+    make_scheduler,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _collection(n=10, shape=(32, 32)):
+    rng = np.random.default_rng(3)
+    fg = np.zeros(shape, bool)
+    fg[4:-4, 4:-4] = True
+    return HealthyCollection.from_arrays(
+        [(rng.normal(size=shape) * fg).astype(np.float32) for _ in range(n)], [fg] * n)
+
+
+def _tiny(tmp_path, name="run", **kw):
+    base = dict(out=str(tmp_path / name), fold=0, batch_size=4, device="cpu", base_features=4,
+                depth=3, max_features=8, lr=5e-3, val_size=4, seed=2, recipe="small")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _drain(gen):
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration:
+            return events
+
+
+# ------------------------------------------------------------------------------ recipes
+
+def test_auto_recipe_follows_the_device_and_explicit_settings_win():
+    assert [recipe_for_device("auto", d) for d in ("cpu", "cuda", "mps")] == [
+        "small", "paper", "light"]
+    assert recipe_for_device("paper", "cpu") == "paper"
+    cpu = TrainConfig().resolve(2, "mri", (96, 96), "cpu")
+    assert (cpu.resolved_recipe, cpu.preset, cpu.pos_encoding, cpu.batch_size) == (
+        "small", "small", False, 16)
+    assert (cpu.lr_schedule, cpu.spacing, cpu.max_steps) == ("cosine", 2.0, 1500)
+    gpu = TrainConfig().resolve(3, "mri", (80, 112, 80), "cuda")
+    assert (gpu.preset, gpu.pos_encoding, gpu.batch_size, gpu.max_steps) == (
+        "paper", True, 8, 20000)
+    assert (gpu.lr_schedule, gpu.downsample, gpu.spacing) == ("paper", 2.0, None)
+    mine = TrainConfig(batch_size=3, downsample=1.5, pos_encoding=True, max_steps=40)
+    r = mine.resolve(2, "mri", (96, 96), "cpu")
+    assert (r.batch_size, r.downsample, r.spacing, r.pos_encoding, r.max_steps) == (
+        3, 1.5, None, True, 40)
+    # a schedule spanning the run: warm-up over 5 %, validation 8 times
+    assert (r.warmup_steps, r.val_interval) == (2, 5)
+    assert set(RECIPES) == {"paper", "light", "small"}
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="huge")
+
+
+def test_small_recipe_reads_volumes_as_slices_unless_told():
+    assert TrainConfig().read_dims == 2
+    assert TrainConfig(recipe="paper").read_dims is None
+    assert TrainConfig(dims=3).read_dims == 3
+    assert TrainConfig(frame=(16, 32, 32)).read_dims == 3
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900),
+                                           ("1.5h", 5400), ("1h30m", 5400), (42, 42)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "15x", "-3m", "0", "abc"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_cli_train_flags_fill_the_config():
+    args = build_parser().parse_args(["train", "a.nii.gz", "--out", "r", "--time", "15m",
+                                      "--recipe", "light", "--spacing", "1.5", "--ema", "0.99",
+                                      "--init", "builtin:brain-t1", "--lr-schedule", "paper"])
+    cfg = TrainConfig.from_args(args)
+    assert (cfg.time_budget, cfg.recipe, cfg.spacing, cfg.ema, cfg.init, cfg.lr_schedule) == (
+        900.0, "light", 1.5, 0.99, "builtin:brain-t1", "paper")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "a", "--time", "soon"])
+
+
+# ------------------------------------------------------------------------------ the plan
+
+def test_plan_fills_the_budget_and_refuses_what_cannot_fit():
+    costs = StepCosts(step_s=0.5, forward_s=0.01, draw_s=0.02, setup_s=1.0, measured_steps=8)
+    budget, elapsed, folds, val = 900.0, 30.0, 5, 64
+    steps = plan_steps(budget, elapsed, folds, costs, val)
+    per_fold = lambda n: n * 0.5 + 8 * val * 2 * 0.01 + val * 0.02 + 1.0  # noqa: E731
+    total = elapsed + folds * per_fold(steps)
+    assert total <= budget * (1 - SAFETY) < total + folds * costs.step_s
+    assert plan_steps(budget, elapsed, folds, costs, val, cap=100) == 100
+    with pytest.raises(ValueError, match="too short"):
+        plan_steps(20.0, 10.0, folds, costs, val)
+
+
+def test_time_budget_records_its_plan_and_max_steps_replays_it(tmp_path):
+    col = _collection()
+    events = _drain(train(_tiny(tmp_path, "timed", time_budget=12.0), collection=col))
+    saved = json.loads((tmp_path / "timed" / "config.json").read_text())
+    n = saved["max_steps"]
+    assert n >= 10 and saved["plan"]["planned_steps"] == n and saved["time_budget"] == 12.0
+    assert saved["plan"]["step_s"] > 0 and saved["val_interval"] == math.ceil(n / 8)
+    assert any(isinstance(e, Notice) and "time budget" in e.text for e in events)
+    assert [e.max_steps for e in events if isinstance(e, FoldStarted)] == [n]
+    _drain(train(_tiny(tmp_path, "replay", max_steps=n), collection=col))
+    a = torch.load(tmp_path / "timed" / "fold_0" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "replay" / "fold_0" / "best.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+def test_cosine_schedule_spans_the_run():
+    s = WarmupCosineLR(total_steps=300, warmup_steps=15, start=0.01, floor=0.05)
+    assert s(0) == pytest.approx(0.01) and s(15) == pytest.approx(1.0)
+    assert s(300) == pytest.approx(0.05) and s(10_000) == pytest.approx(0.05)
+    after = [s(k) for k in range(15, 301)]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+    assert s(15 + 285 // 2) == pytest.approx(0.525, abs=0.01)  # half way: half way down
+    # the paper's decay keeps a 300-step run at its peak
+    assert WarmupExponentialLR()(300) > 0.94
+
+
+def test_scheduler_positioned_at_a_step_uses_that_steps_rate():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=123.0)
+    s = WarmupCosineLR(total_steps=50, warmup_steps=5)
+    sched = make_scheduler(opt, s, 0.1, step=20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * s(20))
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * s(21))
+
+
+def test_weight_average_follows_the_weights():
+    model = torch.nn.Linear(3, 1)
+    avg = WeightAverage(model, decay=0.9)
+    start = avg.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    avg.update(model, step=1000)  # decay 0.9 once warmed up
+    np.testing.assert_allclose(avg.module.weight.detach(), start + 0.1, atol=1e-6)
+    assert not any(p.requires_grad for p in avg.module.parameters())
+
+
+def test_ema_run_saves_the_averaged_weights(tmp_path):
+    col = _collection()
+    _drain(train(_tiny(tmp_path, "ema", max_steps=6, ema=0.9), collection=col))
+    last = torch.load(tmp_path / "ema" / "fold_0" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "ema" / "fold_0" / "best.pt", weights_only=True)["model"]
+    assert "ema" in last
+    k = next(iter(best))
+    assert not torch.equal(last["model"][k], last["ema"][k])
+    if last["best_step"] == last["step"]:
+        assert torch.equal(best[k], last["ema"][k])
+
+
+def test_fine_tuning_starts_from_the_given_run(tmp_path):
+    col = _collection()
+    _drain(train(_tiny(tmp_path, "base", max_steps=4), collection=col))
+    base = torch.load(tmp_path / "base" / "fold_0" / "best.pt", weights_only=True)["model"]
+    _drain(train(_tiny(tmp_path, "tuned", max_steps=1, lr=1e-12, warmup_start=1.0,
+                       init=str(tmp_path / "base")), collection=col))
+    tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
+    for k in base:  # a step at a vanishing rate: still the starting weights
+        torch.testing.assert_close(tuned[k], base[k], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no such built-in model"):
+        _drain(train(_tiny(tmp_path, "x", max_steps=1, init="builtin:nope"), collection=col))

@@ -1,0 +1,61 @@
+"""Sample-level scores of anomaly maps (napari_mtml.scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_mtml.metrics import summary_scores
+from napari_mtml.scores import SAMPLE_SCORES, all_scores, sample_score
+
+
+def _map_with_lesion(value=0.9, size=5, shape=(40, 40)):
+    heat = np.full(shape, 0.05, np.float32)
+    heat[10:10 + size, 10:10 + size] = value
+    return heat
+
+
+def test_scores_at_known_maps():
+    heat = _map_with_lesion()
+    mask = np.ones(heat.shape, bool)
+    assert sample_score(heat, mask, "mean") == pytest.approx((25 * 0.9 + 1575 * 0.05) / 1600)
+    # top 1 % of 1600 voxels = 16 (>= 10), all inside the 25-voxel lesion
+    assert sample_score(heat, mask, "top1") == pytest.approx(0.9)
+    # the smoothed maximum: a 5x5 plateau keeps most of its height after sigma 1
+    assert 0.7 < sample_score(heat, mask, "max") < 0.9
+    assert sample_score(heat, mask, "area", threshold=0.5) == pytest.approx(25 / 1600)
+    # a single hot voxel moves the smoothed max far less than the raw max
+    spike = np.full((40, 40), 0.05, np.float32)
+    spike[20, 20] = 1.0
+    assert sample_score(spike, None, "max") < 0.3
+
+
+def test_mask_restricts_the_score_and_bad_calls_refused():
+    heat = _map_with_lesion()
+    mask = np.zeros(heat.shape, bool)
+    mask[20:, 20:] = True  # away from the lesion
+    assert sample_score(heat, mask, "top1") == pytest.approx(0.05)
+    assert sample_score(heat, np.zeros_like(mask), "top1") == pytest.approx(0.9)  # empty: all
+    with pytest.raises(ValueError, match="threshold"):
+        sample_score(heat, mask, "area")
+    with pytest.raises(ValueError, match="unknown sample score"):
+        sample_score(heat, mask, "median")
+    with pytest.raises(ValueError, match="does not match"):
+        sample_score(heat, mask[:5], "mean")
+
+
+def test_lesion_ranks_above_healthy_with_top1_not_always_with_mean():
+    rng = np.random.default_rng(0)
+    healthy = [np.clip(rng.normal(0.1, 0.03, (64, 64)), 0, 1).astype(np.float32)
+               for _ in range(5)]
+    lesion = [h.copy() for h in healthy]
+    for m in lesion:
+        m[5:12, 5:12] = 0.8  # 1.2 % of the image
+    healthy[0] += 0.02  # a slightly brighter normal map
+    top_h = [sample_score(m, None, "top1") for m in healthy]
+    top_l = [sample_score(m, None, "top1") for m in lesion]
+    assert min(top_l) > max(top_h)
+    assert set(all_scores(healthy[0])) == {"mean", "max", "top1"}
+    assert set(all_scores(healthy[0], threshold=0.5)) == set(SAMPLE_SCORES)
+    # the evaluation's summary carries the same top1
+    assert summary_scores(lesion[0].ravel())["top1"] == pytest.approx(top_l[0])
