@@ -196,3 +196,30 @@ def test_fine_tuning_starts_from_the_given_run(tmp_path):
         torch.testing.assert_close(tuned[k], base[k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="no such built-in model"):
         _drain(train(_tiny(tmp_path, "x", max_steps=1, init="builtin:nope"), collection=col))
+
+
+def test_selection_by_held_out_ap_or_by_loss():
+    from napari_mtml.training.trainer import _selection_score
+
+    assert _selection_score("loss", 0.5, {"sink": 0.2}) == 0.5
+    assert _selection_score("ap", 0.5, {"sink": 0.2, "source": 0.4}) == pytest.approx(-0.3)
+    assert _selection_score("ap", 0.5, {"sink": float("nan")}) == 0.5  # no AP: the loss
+    assert TrainConfig().resolve(2, "mri", (96, 96)).selection == "ap"
+    assert TrainConfig(recipe="paper").resolve(2, "mri", (96, 96)).selection == "loss"
+    with pytest.raises(ValueError, match="selection"):
+        TrainConfig(selection="dice")
+
+
+def test_ap_selection_keeps_the_checkpoint_with_the_best_held_out_ap(tmp_path):
+    col = _collection()
+    _drain(train(_tiny(tmp_path, "sel", max_steps=8, val_interval=2, selection="ap"),
+                 collection=col))
+    rows = [json.loads(line) for line in
+            (tmp_path / "sel" / "fold_0" / "log.jsonl").read_text().splitlines()
+            if '"validation"' in line]
+    means = [float(np.nanmean(list(r["ap"].values()))) for r in rows]
+    best = [r for r in rows if r["best"]][-1]
+    assert best["step"] == rows[int(np.nanargmax(means))]["step"]
+    last = torch.load(tmp_path / "sel" / "fold_0" / "last.pt", weights_only=True)
+    assert last["best_step"] == best["step"]
+    assert last["best_score"] == pytest.approx(-max(means))

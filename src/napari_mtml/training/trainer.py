@@ -74,7 +74,7 @@ __all__ = ["train", "WarmupExponentialLR", "WarmupCosineLR", "pick_device", "Tra
 TASK_NAMES = ("intra_blend", "inter_blend", "sink", "source", "smooth_intensity")
 # Settings that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_CHANGES = {"resume", "device", "workers", "max_steps", "fold", "patience",
-                      "val_interval"}
+                      "val_interval", "time_budget", "plan"}
 
 Event = Any
 ModelFactory = Callable[[TrainConfig, int], torch.nn.Module]
@@ -418,6 +418,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = make_schedule(cfg)
     step, best_step, best_val, done = 0, 0, math.inf, False
+    best_score = math.inf  # the selection criterion at best_step (lower is better)
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
         check_frame(last_path, state, cfg.dims, cfg.frame, run_dir / "config.json")
@@ -429,6 +430,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
         # A fold that stopped early is done; one that reached max_steps continues when the
         # resumed run allows more steps.
         best_val, done = float(state["best_val_loss"]), bool(state.get("stopped_early", False))
+        best_score = float(state.get("best_score", best_val))
         torch.set_rng_state(state["rng"]["torch_cpu"])
         if device.type == "cuda" and state["rng"].get("torch_cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
@@ -513,13 +515,14 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                 val_loss, ap = math.nan, {}
                 if dist.main:
                     val_loss, ap = _validate(evaluated, val_set, local_batch, device, amp)
+                score = _selection_score(cfg.selection, val_loss, ap)
                 if dist.active:
-                    t = torch.tensor([val_loss], dtype=torch.float64, device=device)
+                    t = torch.tensor([val_loss, score], dtype=torch.float64, device=device)
                     torch.distributed.broadcast(t, src=0)
-                    val_loss = float(t.item())
-                best = val_loss < best_val
+                    val_loss, score = float(t[0].item()), float(t[1].item())
+                best = score < best_score
                 if best:
-                    best_val, best_step = val_loss, step
+                    best_val, best_score, best_step = val_loss, score, step
                 stopped_early = step - best_step >= cfg.patience
                 if dist.main:
                     if best:
@@ -528,6 +531,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                     finished = stopped_early or step >= cfg.max_steps
                     state = _last_state(model, optimizer, schedule, step, best_step, best_val,
                                         finished, stopped_early, seed, dist, local_batch, device)
+                    state["best_score"] = float(best_score)
                     if ema is not None:
                         state["ema"] = _cpu_state_dict(ema.module)
                     save_atomic(state | frame_record(cfg.dims, cfg.frame), last_path)
@@ -556,6 +560,16 @@ def _init_weights(init: str, fold: int) -> dict[str, torch.Tensor]:
     from napari_mtml.inference import load_fold_weights
 
     return load_fold_weights(resolve_run(init), fold)
+
+
+def _selection_score(selection: str | None, val_loss: float, ap: dict[str, float]) -> float:
+    """What picks best.pt, lower is better: the validation loss ("loss", the paper's), or minus
+    the mean pixel AP over the held-out tasks ("ap"; the loss when no AP is defined)."""
+    if selection == "ap":
+        values = [v for v in ap.values() if math.isfinite(v)]
+        if values:
+            return -float(np.mean(values))
+    return float(val_loss)
 
 
 def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
