@@ -447,3 +447,33 @@ def test_batch_cancel_keeps_scores_of_the_images_done(make_napari_viewer, qtbot,
     lines = (out / "scores.csv").read_text().splitlines()
     assert lines[0].startswith("name,score") and 1 <= len(lines) - 1 <= 2
     assert not widget.cancel_button.isEnabled() and widget.progress is None
+
+
+def test_heatmap_keeps_the_map_inside_a_labels_mask(make_napari_viewer, qtbot, tiny_run,
+                                                    napari_errors, monkeypatch):
+    from napari_mtml._napari import heatmap_widget as hw
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    img = viewer.add_image(_disc((48, 48), 7), name="img")
+    widget.image_combo.set_layer(img)
+    half = np.zeros((48, 48), np.uint8)
+    half[:, :24] = 1
+    mask = viewer.add_labels(half, name="left half")
+    widget.mask_combo.set_layer(mask)
+    _predict(qtbot, widget)
+    heat = widget.heatmap_layer.data
+    assert np.all(heat[:, 24:] == 0) and np.any(heat[:, :24] > 0)
+    assert "highest 1 %" in widget.score_label.text()
+    # a mask of another shape is refused with the layer named
+    viewer.add_labels(np.ones((10, 10), np.uint8), name="tiny labels")
+    widget.mask_combo.set_layer(viewer.layers["tiny labels"])
+    widget.predict()
+    assert "tiny labels" in napari_errors()[-1]
+    # the automatic mask without the extra names the install command
+    monkeypatch.setattr(hw, "brain_available", lambda: False)
+    widget.mask_combo.setCurrentIndex(1)
+    assert widget.mask_combo.current_extra() == hw.MASK_AUTO
+    widget.predict()
+    assert "napari-mtml[brain]" in napari_errors()[-1]

@@ -60,6 +60,10 @@ from qtpy.QtWidgets import (
 from scipy import ndimage
 from superqt import QLabeledDoubleSlider
 
+from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
+from napari_mtml.brainmask import available as brain_available
+from napari_mtml.builtin import builtin_models
+
 from ._common import (
     RUN_BUS,
     LayerCombo,
@@ -78,6 +82,14 @@ from ._common import (
 
 __all__ = ["HeatmapWidget", "Region", "regions_above"]
 
+BUILTIN_PICK = "built-in model…"
+MASK_FOREGROUND = "the image's foreground"
+MASK_AUTO = "automatic brain mask"
+SCORE_TEXT = {
+    "top1": "mean of the map's highest 1 % inside the mask",
+    "mean": "mean of the map inside the mask",
+    "max": "peak of the lightly smoothed map inside the mask",
+}
 BATCH_FOLDER = "a folder of images"
 BATCH_LAYERS = "all open image layers"
 
@@ -170,11 +182,30 @@ class HeatmapWidget(QWidget):
         self._batch_opened: dict = {}  # input path -> the image layer a click opened
 
         self.run_edit = QLineEdit()
-        self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt)")
+        self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt) or "
+                                         "builtin:NAME")
         browse = QPushButton("…")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse)
+        self.builtin_combo = QComboBox()
+        self.builtin_combo.addItem(BUILTIN_PICK)
+        for name, text in builtin_models().items():
+            self.builtin_combo.addItem(f"builtin:{name}")
+            self.builtin_combo.setItemData(self.builtin_combo.count() - 1, text,
+                                           Qt.ItemDataRole.ToolTipRole)
+        self.builtin_combo.setToolTip("a trained model that ships with napari-mtml: no training "
+                                      "needed (see its model card in the docs)")
+        self.builtin_combo.currentTextChanged.connect(self._builtin_chosen)
         mine = self._is_output
+        self.mask_combo = LayerCombo(napari_viewer, Labels, extras=(MASK_FOREGROUND, MASK_AUTO),
+                                     exclude=mine)
+        self.mask_combo.setToolTip(
+            "where the map may be non-zero and the sample score is taken: the image's "
+            "foreground (default), an automatic brain mask (brain MRI with the skull on), or a "
+            "Labels layer (its non-zero voxels)")
+        self.mask_note = QLabel("" if brain_available() else
+                                f"automatic brain mask: {INSTALL_HINT} adds {EXTRA_SUMMARY}.")
+        self.mask_note.setWordWrap(True)
         self.image_combo = LayerCombo(napari_viewer, Image, exclude=mine, auto_pick=True)
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices()[0])
@@ -252,7 +283,11 @@ class HeatmapWidget(QWidget):
         run_widget = QWidget()
         run_widget.setLayout(run_row)
         form.addRow("run", run_widget)
+        form.addRow("", self.builtin_combo)
         form.addRow("image", self.image_combo)
+        form.addRow("keep inside", self.mask_combo)
+        if self.mask_note.text():
+            form.addRow("", self.mask_note)
         form.addRow("device", self.device_combo)
         form.addRow(_pair(self.predict_button, self.cancel_button))
         form.addRow(self.score_label)
@@ -331,9 +366,10 @@ class HeatmapWidget(QWidget):
     # ----------------------------------------------------------------------------- predict
     def _ensemble(self, run_dir: str, device: str):
         """The loaded run (cached per folder, device and config.json time; worker thread)."""
+        from napari_mtml.builtin import resolve_run
         from napari_mtml.inference import load_ensemble
 
-        folder = Path(run_dir).expanduser()
+        folder = resolve_run(run_dir).expanduser()
         if not folder.is_dir():
             raise ValueError(f"run folder '{folder}' does not exist: choose the folder that "
                              "training wrote (it holds config.json and fold_K/best.pt).")
@@ -348,12 +384,38 @@ class HeatmapWidget(QWidget):
             self._ensembles = {key: ens}
         return self._ensembles[key]
 
-    def _job(self, run_dir, device, scan):
-        """The worker: load the run, then predict; each step can be cancelled before it."""
+    def _job(self, run_dir, device, scan, mask_choice):
+        """The worker: load the run, the mask, then predict; each step can be cancelled
+        before it."""
         yield "loading the run"
         ensemble = self._ensemble(run_dir, device)
+        mask = mask_choice
+        if isinstance(mask_choice, str):  # MASK_AUTO
+            yield "finding the brain"
+            mask = _auto_mask(scan)
         yield f"predicting with {len(ensemble.folds)} fold model(s)"
-        return ensemble.predict(scan)
+        return ensemble.predict(scan, mask=mask)
+
+    def _builtin_chosen(self, text: str) -> None:
+        if text and text != BUILTIN_PICK:
+            self.set_run(text)
+
+    def _mask_choice(self, scan):
+        """What the mask combo asks for: None (the foreground), MASK_AUTO, or a bool array from
+        a Labels layer on the image's grid (ValueError when its shape differs)."""
+        if self.mask_combo.current_extra() == MASK_AUTO:
+            if not brain_available():
+                raise ValueError(f"the automatic brain mask needs the brain extra: "
+                                 f"{INSTALL_HINT}")
+            return MASK_AUTO
+        layer = self.mask_combo.current_layer()
+        if layer is None:
+            return None
+        mask = np.asarray(layer.data) > 0
+        if mask.shape != tuple(scan.array.shape):
+            raise ValueError(f"the Labels layer '{layer.name}' has shape {mask.shape}, the image "
+                             f"{tuple(scan.array.shape)}: choose a mask drawn on this image")
+        return mask
 
     def _start(self, job, *args, desc: str, steps: int, on_return) -> None:
         """Run a generator job with the buttons, the napari progress bar and cancel wired."""
@@ -393,12 +455,14 @@ class HeatmapWidget(QWidget):
                 raise ValueError("no run folder chosen: train one with the Training widget or "
                                  "`mtml train`, then choose its folder.")
             scan = scan_from_layer(layer, "Predict")
+            mask_choice = self._mask_choice(scan)
         except ValueError as exc:
             self._error(exc)
             return
         self.status.setText(f"predicting '{layer.name}' …")
-        self._start(self._job, run_dir, self.device_combo.currentText(), scan,
-                    desc=f"mtml heatmap: {layer.name}", steps=2,
+        self._start(self._job, run_dir, self.device_combo.currentText(), scan, mask_choice,
+                    desc=f"mtml heatmap: {layer.name}",
+                    steps=3 if isinstance(mask_choice, str) else 2,
                     on_return=lambda pred: self._show(layer, pred))
 
     def cancel(self) -> None:
@@ -441,8 +505,9 @@ class HeatmapWidget(QWidget):
         if ens is not None:
             n_all = math.comb(5, int(ens.config.get("train_tasks", 1)))
             note = f"\n{len(ens.folds)} of {n_all} fold models: {list(ens.folds)}"
+        how = SCORE_TEXT.get(getattr(prediction, "score_method", ""), "sample score")
         self.score_label.setText(
-            f"sample score (mean inside the foreground): {prediction.score:.4f}"
+            f"sample score ({how}): {prediction.score:.4f}"
             + (f"\nper fold: {folds}" if folds else "") + note
         )
         self.status.setText(f"heatmap of '{layer.name}' ready.")
@@ -529,7 +594,12 @@ class HeatmapWidget(QWidget):
 
         yield "loading the run"
         ensemble = self._ensemble(run_dir, device)
-        result = yield from predict_batch(ensemble, inputs, out_dir, png=png)
+        mask_for = None
+        if self.mask_combo.current_extra() == MASK_AUTO and brain_available():
+            from napari_mtml.batch import auto_brain_mask
+
+            mask_for = auto_brain_mask
+        result = yield from predict_batch(ensemble, inputs, out_dir, png=png, mask_for=mask_for)
         return result
 
     def _batch_item(self, item) -> None:
@@ -843,3 +913,12 @@ def _browse_button(parent, edit: QLineEdit) -> QPushButton:
 
     button.clicked.connect(browse)
     return button
+
+
+def _auto_mask(scan):
+    """The automatic brain mask of a volume (worker thread); 2D images keep their foreground."""
+    from napari_mtml.brainmask import brain_mask
+
+    if scan.array.ndim != 3 or scan.array.shape[0] < 2:
+        return None
+    return brain_mask(scan)
