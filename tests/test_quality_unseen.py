@@ -200,6 +200,28 @@ def test_evaluation_scores_a_perfect_map_perfectly(tiny_data, tmp_path):
         it["name"] for it in items if it["role"] in ("healthy", "lesion")}
 
 
+def test_compare_prints_runs_side_by_side(tmp_path, capsys):
+    a = {"label": "before", "steps": {"total_steps": 1500},
+         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.125},
+                                                                 "kind:cavity": {"ap": 0.5}}}}}
+    b = {"label": "after", "steps": {"total_steps": 4000},
+         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.25}}}},
+         "tumour": {"methods": {"model": {"pixel_brain": {"ap": 0.3}}}}}
+    paths = []
+    for name, doc in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(doc))
+        paths.append(str(tmp_path / name))
+    assert qu.main(["--compare", *paths]) == 0
+    out = capsys.readouterr().out
+    header, *lines = out.splitlines()
+    assert header.split() == ["before", "after"]
+    row = {ln[:34].strip(): ln[34:].split() for ln in lines if ln.strip()}
+    assert row["pixel AP, all"] == ["0.125", "0.250"]
+    assert row["train steps (all folds)"] == ["1500", "4000"]
+    assert row["AP cavity"] == ["0.500", "-"]
+    assert row["tumour AP in brain"] == ["-", "0.300"]
+
+
 def test_rarity_scores_the_tails():
     r = qu.Rarity(np.random.default_rng(0).standard_normal(100_000), np.random.default_rng(1))
     s = r(np.array([0.0, 1.0, 2.5, -2.5, 6.0], dtype=np.float32))
