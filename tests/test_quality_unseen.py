@@ -222,6 +222,16 @@ def test_compare_prints_runs_side_by_side(tmp_path, capsys):
     assert row["tumour AP in brain"] == ["-", "0.300"]
 
 
+def test_data_cache_key_ignores_docs_but_not_code(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('"""Doc."""\n\ndef g(x):\n    """Doc."""\n    return x + 1  # note\n')
+    h0 = qu.code_hash([f])
+    f.write_text('"""Other doc."""\n\ndef g(x):\n    """More."""\n    return x + 1\n')
+    assert qu.code_hash([f]) == h0
+    f.write_text('"""Doc."""\n\ndef g(x):\n    """Doc."""\n    return x + 2\n')
+    assert qu.code_hash([f]) != h0
+
+
 def test_rarity_scores_the_tails():
     r = qu.Rarity(np.random.default_rng(0).standard_normal(100_000), np.random.default_rng(1))
     s = r(np.array([0.0, 1.0, 2.5, -2.5, 6.0], dtype=np.float32))
