@@ -95,6 +95,7 @@ REGIONS = ("brain", "whole")
 GEN_VERSION = 1
 _ROLE_KEYS = {"train": 1, "calib": 2, "healthy": 3, "lesion": 4}
 _MARKER = ".quality_unseen"
+TRAIN_RECORD = "quality_unseen_train.json"
 AREA_PERCENTILE = 99.9
 SMOOTH_MM = 2.0
 SLICE_MIN_LESION_MM2 = 10.0
@@ -379,7 +380,22 @@ def train_run(run: Path, healthy: list[Path], train_args: list[str]) -> None:
         shutil.rmtree(run)
     run.mkdir(parents=True)
     (run / _MARKER).write_text("written by benchmarks/quality_unseen.py\n")
+    import torch
+
+    t0 = time.perf_counter()
     _cli(["train", *[str(p) for p in healthy], "--out", str(run), *train_args])
+    # kept with the run, so that `--run RUN` can report how long it took to train
+    (run / TRAIN_RECORD).write_text(json.dumps({
+        "train_s": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
+        "train_args": train_args}) + "\n")
+
+
+def train_record(run: Path) -> dict[str, Any] | None:
+    path = run / TRAIN_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run_steps(run: Path) -> dict[str, Any]:
@@ -645,12 +661,11 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
                 vals = [row["scores"][m][r][s] for row in volume_rows]
                 labs = [row["label"] for row in volume_rows]
                 entry = {"volume": _ap_auc(vals, labs)}
-                for k in kinds:
-                    sel = [row["kind"] in (None, k) for row in volume_rows]
-                    entry[f"volume:{k}"] = _ap_auc([v for v, ok in zip(vals, sel, strict=True)
-                                                    if ok],
-                                                   [y for y, ok in zip(labs, sel, strict=True)
-                                                    if ok])
+                for key, field in ([(f"volume:{k}", ("kind", k)) for k in kinds]
+                                   + [(f"volume:{sv}", ("severity", sv)) for sv in severities]):
+                    sel = [row[field[0]] in (None, field[1]) for row in volume_rows]
+                    entry[key] = _ap_auc([v for v, ok in zip(vals, sel, strict=True) if ok],
+                                         [y for y, ok in zip(labs, sel, strict=True) if ok])
                 per_protocol = []
                 for proto in PROTOCOLS:
                     sel = [row["protocol"] == proto for row in volume_rows]
@@ -753,6 +768,7 @@ def run_tumour(work: Path, label: str, train_args: list[str], predict_args: list
         with clock.phase("tumour: train"):
             train_run(run, [healthy_path], args)
     steps = run_steps(run)
+    steps["train_record"] = train_record(run)
     pred = work / "pred" / f"tumour-{label}"
     with clock.phase("tumour: predict"):
         predict(run, [sample_data_path("brain_tumour_image")], pred, predict_args)
@@ -862,6 +878,14 @@ def print_synthetic(res: dict[str, Any]) -> None:
             within = res["sample"][m]["brain"][s]["volume_within_protocol_auroc"]
             print(f"{m:<8}{s:<11}" + "".join(f"{c:>16}" for c in cells[:2])
                   + _f(within, 12) + "".join(f"{c:>16}" for c in cells[2:]))
+    print("volume AUROC (brain) per severity, lesioned of that severity vs healthy:")
+    for m in METHODS:
+        cells = []
+        for s in SCORES:
+            vals = " ".join(_f(res["sample"][m]["brain"][s].get(f"volume:{sv}", {}).get(
+                "auroc"), 5) for sv in sevs)
+            cells.append(f"{s} {vals}")
+        print(f"  {m:<8}" + " | ".join(cells))
     n_pos = res["sample"]["model"]["brain"]["mean"]["volume"]["n_pos"]
     n = res["sample"]["model"]["brain"]["mean"]["volume"]["n"]
     sl = res["sample"]["model"]["brain"]["mean"]["slice"]
@@ -896,7 +920,7 @@ def print_steps(name: str, steps: dict[str, Any], seconds: float | None) -> None
     per = ", ".join(f"{k.split('_')[-1]}:{v['steps']}(best {v['best_step']})"
                     for k, v in folds.items())
     total = steps.get("total_steps", 0)
-    rate = f", {seconds / total:.2f} s/step" if seconds and total else ""
+    rate = (f", {seconds:.0f} s = {seconds / total:.2f} s/step" if seconds and total else "")
     print(f"{name}: {total} steps in {len(folds)} folds [{per}]{rate}; batch "
           f"{steps.get('batch_size')}, frame {steps.get('frame')}, U-Net "
           f"{steps.get('base_features')}-{steps.get('max_features')} depth {steps.get('depth')}"
@@ -920,7 +944,8 @@ def compare(paths: list[str]) -> int:
     labels = [str(r.get("label", Path(p).stem))[:14] for r, p in zip(runs, paths, strict=True)]
     rows: list[tuple[str, tuple[str, ...]]] = [
         ("train steps (all folds)", ("steps", "total_steps")),
-        ("train wall s", ("times_s", "train")),
+        ("train wall s", ("train_record", "train_s")),
+        ("train torch threads", ("train_record", "torch_threads")),
         ("pixel AP, all", ("synthetic", "pixel", "model", "all", "ap")),
         ("pixel AP, kind mean", ("synthetic", "pixel", "model", "kind_mean_ap")),
         ("pixel AUROC, all", ("synthetic", "pixel", "model", "all", "auroc")),
@@ -932,6 +957,9 @@ def compare(paths: list[str]) -> int:
     rows += [(f"  AP {p} in head", ("synthetic", "pixel", "model", f"head:protocol:{p}", "ap"))
              for p in PROTOCOLS if p.endswith("skull")]
     rows += [("peak hit, all", ("synthetic", "peak_hit", "model", "all"))]
+    sevs = _get(runs[0], "synthetic", "severities") or []
+    rows += [(f"volume AUROC area ({sv})", ("synthetic", "sample", "model", "brain", "area",
+                                             f"volume:{sv}", "auroc")) for sv in sevs]
     for r in REGIONS:
         rows += [(f"volume AUROC {s} ({r})", ("synthetic", "sample", "model", r, s, "volume",
                                               "auroc")) for s in SCORES]
@@ -1084,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
                                     if it["role"] == "train"], train_args)
             result["run"] = str(run)
             result["steps"] = run_steps(run)
+            result["train_record"] = train_record(run)
             pred = work / "pred" / tag
             with clock.phase("predict"):
                 predict(run, [data / f"{it['name']}.nii.gz" for it in items
@@ -1105,10 +1134,12 @@ def main(argv: list[str] | None = None) -> int:
           "====")
     print("train args: " + " ".join(train_args))
     if "steps" in result:
-        print_steps("training", result["steps"], clock.times.get("train"))
+        rec = result.get("train_record") or {}
+        print_steps("training", result["steps"], clock.times.get("train", rec.get("train_s")))
     if "tumour" in result:
+        rec = result["tumour"]["steps"].get("train_record") or {}
         print_steps("tumour training", result["tumour"]["steps"],
-                    clock.times.get("tumour: train"))
+                    clock.times.get("tumour: train", rec.get("train_s")))
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.times.items())
           + f"; total {result['total_s']:.0f} s")
     if "synthetic" in result:

@@ -281,4 +281,5 @@ def test_quick_mode_end_to_end(tmp_path, capsys):
                     "--run", res["run"]]) == 0
     res2 = json.loads(out2.read_text())
     assert "train" not in res2["times_s"] and "tumour" not in res2
+    assert res2["train_record"] == res["train_record"] and res["train_record"]["train_s"] > 0
     assert res2["synthetic"]["pixel"]["model"]["all"] == res["synthetic"]["pixel"]["model"]["all"]
