@@ -608,8 +608,10 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
         row = {"name": it["name"], "kind": it["kind"], "severity": it["severity"],
                "protocol": it["protocol"], "label": bool(is_lesion), "scores": {}}
         names = ["all", f"protocol:{it['protocol']}"]
-        names += ([f"kind:{it['kind']}", f"severity:{it['severity']}"] if is_lesion else
-                  [f"kind:{k}" for k in kinds] + [f"severity:{s}" for s in severities])
+        names += ([f"kind:{it['kind']}", f"severity:{it['severity']}",
+                   f"kind:{it['kind']}|severity:{it['severity']}"] if is_lesion else
+                  [f"kind:{k}" for k in kinds] + [f"severity:{s}" for s in severities]
+                  + [f"kind:{k}|severity:{s}" for k in kinds for s in severities])
         for m in METHODS:
             amap = maps[m]
             counts = PooledMetrics()  # this volume's histogram, added to every pool it is in
