@@ -32,6 +32,9 @@ Metrics (the same code for the model and for every baseline map):
   per protocol, all together (`all`: voxel-weighted, so large lesions weigh more) and the mean of
   the per-kind APs (`kind mean`: each kind weighs the same). For the skull-on protocols also inside
   the head mask (what a user without a brain mask is shown).
+- per-volume AP (the AP inside the brain of each lesioned volume alone: what one scan shows,
+  free of calibration across scans) and peak hit (the smoothed map's maximum inside the brain
+  lies within 3 mm of the lesion), means over the lesioned volumes, per kind and severity.
 - sample (volume) and slice level: AUROC and AP of lesioned against healthy volumes (and axial
   slices with >= 10 mm^2 of lesion against slices without; slices with less than a quarter of the
   volume's largest brain cross-section are left out), for the candidate scores `mean` (mean of the
@@ -49,7 +52,9 @@ Metrics (the same code for the model and for every baseline map):
   it exists, else the heuristic `estimate_brain_mask` here, named in the output), slice-level
   AUROC over all slices.
 
-Everything printed is also written to `--json`. Training dominates the time; steps per fold and
+Everything printed is also written to `--json` (with pools per kind x severity, per-volume
+rows and the per-kind/-severity/-protocol sample AUROCs); `--compare A.json B.json ...` prints the
+key figures side by side. Training dominates the time; steps per fold and
 seconds per step are reported because the machine may be shared.
 """
 
@@ -617,6 +622,8 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
             counts = PooledMetrics()  # this volume's histogram, added to every pool it is in
             counts.update(amap, label, mask=brain)
             add(m, names, counts)
+            if is_lesion:  # the AP a user sees on this one scan
+                row.setdefault("ap", {})[m] = counts.compute()["ap"]
             if it["skull"]:
                 counts = PooledMetrics()
                 counts.update(amap, label, mask=head)
@@ -644,16 +651,22 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
     for m in METHODS:
         aps = [pixel[m][f"kind:{k}"]["ap"] for k in kinds if f"kind:{k}" in pixel[m]]
         pixel[m]["kind_mean_ap"] = float(np.mean(aps)) if aps else math.nan
-    hits: dict[str, Any] = {}
-    for m in METHODS:
+    def per_lesion_volume(field: str) -> dict[str, Any]:
+        """Mean over the lesioned volumes of a per-volume value, all / per kind / severity."""
+        out: dict[str, Any] = {}
         rows = [r for r in volume_rows if r["label"]]
-        hits[m] = {"all": float(np.mean([r["peak_hit"][m] for r in rows])) if rows else math.nan}
-        for k in kinds:
-            sel = [r["peak_hit"][m] for r in rows if r["kind"] == k]
-            hits[m][f"kind:{k}"] = float(np.mean(sel)) if sel else math.nan
-        for sev in severities:
-            sel = [r["peak_hit"][m] for r in rows if r["severity"] == sev]
-            hits[m][f"severity:{sev}"] = float(np.mean(sel)) if sel else math.nan
+        for m in METHODS:
+            vals = {"all": [r[field][m] for r in rows]}
+            for k in kinds:
+                vals[f"kind:{k}"] = [r[field][m] for r in rows if r["kind"] == k]
+            for sev in severities:
+                vals[f"severity:{sev}"] = [r[field][m] for r in rows if r["severity"] == sev]
+            out[m] = {key: float(np.nanmean(np.asarray(v, dtype=np.float64))) if v
+                      else math.nan for key, v in vals.items()}
+        return out
+
+    hits = per_lesion_volume("peak_hit")
+    volume_ap = per_lesion_volume("ap")
     sample: dict[str, Any] = {}
     for m in METHODS:
         sample[m] = {}
@@ -684,6 +697,7 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
     return {
         "pixel": pixel,
         "peak_hit": hits,
+        "volume_ap": volume_ap,
         "sample": sample,
         "thresholds": thresholds,
         "volumes": volume_rows,
@@ -850,14 +864,18 @@ def print_synthetic(res: dict[str, Any]) -> None:
         line += _f(p["all"]["auroc"]) + "".join(" " + _f(p.get(f"severity:{s}", {}).get("ap"))
                                                 for s in sevs)
         print(line)
-    print(f"\npeak hit: fraction of lesioned volumes whose smoothed map peaks (inside the brain) "
-          f"within {HIT_MM:g} mm of the lesion")
-    print(f"{'method':<8}" + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
-          + f"{'all':>9}" + "".join(f"{s[:7]:>8}" for s in sevs))
-    for m in METHODS:
-        h = res["peak_hit"][m]
-        print(f"{m:<8}" + "".join(" " + _f(h.get(f"kind:{k}")) for k in kinds) + "  "
-              + _f(h["all"]) + "".join(" " + _f(h.get(f"severity:{s}")) for s in sevs))
+    for key, title in (
+            ("volume_ap", "per-volume AP: the AP inside the brain of each lesioned volume on its "
+                          "own (what one scan shows), mean over volumes"),
+            ("peak_hit", "peak hit: fraction of lesioned volumes whose smoothed map peaks "
+                         f"(inside the brain) within {HIT_MM:g} mm of the lesion")):
+        print(f"\n{title}")
+        print(f"{'method':<8}" + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
+              + f"{'all':>9}" + "".join(f"{s[:7]:>8}" for s in sevs))
+        for m in METHODS:
+            h = res[key][m]
+            print(f"{m:<8}" + "".join(" " + _f(h.get(f"kind:{k}")) for k in kinds) + "  "
+                  + _f(h["all"]) + "".join(" " + _f(h.get(f"severity:{s}")) for s in sevs))
     print("\npixel AP per protocol, inside the brain mask (and inside the head mask: skull on)")
     cols = [f"protocol:{p}" for p in PROTOCOLS] + [f"head:protocol:{p}" for p in PROTOCOLS
                                                    if p.endswith("skull")]
@@ -958,7 +976,8 @@ def compare(paths: list[str]) -> int:
              for p in PROTOCOLS]
     rows += [(f"  AP {p} in head", ("synthetic", "pixel", "model", f"head:protocol:{p}", "ap"))
              for p in PROTOCOLS if p.endswith("skull")]
-    rows += [("peak hit, all", ("synthetic", "peak_hit", "model", "all"))]
+    rows += [("per-volume AP, all", ("synthetic", "volume_ap", "model", "all")),
+             ("peak hit, all", ("synthetic", "peak_hit", "model", "all"))]
     sevs = _get(runs[0], "synthetic", "severities") or []
     rows += [(f"volume AUROC area ({sv})", ("synthetic", "sample", "model", "brain", "area",
                                              f"volume:{sv}", "auroc")) for sv in sevs]

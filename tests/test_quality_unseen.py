@@ -196,6 +196,8 @@ def test_evaluation_scores_a_perfect_map_perfectly(tiny_data, tmp_path):
         assert res["sample"]["model"]["brain"][s]["volume"]["auroc"] == pytest.approx(1.0)
     assert res["sample"]["model"]["brain"]["max_smooth"]["slice"]["auroc"] > 0.95
     assert res["peak_hit"]["model"]["all"] == 1.0
+    assert res["volume_ap"]["model"]["all"] == pytest.approx(1.0)
+    assert res["volume_ap"]["random"]["all"] < 0.1
     assert {row["name"] for row in res["volumes"]} == {
         it["name"] for it in items if it["role"] in ("healthy", "lesion")}
 
