@@ -196,8 +196,42 @@ def test_evaluation_scores_a_perfect_map_perfectly(tiny_data, tmp_path):
         assert res["sample"]["model"]["brain"][s]["volume"]["auroc"] == pytest.approx(1.0)
     assert res["sample"]["model"]["brain"]["max_smooth"]["slice"]["auroc"] > 0.95
     assert res["peak_hit"]["model"]["all"] == 1.0
+    assert res["volume_ap"]["model"]["all"] == pytest.approx(1.0)
+    assert res["volume_ap"]["random"]["all"] < 0.1
     assert {row["name"] for row in res["volumes"]} == {
         it["name"] for it in items if it["role"] in ("healthy", "lesion")}
+
+
+def test_compare_prints_runs_side_by_side(tmp_path, capsys):
+    a = {"label": "before", "steps": {"total_steps": 1500},
+         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.125},
+                                                                 "kind:cavity": {"ap": 0.5}}}}}
+    b = {"label": "after", "steps": {"total_steps": 4000},
+         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.25}}}},
+         "tumour": {"methods": {"model": {"pixel_brain": {"ap": 0.3}}}}}
+    paths = []
+    for name, doc in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(doc))
+        paths.append(str(tmp_path / name))
+    assert qu.main(["--compare", *paths]) == 0
+    out = capsys.readouterr().out
+    header, *lines = out.splitlines()
+    assert header.split() == ["before", "after"]
+    row = {ln[:34].strip(): ln[34:].split() for ln in lines if ln.strip()}
+    assert row["pixel AP, all"] == ["0.125", "0.250"]
+    assert row["train steps (all folds)"] == ["1500", "4000"]
+    assert row["AP cavity"] == ["0.500", "-"]
+    assert row["tumour AP in brain"] == ["-", "0.300"]
+
+
+def test_data_cache_key_ignores_docs_but_not_code(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('"""Doc."""\n\ndef g(x):\n    """Doc."""\n    return x + 1  # note\n')
+    h0 = qu.code_hash([f])
+    f.write_text('"""Other doc."""\n\ndef g(x):\n    """More."""\n    return x + 1\n')
+    assert qu.code_hash([f]) == h0
+    f.write_text('"""Doc."""\n\ndef g(x):\n    """Doc."""\n    return x + 2\n')
+    assert qu.code_hash([f]) != h0
 
 
 def test_rarity_scores_the_tails():
@@ -249,4 +283,5 @@ def test_quick_mode_end_to_end(tmp_path, capsys):
                     "--run", res["run"]]) == 0
     res2 = json.loads(out2.read_text())
     assert "train" not in res2["times_s"] and "tumour" not in res2
+    assert res2["train_record"] == res["train_record"] and res["train_record"]["train_s"] > 0
     assert res2["synthetic"]["pixel"]["model"]["all"] == res["synthetic"]["pixel"]["model"]["all"]

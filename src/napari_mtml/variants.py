@@ -1,8 +1,10 @@
 """Healthy variants of a template brain, for training and for testing (numpy + scipy only).
 
 ```python
+from napari_mtml.samples import load_sample
 from napari_mtml.variants import Template, make_variant
-template = Template(image, brain_mask, spacing=(1.0, 1.0, 1.0))   # e.g. the packaged MNI152 T1
+template = Template(load_sample("mni152_t1").array,             # the packaged MNI152 T1, 1 mm
+                    load_sample("mni152_brain_mask").array > 0.5, spacing=(1.0, 1.0, 1.0))
 v = make_variant(template, rng, skull=True, spacing=(6.0, 0.85, 0.85))   # a clinical-like head
 v.image, v.brain, v.head, v.spacing      # float32 (Z, Y, X), bool, bool, mm per axis
 ```
