@@ -208,3 +208,12 @@ def test_two_task_split_expects_ten_folds(tmp_path):
 def test_bad_device(tmp_path):
     with pytest.raises(ValueError, match="device"):
         load_ensemble(make_run(tmp_path), device="tpu")
+
+
+def test_slices_with_less_foreground_than_training_kept_get_no_map(tmp_path, rng):
+    ens = load_ensemble(make_run(tmp_path), device="cpu")
+    assert ens.min_foreground == pytest.approx(0.05)
+    vol = np.stack([disc_image((40, 40), rng, radius=r) for r in (0.05, 0.3, 0.3, 0.3)])
+    pred = ens.predict(Scan(array=vol, spacing=(1.0, 1.0, 1.0)), keep_background=True)
+    assert np.all(pred.anomaly[0] == 0)  # a tip of a head: never seen in training
+    assert all(np.any(pred.anomaly[z] > 0) for z in (1, 2, 3))

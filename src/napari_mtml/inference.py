@@ -239,6 +239,7 @@ class Ensemble:
         self.downsample = downsample
         self.spacing = spacing
         self.fixed_frame = bool(fixed_frame)
+        self.min_foreground = float((config or {}).get("min_foreground", 0.05) or 0.0)
         self.folds = tuple(folds) if folds is not None else tuple(range(len(self.models)))
         self.device = resolve_device(device)
         self.run_dir = run_dir
@@ -329,6 +330,10 @@ class Ensemble:
         tta : also predict the image mirrored along its last axis (the models train with that
             flip for MRI) and average both.
 
+        A 2D run on a volume leaves the map at 0 on slices whose foreground covers less of the
+        frame than the run's `min_foreground` (training dropped such slices: the models never
+        saw the tip of a head and would score its edges).
+
         Returns
         -------
         Prediction with `anomaly` and `disagreement` float32 of `scan.array.shape`.
@@ -406,7 +411,16 @@ class Ensemble:
             per_fold = 0.5 * (per_fold + f2[..., ::-1])
             mean = per_fold.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = per_fold.std(axis=0, dtype=np.float64).astype(np.float32)
-        if not stacked:
+        if stacked:
+            # Slices with less foreground than training kept (the top and bottom of a head)
+            # were never shown to the models: they would score their edges, not anomalies.
+            cover = frame_fg.reshape(len(frame_fg), -1).sum(axis=1) / math.prod(self.frame)
+            unseen = cover < self.min_foreground
+            if unseen.any() and not unseen.all():
+                for a in (mean, std):
+                    a[unseen] = 0.0
+                per_fold[:, unseen] = 0.0
+        else:
             mean, std, per_fold = mean[0], std[0], per_fold[:, 0]
         region = foreground if mask is None else mask
         if not region.any():
