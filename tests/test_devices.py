@@ -57,8 +57,13 @@ def test_old_import_paths_still_work():
         devices.resolve_device("quantum")
 
 
-def test_cpu_autocast_is_opt_in(monkeypatch):
+def test_cpu_autocast_follows_the_cpu_and_the_variable(monkeypatch):
     monkeypatch.delenv("MTML_CPU_BF16", raising=False)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    assert devices.autocast_dtype("cpu") is None  # emulated bf16 would be slower
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    assert devices.autocast_dtype("cpu") is torch.bfloat16
+    monkeypatch.setenv("MTML_CPU_BF16", "0")
     assert devices.autocast_dtype("cpu") is None
     monkeypatch.setenv("MTML_CPU_BF16", "1")
     assert devices.autocast_dtype("cpu") is torch.bfloat16
