@@ -98,6 +98,7 @@ def training(viewer, run_dir: Path, steps: int):
     widget.out_edit.setText(str(run_dir))
     widget.dims_combo.setCurrentText("2")
     widget.fold_combo.setCurrentText("0")
+    widget.time_spin.setValue(0)
     widget.steps_spin.setValue(steps)
     widget.batch_spin.setValue(8)
     widget.val_spin.setValue(max(1, steps // 6))

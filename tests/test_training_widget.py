@@ -30,6 +30,7 @@ def _fill(widget, healthy, out, steps):
     widget.frame_edit.setText("64,64")
     widget.dims_combo.setCurrentText("2")  # our io reads a 2D NIfTI as one (1, H, W) slice
     widget.fold_combo.setCurrentText("0")
+    widget.time_spin.setValue(0)  # steps, not a time budget
     widget.steps_spin.setValue(steps)
     widget.batch_spin.setValue(2)
     widget.val_spin.setValue(2)
@@ -163,3 +164,23 @@ def test_live_plot_follows_napari_s_theme(make_napari_viewer):
     viewer.theme = "light"  # the theme event restyles the plot
     assert luminance(widget.figure.get_facecolor()) > 0.7
     assert luminance(widget.ax_ap.yaxis.get_ticklabels()[0].get_color()) < 0.3
+
+
+def test_defaults_train_the_recipe_for_the_device_to_a_time_budget(make_napari_viewer,
+                                                                   tmp_path):
+    from napari_mtml.training.events import FoldStarted
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    widget.healthy_edit.setText(str(_healthy_folder(tmp_path / "healthy")))
+    config = widget.config()
+    assert (config.recipe, config.time_budget, config.max_steps) == ("auto", 900.0, None)
+    assert config.preset is None and config.batch_size is None and config.val_interval is None
+    widget.init_edit.setText("builtin:brain-t1")
+    widget.preset_combo.setCurrentText("small")
+    config = widget.config()
+    assert config.init == "builtin:brain-t1" and config.preset == "small"
+    # the planned steps arrive with the first fold: the progress bar takes them
+    widget._folds = 5
+    widget._on_event(FoldStarted(0, 5, ("sink",), ("source",), 700))
+    assert widget.progress_bar.maximum() == 3500

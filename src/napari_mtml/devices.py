@@ -59,8 +59,8 @@ __all__ = [
     "torch_thread_count",
 ]
 
-CPU_NOTICE = ("no GPU found: training on the CPU, which is slow; the light model (preset "
-              "'light') and loader workers (1-2) help")
+CPU_NOTICE = ("no GPU found: training on the CPU (recipe 'auto' picks the small CPU recipe; "
+              "--time plans the steps to a budget)")
 
 
 # ------------------------------------------------------------------------------------ devices

@@ -40,7 +40,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_mtml.config import TrainConfig
+from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
+from napari_mtml.brainmask import available as brain_available
+from napari_mtml.config import RECIPE_NAMES, TrainConfig
 from napari_mtml.training import train
 from napari_mtml.training.events import (
     FoldFinished,
@@ -64,6 +66,13 @@ from ._common import (
 
 __all__ = ["TrainingWidget", "available_devices"]
 
+#: The GUI preset: what the widget asks for unless changed. The same as `mtml train --time 15m`
+#: (the recipe for the device, to a time budget), so a napari user without a GPU gets a useful
+#: map in minutes; every other setting is the recipe's.
+GUI_MINUTES = 15
+PRESET_FROM_RECIPE = "recipe's"
+BRAIN_HEAD = "the head (no brain mask)"
+BRAIN_AUTO = "an automatic brain mask"
 FROM_FOLDER = "files / folder"
 FROM_LAYERS = "open image layers"
 TASK_COLOURS = {"intra_blend": "#1f77b4", "inter_blend": "#ff7f0e", "sink": "#2ca02c",
@@ -137,20 +146,45 @@ class TrainingWidget(QWidget):
         self.dims_combo = QComboBox()
         self.dims_combo.addItems(["auto", "2", "3"])
         self.frame_edit = QLineEdit()
-        self.frame_edit.setPlaceholderText("auto (80,112,80 brain; 256,256 X-ray)")
+        self.frame_edit.setPlaceholderText("auto (the recipe's: fitted to the data)")
         self.tasks_spin = _spin(1, 4, 1)
         self.fold_combo = QComboBox()
-        self.steps_spin = _spin(1, 10_000_000, 2000)
+        self.recipe_combo = QComboBox()
+        self.recipe_combo.addItems(list(RECIPE_NAMES))
+        self.recipe_combo.setToolTip(
+            "model, batch, resolution and schedule together. auto: 'small' on a CPU (a 0.28 M "
+            "U-Net on 2 mm axial slices), 'light' on Apple MPS, 'paper' (the published "
+            "recipe) on a CUDA GPU; the fields below override it")
+        self.time_spin = _spin(0, 100_000, GUI_MINUTES)
+        self.time_spin.setSuffix(" min")
+        self.time_spin.setSpecialValueText("no time limit (steps)")
+        self.time_spin.setToolTip("train for this long in all: a short measured warm-up plans "
+                                  "the steps of every fold (recorded in config.json)")
+        self.steps_spin = _spin(0, 10_000_000, 0)
+        self.steps_spin.setSpecialValueText("planned / the recipe's")
+        self.steps_spin.setToolTip("optimiser steps per fold (with a time budget: at most)")
         self.batch_spin = _spin(0, 4096, 0)
-        self.batch_spin.setSpecialValueText("auto (8 in 3D, 50 in 2D)")
-        self.val_spin = _spin(1, 1_000_000, 250)
+        self.batch_spin.setSpecialValueText("auto (the recipe's)")
+        self.val_spin = _spin(0, 1_000_000, 0)
+        self.val_spin.setSpecialValueText("auto")
         self.val_size_spin = _spin(0, 100_000, 0)
         self.val_size_spin.setSpecialValueText("auto (16 in 3D, 64 in 2D)")
         self.val_size_spin.setToolTip("augmented validation items, drawn once from the seed")
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems(["light", "paper"])
-        self.preset_combo.setToolTip("light: half the paper's widths (CPU friendly); "
-                                     "paper: the published U-Net (13.9 M / 29.1 M parameters)")
+        self.preset_combo.addItems([PRESET_FROM_RECIPE, "small", "light", "paper"])
+        self.preset_combo.setToolTip("small: 8-64 features (0.28 M, for CPUs); light: half the "
+                                     "paper's widths; paper: the published U-Net "
+                                     "(13.9 M / 29.1 M parameters)")
+        self.init_edit = QLineEdit()
+        self.init_edit.setPlaceholderText("from scratch (or builtin:brain-t1, or a run folder)")
+        self.init_edit.setToolTip("fine-tune: each fold starts from that run's fold")
+        self.brain_combo = QComboBox()
+        self.brain_combo.addItems([BRAIN_HEAD, BRAIN_AUTO])
+        self.brain_combo.setToolTip("where the synthetic anomalies go in heads with the skull "
+                                    "on: anywhere in the head, or inside an automatic brain mask")
+        if not brain_available():
+            self.brain_combo.model().item(1).setEnabled(False)
+            self.brain_combo.setToolTip(f"{INSTALL_HINT} adds {EXTRA_SUMMARY}")
         self.depth_spin = _spin(0, 9, 0)
         self.depth_spin.setSpecialValueText("preset")
         self.depth_spin.setToolTip("U-Net stages (downsamplings + 1); the frame must be "
@@ -193,12 +227,16 @@ class TrainingWidget(QWidget):
         form.addRow("frame", self.frame_edit)
         form.addRow("train tasks T", self.tasks_spin)
         form.addRow("fold", self.fold_combo)
+        form.addRow("recipe", self.recipe_combo)
+        form.addRow("train for", self.time_spin)
         form.addRow("max steps", self.steps_spin)
         form.addRow("batch size", self.batch_spin)
         form.addRow("validate every", _row(self.val_spin, QLabel("steps on"),
                                            self.val_size_spin))
         form.addRow("model", _row(self.preset_combo, QLabel("depth"), self.depth_spin,
                                   QLabel("width"), self.width_spin))
+        form.addRow("start from", self.init_edit)
+        form.addRow("anomalies in", self.brain_combo)
         form.addRow("device", self.device_combo)
         form.addRow("", self.device_note)
         form.addRow("workers", self.workers_spin)
@@ -294,11 +332,16 @@ class TrainingWidget(QWidget):
             train_tasks=self.tasks_spin.value(),
             fold="all" if fold == "all" else int(fold),
             external=self.external_edit.text().strip() or None,
-            max_steps=self.steps_spin.value(),
+            max_steps=self.steps_spin.value() or None,
+            time_budget=60.0 * self.time_spin.value() or None,
+            recipe=self.recipe_combo.currentText(),
+            init=self.init_edit.text().strip() or None,
+            brain_mask="auto" if self.brain_combo.currentText() == BRAIN_AUTO else None,
             batch_size=self.batch_spin.value() or None,
-            val_interval=self.val_spin.value(),
+            val_interval=self.val_spin.value() or None,
             val_size=self.val_size_spin.value() or None,
-            preset=self.preset_combo.currentText(),
+            preset=None if self.preset_combo.currentText() == PRESET_FROM_RECIPE
+            else self.preset_combo.currentText(),
             depth=self.depth_spin.value() or None,
             base_features=self.width_spin.value() or None,
             device=self.device_combo.currentText(),
@@ -324,13 +367,17 @@ class TrainingWidget(QWidget):
         self._last_best = {}
         self._folds = len(config.fold_indices())
         self._fold_pos = {}
-        self._max_steps = config.max_steps
+        self._max_steps = config.max_steps or 1
         self._reset_plot()
-        total = self._folds * config.max_steps
+        # with a time budget the steps are known once planned (the first FoldStarted)
+        total = self._folds * config.max_steps if config.max_steps and not config.time_budget \
+            else 0
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(0)
-        self._pbar = cancelable_bar(total, "mtml training", self.cancel)
-        self.message.setText(f"training into {config.out} …")
+        self._pbar = cancelable_bar(total or None, "mtml training", self.cancel)
+        self.message.setText(f"training into {config.out} …" if not config.time_budget else
+                             f"measuring a step, then training for "
+                             f"{config.time_budget / 60:g} min into {config.out} …")
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._redraw_timer.start()
@@ -365,6 +412,11 @@ class TrainingWidget(QWidget):
         if isinstance(event, FoldStarted):
             self._fold_pos.setdefault(event.fold, len(self._fold_pos))
             self._max_steps = event.max_steps
+            total = self._folds * event.max_steps
+            if self.progress_bar.maximum() != total:  # planned from the time budget
+                self.progress_bar.setRange(0, total)
+                if self._pbar is not None:
+                    self._pbar.total = total
             self.message.setText(
                 f"fold {event.fold + 1}/{event.n_folds}: train on {', '.join(event.train_tasks)}"
                 f"; validate on {', '.join(event.val_tasks)}"

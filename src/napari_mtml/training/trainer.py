@@ -268,15 +268,20 @@ def _recipe_notice(cfg: TrainConfig, device: torch.device) -> str:
     from napari_mtml.config import MODEL_PRESETS
 
     name = cfg.resolved_recipe
-    base, depth, maxf = MODEL_PRESETS[cfg.preset][cfg.dims or 3]
+    base, depth, maxf = MODEL_PRESETS[cfg.preset][cfg.read_dims or 3]
     how = "chosen for the device" if cfg.recipe == "auto" else "as asked"
     res = (f"{cfg.spacing:g} mm voxels" if cfg.spacing is not None
            else f"downsampled x{cfg.downsample:g}")
     dims = {None: "the data's own dimensions", 2: "2D (volumes as axial slices)", 3: "3D"}
+    from napari_mtml.devices import autocast_dtype
+
+    precision = "bf16 autocast" if autocast_dtype(device) is not None else "float32"
     return (f"recipe '{name}' ({how}, {device.type}): {cfg.preset} U-Net "
             f"{cfg.base_features or base}-{cfg.max_features or maxf} wide, depth "
             f"{cfg.depth or depth}, positional encoding {'on' if cfg.pos_encoding else 'off'}, "
-            f"{dims.get(cfg.dims, cfg.dims)}, {res}, {cfg.lr_schedule} learning-rate schedule"
+            f"{dims.get(cfg.read_dims, cfg.read_dims)}, {res}, {cfg.lr_schedule} learning-rate "
+            f"schedule, best checkpoint by the held-out tasks' "
+            f"{'pixel AP' if cfg.selection == 'ap' else 'validation loss'}, {precision}"
             + (f", batch {cfg.batch_size}" if cfg.batch_size else ""))
 
 
