@@ -3,25 +3,28 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_preview.py            # the worker's compute path
     OMP_NUM_THREADS=1 xvfb-run -a python benchmarks/bench_preview.py --widget   # + napari layers
 
-The compute path is exactly what the preview widget's worker runs per slider change
-(`compute_preview` on the cached `PreviewInput`: one `synthesize` call, its label, and the
-conversion back to the layer's units). `--widget` also times the whole round trip through a docked
-`AnomalyPreviewWidget` in a (hidden) napari viewer: `update_now()` -> worker -> both preview layers
-updated in place. Images: the real MNI152 brain and chest X-ray of ../shared/data brought into the
-model frames by `napari_mtml.preprocess.to_frame` when present, else synthetic discs.
+The compute path (`napari_mtml.preview`) is exactly what the preview widget's worker runs per
+slider change (`compute_preview` on the cached `PreviewInput`: one `synthesize` call, its label,
+and the conversion back to the layer's units); it runs without napari or Qt (checked after the
+table). `--widget` also times the whole round trip through a docked `AnomalyPreviewWidget` in a
+(hidden) napari viewer: `update_now()` -> worker -> both preview layers updated in place.
+Images: the real MNI152 brain and chest X-ray of ../shared/data brought into the model frames by
+`napari_mtml.preprocess.to_frame` when present, else synthetic discs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from napari_mtml._napari.preview_widget import compute_preview, prepare_input
 from napari_mtml.anomalies import TASKS
+from napari_mtml.preview import compute_preview, default_max_push, prepare_input
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -50,10 +53,12 @@ def _images() -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
 
 
 def bench_compute(repeats: int) -> None:
+    threads = os.environ.get("OMP_NUM_THREADS", "unset (numpy/scipy defaults)")
+    print(f"compute path only (napari_mtml.preview), OMP_NUM_THREADS={threads}")
     print(f"{'image':<14}{'task':<18}{'median ms':>10}{'p90 ms':>9}{'mean ms':>9}  source")
     for name, (image, fg, where) in _images().items():
         inp = prepare_input(image, fg)
-        max_push = 5.0 if image.ndim == 3 else 10.0
+        max_push = default_max_push(image.ndim)
         for task in [*TASKS, None]:
             times = []
             for seed in range(repeats):
@@ -64,6 +69,8 @@ def bench_compute(repeats: int) -> None:
             p90 = times[min(len(times) - 1, int(0.9 * len(times)))]
             print(f"{name:<14}{task or 'random task':<18}{statistics.median(times):>10.1f}"
                   f"{p90:>9.1f}{statistics.fmean(times):>9.1f}  {where}")
+    gui = sorted(m for m in sys.modules if m.split(".")[0] in ("napari", "qtpy", "PyQt6", "PyQt5"))
+    print(f"GUI modules loaded by the compute path: {gui or 'none'}")
 
 
 def bench_widget(repeats: int) -> None:

@@ -149,6 +149,37 @@ def test_predict_masks_scores_and_background(trained, tiny, capsys, monkeypatch)
                     "--brain-mask", "auto"], "napari-mtml[brain]")
 
 
+def test_predict_regions_table_as_the_heatmap_widget(trained, tiny, capsys):
+    import csv
+
+    from napari_mtml.io import read_image
+    from napari_mtml.regions import regions_above
+
+    case = tiny["test"] / "case1.nii.gz"
+    out = tiny["root"] / "pred_regions"
+    heat_path = tiny["root"] / "pred" / "case1_anomaly.nii.gz"
+    if not heat_path.is_file():
+        assert main(["predict", str(trained), str(case), "--out", str(heat_path.parent),
+                     "--no-png", "--device", "cpu"]) == 0
+    # a 2D NIfTI reads as a one-slice volume: its regions are 3D, as in the widget
+    heat = nib.load(heat_path).get_fdata().T.reshape(1, 28, 28).astype(np.float32)
+    threshold = float(np.quantile(heat[heat > 0], 0.8))
+    rc = main(["predict", str(trained), str(case), "--out", str(out), "--device", "cpu",
+               "--no-png", "--regions", "--threshold", f"{threshold:.6f}"])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "case1_regions.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["threshold", f"{float(f'{threshold:.6f}'):.6g}"]
+    assert rows[1] == ["label", "voxels", "size_mm3", "peak", "mean", "centre_z_mm",
+                       "centre_y_mm", "centre_x_mm"]
+    _, expected = regions_above(heat, float(f"{threshold:.6f}"), read_image(case).spacing)
+    assert expected and [int(r[1]) for r in rows[2:]] == [r.voxels for r in expected]
+    _fails(capsys, ["predict", str(trained), str(case), "--out", str(out), "--threshold",
+                    "0.5"], "--regions")
+    _fails(capsys, ["predict", str(trained), str(case), "--out", str(out), "--regions",
+                    "--threshold", "1.5"], "threshold")
+
+
 def test_evaluate_pairs_predictions_and_labels(trained, tiny, capsys):
     pred = tiny["root"] / "pred_eval"
     assert main(["predict", str(trained), str(tiny["test"]), "--out", str(pred), "--no-png",

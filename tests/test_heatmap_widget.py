@@ -107,6 +107,34 @@ def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtb
     np.testing.assert_allclose(back.spacing, layer.scale)
 
 
+def test_the_healthy_threshold_follows_a_retrained_run(make_napari_viewer, qtbot, tiny_run,
+                                                       tmp_path, monkeypatch):
+    """The reference's scores are cached per layer and per run state: asking again predicts
+    nothing, but a run retrained in the same folder (a new config.json) predicts again."""
+    import os
+    import shutil
+
+    import napari_mtml._napari.heatmap_widget as hw
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    calls = []
+    real = hw.healthy_scores
+    monkeypatch.setattr(hw, "healthy_scores", lambda ens, scan: calls.append(1) or real(ens, scan))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(run))
+    widget.reference_combo.set_layer(viewer.add_image(_disc((40, 40), 8), name="healthy"))
+    for expected in (1, 1):
+        widget.threshold_from_reference()
+        assert widget.wait(60) and len(calls) == expected
+    config = run / "config.json"
+    later = config.stat().st_mtime_ns + 2_000_000_000
+    os.utime(config, ns=(later, later))  # retrained: config.json is written anew
+    widget.threshold_from_reference()
+    assert widget.wait(60) and len(calls) == 2
+
+
 def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
@@ -131,21 +159,6 @@ def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_pat
 
     widget.save(tmp_path / "nothing.nii.gz")  # nothing predicted yet
     assert "nothing to save" in napari_errors()[-1]
-
-
-def test_regions_above_counts_components():
-    from napari_mtml._napari.heatmap_widget import regions_above
-
-    heat = np.zeros((10, 12), np.float32)
-    heat[1:3, 1:4] = 0.9  # 6 pixels, peak 0.9
-    heat[6:9, 6:9] = 0.6  # 9 pixels
-    heat[7, 7] = 0.95
-    labels, regions = regions_above(heat, 0.5, (0.5, 2.0))
-    assert [r.voxels for r in regions] == [9, 6]
-    assert regions[0].label == 1 and (labels == 1).sum() == 9
-    assert regions[0].size_mm == pytest.approx(9.0) and regions[0].peak == pytest.approx(0.95)
-    assert regions[1].mean == pytest.approx(0.9)
-    assert regions_above(heat, 0.99, (1.0, 1.0))[1] == []
 
 
 def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_path, napari_errors):

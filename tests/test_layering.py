@@ -1,6 +1,8 @@
 """The layering rule of ARCHITECTURE.md, checked on the source itself.
 
 - only `napari_mtml._napari` imports napari, Qt or magicgui;
+- `napari_mtml._napari` holds no science: it imports neither scipy nor the internals of
+  `napari_mtml.anomalies` (only the package's public names);
 - `napari_mtml.anomalies` imports nothing but numpy, scipy and the standard library;
 - no module uses numpy's global random state or an unseeded generator.
 """
@@ -22,6 +24,18 @@ def _modules():
         yield path, ast.parse(path.read_text(), filename=str(path))
 
 
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Every module a file imports, fully named (relative imports resolved to `napari_mtml.`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
 def _imported_roots(tree: ast.AST) -> set[str]:
     roots = set()
     for node in ast.walk(tree):
@@ -39,6 +53,25 @@ def test_only_the_napari_layer_imports_gui():
         if "_napari" not in p.parts and _imported_roots(t) & GUI
     ]
     assert not offenders, offenders
+
+
+def test_the_widgets_hold_no_science():
+    offenders = []
+    for path, tree in _modules():
+        if "_napari" not in path.parts:
+            continue
+        for name in sorted(_imported_modules(tree)):
+            if name.split(".")[0] == "scipy" or name.startswith("napari_mtml.anomalies."):
+                if name.count(".") == 2 and name.rsplit(".", 1)[1] in _public_anomalies():
+                    continue  # `from napari_mtml.anomalies import TASKS`: the public API
+                offenders.append(f"{path.relative_to(PKG)}: {name}")
+    assert not offenders, offenders
+
+
+def _public_anomalies() -> set[str]:
+    import napari_mtml.anomalies
+
+    return set(napari_mtml.anomalies.__all__)
 
 
 def test_anomalies_use_numpy_and_scipy_only():

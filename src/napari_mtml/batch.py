@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_mtml.files import check_output_folder
+from napari_mtml.io import IMAGE_SUFFIXES, image_files, image_name
 
 __all__ = [
     "BatchItem",
@@ -45,10 +46,6 @@ __all__ = [
     "mask_dir_lookup",
     "auto_brain_mask",
 ]
-
-# The suffixes `image_name` strips and a folder's files are picked by (".dcm" files of a folder
-# are a DICOM series: the folder is read as one image).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 SCORES_HEADER = ("name", "score", "mean_disagreement", "anomaly_file", "score_method", "mean",
                  "max", "top1")
@@ -64,6 +61,7 @@ class BatchItem:
         map over the whole image; both None when the input failed.
     anomaly_path, disagreement_path, overlay_path : the files written (overlay None with
         `png=False`); all None when the input failed.
+    regions_path : `NAME_regions.csv` with `regions_at` (else None).
     error : one line naming the file, when this input failed; None otherwise.
     """
 
@@ -80,6 +78,7 @@ class BatchItem:
     scores: dict = field(default_factory=dict)
     score_method: str | None = None
     mask_path: Path | None = None
+    regions_path: Path | None = None
 
 
 @dataclass
@@ -95,21 +94,13 @@ class BatchResult:
         return [item for item in self.items if item.error is not None]
 
 
-def image_name(path: str | os.PathLike) -> str:
-    """The NAME of NAME_anomaly.nii.gz: the file (or folder) name without its image suffix."""
-    name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def expand_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The inputs of a batch, in order.
 
     A file is taken as given; a folder holding NIfTI/PNG/TIFF/JPEG files becomes those files
-    (sorted by name; only regular files, links resolved, are taken: a named pipe or socket is
-    skipped and never opened); any other folder is one input (a DICOM series, for the reader).
+    (`napari_mtml.io.image_files`: sorted by name; only regular files, links resolved, are
+    taken: a named pipe or socket is skipped and never opened); any other folder is one input
+    (a DICOM series, for the reader).
 
     Raises
     ------
@@ -121,17 +112,7 @@ def expand_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not p.exists():
             raise ValueError(f"{p}: no such file or folder")
         if p.is_dir():
-            try:
-                entries = sorted(p.iterdir())
-            except OSError as exc:
-                raise ValueError(f"{p}: cannot list the folder ({exc.strerror or exc})") from None
-            files = [
-                f
-                for f in entries
-                if f.is_file()  # follows links; False for FIFOs, sockets, devices
-                and f.name.lower().endswith(IMAGE_SUFFIXES)
-                and not f.name.lower().endswith(".dcm")
-            ]
+            files = [f for f in image_files(p) if not f.name.lower().endswith(".dcm")]
             if files:
                 out.extend(files)
                 continue
@@ -217,6 +198,7 @@ def predict_batch(
     png: bool = True,
     predict_kwargs: Mapping[str, Any] | None = None,
     mask_for: Callable[[Path, Any], Any] | None = None,
+    regions_at: float | None = None,
 ) -> Generator[BatchItem, None, BatchResult]:
     """Predict every input with `ensemble` into `out_dir`, one `BatchItem` yielded per input.
 
@@ -235,6 +217,9 @@ def predict_batch(
     mask_for : `mask_for(path, scan) -> bool array or None`, the mask the map of that input is
         kept inside (`Ensemble.predict(mask=...)`; see `mask_dir_lookup`, `auto_brain_mask`);
         a mask used is also written as `NAME_mask.nii.gz`.
+    regions_at : a threshold in (0, 1]: also write `NAME_regions.csv`, the connected regions of
+        the map at or above it (`napari_mtml.regions.write_regions_csv`, the heatmap widget's
+        table: size in mm^2/mm^3, peak, mean, centre in the mm of `io.scan.display_grid`).
 
     Returns (the generator's return value)
     -------
@@ -243,10 +228,13 @@ def predict_batch(
     Raises (when called, before any input is read)
     ------
     ValueError : no inputs, or several inputs that would write the same NAME.
-    ValueError : `out_dir` (or a parent) is a file.
+    ValueError : `out_dir` (or a parent) is a file; `regions_at` outside (0, 1].
     OSError : `out_dir` cannot be created (permissions, ...).
     """
     paths = [p if _in_memory(p) else Path(p) for p in paths]
+    if regions_at is not None and not 0 < regions_at <= 1:
+        raise ValueError(f"region threshold {regions_at} is invalid: the maps lie in [0, 1], "
+                         "use a threshold in (0, 1]")
     if not paths:
         raise ValueError("no input images given")
     names = [_memory_name(p) if _in_memory(p) else image_name(p) for p in paths]
@@ -258,7 +246,8 @@ def predict_batch(
         )
     out = check_output_folder(out_dir, "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}), mask_for)
+    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}), mask_for,
+                regions_at)
 
 
 def _run(
@@ -269,6 +258,7 @@ def _run(
     png: bool,
     predict_kwargs: dict[str, Any],
     mask_for: Callable[[Path, Any], Any] | None = None,
+    regions_at: float | None = None,
 ) -> Generator[BatchItem, None, BatchResult]:
     from napari_mtml.demo import write_overlay_png
     from napari_mtml.io import read_image, write_image
@@ -299,6 +289,11 @@ def _run(
                 written.append(anomaly_path)
                 write_image(disagreement_path, pred.disagreement, like=scan)
                 written.append(disagreement_path)
+                regions_path = None
+                if regions_at is not None:
+                    regions_path = out / f"{name}_regions.csv"
+                    written.append(regions_path)
+                    _write_regions(regions_path, pred.anomaly, scan, regions_at)
                 if overlay_path is not None:
                     written.append(overlay_path)
                     write_overlay_png(
@@ -322,6 +317,7 @@ def _run(
                     scores=dict(getattr(pred, "scores", {}) or {}),
                     score_method=getattr(pred, "score_method", None),
                     mask_path=mask_path,
+                    regions_path=regions_path,
                 )
             except errors as exc:
                 for f in written:  # a failed input leaves none of its outputs behind
@@ -333,6 +329,22 @@ def _run(
         # Also on gen.close() (cancel) and on an unexpected error: the table of what succeeded.
         _write_scores(result.scores_csv, result.items)
     return result
+
+
+def _write_regions(path: Path, anomaly, scan, threshold: float) -> Path:
+    """`NAME_regions.csv`: the regions of `anomaly` at or above `threshold`, centres in mm."""
+    import numpy as np
+
+    from napari_mtml.io.scan import display_grid
+    from napari_mtml.regions import regions_above, write_regions_csv
+
+    translate, scale = display_grid(scan)
+    _, regions = regions_above(anomaly, threshold, scan.spacing)
+
+    def to_world(index):
+        return np.asarray(translate) + np.asarray(index) * np.asarray(scale)
+
+    return write_regions_csv(path, regions, threshold, scan.ndim, to_world)
 
 
 def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
@@ -348,9 +360,8 @@ def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
         raise ValueError(f"{folder}: the mask folder does not exist (--mask-dir)")
     pattern = re.compile(r"_(mask|brainmask|foreground|fg)$", re.IGNORECASE)
     found: dict[str, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES):
-            found.setdefault(pattern.sub("", image_name(f)), f)
+    for f in image_files(folder):
+        found.setdefault(pattern.sub("", image_name(f)), f)
 
     def mask_for(path: Path, scan: Any):
         from napari_mtml.io import read_image

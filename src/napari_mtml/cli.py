@@ -172,6 +172,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     if args.mask_dir and args.brain_mask:
         raise ValueError("give either --mask-dir or --brain-mask, not both")
+    if args.threshold is not None and not args.regions:
+        raise ValueError("--threshold sets the threshold of the region tables: add --regions")
     mask_for = None
     if args.mask_dir:
         mask_for = mask_dir_lookup(args.mask_dir)
@@ -184,8 +186,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
     predict_kwargs = {"keep_background": args.keep_background, "score": args.score,
                       "tta": args.tta}
+    regions_at = (0.5 if args.threshold is None else args.threshold) if args.regions else None
     gen = predict_batch(ensemble, paths, args.out, png=not args.no_png,
-                        predict_kwargs=predict_kwargs, mask_for=mask_for)
+                        predict_kwargs=predict_kwargs, mask_for=mask_for, regions_at=regions_at)
     print(f"{ensemble}")
     result = None
     # One bar over the images on a terminal; none in a log file or a pipe (disable=None).
@@ -464,6 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action="store_true",
         help="also predict each image mirrored left-right and average (twice the time)",
+    )
+    p.add_argument(
+        "--regions",
+        action="store_true",
+        help="also write NAME_regions.csv: the connected regions of the map at or above "
+        "--threshold with their size (mm^2/mm^3), peak, mean and centre (mm), largest first, "
+        "as the heatmap widget's table",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="the threshold of --regions, in (0, 1] (default 0.5)",
     )
     p.set_defaults(func=_cmd_predict)
 

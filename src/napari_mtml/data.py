@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_mtml.io import IMAGE_SUFFIXES, image_files
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MIN_PLACEABLE_SHARE",
@@ -37,15 +39,9 @@ __all__ = [
     "make_validation_set",
 ]
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 N_DATA_FOLDS = 5
 _PERM_KEY = 0x5EED  # separates the per-epoch permutation streams from the per-item streams
 _VAL_KEY = 0x7A1  # separates the validation stream
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -79,13 +75,10 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 def _expand_folder(folder: Path) -> list[Path]:
     out: list[Path] = []
     dicoms: dict[Path, list[Path]] = {}
-    for f in sorted(folder.rglob("*")):
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        suffix = _suffix(f)
-        if suffix == ".dcm":
+    for f in image_files(folder, recursive=True):
+        if f.name.lower().endswith(".dcm"):
             dicoms.setdefault(f.parent, []).append(f)
-        elif suffix in IMAGE_SUFFIXES:
+        else:
             out.append(f)
     for parent, files in dicoms.items():
         if len(files) > 1 and _one_series(files):

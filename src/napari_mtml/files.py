@@ -10,6 +10,7 @@ text = read_text("run.toml", what="config file")   # ValueError naming the file 
 os_error_message(exc)        # "out/run: a file is in the way, not a folder"  (one line)
 check_output_file(path)      # ValueError when an existing path there is a folder, pipe, ...
 check_output_folder(path)    # ValueError when a file is where the folder (or a parent) must be
+write_atomic(path, text)     # the old file or the whole new one, never a torn one
 ```
 Only regular files are ever opened: a named pipe (FIFO) would block the read or write forever.
 """
@@ -18,9 +19,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["check_output_file", "check_output_folder", "os_error_message", "read_text"]
+__all__ = ["check_output_file", "check_output_folder", "os_error_message", "read_text",
+           "write_atomic"]
 
 _REASONS = {
     errno.ENOENT: "no such file or folder",
@@ -127,3 +132,53 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     if blocker is not None:
         raise ValueError(f"{p}: {blocker} is a file, not a folder; give a folder for the {what}")
     return p
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None], *,
+                 durable: bool = False) -> Path:
+    """Write a file so that readers (and a crash) see the old file or the whole new one.
+
+    The content goes to a temporary file beside `path` (named after it, this process and this
+    thread, so concurrent writers of one file never share it), which then replaces `path` with
+    `os.replace` (atomic on POSIX and Windows). On any error, or an interruption (Ctrl-C, a
+    closed generator), the temporary file is removed and the old file is kept.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    content : str, bytes or callable
+        UTF-8 text, bytes, or `write(binary_file)` that writes the content itself (e.g.
+        `lambda fh: torch.save(obj, fh)`).
+    durable : bool
+        Also flush the data to the disk (`os.fsync`) before the replace, so that it survives
+        a power failure (checkpoints).
+
+    Returns
+    -------
+    Path
+        `path`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_atomic(folder / "scores.csv", "name,score\n").read_text()
+    'name,score\n'
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -35,7 +35,7 @@ import torch
 
 from napari_mtml.devices import apply_thread_rule, prepare_model_for_device, resolve_device
 
-__all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device"]
+__all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device", "run_stamp"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,6 @@ class _RunSettings:
     spacing: float | None
     model_kwargs: dict[str, Any]
     n_folds: int
-    folds: tuple[int, ...] | None  # the folds this run trains, None = all n_folds
 
 
 def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
@@ -115,21 +114,32 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
     kind = config.resolved_kind or config.kind
     dims = int(model_kwargs.pop("dims"))
     frame = tuple(int(f) for f in model_kwargs.pop("frame"))
-    folds = None if config.fold == "all" else (int(config.fold),)
     settings = _RunSettings(
         dims, frame, kind, config.resample["downsample"], config.spacing, model_kwargs,
-        config.n_folds, folds
+        config.n_folds
     )
     return settings, config.to_dict()
 
 
-def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | None) -> list[int]:
+def _present_folds(run_dir: Path, n_folds: int) -> list[int]:
+    """The folds of a run that have their `fold_K/best.pt`."""
+    return [k for k in range(n_folds) if (run_dir / f"fold_{k}" / "best.pt").is_file()]
+
+
+def _find_folds(run_dir: Path, settings: _RunSettings,
+                folds: Sequence[int] | str | None) -> list[int]:
     """The fold indices to load; every one must have its `best.pt` (else a ValueError naming it).
 
     Default: every fold of the split. A run trained one fold per job (`--fold K`) shares one
     folder whose config.json names the last job's fold; it is loaded once all its folds exist.
+    `"available"`: the folds that have a `best.pt` (a run still training, or cancelled).
     """
-    if folds is not None:
+    if isinstance(folds, str):
+        if folds != "available":
+            raise ValueError(f"folds={folds!r}: give fold indices, None (every fold) or "
+                             "'available' (the folds trained so far)")
+        wanted = None
+    elif folds is not None:
         wanted = sorted({int(k) for k in folds})
         bad = [k for k in wanted if not 0 <= k < settings.n_folds]
         if bad:
@@ -140,12 +150,14 @@ def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | No
             raise ValueError("folds=[] selects no model: pass None for every fold of the run")
     else:
         wanted = list(range(settings.n_folds))
-    present = [k for k in range(settings.n_folds) if (run_dir / f"fold_{k}" / "best.pt").is_file()]
+    present = _present_folds(run_dir, settings.n_folds)
     if not present:
         raise ValueError(
             f"{run_dir} holds no trained fold (no fold_K/best.pt): training did not finish a "
             "validation; train it (again) with `mtml train ... --out RUN`"
         )
+    if wanted is None:
+        return present
     missing = [k for k in wanted if k not in present]
     if missing:
         files = ", ".join(str(run_dir / f"fold_{k}" / "best.pt") for k in missing)
@@ -154,6 +166,20 @@ def _find_folds(run_dir: Path, settings: _RunSettings, folds: Sequence[int] | No
             f"--out {run_dir}` or load only the present folds {present} (folds=...)"
         )
     return wanted
+
+
+def run_stamp(run_dir: str | Path) -> tuple:
+    """What identifies a run's trained state on disk: the modification times (ns) of its
+    config.json and of every `fold_K/best.pt`. A run retrained in the same folder gets another
+    stamp, so a cache of loaded ensembles or of thresholds keyed by it never serves stale ones.
+    """
+    from napari_mtml.builtin import resolve_run
+
+    folder = resolve_run(run_dir).expanduser()
+    files = [folder / "config.json", *sorted(folder.glob("fold_*/best.pt"))]
+    return (str(folder.resolve()),
+            *((f.name if f.name == "config.json" else f.parent.name, f.stat().st_mtime_ns)
+              for f in files if f.is_file()))
 
 
 def _load_state_dict(path: Path, device: torch.device,
@@ -190,7 +216,7 @@ def load_fold_weights(run_dir: str | Path, fold: int) -> dict[str, torch.Tensor]
 
     run_dir = resolve_run(run_dir)
     settings, _ = _read_settings(run_dir)
-    present = [k for k in range(settings.n_folds) if (run_dir / f"fold_{k}" / "best.pt").is_file()]
+    present = _present_folds(run_dir, settings.n_folds)
     if not present:
         raise ValueError(f"{run_dir} holds no trained fold (no fold_K/best.pt) to start from")
     k = fold if fold in present else present[fold % len(present)]
@@ -257,6 +283,12 @@ class Ensemble:
         self.precision = precision
         for m in self.models:
             m.eval()
+
+    @property
+    def n_folds(self) -> int:
+        """The number of folds of the run's T/(5-T) split, C(5, T) (`folds` are those loaded)."""
+        return math.comb(5, int(self.config.get("train_tasks", 1))) if self.config \
+            else len(self.folds)
 
     def __repr__(self) -> str:
         return (
@@ -490,7 +522,7 @@ def load_ensemble(
     run_dir: str | Path,
     device: str | torch.device = "auto",
     *,
-    folds: Sequence[int] | None = None,
+    folds: Sequence[int] | str | None = None,
     batch_size: int | None = None,
     precision: str = "float32",
 ) -> Ensemble:
@@ -500,7 +532,9 @@ def load_ensemble(
     ----------
     run_dir : the folder `mtml train --out RUN` wrote (`config.json`, `fold_K/best.pt`).
     device : "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
-    folds : fold indices to load (default: every fold of the run's T/(5-T) split, C(5, T) of them).
+    folds : fold indices to load (default: every fold of the run's T/(5-T) split, C(5, T) of
+        them), or "available": the folds that have a `best.pt` so far (a run trained fold by
+        fold, still training or cancelled); `Ensemble.n_folds` tells how many the split has.
     batch_size : frames per forward call (default 16 for 2D runs, 1 for 3D).
     precision : "float32" (default) or "bfloat16" (see `Ensemble`).
 

@@ -37,6 +37,7 @@ __all__ = [
     "theme_colours",
     "viewer_camera",
     "voxel_volume",
+    "wait_until",
 ]
 
 
@@ -413,6 +414,20 @@ def start_worker(
         worker.finished.connect(on_finish)
     worker.start()
     return worker
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    """Process Qt events until `done()` is true or `timeout_s` seconds have passed (the
+    widgets' `wait()`/`stop()` for scripts, tests and closing); returns `done()`."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.005)
+    return done()
 
 
 def viewer_camera(viewer):

@@ -28,10 +28,6 @@ becomes the widget's current result (threshold, regions, save).
 
 from __future__ import annotations
 
-import csv
-import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,7 +36,6 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QApplication,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -57,12 +52,20 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from scipy import ndimage
 from superqt import QLabeledDoubleSlider
 
 from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
 from napari_mtml.brainmask import available as brain_available
 from napari_mtml.builtin import builtin_models
+from napari_mtml.regions import (
+    Region,
+    healthy_scores,
+    nearest_voxel,
+    percentile_threshold,
+    region_table,
+    regions_above,
+    write_regions_csv,
+)
 
 from ._common import (
     RUN_BUS,
@@ -78,9 +81,10 @@ from ._common import (
     start_worker,
     viewer_camera,
     voxel_volume,
+    wait_until,
 )
 
-__all__ = ["HeatmapWidget", "Region", "regions_above"]
+__all__ = ["HeatmapWidget", "Region", "regions_above"]  # the regions live in napari_mtml.regions
 
 BUILTIN_PICK = "built-in model…"
 MASK_FOREGROUND = "the image's foreground"
@@ -97,51 +101,6 @@ ANOMALY = " anomaly"
 DISAGREEMENT = " disagreement"
 SUSPICIOUS = " suspicious"
 MAX_ROWS = 100
-
-
-@dataclass(frozen=True)
-class Region:
-    """One connected region above the threshold: `label` (its value in the Labels layer),
-    `voxels`, `size_mm` (mm^2 in 2D, mm^3 in 3D), `peak` and `mean` heatmap score, and
-    `centroid` (its centre of mass in array index coordinates, `(y, x)` or `(z, y, x)`)."""
-
-    label: int
-    voxels: int
-    size_mm: float
-    peak: float
-    mean: float
-    centroid: tuple[float, ...] = ()
-
-
-def regions_above(heat: np.ndarray, threshold: float, spacing: tuple[float, ...],
-                  voxel_size: float | None = None) -> tuple[np.ndarray, list[Region]]:
-    """Connected regions of `heat >= threshold` (face connectivity), largest first.
-
-    `heat`: float `(H, W)` or `(D, H, W)`; `spacing`: mm per axis; `voxel_size`: mm^2 / mm^3 of
-    one voxel when the grid is sheared (default: the product of `spacing`). Returns an int32
-    label image of the same shape (0 = background, 1 = largest region, ...) and one `Region`
-    per label.
-    """
-    labels, n = ndimage.label(heat >= threshold)
-    if n == 0:
-        return labels.astype(np.int32), []
-    flat = labels.ravel()
-    voxels = np.bincount(flat, minlength=n + 1)[1:]
-    sums = np.bincount(flat, weights=heat.ravel().astype(np.float64), minlength=n + 1)[1:]
-    peaks = np.asarray(ndimage.maximum(heat, labels, index=np.arange(1, n + 1)), dtype=float)
-    centroids = np.asarray(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)),
-                           dtype=float).reshape(n, heat.ndim)
-    order = np.argsort(-voxels, kind="stable")
-    # Renumber so that label 1 is the largest region (the table's first row).
-    remap = np.zeros(n + 1, dtype=np.int32)
-    remap[order + 1] = np.arange(1, n + 1, dtype=np.int32)
-    voxel_mm = float(np.prod(spacing)) if voxel_size is None else float(voxel_size)
-    regions = [
-        Region(int(remap[i + 1]), int(voxels[i]), float(voxels[i] * voxel_mm), float(peaks[i]),
-               float(sums[i] / voxels[i]), tuple(float(c) for c in centroids[i]))
-        for i in order
-    ]
-    return remap[labels], regions
 
 
 class HeatmapWidget(QWidget):
@@ -329,11 +288,7 @@ class HeatmapWidget(QWidget):
 
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Process events until the running prediction is done; True if it ended."""
-        deadline = time.monotonic() + timeout_s
-        while self._worker is not None and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.01)
-        return self._worker is None
+        return wait_until(lambda: self._worker is None, timeout_s)
 
     def _is_output(self, layer) -> bool:
         return layer in (self.heatmap_layer, self.disagreement_layer) or \
@@ -365,34 +320,32 @@ class HeatmapWidget(QWidget):
 
     # ----------------------------------------------------------------------------- predict
     def _ensemble(self, run_dir: str, device: str):
-        """The loaded run (cached per folder, device and config.json time; worker thread)."""
+        """The loaded run (cached per folder, device and the run's files on disk; worker
+        thread). A run trained fold by fold (or cancelled) is still usable: its folds that have
+        a best.pt are loaded, and the score line says how many of the split's folds they are."""
         from napari_mtml.builtin import resolve_run
-        from napari_mtml.inference import load_ensemble
+        from napari_mtml.inference import load_ensemble, run_stamp
 
         folder = resolve_run(run_dir).expanduser()
         if not folder.is_dir():
             raise ValueError(f"run folder '{folder}' does not exist: choose the folder that "
                              "training wrote (it holds config.json and fold_K/best.pt).")
-        cfg = folder / "config.json"
-        key = (str(folder.resolve()), device, cfg.stat().st_mtime_ns if cfg.exists() else None)
+        key = (run_stamp(folder), device)
         if key not in self._ensembles:
-            # A run trained fold by fold (or cancelled) is still usable: predict with the folds
-            # that have a best.pt and say so, rather than refusing until every fold exists.
-            present = sorted(int(p.parent.name.split("_")[1]) for p in folder.glob("fold_*/best.pt")
-                             if p.parent.name.split("_")[1].isdigit())
-            ens = load_ensemble(folder, device=device, folds=present or None)
-            self._ensembles = {key: ens}
-        return self._ensembles[key]
+            self._ensembles = {key: load_ensemble(folder, device=device, folds="available")}
+        return key, self._ensembles[key]
 
     def _job(self, run_dir, device, scan, mask_choice):
         """The worker: load the run, the mask, then predict; each step can be cancelled
         before it."""
         yield "loading the run"
-        ensemble = self._ensemble(run_dir, device)
+        _, ensemble = self._ensemble(run_dir, device)
         mask = mask_choice
         if isinstance(mask_choice, str):  # MASK_AUTO
+            from napari_mtml.batch import auto_brain_mask
+
             yield "finding the brain"
-            mask = _auto_mask(scan)
+            mask = auto_brain_mask(None, scan)  # 2D images keep their foreground
         yield f"predicting with {len(ensemble.folds)} fold model(s)"
         return ensemble.predict(scan, mask=mask)
 
@@ -503,8 +456,7 @@ class HeatmapWidget(QWidget):
         ens = next(iter(self._ensembles.values()), None)
         note = ""
         if ens is not None:
-            n_all = math.comb(5, int(ens.config.get("train_tasks", 1)))
-            note = f"\n{len(ens.folds)} of {n_all} fold models: {list(ens.folds)}"
+            note = f"\n{len(ens.folds)} of {ens.n_folds} fold models: {list(ens.folds)}"
         how = SCORE_TEXT.get(getattr(prediction, "score_method", ""), "sample score")
         self.score_label.setText(
             f"sample score ({how}): {prediction.score:.4f}"
@@ -593,7 +545,7 @@ class HeatmapWidget(QWidget):
         from napari_mtml.batch import predict_batch
 
         yield "loading the run"
-        ensemble = self._ensemble(run_dir, device)
+        _, ensemble = self._ensemble(run_dir, device)
         mask_for = None
         if self.mask_combo.current_extra() == MASK_AUTO and brain_available():
             from napari_mtml.batch import auto_brain_mask
@@ -671,10 +623,7 @@ class HeatmapWidget(QWidget):
 
     def _load_batch_item(self, item):
         """(image layer, anomaly, disagreement) of a batch item, the maps on the layer's grid."""
-        import nibabel as nib
-
-        from napari_mtml.io import read_image
-        from napari_mtml.io.scan import from_file_order
+        from napari_mtml.io import read_image, read_map
 
         from .reader import layer_data_from_scan
 
@@ -683,8 +632,7 @@ class HeatmapWidget(QWidget):
             if layer not in self.viewer.layers:
                 raise ValueError(f"layer '{item.name}' was closed; its maps are in "
                                  f"{item.anomaly_path.parent}.")
-            maps = [from_file_order(np.asarray(nib.load(p).dataobj, dtype=np.float32),
-                                    metadata, ndim)
+            maps = [read_map(p, metadata, ndim)
                     for p in (item.anomaly_path, item.disagreement_path)]
             return layer, maps[0], maps[1]
         layer = self._batch_opened.get(str(item.path))
@@ -694,8 +642,7 @@ class HeatmapWidget(QWidget):
             layer = self.viewer.add_image(data, **kwargs)
             self._batch_opened[str(item.path)] = layer
         # the maps were written in the input's own geometry: read back on the same grid
-        maps = [from_file_order(np.asarray(nib.load(p).dataobj, dtype=np.float32),
-                                scan.metadata, scan.ndim)
+        maps = [read_map(p, scan.metadata, scan.ndim)
                 for p in (item.anomaly_path, item.disagreement_path)]
         return layer, maps[0], maps[1]
 
@@ -736,25 +683,14 @@ class HeatmapWidget(QWidget):
         """The regions as columns (also the Labels layer's `features`; `index` = label value).
 
         `size_mm` is mm^2 (2D) or mm^3 (3D); `centre_*` is the world position (the viewer's
-        axes, in mm) of the region's centre of mass.
+        axes, in mm) of the region's centre of mass (`napari_mtml.regions.region_table`).
         """
-        layer = self._source_layer
         ndim = 0 if self.prediction is None else self.prediction.anomaly.ndim
-        axes = ("z", "y", "x")[-ndim:] if ndim else ()
-        table: dict[str, list] = {"index": [], "voxels": [], "size_mm": [], "peak": [],
-                                  "mean": []}
-        for a in axes:
-            table[f"centre_{a}"] = []
-        for r in self.regions:
-            table["index"].append(r.label)
-            table["voxels"].append(r.voxels)
-            table["size_mm"].append(r.size_mm)
-            table["peak"].append(r.peak)
-            table["mean"].append(r.mean)
-            world = layer.data_to_world(r.centroid) if layer is not None else r.centroid
-            for a, w in zip(axes, world[-ndim:], strict=True):
-                table[f"centre_{a}"].append(float(w))
-        return table
+        return region_table(self.regions, ndim, self._to_world())
+
+    def _to_world(self):
+        layer = self._source_layer
+        return None if layer is None else layer.data_to_world
 
     def _row_selected(self) -> None:
         rows = {i.row() for i in self.table.selectedItems()}
@@ -770,10 +706,9 @@ class HeatmapWidget(QWidget):
         region = next((r for r in self.regions if r.label == label), None)
         if labels is None or region is None:
             return
-        voxels = np.argwhere(np.asarray(labels.data) == label)
-        if len(voxels) == 0:
+        centre = nearest_voxel(labels.data, region)
+        if centre is None:
             return
-        centre = voxels[np.argmin(((voxels - np.asarray(region.centroid)) ** 2).sum(axis=1))]
         self._go_to(labels, centre)
         labels.selected_label = int(label)
         labels.visible = True
@@ -802,17 +737,12 @@ class HeatmapWidget(QWidget):
             if not path:
                 return None
         path = Path(path)
-        table = self.region_table()
-        unit = "mm2" if self.prediction.anomaly.ndim == 2 else "mm3"
-        header = ["label" if k == "index" else f"size_{unit}" if k == "size_mm" else
-                  f"{k}_mm" if k.startswith("centre_") else k for k in table]
         try:
-            with open(path, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["threshold", f"{self.threshold_slider.value():.6g}"])
-                writer.writerow(header)
-                for row in zip(*table.values(), strict=True):
-                    writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            write_regions_csv(path, self.regions, self.threshold_slider.value(),
+                              self.prediction.anomaly.ndim, self._to_world())
+        except ValueError as exc:
+            self._error(exc)
+            return None
         except OSError as exc:
             self._error(ValueError(f"{path}: could not write the CSV file ({exc})."))
             return None
@@ -839,18 +769,14 @@ class HeatmapWidget(QWidget):
                     on_return=self._set_threshold)
 
     def _reference_job(self, run_dir, device, scan, ref, pct):
-        from napari_mtml.preprocess import foreground_mask
-
-        key = (id(ref), id(ref.data), run_dir, device)
+        yield "loading the run"
+        run_key, ensemble = self._ensemble(run_dir, device)
+        # the run's files are in the key: a run retrained in the same folder predicts again
+        key = (id(ref), id(ref.data), run_key)
         if key not in self._reference_cache:
-            yield "loading the run"
-            ensemble = self._ensemble(run_dir, device)
             yield "predicting the healthy reference"
-            heat = ensemble.predict(scan).anomaly
-            fg = np.asarray(foreground_mask(scan), dtype=bool)
-            self._reference_cache[key] = heat[fg] if fg.any() else heat.ravel()
-        scores = self._reference_cache[key]
-        return float(np.percentile(scores, pct)), ref.name
+            self._reference_cache[key] = healthy_scores(ensemble, scan)
+        return percentile_threshold(self._reference_cache[key], pct), ref.name
 
     def _set_threshold(self, value_and_name) -> None:
         if value_and_name is None:
@@ -913,12 +839,3 @@ def _browse_button(parent, edit: QLineEdit) -> QPushButton:
 
     button.clicked.connect(browse)
     return button
-
-
-def _auto_mask(scan):
-    """The automatic brain mask of a volume (worker thread); 2D images keep their foreground."""
-    from napari_mtml.brainmask import brain_mask
-
-    if scan.array.ndim != 3 or scan.array.shape[0] < 2:
-        return None
-    return brain_mask(scan)

@@ -6,23 +6,22 @@ parameters, the seed or the source re-runs `napari_mtml.anomalies.synthesize` in
 and writes the result, in place, into ONE preview image layer and ONE label layer that sit on the
 source layer (its whole transform). "Keep" copies the current pair into new layers.
 
-The widget holds no science: `compute_preview` only gathers inputs for `synthesize`. Slider
-changes are debounced, and while a preview is being computed further changes are coalesced into
-a single follow-up run, so a slow 3D volume never queues up stale work or blocks the GUI.
+The widget holds no science: the compute path is `napari_mtml.preview` (`prepare_input`,
+`compute_preview`, `FolderSource`), the sliders' labels, ranges and defaults are
+`napari_mtml.preview.PARAMS` (from `TaskParams`). Slider changes are debounced, and while a
+preview is being computed further changes are coalesced into a single follow-up run, so a slow
+3D volume never queues up stale work or blocks the GUI.
 """
 
 from __future__ import annotations
 
-import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -38,8 +37,20 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider, QLabeledSlider
 
-from napari_mtml.anomalies import TASKS, synthesize
-from napari_mtml.preprocess import to_model_units
+from napari_mtml.anomalies import BLEND_TASKS, TASKS
+from napari_mtml.preview import (
+    PARAMS,
+    FolderSource,
+    PreviewInput,
+    PreviewResult,
+    compute_preview,
+    default_max_push,
+    next_seed,
+    params_used,
+    prefers_slices,
+    prepare_input,
+    preview_input,
+)
 
 from ._common import (
     LayerCombo,
@@ -51,6 +62,7 @@ from ._common import (
     scan_from_layer,
     set_or_add_image,
     start_worker,
+    wait_until,
 )
 
 __all__ = ["AnomalyPreviewWidget", "PreviewInput", "PreviewResult", "compute_preview",
@@ -59,210 +71,12 @@ __all__ = ["AnomalyPreviewWidget", "PreviewInput", "PreviewResult", "compute_pre
 RANDOM_TASK = "random task"
 MODE_VOLUME = "3D volume"
 MODE_SLICE = "current axial slice (2D)"
-BLEND_TASKS = ("intra_blend", "inter_blend")
 PREVIEW_NAME = "mtml preview"
 LABEL_NAME = "mtml preview label"
 AUTO_FG = "(automatic)"
 NO_FG = "(none: whole image)"
 SAME_SOURCE = "(the image itself)"
 FOLDER_SOURCE = "(external folder)"
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-# (keyword of synthesize, label, minimum, maximum, default, decimals; 0 = integer slider).
-# Defaults are the paper's (METHOD.md); max_push is 5 for brain volumes and 10 for X-rays and is
-# reset to that when the source layer's dimensionality changes.
-PARAMS = (
-    ("min_size", "min size (x image)", 0.01, 1.0, 0.06, 2),
-    ("max_size", "max size (x image)", 0.02, 1.0, 0.8, 2),
-    ("max_anomalies", "max anomalies", 1, 8, 4, 0),
-    ("repeat_prob", "repeat probability", 0.0, 0.95, 0.5, 2),
-    ("min_push", "min push (voxels)", 0.0, 20.0, 0.5, 1),
-    ("max_push", "max push (voxels)", 0.1, 40.0, 5.0, 1),
-    ("intensity_scale", "intensity scale", 0.01, 2.0, 0.2, 2),
-    ("margin_base", "margin base (x size)", 0.0, 0.2, 0.02, 3),
-    ("sigma", "label sigma", 0.02, 1.0, 0.2, 2),
-)
-# Which task uses which parameter (the rest are greyed out for that task).
-TASK_PARAMS = {
-    "intra_blend": set(),
-    "inter_blend": set(),
-    "sink": {"min_push", "max_push"},
-    "source": {"min_push", "max_push"},
-    "smooth_intensity": {"intensity_scale", "margin_base"},
-}
-COMMON_PARAMS = {"min_size", "max_size", "max_anomalies", "repeat_prob", "sigma"}
-
-
-# --------------------------------------------------------------------------------------------
-# The compute path (runs in a worker thread; also what benchmarks/bench_preview.py times)
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreviewInput:
-    """An image brought into the tasks' intensity units, with its foreground.
-
-    `image`: float32 `(H, W)` or `(D, H, W)` in model units (z-score inside the foreground for
-    volumes, [-1, 1] for 2D images, as METHOD.md §7); `offset`, `scale`: `display = image * scale +
-    offset` maps back to the layer's own units; `foreground`: bool, same shape, or `None`.
-    """
-
-    image: np.ndarray
-    foreground: np.ndarray | None
-    offset: float
-    scale: float
-
-
-@dataclass
-class PreviewResult:
-    """One preview: `image` float32 in the source layer's units, `label` float32 in [0, 1)."""
-
-    image: np.ndarray
-    label: np.ndarray
-    task: str
-    n_anomalies: int
-    seconds: float
-    layer_id: int = 0
-    params: dict = field(default_factory=dict)
-    slice_index: int | None = None  # the axial slice synthesised in 2D, if any
-
-
-def prepare_input(layer_data: np.ndarray, foreground: np.ndarray | None) -> PreviewInput:
-    """`PreviewInput` for a layer's pixels (any real dtype) and an optional bool foreground."""
-    data = np.asarray(layer_data, dtype=np.float32)
-    fg = None if foreground is None else np.asarray(foreground).astype(bool)
-    image, offset, scale = to_model_units(data, fg)
-    return PreviewInput(image=image, foreground=fg, offset=offset, scale=scale)
-
-
-def _slice_of(array, frac: float):
-    """The axial slice at relative position `frac` of a 3D array; 2D arrays pass through."""
-    if array is None or np.ndim(array) != 3:
-        return array
-    return array[int(round(frac * (array.shape[0] - 1)))]
-
-
-def _slice_source(source, frac: float):
-    """A blending `source` for a 2D slice synthesis: 3D sources give their slice at the same
-    relative height (a callable's images too), 2D sources are used as they are."""
-    if source is None:
-        return None
-    if callable(source):
-        def sliced(rng):
-            image, mask = source(rng)
-            return _slice_of(image, frac), _slice_of(mask, frac)
-        return sliced
-    if isinstance(source, tuple):
-        return _slice_of(source[0], frac), _slice_of(source[1], frac)
-    return _slice_of(source, frac)
-
-
-def compute_preview(
-    inp: PreviewInput,
-    task: str | None,
-    seed: int,
-    params: dict,
-    source=None,
-    slice_index: int | None = None,
-) -> PreviewResult:
-    """One call of `synthesize` for the preview; `task=None` draws a task from the seed.
-
-    `source` is what `synthesize` accepts for the blending tasks (`None`, an array, an
-    `(array, mask)` pair or a callable `source(rng)`); it is ignored by the other tasks.
-    `slice_index`: for a 3D image, synthesise in 2D on that axial slice only (as a model trained
-    on slices sees it; right for thick-slice scans, where a 3D shape drawn on the voxel grid is a
-    sliver); the result is the volume with that slice changed and a label zero elsewhere.
-    """
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    if task is None:
-        task = TASKS[int(rng.integers(len(TASKS)))]
-    image, foreground = inp.image, inp.foreground
-    if slice_index is not None:
-        if image.ndim != 3:
-            raise ValueError(f"a slice preview needs a 3D image, got {image.ndim}D")
-        z = int(slice_index)
-        if not 0 <= z < image.shape[0]:
-            raise ValueError(f"slice {z} is outside the image's {image.shape[0]} slices")
-        image = image[z]
-        foreground = None if foreground is None else foreground[z]
-        source = _slice_source(source, z / max(inp.image.shape[0] - 1, 1))
-    try:
-        result = synthesize(
-            image,
-            foreground=foreground,
-            task=task,
-            rng=rng,
-            source=source if task in BLEND_TASKS else None,
-            **params,
-        )
-    except ValueError as exc:
-        if slice_index is None:
-            raise
-        raise ValueError(f"slice {slice_index}: {exc}") from None
-    out, label = result.image, np.asarray(result.label, dtype=np.float32)
-    if slice_index is not None:
-        out = inp.image.copy()
-        out[slice_index] = result.image
-        label = np.zeros(inp.image.shape, np.float32)
-        label[slice_index] = result.label
-    shown = (out * np.float32(inp.scale) + np.float32(inp.offset)).astype(np.float32)
-    return PreviewResult(
-        image=shown,
-        label=label,
-        task=str(result.task),
-        n_anomalies=int(result.n_anomalies),
-        seconds=time.perf_counter() - t0,
-        params=dict(params),
-        slice_index=slice_index,
-    )
-
-
-class FolderSource:
-    """`source(rng)` for the blending tasks: a random image of a folder, in model units.
-
-    Files are listed once (sorted, so a seed gives the same picks everywhere) and each file is
-    read with `napari_mtml.io.read_image` at most once. Raises `ValueError` for a missing or
-    empty folder, or when no file in it has the image's dimensionality.
-    """
-
-    def __init__(self, folder: str | Path, ndim: int):
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise ValueError(f"external folder '{folder}' does not exist; choose a folder of "
-                             "NIfTI, DICOM or PNG images.")
-        self.files = sorted(p for p in folder.iterdir()
-                            if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-        if not self.files:
-            raise ValueError(f"external folder '{folder}' holds no images (.nii, .nii.gz, .dcm, "
-                             ".png, .tif); choose a folder of images for the blending source.")
-        self.folder = folder
-        self.ndim = ndim
-        self._cache: dict[Path, tuple[np.ndarray, np.ndarray | None] | None] = {}
-
-    def _load(self, path: Path):
-        if path not in self._cache:
-            from napari_mtml.io import read_image
-            from napari_mtml.preprocess import foreground_mask
-
-            try:
-                scan = read_image(path)
-            except ValueError:
-                self._cache[path] = None
-                return None
-            if scan.array.ndim != self.ndim:
-                self._cache[path] = None
-                return None
-            fg = foreground_mask(scan) if self.ndim == 3 else None
-            self._cache[path] = (prepare_input(scan.array, fg).image, fg)
-        return self._cache[path]
-
-    def __call__(self, rng: np.random.Generator):
-        order = rng.permutation(len(self.files))
-        for i in order:
-            loaded = self._load(self.files[int(i)])
-            if loaded is not None:
-                return loaded
-        raise ValueError(f"no image in external folder '{self.folder}' is {self.ndim}D and "
-                         "readable; choose a folder of images like the one being previewed.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,17 +184,17 @@ class AnomalyPreviewWidget(QWidget):
         self.sliders: dict[str, QLabeledDoubleSlider | QLabeledSlider] = {}
         param_box = QGroupBox("Task parameters")
         param_form = QFormLayout(param_box)
-        for key, label, lo, hi, default, decimals in PARAMS:
-            if decimals == 0:
+        for spec in PARAMS:
+            if spec.decimals == 0:
                 slider = QLabeledSlider(Qt.Orientation.Horizontal)
             else:
                 slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-                slider.setDecimals(decimals)
-            slider.setRange(lo, hi)
-            slider.setValue(default)
+                slider.setDecimals(spec.decimals)
+            slider.setRange(spec.low, spec.high)
+            slider.setValue(spec.default)
             slider.valueChanged.connect(self._changed)
-            self.sliders[key] = slider
-            param_form.addRow(label, slider)
+            self.sliders[spec.name] = slider
+            param_form.addRow(spec.label, slider)
         self.shape_combo = QComboBox()
         self.shape_combo.addItems(["random", "ellipse", "rectangle"])
         param_form.addRow("shape", self.shape_combo)
@@ -459,8 +273,7 @@ class AnomalyPreviewWidget(QWidget):
 
     def _task_changed(self, *args) -> None:
         task = self.task()
-        used = COMMON_PARAMS | (set().union(*TASK_PARAMS.values()) if task is None
-                                else TASK_PARAMS[task])
+        used = params_used(task)
         for key, slider in self.sliders.items():
             slider.setEnabled(key in used)
         blend = task is None or task in BLEND_TASKS
@@ -472,17 +285,13 @@ class AnomalyPreviewWidget(QWidget):
         layer = self.image_combo.current_layer()
         ndim = None if layer is None else layer.ndim
         if ndim is not None and ndim != self._last_ndim:
-            # The paper's push limit: 5 voxels for brain volumes, 10 for 2D X-rays.
-            self.sliders["max_push"].setValue(5.0 if ndim == 3 else 10.0)
+            self.sliders["max_push"].setValue(default_max_push(ndim))
             self._last_ndim = ndim
         self.mode_combo.setEnabled(ndim == 3)
         if ndim == 3:
-            # thick slices (e.g. 6.5 mm over 0.8 mm pixels): a 3D shape on the voxel grid would
-            # be a sliver through one or two slices, so preview slice by slice
-            spacing = np.asarray(layer_spacing(layer), dtype=float)
-            thick = spacing.min() > 0 and spacing.max() / spacing.min() > 2
+            slices = prefers_slices(layer_spacing(layer))
             self.mode_combo.blockSignals(True)
-            self.mode_combo.setCurrentText(MODE_SLICE if thick else MODE_VOLUME)
+            self.mode_combo.setCurrentText(MODE_SLICE if slices else MODE_VOLUME)
             self.mode_combo.blockSignals(False)
         self._changed()
 
@@ -525,8 +334,7 @@ class AnomalyPreviewWidget(QWidget):
 
     def new_seed(self) -> None:
         """Move to another seed, deterministically derived from the current one."""
-        nxt = int(np.random.default_rng(self.seed_spin.value()).integers(0, 2**31 - 1))
-        self.seed_spin.setValue(nxt)
+        self.seed_spin.setValue(next_seed(self.seed_spin.value()))
 
     # ----------------------------------------------------------------------------- compute
     def _source_for(self, layer):
@@ -567,19 +375,13 @@ class AnomalyPreviewWidget(QWidget):
         kind, fg_layer = fg_spec
         key = (id(layer), id(layer.data), kind, id(fg_layer.data) if fg_layer else None)
         if key not in self._inputs:
-            if kind == "auto" and layer.ndim == 3:
-                from napari_mtml.preprocess import foreground_mask
-
-                fg = foreground_mask(scan_from_layer(layer, "the anomaly preview"))
-                if not fg.any():
-                    fg = None
-            elif kind == "auto":
-                fg = None  # 2D X-rays: anomalies anywhere in the frame, as in the paper
-            elif kind == "layer":
-                fg = np.asarray(fg_layer.data) > 0
+            data = image_layer_array(layer, "the anomaly preview")
+            if kind == "auto":
+                scan = scan_from_layer(layer, "the anomaly preview") if layer.ndim == 3 else None
+                self._inputs[key] = preview_input(data, "auto", scan)
             else:
-                fg = None
-            self._inputs[key] = prepare_input(image_layer_array(layer, "the anomaly preview"), fg)
+                fg = np.asarray(fg_layer.data) > 0 if kind == "layer" else None
+                self._inputs[key] = preview_input(data, fg)
         return self._inputs[key]
 
     def update_now(self) -> None:
@@ -669,10 +471,7 @@ class AnomalyPreviewWidget(QWidget):
         """Drop pending changes and wait for a running preview (for closing and tests)."""
         self._timer.stop()
         self._pending = False
-        deadline = time.monotonic() + timeout_ms / 1000
-        while self._worker is not None and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.005)
+        wait_until(lambda: self._worker is None, timeout_ms / 1000)
 
 
 def _wrap(layout) -> QWidget:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_mtml.io import ImageReadError, ImageReadWarning, Scan, image_kind, read_image
+from napari_mtml.io.scan import display_grid
 
 __all__ = ["get_reader", "layer_data_from_scan", "read_layers"]
 
@@ -62,25 +63,12 @@ def get_reader(path) -> Callable | None:
     return read_layers
 
 
-def _origin_and_scale(scan: Scan) -> tuple[tuple, tuple]:
-    aff = scan.array_affine()
-    n = scan.ndim
-    # Diagonal part only: for RAS-canonical arrays the off-diagonal terms are an oblique tilt
-    # that a layer cannot show without resampling.
-    if n == 3:
-        translate = (aff[2, 3], aff[1, 3], aff[0, 3])
-    else:
-        # A 2D slice or radiograph is shown in its own plane: its world tilt has no 2D meaning.
-        translate = (0.0, 0.0)
-    return tuple(float(t) for t in translate), tuple(float(s) for s in scan.spacing)
-
-
 def layer_data_from_scan(scan: Scan, name: str, layer_type: str = "image", **kwargs) -> tuple:
     """A napari LayerData tuple for a Scan: `scale` = spacing (mm), gray colormap, metadata.
 
     `layer_type` "labels" gives an integer Labels layer of the (rounded) array.
     """
-    translate, scale = _origin_and_scale(scan)
+    translate, scale = display_grid(scan)
     meta = dict(scan.metadata)
     meta["affine"] = np.asarray(scan.affine)
     meta["spacing"] = tuple(scan.spacing)

@@ -14,7 +14,6 @@ The widget holds no science: it only fills the config and renders the events.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from matplotlib.figure import Figure
 from napari.layers import Image
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -62,6 +60,7 @@ from ._common import (
     scan_from_layer,
     start_worker,
     theme_colours,
+    wait_until,
 )
 
 __all__ = ["TrainingWidget", "available_devices"]
@@ -400,11 +399,7 @@ class TrainingWidget(QWidget):
 
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Process events until the worker is done (scripts and tests); True if it ended."""
-        deadline = time.monotonic() + timeout_s
-        while self.worker is not None and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.01)
-        return self.worker is None
+        return wait_until(lambda: self.worker is None, timeout_s)
 
     # ----------------------------------------------------------------------------- events
     def _on_event(self, event) -> None:

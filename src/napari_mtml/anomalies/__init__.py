@@ -11,11 +11,19 @@ See docs/api.md for the contract and ../shared/METHOD.md §1-3 for the method.
 """
 
 from napari_mtml.anomalies.placement import PlacedShape, PlacementError, place_shape
-from napari_mtml.anomalies.recipe import TASKS, SynthesisResult, synthesize, task_name
+from napari_mtml.anomalies.recipe import (
+    BLEND_TASKS,
+    TASKS,
+    SynthesisResult,
+    synthesize,
+    task_name,
+)
 from napari_mtml.anomalies.shapes import Shape, random_shape, ray_to_edge
-from napari_mtml.anomalies.tasks import TaskParams
+from napari_mtml.anomalies.tasks import CXR_MAX_PUSH, TaskParams
 
 __all__ = [
+    "BLEND_TASKS",
+    "CXR_MAX_PUSH",
     "TASKS",
     "PlacedShape",
     "PlacementError",

@@ -17,8 +17,11 @@ from napari_mtml.anomalies.placement import PlacementError, place_shape
 from napari_mtml.anomalies.shapes import random_shape
 from napari_mtml.anomalies.tasks import TASK_OBJECTS, SourceImage, TaskContext, TaskParams
 
-#: task names, index = task id (METHOD.md §2)
+#: task names, index = task id (METHOD.md §2): the one place they are written is
+#: `tasks.TASK_OBJECTS`
 TASKS = tuple(t.name for t in TASK_OBJECTS)
+#: the tasks that blend in another image (they take `synthesize`'s `source`)
+BLEND_TASKS = tuple(t.name for t in TASK_OBJECTS if t.blends)
 #: every spatial axis needs this many voxels: the smallest shape plus room for blending borders
 MIN_IMAGE_SIDE = 8
 #: fresh shapes tried per anomaly when one finds no valid position (each with `max_attempts`)
@@ -56,6 +59,12 @@ def task_name(task) -> str:
     if isinstance(task, str) and task in TASKS:
         return task
     raise ValueError(f"unknown task {task!r}: use one of {TASKS} or an id 0..{len(TASKS) - 1}")
+
+
+def task_object(task):
+    """The task object (`tasks.TASK_OBJECTS`) of a task name or id: its `name`, `id`,
+    `params` (the task parameters it uses besides the common ones) and `blends`."""
+    return TASK_OBJECTS[TASKS.index(task_name(task))]
 
 
 def _finite_range(array: np.ndarray, what: str) -> tuple[float, float]:
@@ -188,11 +197,11 @@ def synthesize(
     original = np.asarray(image, dtype=np.float32)
     value_range = _finite_range(original, "the image")
 
+    apply = task_object(name)
     provider = None
-    if TASKS.index(name) in (0, 1):
+    if apply.blends:
         provider = _source_provider(source, original, foreground, value_range)
     context = TaskContext(params=params, value_range=value_range, source=provider)
-    apply = TASK_OBJECTS[TASKS.index(name)]
 
     work = original.copy()
     union = np.zeros(image.shape, dtype=bool)

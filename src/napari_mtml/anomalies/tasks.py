@@ -13,15 +13,19 @@ anomaly). Only the box is ever touched: the cost is that of the box, not of the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 from scipy import ndimage
 
 from napari_mtml.anomalies.placement import PlacedShape
-from napari_mtml.anomalies.shapes import _ray_to_edge_columns
+from napari_mtml.anomalies.shapes import KINDS, _ray_to_edge_columns
 
+#: the `shape` task parameter: a random kind per anomaly, or always one kind
+SHAPE_CHOICES = ("random", *KINDS)
+#: the parameters every task uses (through the recipe, the shapes and the label)
+COMMON_PARAMS = ("min_size", "max_size", "max_anomalies", "repeat_prob", "sigma", "shape")
 #: spill rule of the blending tasks: a voxel of the box that changed more than this joins the mask
 SPILL_THRESHOLD = 0.001
 #: voxels of context around a box for the cubic spline's prefilter. The spline interpolates the
@@ -31,25 +35,37 @@ SPILL_THRESHOLD = 0.001
 SPLINE_MARGIN = 3
 
 
+#: The paper's push limit for 2D chest X-rays (voxels); brain volumes keep `TaskParams.max_push`.
+CXR_MAX_PUSH = 10.0
+
+
+def _knob(default, label: str, low: float, high: float, decimals: int):
+    """A task parameter a user may turn (the preview's sliders): its label, the range offered
+    and the decimals shown (0: an integer)."""
+    return field(default=default, metadata={"label": label, "range": (low, high),
+                                            "decimals": decimals})
+
+
 @dataclass(frozen=True)
 class TaskParams:
     """The task parameters the paper varies, with its defaults (brain; CXR uses max_push=10).
 
     Sizes are fractions of the image size per axis; push distances are voxels; `intensity_scale` is
     in image units (z-score for brain MRI, [-1, 1] for X-rays); `margin_base` is a fraction of the
-    smallest image side.
+    smallest image side. The fields a user may turn carry their label, the range a slider offers
+    and its decimals in their `metadata` (`napari_mtml.preview.PARAMS` reads them).
     """
 
-    min_size: float = 0.06
-    max_size: float = 0.8
-    max_anomalies: int = 4
-    repeat_prob: float = 0.5
-    min_push: float = 0.5
-    max_push: float = 5.0
-    intensity_scale: float = 0.2
-    margin_base: float = 0.02
-    sigma: float = 0.2
-    shape: str = "random"
+    min_size: float = _knob(0.06, "min size (x image)", 0.01, 1.0, 2)
+    max_size: float = _knob(0.8, "max size (x image)", 0.02, 1.0, 2)
+    max_anomalies: int = _knob(4, "max anomalies", 1, 8, 0)
+    repeat_prob: float = _knob(0.5, "repeat probability", 0.0, 0.95, 2)
+    min_push: float = _knob(0.5, "min push (voxels)", 0.0, 20.0, 1)
+    max_push: float = _knob(5.0, "max push (voxels)", 0.1, 40.0, 1)
+    intensity_scale: float = _knob(0.2, "intensity scale", 0.01, 2.0, 2)
+    margin_base: float = _knob(0.02, "margin base (x size)", 0.0, 0.2, 3)
+    sigma: float = _knob(0.2, "label sigma", 0.02, 1.0, 2)
+    shape: str = field(default="random", metadata={"choices": SHAPE_CHOICES})
     max_attempts: int = 100
     #: blending tasks: grow the Poisson box to a fast sine-transform length (see
     #: `poisson.poisson_blend`); False solves on the exact box of METHOD.md (mask box + 1 voxel)
@@ -65,8 +81,7 @@ class TaskParams:
             (self.intensity_scale >= 0, "intensity_scale must be >= 0"),
             (self.margin_base > 0, "margin_base must be > 0"),
             (self.sigma > 0, "sigma must be > 0"),
-            (self.shape in ("random", "ellipse", "rectangle"),
-             "shape must be 'random', 'ellipse' or 'rectangle'"),
+            (self.shape in SHAPE_CHOICES, "shape must be 'random', 'ellipse' or 'rectangle'"),
             (int(self.max_attempts) >= 1, "max_attempts must be >= 1"),
         ]
         for ok, message in checks:
@@ -263,6 +278,9 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 class _RadialTask:
     """Sink (2) or source (3): move intensities radially, never change them (METHOD.md §2)."""
 
+    params = ("min_push", "max_push")
+    blends = False
+
     def __init__(self, name: str, task_id: int):
         self.name = name
         self.id = task_id
@@ -325,6 +343,8 @@ class _SmoothIntensityTask:
 
     name = "smooth_intensity"
     id = 4
+    params = ("intensity_scale", "margin_base")
+    blends = False
 
     def __call__(self, image, placed: PlacedShape, rng, context: TaskContext) -> Patch:
         params = context.params
@@ -431,6 +451,9 @@ def _window_centre(source: SourceImage, low, high, rng, attempts: int = 100) -> 
 
 class _BlendTask:
     """Poisson blending (0 intra-dataset, 1 inter-dataset): mixed gradients on the mask's box."""
+
+    params = ()
+    blends = True
 
     def __init__(self, name: str, task_id: int):
         self.name = name

@@ -25,18 +25,70 @@ from .raster import RASTER_SUFFIXES, read_raster
 from .scan import ImageReadError, ImageReadWarning, Scan
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "DicomSeries",
     "ImageReadError",
     "ImageReadWarning",
     "Scan",
+    "image_files",
     "image_kind",
+    "image_name",
+    "is_image_file",
     "list_series",
     "read_image",
+    "read_map",
     "write_image",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: The suffixes that mark a file of a folder as an image (NIfTI, DICOM, 2D raster): what
+#: training, batch prediction, mask folders and the preview's external folder pick files by,
+#: and what `image_name` strips.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the name of `path` ends in one of `IMAGE_SUFFIXES` (case-insensitive)."""
+    return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_name(path: str | os.PathLike) -> str:
+    """The file (or folder) name without its image suffix: the NAME of NAME_anomaly.nii.gz.
+
+    Examples
+    --------
+    >>> image_name("scans/case1.nii.gz")
+    'case1'
+    >>> image_name("series_folder")
+    'series_folder'
+    """
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def image_files(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """The image files of a folder (`is_image_file`), sorted by path.
+
+    Only regular files are taken (links resolved): a named pipe, socket or device is skipped and
+    never opened. Hidden files (a leading ".", e.g. macOS "._scan.nii.gz" companions) are
+    skipped. With `recursive`, sub-folders are searched too.
+
+    Raises
+    ------
+    ValueError
+        The folder cannot be listed (permissions, not a folder); the message names it.
+    """
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    return [f for f in entries
+            if not f.name.startswith(".") and is_image_file(f) and f.is_file()]
 
 
 def _suffix(path: Path) -> str:
@@ -194,3 +246,27 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None,
     if not np.isfinite(arr).all():
         raise ValueError(f"{path}: the map holds NaN or infinite values; refusing to write it.")
     return write_nifti(path, arr.astype(dtype), like)
+
+
+def read_map(path: str | os.PathLike, metadata: dict, ndim: int) -> np.ndarray:
+    """A map that `write_image(path, map, like=scan)` wrote, back on `scan.array`'s grid.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The NIfTI file written.
+    metadata, ndim : dict, int
+        `scan.metadata` and `scan.ndim` of the scan the map belongs to (what undoes the
+        reorientation to the file's voxel order).
+
+    Returns
+    -------
+    ndarray of float32
+        The map on the scan's array grid.
+    """
+    import nibabel as nib
+
+    from .scan import from_file_order
+
+    data = np.asarray(nib.load(os.fspath(path)).dataobj, dtype=np.float32)
+    return from_file_order(data, metadata, ndim)

@@ -111,6 +111,22 @@ class Scan:
             "file_shape"), self.ndim)
 
 
+def display_grid(scan: Scan) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`(translate, scale)` of a scan shown on a diagonal grid, in world mm per array axis:
+    `scale` is the spacing, `translate` the RAS position of the first voxel read backwards
+    (S, A, R) for a volume, 0 for a 2D image (shown in its own plane: its world tilt has no 2D
+    meaning). The napari reader puts layers there, and `mtml predict --regions` gives region
+    centres in the same millimetres: `translate + index * scale`."""
+    aff = scan.array_affine()
+    # Diagonal part only: for RAS-canonical arrays the off-diagonal terms are an oblique tilt
+    # that a diagonal grid cannot show without resampling.
+    if scan.ndim == 3:
+        translate = (aff[2, 3], aff[1, 3], aff[0, 3])
+    else:
+        translate = (0.0, 0.0)
+    return tuple(float(t) for t in translate), tuple(float(s) for s in scan.spacing)
+
+
 def array_affine_from(affine, ornt, file_shape, ndim: int) -> np.ndarray:
     """Affine of the `(z, y, x)` / `(y, x)` array index, from the file affine and the reorientation.
 
