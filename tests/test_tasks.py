@@ -71,6 +71,31 @@ def test_warped_radius_keeps_centre_and_edge(kind):
     assert (out[1] < 3.0) if kind == "source" else (out[1] > 3.0)
 
 
+@pytest.mark.parametrize("task_id", [2, 3, 4])
+def test_the_tasks_run_the_functions_tested_here(task_id, monkeypatch):
+    """radial_warp, warped_radius and smooth_intensity_change are what the tasks compute with
+    (not twins of them): a task's patch changes when one of them is replaced."""
+    import napari_mtml.anomalies.tasks as tasks
+
+    image = np.random.default_rng(1).normal(size=(48, 48)).astype(np.float32)
+    placed = _placed("ellipse", 9.0, (10, 12))
+    task = TASK_OBJECTS[task_id]
+    before = task(image, placed, np.random.default_rng(0), _context(image)).values
+    calls = []
+    names = ("smooth_intensity_change",) if task_id == 4 else ("radial_warp", "warped_radius")
+    for name in names:
+        real = getattr(tasks, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs) * np.float32(0.5)  # a visible change
+
+        monkeypatch.setattr(tasks, name, spy)
+    after = task(image, placed, np.random.default_rng(0), _context(image)).values
+    assert set(calls) == set(names)
+    assert not np.array_equal(before, after)
+
+
 @pytest.mark.parametrize("kind", ["sink", "source"])
 def test_push_factor_range_for_a_ten_voxel_shape(kind):
     rng = np.random.default_rng(0)

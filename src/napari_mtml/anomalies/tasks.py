@@ -202,6 +202,8 @@ def radial_warp(
     factor: float,
     kind: str,
     edge_distance: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    centre_index: int | None = None,
 ) -> np.ndarray:
     """Sink or source deformation of `image` inside `mask` around `centre` (deterministic part).
 
@@ -215,6 +217,9 @@ def radial_warp(
     edge_distance : `(origin (n,), directions (n, m)) -> (m,)`: for each ray the parameter `t`
         with `origin + t * direction` on the shape's edge (in units of the direction's length).
 
+    centre_index : optional position of `centre` among the shape's voxels (`np.nonzero(mask)`
+        order), which spares a comparison per voxel; the result is the same.
+
     Returns
     -------
     float32 array, a copy of `image` where every shape voxel at `c + r u` holds the cubic-spline
@@ -223,7 +228,8 @@ def radial_warp(
     out = np.array(image, dtype=np.float32, copy=True)
     points = np.nonzero(mask)
     c = np.asarray(centre, dtype=np.float64)
-    out[points] = _cubic_samples(image, _warp_sources(points, c, factor, kind, edge_distance))
+    sources = _warp_sources(points, c, factor, kind, edge_distance, centre_index)
+    out[points] = _cubic_samples(image, sources)
     return out
 
 
@@ -243,7 +249,9 @@ def _warp_sources(points, c, factor, kind, edge_distance, centre_index=None) -> 
         moving[centre_index] = False
     t = np.ones(delta.shape[1])
     t[moving] = np.maximum(edge_distance(c, delta[:, moving]), 1.0)
-    scale = t * _radial_profile(1.0 / t, factor, kind)
+    # Eqs. 1-2 are scale-free: a voxel at r on a ray whose edge lies at t r reads from
+    # r * warped_radius(1, t)
+    scale = warped_radius(np.ones_like(t), t, factor, kind)
     scale[~moving] = 0.0
     delta *= scale
     delta += c[:, None]
@@ -302,39 +310,49 @@ class _RadialTask:
             squared += coord * coord
         mean_radius = float(np.sqrt(squared.astype(np.float64)).mean())
         factor = push_factor(mean_radius, rng, self.name, params.min_push, params.max_push)
+        # the deterministic warp on the shape's box grown by the spline's margin of context
+        outer, padded, offset = _shape_in_box(placed, image.shape, SPLINE_MARGIN)
         shape = placed.shape
         inv = shape.inverse
 
-        def edge(origin, directions):
-            own = inv @ (origin - shape.centre)
+        def edge(origin, directions):  # in the grown box: the shape's centre sits at offset
+            own = inv @ (origin - offset - shape.centre)
             return _ray_to_edge_columns(shape.kind, shape.half_sizes, own, inv @ directions)
 
-        sources = _warp_sources(points, centre, factor, self.name, edge, pick)
-        outer, inner = placed.padded_box(image.shape, SPLINE_MARGIN)
-        sources += np.array([s.start for s in inner], dtype=np.float64)[:, None]
-        warped = _cubic_samples(image[outer], sources)
+        warped = radial_warp(image[outer], padded, centre + offset, factor, self.name, edge,
+                             centre_index=pick)
         # the spline can overshoot a little: stay in the image's range like every task
         np.clip(warped, *context.value_range, out=warped)
-        values = np.array(image[placed.box], dtype=np.float32, copy=True)
-        values[mask] = warped  # a bool mask walks its voxels in the order np.nonzero gives
-        return Patch(placed.box, values, mask)
+        inner = tuple(slice(o, o + n) for o, n in zip(offset.astype(int), mask.shape,
+                                                       strict=True))
+        return Patch(placed.box, warped[inner], mask)
 
 
 # ---------------------------------------------------------------- smooth intensity (task 4)
 
 
-def smooth_intensity_change(image, mask, amplitude: float, margin: float) -> np.ndarray:
+def edge_distance(mask: np.ndarray) -> np.ndarray:
+    """The Euclidean distance of each shape voxel to the nearest voxel outside the shape
+    (voxels; 1 on its edge voxels, 0 outside); outside the array counts as outside."""
+    inner = (slice(1, -1),) * mask.ndim
+    padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=bool)  # np.pad(mask, 1)
+    padded[inner] = mask
+    return ndimage.distance_transform_edt(padded)[inner]
+
+
+def smooth_intensity_change(image, mask, amplitude: float, margin: float,
+                            distance: np.ndarray | None = None) -> np.ndarray:
     """Add `w * amplitude` inside `mask`, `w = min(dist / margin, 1)` (deterministic part).
 
-    `dist` is the Euclidean distance transform of the shape (voxels; 1 on its edge voxels), so the
-    change ramps up over `margin` voxels from the edge. Returns a float32 copy of `image`, unchanged
-    outside `mask` (no clipping here).
+    `dist` is the Euclidean distance transform of the shape (`edge_distance`; 1 on its edge
+    voxels), so the change ramps up over `margin` voxels from the edge; pass it as `distance`
+    when it is already known. Returns a float32 copy of `image`, unchanged outside `mask` (no
+    clipping here).
     """
-    padded = np.pad(mask, 1)
-    dist = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
-    weight = np.minimum(dist / max(float(margin), 1e-12), 1.0)
+    dist = edge_distance(mask) if distance is None else distance
+    weight = np.minimum(dist[mask] / max(float(margin), 1e-12), 1.0)
     out = np.array(image, dtype=np.float32, copy=True)
-    out[mask] += (weight[mask] * amplitude).astype(np.float32)
+    out[mask] += (weight * amplitude).astype(np.float32)
     return out
 
 
@@ -350,19 +368,14 @@ class _SmoothIntensityTask:
         params = context.params
         box = placed.box
         mask = placed.mask
-        inner = (slice(1, -1),) * mask.ndim
-        padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=bool)  # np.pad(mask, 1)
-        padded[inner] = mask
-        dist = ndimage.distance_transform_edt(padded)[inner]
+        dist = edge_distance(mask)
         margin = min(
             min(image.shape) * (params.margin_base + rng.gamma(3.0, 0.01)), float(dist.max())
         )
         s = params.intensity_scale
         amplitude = (s / 2 + rng.gamma(3.0, s)) * (1.0 if rng.random() < 0.5 else -1.0)
-        weight = np.minimum(dist[mask] / margin, 1.0)
-        values = np.array(image[box], dtype=np.float32, copy=True)
-        changed = values[mask] + (weight * amplitude).astype(np.float32)
-        values[mask] = np.clip(changed, *context.value_range)
+        values = smooth_intensity_change(image[box], mask, amplitude, margin, distance=dist)
+        np.clip(values, *context.value_range, out=values)
         return Patch(box, values, mask.copy())
 
 
