@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from napari_mtml.anomalies.boxes import bounding_box
 from napari_mtml.io import Scan
 
 __all__ = [
@@ -159,12 +160,8 @@ def _resample(array: np.ndarray, scale, out_shape, order: int, anti_alias: bool)
 
 
 def _bbox(mask: np.ndarray) -> tuple:
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        out.append((int(hits[0]), int(hits[-1]) + 1))
-    return tuple(out)
+    """The `(start, stop)` voxel range per axis of a non-empty mask's bounding box."""
+    return tuple((s.start, s.stop) for s in bounding_box(mask))
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:

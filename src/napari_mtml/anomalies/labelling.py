@@ -24,7 +24,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from napari_mtml.anomalies.poisson import bounding_box
+from napari_mtml.anomalies.boxes import bounding_box
 
 __all__ = ["flipped_gaussian_label", "fill_holes_grey", "close_grey"]
 

@@ -27,6 +27,8 @@ import math
 import numpy as np
 import scipy.fft
 
+from napari_mtml.anomalies.boxes import bounding_box
+
 __all__ = ["blend_box", "bounding_box", "fast_box_length", "poisson_blend", "solve_poisson_box"]
 
 
@@ -124,23 +126,6 @@ def blend_box(mask: np.ndarray, fast: bool = False) -> tuple[slice, ...] | None:
     if fast:
         box = tuple(_lengthen(side, n) for side, n in zip(box, mask.shape, strict=True))
     return box
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a bool array (one slice per axis); None if it is empty."""
-    box = []
-    rest = mask
-    for _ in range(mask.ndim):
-        # Profile of the leading axis, then the remaining axes from the slab between its first
-        # and last set index only: one full pass over the mask, then ever smaller ones (faster
-        # than np.nonzero or ndimage.find_objects on a large, mostly empty mask).
-        profile = np.flatnonzero(rest.reshape(rest.shape[0], -1).any(axis=1))
-        if profile.size == 0:
-            return None
-        lo, hi = int(profile[0]), int(profile[-1]) + 1
-        box.append(slice(lo, hi))
-        rest = rest[lo:hi].any(axis=0)
-    return tuple(box)
 
 
 def _lengthen(side: slice, size: int) -> slice:

@@ -17,6 +17,8 @@ from itertools import combinations
 
 import numpy as np
 
+from napari_mtml.anomalies.boxes import bounding_box
+
 KINDS = ("ellipse", "rectangle")
 
 #: the Gamma law of the per-axis size (METHOD.md §1): d = (0.03 + Gamma(2, 0.1)) * D
@@ -180,12 +182,12 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
     if mask.shape != tuple(box):
         mask = np.broadcast_to(mask, tuple(box))
     # trim to the tight bounding box so that placement is uniform over the valid corners
-    tight_box = _tight_box(mask)
+    tight_box = bounding_box(mask)
     if tight_box is None:
         # too thin to cover a grid point: keep the central voxel
         mask = np.zeros(tuple(box), dtype=bool)
         mask[tuple(int(c) for c in np.floor(centre))] = True
-        tight_box = _tight_box(mask)
+        tight_box = bounding_box(mask)
     lo = [s.start for s in tight_box]
     return Shape(
         kind=kind,
@@ -195,26 +197,6 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
         centre=centre - np.asarray(lo, dtype=np.float64),
         inverse=inv,
     )
-
-
-def _tight_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a bool array (None if empty).
-
-    A rasterised shape reaches to within a voxel or so of every face of its box, so the box is
-    trimmed from the faces inwards, one slab test at a time, rather than by reducing the whole
-    array along each axis."""
-    if not mask.any():
-        return None
-    box = []
-    for d, n in enumerate(mask.shape):
-        lead = (slice(None),) * d
-        lo, hi = 0, n
-        while not mask[(*lead, lo)].any():
-            lo += 1
-        while not mask[(*lead, hi - 1)].any():
-            hi -= 1
-        box.append(slice(lo, hi))
-    return tuple(box)
 
 
 def random_shape(
