@@ -22,7 +22,7 @@ import numpy as np
 from .dicom import DicomSeries, list_series, looks_like_dicom, read_dicom_file, read_dicom_series
 from .nifti import read_nifti, write_nifti
 from .raster import RASTER_SUFFIXES, read_raster
-from .scan import ImageReadError, ImageReadWarning, Scan
+from .scan import ImageReadError, ImageReadWarning, Scan, read_head
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -102,12 +102,8 @@ def _suffix(path: Path) -> str:
 def _sniff(path: Path) -> str | None:
     """The format from the first bytes, for files without a known suffix (regular files only:
     opening a named pipe would block)."""
-    if not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(352)
-    except OSError:
+    head = read_head(path, 352)
+    if head is None:
         return None
     if head[:2] == b"\x1f\x8b":
         return "nifti"  # gzip: in this plugin's world, a compressed NIfTI

@@ -24,6 +24,7 @@ from .scan import (
     array_affine_from,
     canonicalise,
     check_values,
+    read_head,
     require_regular_file,
     warn,
 )
@@ -60,12 +61,8 @@ def looks_like_dicom(path: Path) -> bool:
 
     Only regular files (links resolved) are opened: a named pipe would block the read forever.
     """
-    if not Path(path).is_file():
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
+    head = read_head(path, 132)
+    if head is None:
         return False
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True

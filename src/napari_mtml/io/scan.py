@@ -217,6 +217,18 @@ def from_file_order(data: np.ndarray, metadata: dict, ndim: int) -> np.ndarray:
     return data.transpose(2, 1, 0)
 
 
+def read_head(path, n: int) -> bytes | None:
+    """The first `n` bytes of a regular file (links resolved), or None when it is not one or
+    cannot be read: a named pipe is never opened (reading it would block)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return None
+
+
 def require_regular_file(path) -> None:
     """`ImageReadError` unless `path` is a regular file (links resolved): a named pipe, socket or
     device is never opened (reading a pipe would block forever)."""
