@@ -32,109 +32,101 @@ def _rank() -> int:
         return 0
 
 
+def _argument(parse, flag: str):
+    """An argparse `type` from a core parser: its `ValueError` becomes argparse's one line."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+
+    return convert
+
+
 def _parse_frame(text: str) -> tuple[int, ...]:
-    try:
-        frame = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        frame = ()
-    if len(frame) not in (2, 3) or min(frame) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"--frame {text!r}: give 2 or 3 positive integers, e.g. 80,112,80 or 128,128"
-        )
-    return frame
+    from napari_mtml.config import parse_frame
+
+    return _argument(parse_frame, "--frame")(text)
 
 
 def _parse_duration(text: str) -> float:
     from napari_mtml.config import parse_duration
 
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--time: {exc}") from None
+    return _argument(parse_duration, "--time")(text)
 
 
 def _parse_fold(text: str) -> int | str:
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--fold {text!r}: give a fold number K or 'all'"
-        ) from None
+    from napari_mtml.config import parse_fold
+
+    return _argument(parse_fold, "--fold")(text)
 
 
 def _render_training(gen, *, show: bool):
-    """Drive a `train(config)` generator: one tqdm bar per fold, a line per validation.
+    """Drive a `train(config)` generator (`napari_mtml.generators.drive`): one tqdm bar per
+    fold, a line per validation.
 
     Returns the generator's result (its `return` value). Ctrl-C closes the generator (training
     keeps its last good checkpoint) and propagates.
     """
-    from tqdm import tqdm
+    from napari_mtml.generators import drive
 
-    from napari_mtml.training.events import (
-        FoldFinished,
-        FoldStarted,
-        Notice,
-        RunFinished,
-        StepEvent,
-        ValidationEvent,
-    )
-
-    bar = None
-    result = None
+    progress = _TrainingProgress()
     try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if not show:
-                continue
-            if isinstance(event, FoldStarted):
-                if bar is not None:
-                    bar.close()
-                bar = tqdm(
-                    total=event.max_steps,
-                    desc=f"fold {event.fold + 1}/{event.n_folds} "
-                    f"train {list(event.train_tasks)} val {list(event.val_tasks)}",
-                    unit="step",
-                    dynamic_ncols=True,
-                    # a log file (no terminal) gets a progress line every 30 s, not every step
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                )
-            elif isinstance(event, StepEvent):
-                if bar is not None:
-                    bar.update(max(0, event.step - bar.n))
-                    bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
-            elif isinstance(event, ValidationEvent):
-                aps = " ".join(f"{k}={v:.3f}" for k, v in event.ap.items())
-                mark = " *best*" if event.best else ""
-                msg = (
-                    f"fold {event.fold} step {event.step}: val loss {event.val_loss:.5f}"
-                    f" AP {aps}{mark}"
-                )
-                (bar.write if bar is not None else print)(msg)
-            elif isinstance(event, FoldFinished):
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                print(
-                    f"fold {event.fold} done: best step {event.best_step}, val loss "
-                    f"{event.best_val_loss:.5f} -> {event.checkpoint}"
-                )
-            elif isinstance(event, Notice):
-                (bar.write if bar is not None else print)(f"note: {event.text}")
-            elif isinstance(event, RunFinished):
-                print(f"run finished: {event.run_dir} ({len(event.folds)} fold(s))")
-    except BaseException:
-        gen.close()
-        raise
+        return drive(gen, progress.show if show else None)
     finally:
-        if bar is not None:
-            bar.close()
-    return result
+        progress.close()
+
+
+class _TrainingProgress:
+    """The training events as the terminal shows them: a tqdm bar per fold and a line for each
+    validation, finished fold, notice and the finished run."""
+
+    def __init__(self):
+        self.bar = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def show(self, event) -> None:
+        from tqdm import tqdm
+
+        from napari_mtml.training import events
+
+        if isinstance(event, events.FoldStarted):
+            self.close()
+            self.bar = tqdm(
+                total=event.max_steps,
+                desc=f"fold {event.fold + 1}/{event.n_folds} "
+                f"train {list(event.train_tasks)} val {list(event.val_tasks)}",
+                unit="step",
+                dynamic_ncols=True,
+                # a log file (no terminal) gets a progress line every 30 s, not every step
+                mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            )
+        elif isinstance(event, events.StepEvent):
+            if self.bar is not None:
+                self.bar.update(max(0, event.step - self.bar.n))
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
+                                     refresh=False)
+        elif isinstance(event, events.ValidationEvent):
+            aps = " ".join(f"{k}={v:.3f}" for k, v in event.ap.items())
+            mark = " *best*" if event.best else ""
+            self.write(f"fold {event.fold} step {event.step}: val loss {event.val_loss:.5f}"
+                       f" AP {aps}{mark}")
+        elif isinstance(event, events.FoldFinished):
+            self.close()
+            print(f"fold {event.fold} done: best step {event.best_step}, val loss "
+                  f"{event.best_val_loss:.5f} -> {event.checkpoint}")
+        elif isinstance(event, events.Notice):
+            self.write(f"note: {event.text}")
+        elif isinstance(event, events.RunFinished):
+            print(f"run finished: {event.run_dir} ({len(event.folds)} fold(s))")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -167,6 +159,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup, predict_batch
+    from napari_mtml.generators import drive
     from napari_mtml.inference import load_ensemble
 
     paths = expand_images(args.images)
@@ -190,25 +183,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     gen = predict_batch(ensemble, paths, args.out, png=not args.no_png,
                         predict_kwargs=predict_kwargs, mask_for=mask_for, regions_at=regions_at)
     print(f"{ensemble}")
-    result = None
     # One bar over the images on a terminal; none in a log file or a pipe (disable=None).
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None, dynamic_ncols=True)
+
+    def show(item) -> None:
+        bar.update(1)
+        where = f"[{item.index + 1}/{item.total}]"
+        if item.error is None:
+            bar.write(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
+        else:
+            bar.write(f"{where} {item.name}: failed (see below)")
+
     try:
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.update(1)
-            where = f"[{item.index + 1}/{item.total}]"
-            if item.error is None:
-                bar.write(f"{where} {item.name}: score {item.score:.4f} -> {item.anomaly_path}")
-            else:
-                bar.write(f"{where} {item.name}: failed (see below)")
-    except BaseException:
-        gen.close()  # writes scores.csv for what succeeded
-        raise
+        result = drive(gen, show)  # Ctrl-C closes it: scores.csv for what succeeded
     finally:
         bar.close()
     failures = result.failures

@@ -38,7 +38,7 @@ from typing import Any
 from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
 
 __all__ = ["TrainConfig", "MODEL_PRESETS", "RECIPES", "RECIPE_NAMES", "recipe_for_device",
-           "parse_duration"]
+           "parse_duration", "parse_fold", "parse_frame"]
 
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
 MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
@@ -221,16 +221,11 @@ class TrainConfig:
         if self.external is not None:
             self.external = str(self.external)
         if isinstance(self.frame, str):
-            self.frame = _parse_frame(self.frame)
+            self.frame = parse_frame(self.frame)
         if self.frame is not None:
             self.frame = tuple(int(v) for v in self.frame)
-        if isinstance(self.fold, str) and self.fold != "all":
-            try:
-                self.fold = int(self.fold)
-            except ValueError:
-                raise ValueError(
-                    f"fold must be an integer or 'all', got {self.fold!r}"
-                ) from None
+        if isinstance(self.fold, str):
+            self.fold = parse_fold(self.fold)
         self.validate()
 
     # ----------------------------------------------------------------------------- validation
@@ -413,11 +408,10 @@ class TrainConfig:
         """The config as JSON text; with `path`, also written there atomically."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            path = Path(path)
-            # pid in the name: jobs of one run (one per fold) may write config.json at once
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            from napari_mtml.files import write_atomic
+
+            # jobs of one run (one per fold) may write config.json at once: each its own temp
+            write_atomic(path, text)
         return text
 
     @classmethod
@@ -603,12 +597,27 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
-def _parse_frame(text: str) -> tuple[int, ...]:
+def parse_fold(text: str) -> int | str:
+    """A fold of a text: "all" (any case) or a fold index. Raises `ValueError` otherwise."""
+    if str(text).strip().lower() == "all":
+        return "all"
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        return int(text)
     except ValueError:
-        raise ValueError(f"frame {text!r} is invalid: use sizes separated by commas, "
-                         "e.g. 80,112,80 or 256,256") from None
+        raise ValueError(f"fold must be an integer or 'all', got {text!r}") from None
+
+
+def parse_frame(text: str) -> tuple[int, ...]:
+    """The model frame of a text such as "80,112,80", "128x128" or "256, 256": 2 or 3 positive
+    integers. Raises `ValueError` with the accepted forms."""
+    try:
+        frame = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        frame = ()
+    if len(frame) not in (2, 3) or min(frame) <= 0:
+        raise ValueError(f"frame {text!r} is invalid: give 2 or 3 positive integers separated "
+                         "by commas, e.g. 80,112,80 or 256,256")
+    return frame
 
 
 def _check_names(values: dict[str, Any], where: str) -> None:

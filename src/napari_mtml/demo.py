@@ -193,20 +193,17 @@ def _sample_paths() -> dict[str, Path]:
 
 def _quiet(gen: Generator) -> Any:
     """Drive a training generator, printing one line per finished fold."""
+    from napari_mtml.generators import drive
     from napari_mtml.training.events import FoldFinished, Notice
 
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
+    def show(event) -> None:
         if isinstance(event, FoldFinished):
-            print(
-                f"fold {event.fold}: best validation loss {event.best_val_loss:.4f} "
-                f"at step {event.best_step}"
-            )
+            print(f"fold {event.fold}: best validation loss {event.best_val_loss:.4f} "
+                  f"at step {event.best_step}")
         elif isinstance(event, Notice):
             print(f"note: {event.text}")
+
+    return drive(gen, show)
 
 
 def _pixel_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
