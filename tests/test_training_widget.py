@@ -143,6 +143,22 @@ def test_device_list_and_cpu_note(make_napari_viewer):
         assert "CPU" in widget.device_note.text()
 
 
+@pytest.mark.parametrize("auto, note", [("cpu", "training runs on the CPU"),
+                                         ("cuda", "auto = cuda (no fallback)")])
+def test_the_device_note_is_a_warning_when_auto_is_the_cpu(make_napari_viewer, monkeypatch,
+                                                           auto, note):
+    """The colour follows what "auto" picks, not a word of the note's text."""
+    import napari_mtml.devices as devices
+    from napari_mtml._napari.training_widget import WARNING_COLOUR
+
+    monkeypatch.setattr(devices, "device_choices",
+                        lambda: devices.DeviceChoices(("auto", "cpu"), auto, note))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    assert widget.device_note.text() == note
+    assert (WARNING_COLOUR in widget.device_note.styleSheet()) == (auto == "cpu")
+
+
 def test_live_plot_follows_napari_s_theme(make_napari_viewer):
     from matplotlib.colors import to_rgb
 

@@ -27,13 +27,12 @@ from __future__ import annotations
 import csv
 import io as _io
 import os
-import tempfile
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_mtml.files import check_output_folder
+from napari_mtml.files import check_output_folder, safe_name, write_atomic
 from napari_mtml.io import IMAGE_SUFFIXES, image_files, image_name
 
 __all__ = [
@@ -136,7 +135,7 @@ def _memory_name(scan) -> str:
     if not name:
         raise ValueError("an in-memory image (Scan) in a batch needs metadata['name'] for its "
                          "output file names")
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return safe_name(name)
 
 
 def _one_line(path: Path, exc: BaseException) -> str:
@@ -179,15 +178,7 @@ def _write_scores(path: Path, items: list[BatchItem]) -> Path:
                 *(f"{item.scores[k]:.6g}" if k in item.scores else "" for k in SCORES_HEADER[5:]),
             )
         )
-    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".csv.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def predict_batch(

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ __all__ = [
     "compile_model",
     "busy_cores_elsewhere",
     "cpu_supports_bf16",
+    "device_choices",
+    "DeviceChoices",
     "pick_device",
     "prepare_model_for_device",
     "resolve_device",
@@ -66,26 +69,13 @@ CPU_NOTICE = ("no GPU found: training on the CPU (recipe 'auto' picks the small 
 # ------------------------------------------------------------------------------------ devices
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
-    """The torch device for `name` ("auto": cuda > mps > cpu) and a notice when auto falls back
-    to the CPU. An explicit device that is not available raises `ValueError`.
-
-    ``local_rank`` picks the GPU of a distributed rank (``cuda`` and ``auto`` on CUDA)."""
-    kind = name.split(":")[0]
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-        if _mps_available():
-            return torch.device("mps"), None
-        return torch.device("cpu"), CPU_NOTICE
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu "
-                         "or auto")
-    if kind == "mps" and not _mps_available():
-        raise ValueError("device 'mps' requested but it is not available; use --device cpu")
-    if kind == "cuda" and ":" not in name:
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), None
-    return torch.device(name), None
+def _auto_kind() -> str:
+    """The device type "auto" means on this machine: CUDA, else Apple MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if _mps_available():
+        return "mps"
+    return "cpu"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -97,20 +87,62 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     name = str(device).strip().lower()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(_auto_kind())
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available: use auto or cpu")
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU; use --device "
+                         "cpu or auto")
     if dev.type == "mps" and not _mps_available():
-        raise ValueError(f"device {device!r} asked for but MPS is not available: use auto or cpu")
+        raise ValueError(f"device {device!r} requested but it is not available; use --device "
+                         "cpu or auto")
     return dev
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
+    """The torch device for `name` (`resolve_device`: "auto" = cuda > mps > cpu) and a notice
+    when auto falls back to the CPU. An explicit device that is not available raises
+    `ValueError`.
+
+    ``local_rank`` picks the GPU of a distributed rank (``cuda`` and ``auto`` on CUDA)."""
+    dev = resolve_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    auto = str(name).strip().lower() == "auto"
+    return dev, (CPU_NOTICE if auto and dev.type == "cpu" else None)
+
+
+@dataclass(frozen=True)
+class DeviceChoices:
+    """What a device menu offers on this machine: `names` ("auto", "cpu", then "cuda",
+    "cuda:1", ... or "mps"), `auto` (the device type "auto" picks) and a `note` for the user
+    that says what auto picks; `cpu_only` when that is the CPU (training there is slow)."""
+
+    names: tuple[str, ...]
+    auto: str
+    note: str
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.auto == "cpu"
+
+
+def device_choices() -> DeviceChoices:
+    """The `DeviceChoices` of this machine (the widgets' device menus)."""
+    kind = _auto_kind()
+    names = ["auto", "cpu"]
+    if kind == "cuda":
+        names += ["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())]
+        note = f"auto = cuda ({torch.cuda.get_device_name(0)})"
+    elif kind == "mps":
+        names.append("mps")
+        note = "auto = mps (Apple GPU)"
+    else:
+        note = ("No GPU found (CUDA or MPS): training falls back to the CPU, where the 'auto' "
+                "recipe trains the small CPU model; give it minutes, not seconds.")
+    return DeviceChoices(tuple(names), kind, note)
 
 
 def _mps_available() -> bool:

@@ -349,7 +349,7 @@ def evaluate_folder(
             result["sample"]["mean"],
         )
         _plot_curves(pr_path, roc_path, curves)
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
-        os.replace(tmp, json_path)
+        from napari_mtml.files import write_atomic
+
+        write_atomic(json_path, json.dumps(_nan_to_none(result), indent=2) + "\n")
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["check_output_file", "check_output_folder", "os_error_message", "read_text",
-           "write_atomic"]
+           "safe_name", "write_atomic"]
 
 _REASONS = {
     errno.ENOENT: "no such file or folder",
@@ -132,6 +132,14 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     if blocker is not None:
         raise ValueError(f"{p}: {blocker} is a file, not a folder; give a folder for the {what}")
     return p
+
+
+def safe_name(name: str, default: str = "layer") -> str:
+    """`name` as a file name: characters other than letters, digits, "-", "_" and "." become
+    "_", leading and trailing dots and underscores go (no hidden files); `default` if nothing is
+    left. E.g. a napari layer's name for the file it is written to."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
+    return safe or default
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None], *,

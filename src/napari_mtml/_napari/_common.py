@@ -68,26 +68,12 @@ RUN_BUS = _RunBus()
 # --------------------------------------------------------------------------------------------
 # Devices
 # --------------------------------------------------------------------------------------------
-def available_devices() -> tuple[list[str], str]:
-    """Device choices for this machine and a note for the user.
+def available_devices():
+    """The device menu of this machine: `napari_mtml.devices.device_choices()` (`names`, a
+    `note` saying what "auto" picks, `cpu_only` when that is the CPU)."""
+    from napari_mtml.devices import device_choices
 
-    Returns `(["auto", "cpu", "cuda", "cuda:1", "mps", ...], note)`; the note says what "auto"
-    will pick and warns when that is the CPU (training the paper's model there is slow).
-    """
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        devices += ["cuda"] + [f"cuda:{i}" for i in range(1, n)]
-        note = f"auto = cuda ({torch.cuda.get_device_name(0)})"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-        note = "auto = mps (Apple GPU)"
-    else:
-        note = ("No GPU found (CUDA or MPS): training falls back to the CPU. Prefer the light "
-                "model and a few hundred steps.")
-    return devices, note
+    return device_choices()
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,32 +307,29 @@ def set_or_add_image(viewer, layer, data: np.ndarray, name: str, grid_of, **kwar
     limits given as `contrast_limits` are re-applied each time (the data range may change).
     Returns the layer.
     """
-    grid = on_grid_of(grid_of)
-    geometry = geometry_metadata(grid_of)
-    if _alive(viewer, layer) and layer.data.ndim == data.ndim:
-        layer.data = data
-        _place(layer, grid)
-        layer.metadata = {**layer.metadata, **geometry}
-        if "contrast_limits" in kwargs:
-            layer.contrast_limits = kwargs["contrast_limits"]
-        return layer
-    if _alive(viewer, layer):
-        viewer.layers.remove(layer)
-    return viewer.add_image(data, name=name, metadata=geometry, **grid, **kwargs)
+    return _set_or_add(viewer.add_image, viewer, layer, data, name, grid_of, kwargs,
+                       again=("contrast_limits",))
 
 
 def set_or_add_labels(viewer, layer, data: np.ndarray, name: str, grid_of, **kwargs):
     """Same as `set_or_add_image`, for a Labels layer (integer data)."""
+    return _set_or_add(viewer.add_labels, viewer, layer, data, name, grid_of, kwargs)
+
+
+def _set_or_add(add, viewer, layer, data, name, grid_of, kwargs, again=()):
     grid = on_grid_of(grid_of)
     geometry = geometry_metadata(grid_of)
     if _alive(viewer, layer) and layer.data.ndim == data.ndim:
         layer.data = data
         _place(layer, grid)
         layer.metadata = {**layer.metadata, **geometry}
+        for key in again:
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
         return layer
     if _alive(viewer, layer):
         viewer.layers.remove(layer)
-    return viewer.add_labels(data, name=name, metadata=geometry, **grid, **kwargs)
+    return add(data, name=name, metadata=geometry, **grid, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from superqt import QLabeledDoubleSlider
 from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
 from napari_mtml.brainmask import available as brain_available
 from napari_mtml.builtin import builtin_models
+from napari_mtml.files import safe_name
 from napari_mtml.regions import (
     Region,
     healthy_scores,
@@ -166,9 +167,10 @@ class HeatmapWidget(QWidget):
                                 f"automatic brain mask: {INSTALL_HINT} adds {EXTRA_SUMMARY}.")
         self.mask_note.setWordWrap(True)
         self.image_combo = LayerCombo(napari_viewer, Image, exclude=mine, auto_pick=True)
+        devices = available_devices()
         self.device_combo = QComboBox()
-        self.device_combo.addItems(available_devices()[0])
-        self.device_combo.setToolTip(available_devices()[1])
+        self.device_combo.addItems(list(devices.names))
+        self.device_combo.setToolTip(devices.note)
         self.predict_button = QPushButton("Predict")
         self.predict_button.clicked.connect(self.predict)
         self.cancel_button = QPushButton("Cancel")
@@ -494,7 +496,7 @@ class HeatmapWidget(QWidget):
             self._batch_sources = {}
             for layer in layers:
                 scan = scan_from_layer(layer, "Batch")
-                name = _safe_name(layer.name)
+                name = safe_name(layer.name)
                 while name in used:
                     name += "_"
                 used.add(name)
@@ -822,10 +824,6 @@ def _pair(*widgets) -> QWidget:
     holder = QWidget()
     holder.setLayout(box)
     return holder
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "layer"
 
 
 def _browse_button(parent, edit: QLineEdit) -> QPushButton:

@@ -38,18 +38,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_mtml.anomalies import TASKS
 from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
 from napari_mtml.brainmask import available as brain_available
 from napari_mtml.config import RECIPE_NAMES, TrainConfig
-from napari_mtml.training import train
-from napari_mtml.training.events import (
-    FoldFinished,
-    FoldStarted,
-    Notice,
-    RunFinished,
-    StepEvent,
-    ValidationEvent,
-)
+from napari_mtml.training import events, train
 
 from ._common import (
     RUN_BUS,
@@ -74,19 +67,23 @@ BRAIN_HEAD = "the head (no brain mask)"
 BRAIN_AUTO = "an automatic brain mask"
 FROM_FOLDER = "files / folder"
 FROM_LAYERS = "open image layers"
-TASK_COLOURS = {"intra_blend": "#1f77b4", "inter_blend": "#ff7f0e", "sink": "#2ca02c",
-                "source": "#d62728", "smooth_intensity": "#9467bd"}
+#: the colour of a warning in the widget (the device note when training falls back to the CPU)
+WARNING_COLOUR = "#e0a040"
+#: one colour per task (index = task id) in the plot of the held-out tasks' AP
+TASK_COLOURS = dict(zip(TASKS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"),
+                        strict=True))
 
 
 def _write_layers(layers, folder: Path) -> list[str]:
     """Save image layers as NIfTI files for `TrainConfig.healthy` (worker thread)."""
+    from napari_mtml.files import safe_name
     from napari_mtml.io import write_image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, layer in enumerate(layers):
         scan = scan_from_layer(layer, "training")
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in layer.name)
+        safe = safe_name(layer.name)
         path = folder / f"{i:02d}_{safe}.nii.gz"
         write_image(path, scan.array, like=scan)
         paths.append(str(path))
@@ -97,7 +94,7 @@ def _run_training(config: TrainConfig, layers=None):
     """The worker's generator: optional layer export, then the core's training events."""
     if layers:
         folder = Path(config.out) / "healthy_layers"
-        yield Notice(f"writing {len(layers)} image layer(s) to {folder}")
+        yield events.Notice(f"writing {len(layers)} image layer(s) to {folder}")
         config = config.replace(healthy=tuple(_write_layers(layers, folder)))
     result = yield from train(config)
     return result
@@ -191,13 +188,13 @@ class TrainingWidget(QWidget):
         self.width_spin = _spin(0, 256, 0)
         self.width_spin.setSpecialValueText("preset")
         self.width_spin.setToolTip("features of the first stage (doubled per stage)")
-        devices, note = available_devices()
+        devices = available_devices()
         self.device_combo = QComboBox()
-        self.device_combo.addItems(devices)
-        self.device_note = QLabel(note)
+        self.device_combo.addItems(list(devices.names))
+        self.device_note = QLabel(devices.note)
         self.device_note.setWordWrap(True)
-        if "fall" in note:
-            self.device_note.setStyleSheet("color: #e0a040")
+        if devices.cpu_only:  # a warning: training on the CPU is slow
+            self.device_note.setStyleSheet(f"color: {WARNING_COLOUR}")
         self.workers_spin = _spin(0, 64, 0)
         self.seed_spin = _spin(0, 2**31 - 1, 0)
         self.resume_check = QCheckBox("resume from last.pt")
@@ -254,9 +251,9 @@ class TrainingWidget(QWidget):
         self.tasks_spin.valueChanged.connect(self._tasks_changed)
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
-        events = napari_viewer.layers.events
-        events.inserted.connect(self._refresh_layers)
-        events.removed.connect(self._refresh_layers)
+        layer_events = napari_viewer.layers.events
+        layer_events.inserted.connect(self._refresh_layers)
+        layer_events.removed.connect(self._refresh_layers)
         self._redraw_timer = QTimer(self)
         # A redraw per step would starve the event loop (and slow the worker: a matplotlib redraw
         # holds the GIL for ~0.1 s); once a second is live enough.
@@ -404,7 +401,7 @@ class TrainingWidget(QWidget):
     # ----------------------------------------------------------------------------- events
     def _on_event(self, event) -> None:
         self.events.append(event)
-        if isinstance(event, FoldStarted):
+        if isinstance(event, events.FoldStarted):
             self._fold_pos.setdefault(event.fold, len(self._fold_pos))
             self._max_steps = event.max_steps
             total = self._folds * event.max_steps
@@ -416,7 +413,7 @@ class TrainingWidget(QWidget):
                 f"fold {event.fold + 1}/{event.n_folds}: train on {', '.join(event.train_tasks)}"
                 f"; validate on {', '.join(event.val_tasks)}"
             )
-        elif isinstance(event, StepEvent):
+        elif isinstance(event, events.StepEvent):
             self._fold_pos.setdefault(event.fold, len(self._fold_pos))
             done = self._fold_pos[event.fold] * self._max_steps + event.step
             bar = self._pbar  # napari may process events (even _on_finish) while it draws
@@ -425,7 +422,7 @@ class TrainingWidget(QWidget):
             self.progress_bar.setValue(min(done, self.progress_bar.maximum()))
             self._curve(("loss", event.fold)).append((event.step, event.loss))
             self._plot_dirty = True
-        elif isinstance(event, ValidationEvent):
+        elif isinstance(event, events.ValidationEvent):
             for task, ap in event.ap.items():
                 self._curve(("ap", event.fold, task)).append((event.step, ap))
             self._plot_dirty = True
@@ -436,11 +433,11 @@ class TrainingWidget(QWidget):
             self.message.setText(f"fold {event.fold}, step {event.step}: val loss "
                                  f"{event.val_loss:.4f}, mean AP {mean_ap:.3f}"
                                  + (" (best so far)" if event.best else ""))
-        elif isinstance(event, FoldFinished):
+        elif isinstance(event, events.FoldFinished):
             self._last_best[event.fold] = event.checkpoint
-        elif isinstance(event, Notice):
+        elif isinstance(event, events.Notice):
             notify_info(f"Training: {event.text}")
-        elif isinstance(event, RunFinished):
+        elif isinstance(event, events.RunFinished):
             self.run_dir = event.run_dir
 
     def _on_return(self, result) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_mtml.files import safe_name
+
 from ._common import scan_from_geometry
 
 __all__ = ["layer_matrix", "write_image_layer", "write_labels_layer", "write_layers"]
@@ -98,10 +100,6 @@ def write_labels_layer(path: str, data, meta: dict) -> list[str]:
     return _write(path, array, meta, _label_dtype(array))
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "layer"
-
-
 def write_layers(path: str, layer_data: list[tuple]) -> list[str]:
     """Several image/labels layers into the folder `path`, one `NAME.nii.gz` each."""
     folder = Path(path)
@@ -111,7 +109,7 @@ def write_layers(path: str, layer_data: list[tuple]) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
     for data, meta, layer_type in layer_data:
-        stem = _safe(str(meta.get("name", layer_type)))
+        stem = safe_name(str(meta.get("name", layer_type)))
         while stem in used:
             stem += "_"
         used.add(stem)

@@ -8,29 +8,10 @@ for event in gen: ...          # events of napari_mtml.training.events; gen.clos
 ```
 """
 
+from napari_mtml.training import events
 from napari_mtml.training.crossval import FoldSplit, task_folds
-from napari_mtml.training.events import (
-    FoldFinished,
-    FoldStarted,
-    Notice,
-    RunFinished,
-    RunResult,
-    StepEvent,
-    ValidationEvent,
-)
+from napari_mtml.training.events import *  # noqa: F403 - every event is part of this API
 from napari_mtml.training.trainer import TrainingOutOfMemory, WarmupExponentialLR, train
 
-__all__ = [
-    "train",
-    "task_folds",
-    "FoldSplit",
-    "FoldStarted",
-    "StepEvent",
-    "ValidationEvent",
-    "FoldFinished",
-    "RunFinished",
-    "Notice",
-    "RunResult",
-    "TrainingOutOfMemory",
-    "WarmupExponentialLR",
-]
+__all__ = ["train", "task_folds", "FoldSplit", *events.__all__, "TrainingOutOfMemory",
+           "WarmupExponentialLR"]

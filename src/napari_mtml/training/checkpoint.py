@@ -18,11 +18,12 @@ data stream position `{"seed", "rank", "world_size", "next_item"}`), `dims`, `fr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from napari_mtml.files import write_atomic
 
 __all__ = ["save_atomic", "load_checkpoint", "FORMAT_VERSION", "frame_record", "check_frame",
            "model_checkpoint"]
@@ -31,20 +32,9 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """`torch.save(obj)` to `path` via a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Interrupted (error, Ctrl-C, generator closed): drop the partial file, keep the old one.
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """`torch.save(obj)` to `path` via a temporary file, `fsync` and `os.replace`
+    (`napari_mtml.files.write_atomic`): an interrupted save keeps the old file."""
+    return write_atomic(path, lambda fh: torch.save(obj, fh), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_mtml.anomalies import TASKS
 from napari_mtml.config import TrainConfig
 from napari_mtml.data import (
     NO_EXTERNAL_NOTICE,
@@ -42,6 +43,7 @@ from napari_mtml.data import (
     make_validation_set,
 )
 from napari_mtml.devices import apply_thread_rule, autocast_dtype, pick_device
+from napari_mtml.files import write_atomic
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -71,7 +73,7 @@ from napari_mtml.training.schedule import (
 __all__ = ["train", "WarmupExponentialLR", "WarmupCosineLR", "pick_device", "TrainingOutOfMemory",
            "TASK_NAMES"]
 
-TASK_NAMES = ("intra_blend", "inter_blend", "sink", "source", "smooth_intensity")
+TASK_NAMES = TASKS  # the task names, index = task id (napari_mtml.anomalies)
 # Settings that may change between a run and its resumption without changing what is trained.
 _RESUMABLE_CHANGES = {"resume", "device", "workers", "max_steps", "fold", "patience",
                       "val_interval", "time_budget", "plan"}
@@ -355,9 +357,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         folds.append(d)
     doc = {"train_tasks": cfg.train_tasks, "n_folds": cfg.n_folds, "split_by": collection.split_by,
            "data_folds": {str(k): collection.names([k]) for k in range(5)}, "folds": folds}
-    tmp = run_dir / f".folds.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(run_dir / "folds.json")
+    write_atomic(run_dir / "folds.json", json.dumps(doc, indent=2) + "\n")
 
 
 def _check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
@@ -399,9 +399,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
             continue  # a line torn by a hard kill, or bytes that are not a log line
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
 def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
