@@ -41,6 +41,8 @@ __all__ = ["DemoResult", "run_demo", "write_overlay_png"]
 #: Default training time (seconds): the recipe for the device ("small" on a CPU: a 0.28 M
 #: parameter 2D U-Net without positional encoding, 2 mm slices, cosine schedule) for this long.
 DEMO_TIME = 240.0
+#: the demo's run: 2D MRI models, one training task each, every fold
+DEMO_RUN = {"dims": 2, "train_tasks": 1, "fold": "all", "kind": "mri"}
 _MARKER = ".mtml-demo"
 
 
@@ -307,24 +309,16 @@ def run_demo(
     healthy_scan = Scan(array=scan.array[healthy_slices], spacing=scan.spacing)
     write_image(healthy_path, healthy_scan.array, like=healthy_scan)
 
+    chosen = {"max_steps": max_steps, "time_budget": time_budget, "batch_size": batch_size,
+              "recipe": recipe, "device": device, "workers": workers, "seed": seed,
+              "val_interval": val_interval, "val_size": val_size}
     config = TrainConfig(
         healthy=(str(healthy_path),),
         out=str(run_dir),
-        dims=2,
-        train_tasks=1,
-        fold="all",
         external=str(paths["external"]),
-        max_steps=max_steps,
-        time_budget=time_budget,
-        batch_size=batch_size,
-        recipe=recipe,
-        device=device,
-        workers=workers,
-        seed=seed,
-        kind="mri",
-        val_interval=val_interval,
-        val_size=val_size,
         brain_mask="auto" if use_brain else None,
+        **DEMO_RUN,
+        **chosen,
         **model,
     )
     budget = (f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold")

@@ -85,6 +85,12 @@ class _RunSettings:
     model_kwargs: dict[str, Any]
     n_folds: int
 
+    def geometry(self) -> dict[str, Any]:
+        """The model's input grid: `Ensemble`'s `dims`, `frame`, `kind`, `downsample` and
+        `spacing` arguments."""
+        names = ("dims", "frame", "kind", "downsample", "spacing")
+        return {name: getattr(self, name) for name in names}
+
 
 def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
     """The run's settings from `RUN/config.json` (a resolved `TrainConfig`), and its raw dict."""
@@ -575,11 +581,7 @@ def load_ensemble(
         models.append(prepare_model_for_device(model, dev).eval())
     return Ensemble(
         models,
-        dims=settings.dims,
-        frame=settings.frame,
-        kind=settings.kind,
-        downsample=settings.downsample,
-        spacing=settings.spacing,
+        **settings.geometry(),
         fixed_frame=bool(settings.model_kwargs.get("pos_encoding", True)),
         folds=wanted,
         device=dev,

@@ -261,19 +261,19 @@ class VariantSettings:
     noise_range: tuple[float, float] = (0.01, 0.05)
     gain_range: tuple[float, float] = (0.5, 8.0)
     # head layers (mm)
-    csf_mm: tuple[float, float] = (1.0, 3.0)
+    csf_mm: tuple[float, float] = (1.0, 3.0)  # cerebrospinal fluid, brain to skull
     inner_table_mm: tuple[float, float] = (1.0, 2.0)
     diploe_mm: tuple[float, float] = (1.0, 3.0)
     outer_table_mm: tuple[float, float] = (0.8, 1.5)
     muscle_mm: tuple[float, float] = (0.5, 1.5)
-    fat_mm: tuple[float, float] = (1.5, 4.0)
+    fat_mm: tuple[float, float] = (1.5, 4.0)  # subcutaneous fat of the scalp
     skin_mm: tuple[float, float] = (0.8, 1.3)
     thickness_variation: float = 0.35
     # head intensities (fractions of the white-matter level; CSF relative to the template's)
     csf_level: tuple[float, float] = (0.8, 1.1)
-    bone_level: tuple[float, float] = (0.03, 0.1)
+    bone_level: tuple[float, float] = (0.03, 0.1)  # the inner table (the outer: x 0.8-1.25)
     diploe_level: tuple[float, float] = (0.35, 0.7)
-    muscle_level: tuple[float, float] = (0.35, 0.5)
+    muscle_level: tuple[float, float] = (0.35, 0.5)  # the scalp muscle layer
     fat_level: tuple[float, float] = (1.0, 1.3)
     skin_level: tuple[float, float] = (0.5, 0.7)
     texture: float = 0.06
