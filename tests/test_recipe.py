@@ -47,8 +47,9 @@ def test_max_anomalies_and_repeat_prob_are_obeyed():
     image, fg = _phantom((32, 32))
     rng = np.random.default_rng(12)
     for _ in range(30):
-        assert synthesize(image, fg, "sink", rng, repeat_prob=1.0, max_anomalies=3).n_anomalies == 3
-        assert synthesize(image, fg, "sink", rng, repeat_prob=0.0).n_anomalies == 1
+        many = synthesize(image, fg, "sink", rng=rng, repeat_prob=1.0, max_anomalies=3)
+        assert many.n_anomalies == 3
+        assert synthesize(image, fg, "sink", rng=rng, repeat_prob=0.0).n_anomalies == 1
 
 
 # blending spill adds voxels around the shape, so the rule is checked on the tasks whose mask is
@@ -132,6 +133,7 @@ def _bad_inputs():
         ("unknown task parameter", dict(image=image, foreground=fg, radius=3)),
         ("min_size", dict(image=image, foreground=fg, min_size=0.9, max_size=0.5)),
         ("rng", dict(image=image, foreground=fg, rng=42)),
+        ("rng", dict(image=image, foreground=fg, rng=None)),
         ("dimensions", dict(image=image, foreground=fg, task=0, source=image[None])),
         ("NaN", dict(image=image, foreground=fg, task=1, source=nan_image)),
     ]
@@ -144,3 +146,13 @@ def test_bad_input_raises_a_clear_value_error_quickly(match, kwargs):
     kwargs.setdefault("rng", np.random.default_rng(0))
     with pytest.raises(ValueError, match=match):
         synthesize(**kwargs)
+
+
+def test_rng_is_required_and_keyword_only():
+    """No default generator (no unseeded randomness): `rng` must be passed, by name."""
+    image, fg = _phantom((32, 32))
+    with pytest.raises(TypeError, match="rng"):
+        synthesize(image, fg, "sink")
+    with pytest.raises(TypeError):
+        synthesize(image, fg, "sink", np.random.default_rng(0))
+    assert synthesize(image, fg, "sink", rng=np.random.default_rng(0)).n_anomalies >= 1
