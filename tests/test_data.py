@@ -406,3 +406,36 @@ def test_from_paths_places_anomalies_inside_given_brain_masks(tmp_path):
     (masks / "s3_mask.nii.gz").unlink()
     with pytest.raises(ValueError, match="s3"):
         HealthyCollection.from_paths([scans], dims=2, frame=(48, 48), brain_mask=masks)
+
+
+def test_every_item_holds_an_anomaly(monkeypatch):
+    """A draw whose anomaly changed nothing (an all-zero label) is drawn again, then another
+    image is tried: no training or validation item silently gets an all-zero label."""
+    calls = []
+
+    def empty_first(image, foreground=None, **kw):
+        calls.append(1)
+        result = _stand_in_synthesize(image, foreground, **kw)
+        if len(calls) <= 5:  # more than one image's tries
+            result.label = np.zeros_like(result.label)
+        return result
+
+    monkeypatch.setattr(anomalies, "synthesize", empty_first)
+    samples = HealthyCollection.from_arrays(_images(5)).samples
+    _, label, _ = SyntheticDataset(samples, [2], seed=0).draw(0)
+    assert len(calls) == 6 and label.max() > 0
+    calls.clear()
+    val = make_validation_set(samples, [2], 2, seed=0)
+    assert all(lab.max() > 0 for lab in val.label)
+
+
+def test_an_image_that_never_takes_an_anomaly_is_an_error(monkeypatch):
+    def never(image, foreground=None, **kw):
+        result = _stand_in_synthesize(image, foreground, **kw)
+        result.label = np.zeros_like(result.label)
+        return result
+
+    monkeypatch.setattr(anomalies, "synthesize", never)
+    samples = HealthyCollection.from_arrays(_images(5)).samples
+    with pytest.raises(ValueError, match="all-zero label"):
+        SyntheticDataset(samples, [2], seed=0).draw(0)

@@ -541,13 +541,19 @@ def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator,
     pool = external if (task == 1 and external) else intra
     source = _source_sampler(pool, exclude=sample) if task in (0, 1) else None
     # A synthesis whose anomaly changed nothing would give an all-zero label: training items
-    # must each hold an anomaly, so draw again (rare; bounded).
-    for _ in range(4):
+    # must each hold an anomaly, so draw again (rare; bounded), then give up on this image:
+    # the callers' ValueError path tries other images and the smallest anomalies.
+    for _ in range(_EMPTY_LABEL_TRIES):
         result = synthesize(image, foreground=fg, task=task, rng=rng, source=source,
                             **task_params)
         if float(result.label.max()) > 0:
-            break
-    return image, result.image, result.label, fg, result.mask
+            return image, result.image, result.label, fg, result.mask
+    raise ValueError(f"{sample.name}: {_EMPTY_LABEL_TRIES} task-{task} anomalies in a row changed "
+                     "nothing (an all-zero label); check that the image is not flat")
+
+
+#: draws of one item before an all-zero label makes it try another image
+_EMPTY_LABEL_TRIES = 4
 
 
 _FALLBACK_TRIES = 10
