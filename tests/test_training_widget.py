@@ -200,3 +200,22 @@ def test_defaults_train_the_recipe_for_the_device_to_a_time_budget(make_napari_v
     widget._folds = 5
     widget._on_event(FoldStarted(0, 5, ("sink",), ("source",), 700))
     assert widget.progress_bar.maximum() == 3500
+
+
+def test_browse_picks_healthy_files_or_a_folder(make_napari_viewer, monkeypatch):
+    """The healthy-data field takes files as well as folders: its Browse offers both."""
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames",
+                        staticmethod(lambda *a, **k: (["/d/a.nii.gz", "/d/b.nii.gz"], "")))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: "/d"))
+    button = widget.healthy_edit.parent().findChildren(type(widget.start_button))
+    menus = [b.menu() for b in button if b.menu() is not None]
+    assert len(menus) == 1
+    actions = {a.text(): a for a in menus[0].actions()}
+    actions["Files…"].trigger()
+    assert widget.healthy_edit.text() == "/d/a.nii.gz; /d/b.nii.gz"
+    actions["Folder…"].trigger()
+    assert widget.healthy_edit.text() == "/d"

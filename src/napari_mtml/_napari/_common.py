@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFileDialog, QMenu, QPushButton
 from superqt.utils import FunctionWorker, GeneratorWorker
 
 __all__ = [
@@ -140,7 +140,6 @@ def notify_error(what: str, exc: BaseException | str) -> None:
 
 
 notify_info = show_info
-notify_warning = show_warning
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +436,36 @@ def cancelable_bar(total: int, desc: str, on_cancel: Callable[[], None]):
                 on_cancel()
 
     return _Bar(total=total, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------
+# Path fields
+# --------------------------------------------------------------------------------------------
+def browse_button(parent, edit, *, files: bool = False) -> QPushButton:
+    """A "…" button that fills the line edit `edit` with a folder chosen in a dialog; with
+    `files`, its menu also offers "Files…": several files at once, written as `a; b; c` (the
+    form the training widget's healthy-data field takes)."""
+    button = QPushButton("…")
+    button.setMaximumWidth(30)
+
+    def folder() -> None:
+        path = QFileDialog.getExistingDirectory(parent, "Choose a folder")
+        if path:
+            edit.setText(path)
+
+    def several() -> None:
+        paths, _ = QFileDialog.getOpenFileNames(parent, "Choose files")
+        if paths:
+            edit.setText("; ".join(paths))
+
+    if files:
+        menu = QMenu(button)
+        menu.addAction("Folder…", folder)
+        menu.addAction("Files…", several)
+        button.setMenu(menu)
+    else:
+        button.clicked.connect(folder)
+    return button
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from ._common import (
     RUN_BUS,
     LayerCombo,
     available_devices,
+    browse_button,
     cancelable_bar,
     layer_spacing,
     notify_error,
@@ -260,9 +261,9 @@ class HeatmapWidget(QWidget):
         batch_form = QFormLayout(batch_box)
         batch_form.addRow("images", self.batch_source_combo)
         batch_form.addRow("folder", _pair(self.batch_folder_edit,
-                                          _browse_button(self, self.batch_folder_edit)))
+                                          browse_button(self, self.batch_folder_edit)))
         batch_form.addRow("output", _pair(self.batch_out_edit,
-                                          _browse_button(self, self.batch_out_edit)))
+                                          browse_button(self, self.batch_out_edit)))
         batch_form.addRow(_pair(self.batch_png_check, self.batch_button,
                                 self.batch_cancel_button))
         batch_form.addRow(self.batch_table)
@@ -316,7 +317,7 @@ class HeatmapWidget(QWidget):
         self._reference_cache = {k: v for k, v in self._reference_cache.items()
                                  if k[0] != id(layer)}
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+    def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a prediction running
         super().closeEvent(event)
 
@@ -824,16 +825,3 @@ def _pair(*widgets) -> QWidget:
     holder = QWidget()
     holder.setLayout(box)
     return holder
-
-
-def _browse_button(parent, edit: QLineEdit) -> QPushButton:
-    button = QPushButton("…")
-    button.setMaximumWidth(30)
-
-    def browse():
-        folder = QFileDialog.getExistingDirectory(parent, "Choose a folder")
-        if folder:
-            edit.setText(folder)
-
-    button.clicked.connect(browse)
-    return button

@@ -24,7 +24,6 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -47,6 +46,7 @@ from napari_mtml.training import events, train
 from ._common import (
     RUN_BUS,
     available_devices,
+    browse_button,
     cancelable_bar,
     notify_error,
     notify_info,
@@ -215,10 +215,10 @@ class TrainingWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("healthy data", self.source_combo)
-        form.addRow("", _row(self.healthy_edit, _browse_button(self, self.healthy_edit, True)))
+        form.addRow("", _row(self.healthy_edit, browse_button(self, self.healthy_edit, files=True)))
         form.addRow("", self.layer_list)
         form.addRow("external", _row(self.external_edit,
-                                     _browse_button(self, self.external_edit, True)))
+                                     browse_button(self, self.external_edit)))
         form.addRow("dims", self.dims_combo)
         form.addRow("frame", self.frame_edit)
         form.addRow("train tasks T", self.tasks_spin)
@@ -238,7 +238,7 @@ class TrainingWidget(QWidget):
         form.addRow("workers", self.workers_spin)
         form.addRow("seed", self.seed_spin)
         form.addRow("output folder", _row(self.out_edit,
-                                          _browse_button(self, self.out_edit, True)))
+                                          browse_button(self, self.out_edit)))
         form.addRow("", self.resume_check)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -390,7 +390,7 @@ class TrainingWidget(QWidget):
             self.message.setText("cancelling after the current step …")
             self.worker.quit()
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+    def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a run training in the background
         super().closeEvent(event)
 
@@ -557,17 +557,3 @@ def _row(*widgets) -> QWidget:
     box.setContentsMargins(0, 0, 0, 0)
     w.setLayout(box)
     return w
-
-
-def _browse_button(parent, edit: QLineEdit, folder: bool) -> QPushButton:
-    button = QPushButton("…")
-    button.setMaximumWidth(30)
-
-    def browse():
-        path = (QFileDialog.getExistingDirectory(parent, "Choose a folder") if folder
-                else QFileDialog.getOpenFileName(parent, "Choose a file")[0])
-        if path:
-            edit.setText(path)
-
-    button.clicked.connect(browse)
-    return button
