@@ -40,7 +40,7 @@ def _images() -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
         out["3D 80x112x80"] = (np.asarray(brain), np.asarray(fg, bool), "MNI152, to_frame")
         cxr, _, _ = to_frame(read_image(DATA / "chest-xray" / "RG1_UNCR.dcm"), kind="cxr")
         out["2D 256x256"] = (np.asarray(cxr), None, "chest X-ray, to_frame")
-    except Exception as exc:  # noqa: BLE001 - fall back to synthetic data, and say so
+    except Exception as exc:  # any failure: fall back to synthetic data, and say so
         print(f"(real images unavailable: {exc}; using synthetic discs)")
     rng = np.random.default_rng(0)
     for name, shape in (("2D 256x256", (256, 256)), ("3D 80x112x80", (80, 112, 80))):

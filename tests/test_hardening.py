@@ -178,7 +178,7 @@ def test_os_errors_are_one_line_naming_the_path(tmp_path):
         (f / "sub").mkdir(parents=True, exist_ok=True)
     assert os_error_message(notdir.value) == f"{f / 'sub'}: {f} is a file, not a folder"
     with pytest.raises(IsADirectoryError) as isdir:
-        open(tmp_path)  # noqa: SIM115
+        open(tmp_path)
     assert os_error_message(isdir.value) == f"{tmp_path}: is a folder, not a file"
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
     assert os_error_message(full) == f"{tmp_path / 'x'}: no space left on the device"

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.data import get_testdata_file
 
-from napari_mtml._napari.reader import get_reader  # noqa: E402
-from napari_mtml.io import ImageReadWarning, read_image  # noqa: E402
-from napari_mtml.samples import SAMPLE_DIR, SAMPLES, load_sample, sample_data_path  # noqa: E402
+from napari_mtml._napari.reader import get_reader
+from napari_mtml.io import ImageReadWarning, read_image
+from napari_mtml.samples import SAMPLE_DIR, SAMPLES, load_sample, sample_data_path
 
 PYDICOM_DATA = Path(get_testdata_file("CT_small.dcm")).parent
 pytestmark = pytest.mark.qt

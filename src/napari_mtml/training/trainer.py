@@ -469,7 +469,7 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     loader = make_loader(dataset, local_batch, start_step=step, workers=cfg.workers,
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
-    log = open(log_path, "a") if dist.main else None  # noqa: SIM115 - closed in finally
+    log = open(log_path, "a") if dist.main else None  # closed in the finally below
     amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     stopped_early = False
     scheduler = make_scheduler(optimizer, schedule, cfg.lr, step)
