@@ -234,12 +234,12 @@ def test_config_from_json_takes_a_path_or_text_explicitly(tmp_path):
 
 
 def test_resume_drops_undecodable_log_lines(tmp_path):
-    from napari_mtml.training.trainer import _truncate_log
+    from napari_mtml.training.rundir import truncate_log
 
     log = tmp_path / "log.jsonl"
     lines = [json.dumps({"type": "step", "step": s}) for s in (1, 2, 3)]
     log.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\x00 junk\n[1]\n")
-    _truncate_log(log, 2)
+    truncate_log(log, 2)
     assert log.read_text(encoding="utf-8").splitlines() == lines[:2]
 
 

@@ -56,6 +56,7 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
     slow step (another process) does not skew the plan."""
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
     from napari_mtml.devices import apply_thread_rule, autocast_dtype
+    from napari_mtml.training.step import train_step
 
     apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
     rng_state = torch.get_rng_state()
@@ -76,14 +77,7 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
         for i in range(max_steps + 2):
             t = time.perf_counter()
             images, labels, _ = next(batches)
-            images, labels = images.to(device), labels.to(device)
-            with torch.autocast(device.type, dtype=amp or torch.bfloat16,
-                                enabled=amp is not None):
-                pred = model(images)
-            loss = torch.nn.functional.mse_loss(pred.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, images.to(device), labels.to(device), amp)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= 2:

@@ -43,7 +43,6 @@ from napari_mtml.data import (
     make_validation_set,
 )
 from napari_mtml.devices import apply_thread_rule, autocast_dtype, pick_device
-from napari_mtml.files import write_atomic
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -62,6 +61,7 @@ from napari_mtml.training.events import (
     StepEvent,
     ValidationEvent,
 )
+from napari_mtml.training.rundir import FoldPaths, prepare_run_dir, task_names, truncate_log
 from napari_mtml.training.schedule import (
     WarmupCosineLR,
     WarmupExponentialLR,
@@ -69,14 +69,12 @@ from napari_mtml.training.schedule import (
     make_schedule,
     make_scheduler,
 )
+from napari_mtml.training.step import train_step
 
 __all__ = ["train", "WarmupExponentialLR", "WarmupCosineLR", "pick_device", "TrainingOutOfMemory",
            "TASK_NAMES"]
 
 TASK_NAMES = TASKS  # the task names, index = task id (napari_mtml.anomalies)
-# Settings that may change between a run and its resumption without changing what is trained.
-_RESUMABLE_CHANGES = {"resume", "device", "workers", "max_steps", "fold", "patience",
-                      "val_interval", "time_budget", "plan"}
 
 Event = Any
 ModelFactory = Callable[[TrainConfig, int], torch.nn.Module]
@@ -117,10 +115,6 @@ def _build_unet(cfg: TrainConfig, seed: int) -> torch.nn.Module:
 
 def _fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
-
-
-def _task_names(ids) -> tuple[str, ...]:
-    return tuple(TASK_NAMES[int(t)] for t in ids)
 
 
 def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
@@ -203,7 +197,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
 
     run_dir = Path(cfg.out)
     if dist.main:
-        _prepare_run_dir(run_dir, cfg, splits, collection)
+        prepare_run_dir(run_dir, cfg, splits, collection)
         for text in notices:
             yield Notice(text)
     if dist.active:
@@ -328,51 +322,6 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
     return planned, notice
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
-                     collection: HealthyCollection) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.json"
-    if cfg.resume and cfg_path.is_file():
-        saved = TrainConfig.from_json(cfg_path).to_dict()
-        now = cfg.to_dict()
-        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
-        if changed:
-            raise ValueError(f"{cfg_path}: cannot resume, these settings differ from the saved "
-                             f"run: {', '.join(changed)}; use the same settings or a new --out")
-    if cfg.resume:
-        _check_resumable(run_dir, splits)
-    if not cfg.resume:
-        for s in splits:
-            if (run_dir / f"fold_{s.index}" / "last.pt").exists():
-                raise ValueError(f"{run_dir / f'fold_{s.index}'}: already holds a training; pass "
-                                 "--resume to continue it or choose another --out")
-    cfg.to_json(cfg_path)
-    folds = []
-    for s in task_folds(cfg.train_tasks):
-        d = s.to_dict()
-        d["train_task_names"] = list(_task_names(s.train_tasks))
-        d["val_task_names"] = list(_task_names(s.val_tasks))
-        d["train_data"] = collection.names(s.train_data)
-        d["val_data"] = collection.names(s.val_data)
-        folds.append(d)
-    doc = {"train_tasks": cfg.train_tasks, "n_folds": cfg.n_folds, "split_by": collection.split_by,
-           "data_folds": {str(k): collection.names([k]) for k in range(5)}, "folds": folds}
-    write_atomic(run_dir / "folds.json", json.dumps(doc, indent=2) + "\n")
-
-
-def _check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
-    """`--resume` continues from each fold's last.pt; a fold that has a best.pt but lost its
-    last.pt would silently restart at step 0 and overwrite that best.pt: refuse, naming the file.
-    A fold with no checkpoint at all (not started, or stopped before its first validation)
-    starts from scratch."""
-    for s in splits:
-        fold_dir = run_dir / f"fold_{s.index}"
-        if (fold_dir / "best.pt").exists() and not (fold_dir / "last.pt").is_file():
-            raise ValueError(f"{fold_dir / 'last.pt'}: missing, but the fold has a best.pt; "
-                             "cannot resume this fold (restore last.pt, or move the fold's "
-                             "folder away to train it again from scratch)")
-
-
 def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
                       splits: list[FoldSplit]) -> None:
     """Refuse a batch far larger than the data: each step would repeat every training image
@@ -387,162 +336,89 @@ def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
                          "(each image is drawn with fresh anomalies every epoch anyway)")
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = []
-    for raw in path.read_bytes().splitlines():
-        try:
-            line = raw.decode("utf-8")
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("step", 0) <= step:
-                keep.append(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
-            continue  # a line torn by a hard kill, or bytes that are not a log line
-    write_atomic(path, "".join(f"{line}\n" for line in keep))
+@dataclass
+class _Fold:
+    """What a fold trains: its model (and the weights' moving average), the optimiser, the
+    learning-rate schedule, and where its data stream comes from (seed, rank, batch)."""
+
+    model: torch.nn.Module
+    ema: WeightAverage | None
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    device: torch.device
+    dist: _Dist
+    seed: int
+    local_batch: int
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What validation sees and best.pt holds: the moving average, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class _Progress:
+    """Where a fold stands (what last.pt records besides the weights and RNG states)."""
+
+    step: int = 0
+    best_step: int = 0
+    best_val: float = math.inf
+    best_score: float = math.inf  # the selection criterion at best_step (lower is better)
+    stopped_early: bool = False
 
 
 def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
                 external: HealthyCollection | None, model_factory: ModelFactory, dist: _Dist,
                 device: torch.device, run_dir: Path):
-    fold_dir = run_dir / f"fold_{split.index}"
-    last_path, best_path, log_path = (fold_dir / "last.pt", fold_dir / "best.pt",
-                                      fold_dir / "log.jsonl")
-    if dist.main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    seed = _fold_seed(cfg.seed, split.index)
+    paths = FoldPaths(run_dir, split.index)
+    fold = _new_fold(cfg, split.index, model_factory, dist, device)
+    progress = _restore(cfg, fold, paths)
+    if progress.stopped_early or progress.step >= cfg.max_steps:
+        return (yield from _fold_finished(split, progress, paths, dist))
 
-    apply_thread_rule(cfg.workers, device)  # per fold: follows the machine's load (devices.py)
-    model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
-    if cfg.init:
-        model.load_state_dict(_init_weights(cfg.init, split.index))
-    model.to(device)
-    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = make_schedule(cfg)
-    step, best_step, best_val, done = 0, 0, math.inf, False
-    best_score = math.inf  # the selection criterion at best_step (lower is better)
-    if cfg.resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        check_frame(last_path, state, cfg.dims, cfg.frame, run_dir / "config.json")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(state.get("ema") or state["model"])
-        step, best_step = int(state["step"]), int(state["best_step"])
-        # A fold that stopped early is done; one that reached max_steps continues when the
-        # resumed run allows more steps.
-        best_val, done = float(state["best_val_loss"]), bool(state.get("stopped_early", False))
-        best_score = float(state.get("best_score", best_val))
-        torch.set_rng_state(state["rng"]["torch_cpu"])
-        if device.type == "cuda" and state["rng"].get("torch_cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
-        if dist.main:
-            _truncate_log(log_path, step)
-    elif dist.main:
-        _truncate_log(log_path, 0)  # from scratch: no lines of an earlier try stay in the log
-    if done or step >= cfg.max_steps:
-        result = FoldFinished(split.index, best_step, best_val, str(best_path), done)
-        if dist.main:
-            yield result
-        return result
-
-    net = model
+    net = fold.model
     if dist.active:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    local_batch = cfg.batch_size // dist.world_size
-    train_samples = collection.subset(split.train_data)
-    ext = external.samples if external is not None else None
-    task_params = cfg.task_params()
-    dataset = SyntheticDataset(train_samples, split.train_tasks, seed=seed, rank=dist.rank,
-                               world_size=dist.world_size, flip=bool(cfg.flip),
-                               task_params=task_params, external=ext)
-    val_set = None
+            fold.model, device_ids=[device.index] if device.type == "cuda" else None)
+    dataset, val_set = _fold_data(cfg, split, collection, external, fold)
     if dist.main:
-        val_set = make_validation_set(collection.subset(split.val_data), split.val_tasks,
-                                      int(cfg.val_size), seed, task_params=task_params,
-                                      external=ext)
-        yield FoldStarted(split.index, cfg.n_folds, _task_names(split.train_tasks),
-                          _task_names(split.val_tasks), cfg.max_steps, step)
-
-    loader = make_loader(dataset, local_batch, start_step=step, workers=cfg.workers,
-                         pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    log = open(log_path, "a") if dist.main else None  # closed in the finally below
+        yield FoldStarted(split.index, cfg.n_folds, task_names(split.train_tasks),
+                          task_names(split.val_tasks), cfg.max_steps, progress.step)
+    batches = iter(make_loader(dataset, fold.local_batch, start_step=progress.step,
+                               workers=cfg.workers, pin_memory=device.type == "cuda"))
+    log = open(paths.log, "a") if dist.main else None  # closed in the finally below
     amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
-    stopped_early = False
-    scheduler = make_scheduler(optimizer, schedule, cfg.lr, step)
-    evaluated = ema.module if ema is not None else model  # what validation sees and best.pt holds
+    scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
     try:
         net.train()
-        while step < cfg.max_steps:
+        while progress.step < cfg.max_steps:
             images, labels, _ = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = fold.optimizer.param_groups[0]["lr"]
             try:
-                with torch.autocast(device.type, dtype=amp or torch.bfloat16,
-                                    enabled=amp is not None):
-                    pred = net(images)
-                loss = torch.nn.functional.mse_loss(pred.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = train_step(net, fold.optimizer, images, labels, amp)
                 scheduler.step()
-                if ema is not None:
-                    ema.update(model, step)
+                if fold.ema is not None:
+                    fold.ema.update(fold.model, progress.step)
             except torch.OutOfMemoryError as exc:
                 raise TrainingOutOfMemory(
                     f"out of {device.type} memory at batch size {cfg.batch_size} with the "
                     f"'{cfg.preset}' model ({exc.__class__.__name__}); use a smaller "
                     "--batch-size or --preset light") from None
-            step += 1
-            loss_value = loss.detach()
-            if dist.active:
-                torch.distributed.all_reduce(loss_value)
-                loss_value = loss_value / dist.world_size
-            loss_value = float(loss_value)
-            if not math.isfinite(loss_value):
-                # Stop before a NaN reaches last.pt: the previous checkpoint stays resumable.
-                raise ValueError(f"training diverged at step {step} of fold {split.index} (loss "
-                                 f"{loss_value}); lower the learning rate (lr = {cfg.lr:g}) and "
-                                 "resume or restart")
+            progress.step += 1
+            loss_value = _mean_loss(loss, dist, progress.step, split.index, cfg.lr)
             if dist.main:
-                log.write(json.dumps({"type": "step", "step": step, "loss": loss_value,
-                                      "lr": lr}) + "\n")
-                log.flush()
-                yield StepEvent(split.index, step, cfg.max_steps, loss_value, lr)
+                _log(log, type="step", step=progress.step, loss=loss_value, lr=lr)
+                yield StepEvent(split.index, progress.step, cfg.max_steps, loss_value, lr)
 
-            if step % cfg.val_interval == 0 or step == cfg.max_steps:
-                val_loss, ap = math.nan, {}
+            if progress.step % cfg.val_interval == 0 or progress.step == cfg.max_steps:
+                event = _validate_and_save(cfg, fold, progress, val_set, paths)
                 if dist.main:
-                    val_loss, ap = _validate(evaluated, val_set, local_batch, device, amp)
-                score = _selection_score(cfg.selection, val_loss, ap)
-                if dist.active:
-                    t = torch.tensor([val_loss, score], dtype=torch.float64, device=device)
-                    torch.distributed.broadcast(t, src=0)
-                    val_loss, score = float(t[0].item()), float(t[1].item())
-                best = score < best_score
-                if best:
-                    best_val, best_score, best_step = val_loss, score, step
-                stopped_early = step - best_step >= cfg.patience
-                if dist.main:
-                    if best:
-                        save_atomic(model_checkpoint(_cpu_state_dict(evaluated), cfg.dims,
-                                                     cfg.frame), best_path)
-                    finished = stopped_early or step >= cfg.max_steps
-                    state = _last_state(model, optimizer, schedule, step, best_step, best_val,
-                                        finished, stopped_early, seed, dist, local_batch, device)
-                    state["best_score"] = float(best_score)
-                    if ema is not None:
-                        state["ema"] = _cpu_state_dict(ema.module)
-                    save_atomic(state | frame_record(cfg.dims, cfg.frame), last_path)
-                    log.write(json.dumps({"type": "validation", "step": step,
-                                          "val_loss": val_loss, "ap": ap, "best": best}) + "\n")
-                    log.flush()
-                    yield ValidationEvent(split.index, step, val_loss, ap, best)
-                if stopped_early:
+                    _log(log, type="validation", step=event.step, val_loss=event.val_loss,
+                         ap=event.ap, best=event.best)
+                    yield event
+                if progress.stopped_early:
                     break
     finally:
         del batches  # shuts loader workers down, also when the generator is closed
@@ -550,10 +426,124 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             log.close()
     if dist.active:
         torch.distributed.barrier()
-    result = FoldFinished(split.index, best_step, best_val, str(best_path), stopped_early)
+    return (yield from _fold_finished(split, progress, paths, dist))
+
+
+def _new_fold(cfg: TrainConfig, index: int, model_factory: ModelFactory, dist: _Dist,
+              device: torch.device) -> _Fold:
+    """The fold's model (from its seed, or the `init` run's fold), optimiser and schedule."""
+    seed = _fold_seed(cfg.seed, index)
+    apply_thread_rule(cfg.workers, device)  # per fold: follows the machine's load (devices.py)
+    model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
+    if cfg.init:
+        model.load_state_dict(_init_weights(cfg.init, index))
+    model.to(device)
+    return _Fold(model=model, ema=WeightAverage(model, cfg.ema) if cfg.ema else None,
+                 optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+                 schedule=make_schedule(cfg), device=device, dist=dist, seed=seed,
+                 local_batch=cfg.batch_size // dist.world_size)
+
+
+def _restore(cfg: TrainConfig, fold: _Fold, paths: FoldPaths) -> _Progress:
+    """With `resume` and a last.pt, the fold's weights, optimiser, RNG states and progress
+    from it (the log cut back to its step); else a fresh start (the log emptied)."""
+    if fold.dist.main:
+        paths.folder.mkdir(parents=True, exist_ok=True)
+    if not (cfg.resume and paths.last.is_file()):
+        if fold.dist.main:
+            truncate_log(paths.log, 0)  # from scratch: no lines of an earlier try stay in the log
+        return _Progress()
+    state = load_checkpoint(paths.last)
+    check_frame(paths.last, state, cfg.dims, cfg.frame, paths.config)
+    fold.model.load_state_dict(state["model"])
+    fold.optimizer.load_state_dict(state["optimizer"])
+    if fold.ema is not None:
+        fold.ema.module.load_state_dict(state.get("ema") or state["model"])
+    best_val = float(state["best_val_loss"])
+    # A fold that stopped early is done; one that reached max_steps continues when the resumed
+    # run allows more steps.
+    progress = _Progress(step=int(state["step"]), best_step=int(state["best_step"]),
+                         best_val=best_val, best_score=float(state.get("best_score", best_val)),
+                         stopped_early=bool(state.get("stopped_early", False)))
+    torch.set_rng_state(state["rng"]["torch_cpu"])
+    if fold.device.type == "cuda" and state["rng"].get("torch_cuda"):
+        torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
+    if fold.dist.main:
+        truncate_log(paths.log, progress.step)
+    return progress
+
+
+def _fold_data(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
+               external: HealthyCollection | None, fold: _Fold):
+    """The fold's endless training stream (this rank's items) and, on rank 0, its fixed
+    validation set of the held-out tasks and data."""
+    ext = external.samples if external is not None else None
+    task_params = cfg.task_params()
+    dataset = SyntheticDataset(collection.subset(split.train_data), split.train_tasks,
+                               seed=fold.seed, rank=fold.dist.rank,
+                               world_size=fold.dist.world_size, flip=bool(cfg.flip),
+                               task_params=task_params, external=ext)
+    val_set = None
+    if fold.dist.main:
+        val_set = make_validation_set(collection.subset(split.val_data), split.val_tasks,
+                                      int(cfg.val_size), fold.seed, task_params=task_params,
+                                      external=ext)
+    return dataset, val_set
+
+
+def _mean_loss(loss: torch.Tensor, dist: _Dist, step: int, fold: int, lr: float) -> float:
+    """The step's loss as a float (averaged over the ranks); a NaN or infinite loss stops the
+    run before it reaches last.pt, so the previous checkpoint stays resumable."""
+    value = loss.detach()
+    if dist.active:
+        torch.distributed.all_reduce(value)
+        value = value / dist.world_size
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"training diverged at step {step} of fold {fold} (loss {value}); "
+                         f"lower the learning rate (lr = {lr:g}) and resume or restart")
+    return value
+
+
+def _validate_and_save(cfg: TrainConfig, fold: _Fold, progress: _Progress,
+                       val_set: ValidationSet | None, paths: FoldPaths) -> ValidationEvent:
+    """Validate (rank 0; the result is broadcast), update the best step and the early stop,
+    and save best.pt (when best) and last.pt. Returns the validation's event."""
+    val_loss, ap = math.nan, {}
+    amp = autocast_dtype(fold.device)
+    if fold.dist.main:
+        val_loss, ap = _validate(fold.evaluated, val_set, fold.local_batch, fold.device, amp)
+    score = _selection_score(cfg.selection, val_loss, ap)
+    if fold.dist.active:
+        t = torch.tensor([val_loss, score], dtype=torch.float64, device=fold.device)
+        torch.distributed.broadcast(t, src=0)
+        val_loss, score = float(t[0].item()), float(t[1].item())
+    best = score < progress.best_score
+    if best:
+        progress.best_val, progress.best_score = val_loss, score
+        progress.best_step = progress.step
+    progress.stopped_early = progress.step - progress.best_step >= cfg.patience
+    if fold.dist.main:
+        if best:
+            save_atomic(model_checkpoint(_cpu_state_dict(fold.evaluated), cfg.dims, cfg.frame),
+                        paths.best)
+        finished = progress.stopped_early or progress.step >= cfg.max_steps
+        save_atomic(_last_state(fold, progress, finished) | frame_record(cfg.dims, cfg.frame),
+                    paths.last)
+    return ValidationEvent(paths.index, progress.step, val_loss, ap, best)
+
+
+def _fold_finished(split: FoldSplit, progress: _Progress, paths: FoldPaths, dist: _Dist):
+    result = FoldFinished(split.index, progress.best_step, progress.best_val, str(paths.best),
+                          progress.stopped_early)
     if dist.main:
         yield result
     return result
+
+
+def _log(log, **entry) -> None:
+    log.write(json.dumps(entry) + "\n")
+    log.flush()
 
 
 def _init_weights(init: str, fold: int) -> dict[str, torch.Tensor]:
@@ -579,16 +569,24 @@ def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _last_state(model, optimizer, schedule, step, best_step, best_val, finished, stopped_early,
-                seed, dist, local_batch, device) -> dict:
+def _last_state(fold: _Fold, progress: _Progress, finished: bool) -> dict:
+    """last.pt's content (checkpoint.py): weights, optimiser, schedule, progress and the RNG
+    states with the data stream's position, so that a resumed fold goes on as if never
+    stopped."""
     rng = {"torch_cpu": torch.get_rng_state(),
-           "torch_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-           "data": {"seed": int(seed), "rank": dist.rank, "world_size": dist.world_size,
-                    "next_item": int(step * local_batch)}}
-    return {"format": FORMAT_VERSION, "model": _cpu_state_dict(model),
-            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "step": int(step), "best_step": int(best_step), "best_val_loss": float(best_val),
-            "finished": bool(finished), "stopped_early": bool(stopped_early), "rng": rng}
+           "torch_cuda": torch.cuda.get_rng_state_all() if fold.device.type == "cuda" else [],
+           "data": {"seed": int(fold.seed), "rank": fold.dist.rank,
+                    "world_size": fold.dist.world_size,
+                    "next_item": int(progress.step * fold.local_batch)}}
+    state = {"format": FORMAT_VERSION, "model": _cpu_state_dict(fold.model),
+             "optimizer": fold.optimizer.state_dict(), "scheduler": fold.schedule.state_dict(),
+             "step": int(progress.step), "best_step": int(progress.best_step),
+             "best_val_loss": float(progress.best_val), "finished": bool(finished),
+             "stopped_early": bool(progress.stopped_early), "rng": rng,
+             "best_score": float(progress.best_score)}
+    if fold.ema is not None:
+        state["ema"] = _cpu_state_dict(fold.ema.module)
+    return state
 
 
 def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: torch.device,
