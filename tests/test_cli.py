@@ -280,3 +280,73 @@ def test_run_demo_tiny(tmp_path, capsys):
     (tmp_path / "other" / "run").mkdir(parents=True)
     with pytest.raises(ValueError, match="not written by `mtml demo`"):
         run_demo(tmp_path / "other", max_steps=1)
+
+
+# The `mtml train` flags outside scripts rely on: names and the TrainConfig fields they fill.
+TRAIN_FLAGS = {
+    "--out": "out", "--dims": "dims", "--train-tasks": "train_tasks", "--fold": "fold",
+    "--external": "external", "--time": "time_budget", "--max-steps": "max_steps",
+    "--recipe": "recipe", "--init": "init", "--batch-size": "batch_size", "--frame": "frame",
+    "--model": "preset", "--kind": "kind", "--spacing": "spacing", "--downsample": "downsample",
+    "--brain-mask": "brain_mask", "--lr": "lr", "--lr-schedule": "lr_schedule", "--ema": "ema",
+    "--val-every": "val_interval", "--device": "device", "--workers": "workers",
+    "--seed": "seed", "--config": "config", "--resume": "resume",
+}
+
+
+def _train_parser():
+    from napari_mtml.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices["train"]
+
+
+def test_train_flags_come_from_the_config_fields():
+    """Each flag's help, choices and parser are declared once, on its TrainConfig field."""
+    from napari_mtml.config import settings
+
+    actions = {a.option_strings[0] if a.option_strings else a.dest: a
+               for a in _train_parser()._actions if a.dest != "help"}
+    assert {k: a.dest for k, a in actions.items() if k != "healthy"} == TRAIN_FLAGS
+    declared = settings()
+    for flag, action in actions.items():
+        if action.dest == "config":
+            continue
+        setting = declared[action.dest]
+        assert action.help == setting.help, flag
+        if setting.choices is not None:
+            assert tuple(action.choices) == tuple(setting.choices), flag
+        assert action.default in (None, False), flag  # a flag left out keeps the TOML's value
+
+
+def test_train_flags_fill_the_config():
+    from napari_mtml.config import TrainConfig
+
+    args = _train_parser().parse_args(
+        ["a.nii.gz", "--model", "light", "--val-every", "7", "--time", "2m", "--fold", "all",
+         "--frame", "64,64", "--ema", "0.5", "--resume"])
+    cfg = TrainConfig.from_args(args)
+    assert (cfg.healthy, cfg.preset, cfg.val_interval, cfg.time_budget, cfg.fold, cfg.frame,
+            cfg.ema, cfg.resume) == (("a.nii.gz",), "light", 7, 120.0, "all", (64, 64), 0.5, True)
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(["--ema", "x"])
+
+
+def test_validate_checks_every_declared_rule():
+    """`validate` loops over the fields' declared rules: a value outside one names the field."""
+    from napari_mtml.config import TrainConfig, settings
+
+    for name, setting in settings().items():
+        if setting.choices is not None:
+            bad = "nonsense" if isinstance(setting.choices[0], str) else 99
+        elif setting.kind is int:
+            bad = setting.minimum - 1
+        elif setting.kind is float:
+            bad = -1.0
+        elif setting.kind is bool:
+            bad = "yes"
+        else:
+            continue
+        with pytest.raises(ValueError, match=rf"^{name} = "):
+            TrainConfig(**{name: bad})

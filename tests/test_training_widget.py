@@ -219,3 +219,16 @@ def test_browse_picks_healthy_files_or_a_folder(make_napari_viewer, monkeypatch)
     assert widget.healthy_edit.text() == "/d/a.nii.gz; /d/b.nii.gz"
     actions["Folder…"].trigger()
     assert widget.healthy_edit.text() == "/d"
+
+
+def test_spin_ranges_and_tooltips_come_from_the_config(make_napari_viewer):
+    from napari_mtml.config import settings
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    declared = settings()
+    assert (widget.tasks_spin.minimum(), widget.tasks_spin.maximum()) == (1, 4)
+    for spin, name in ((widget.tasks_spin, "train_tasks"), (widget.batch_spin, "batch_size"),
+                       (widget.depth_spin, "depth"), (widget.width_spin, "base_features"),
+                       (widget.seed_spin, "seed"), (widget.workers_spin, "workers")):
+        assert spin.toolTip() == declared[name].help, name

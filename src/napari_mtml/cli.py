@@ -44,22 +44,10 @@ def _argument(parse, flag: str):
     return convert
 
 
-def _parse_frame(text: str) -> tuple[int, ...]:
-    from napari_mtml.config import parse_frame
-
-    return _argument(parse_frame, "--frame")(text)
-
-
 def _parse_duration(text: str) -> float:
     from napari_mtml.config import parse_duration
 
     return _argument(parse_duration, "--time")(text)
-
-
-def _parse_fold(text: str) -> int | str:
-    from napari_mtml.config import parse_fold
-
-    return _argument(parse_fold, "--fold")(text)
 
 
 def _render_training(gen, *, show: bool):
@@ -255,6 +243,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The `mtml train` flags, one per `TrainConfig` field that declares one
+    (`napari_mtml.config.settings()`: help, choices, parser and flag name live with the field).
+    Every default is None (a flag left out keeps the TOML's or the config's value)."""
+    from napari_mtml.config import settings
+
+    for name, s in settings().items():
+        if s.flag is None:
+            continue
+        if s.flag == "healthy":  # the positional scans
+            p.add_argument(name, nargs="*", default=None, metavar=s.metavar, help=s.help)
+            continue
+        if s.kind is bool:
+            p.add_argument(s.flag, action="store_true", help=s.help)
+            continue
+        kw: dict = {"help": s.help, "metavar": s.metavar, "choices": s.choices}
+        if s.flag != "--" + name.replace("_", "-"):
+            kw["dest"] = name
+        if s.parse in (int, float):
+            kw["type"] = s.parse  # argparse's own message for a bad number
+        elif s.parse is not None:
+            kw["type"] = _argument(s.parse, s.flag)
+        elif s.choices is not None:
+            kw["type"] = type(s.choices[0])
+        elif s.kind in (int, float):
+            kw["type"] = s.kind
+        if kw.get("type") is str:
+            del kw["type"]
+        p.add_argument(s.flag, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtml",
@@ -284,121 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "scans. Flags left out keep the values of --config (a TOML file of TrainConfig fields), "
         "else the defaults.",
     )
-    p.add_argument(
-        "healthy",
-        nargs="*",
-        default=None,
-        metavar="HEALTHY",
-        help="healthy scans: files or folders (NIfTI, DICOM, PNG/TIFF)",
-    )
-    p.add_argument("--out", help="run folder to write (config.json, fold_K/ checkpoints and logs)")
-    p.add_argument(
-        "--dims",
-        type=int,
-        choices=(2, 3),
-        help="model dimensionality; 2 with 3D volumes trains on their axial slices",
-    )
-    p.add_argument(
-        "--train-tasks",
-        type=int,
-        choices=(1, 2, 3, 4),
-        metavar="T",
-        help="tasks each model trains on: T/(5-T) split, C(5,T) folds (default 1)",
-    )
-    p.add_argument(
-        "--fold",
-        type=_parse_fold,
-        metavar="K|all",
-        help="train only fold K (one job per fold), or all (default)",
-    )
-    p.add_argument(
-        "--external",
-        metavar="DIR",
-        help="external dataset folder for the inter-dataset blending task",
-    )
-    p.add_argument(
-        "--time",
-        dest="time_budget",
-        type=_parse_duration,
-        metavar="15m",
-        help="train for this long in all (e.g. 90s, 15m, 1.5h): a measured warm-up plans the "
-        "steps of every fold, recorded in config.json (--max-steps then replays it)",
-    )
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        metavar="N",
-        help="training steps per fold (with --time: an upper bound)",
-    )
-    p.add_argument(
-        "--recipe",
-        choices=("auto", "small", "light", "paper"),
-        help="model, batch, resolution and schedule together: auto (default) = small on a "
-        "CPU, light on Apple MPS, paper on a CUDA GPU; flags given here override it",
-    )
-    p.add_argument(
-        "--init",
-        metavar="RUN",
-        help="fine-tune from a trained run folder or a built-in model (builtin:brain-t1)",
-    )
-    p.add_argument("--batch-size", type=int, metavar="B")
-    p.add_argument(
-        "--frame",
-        type=_parse_frame,
-        metavar="80,112,80",
-        help="the model's fixed input frame, voxels per axis",
-    )
-    p.add_argument(
-        "--model",
-        dest="preset",
-        choices=("paper", "light", "small"),
-        help="U-Net preset: the paper's widths, light (half), or small (8-64, for CPUs)",
-    )
-    p.add_argument("--kind", choices=("auto", "mri", "cxr"), help="preprocessing pipeline")
-    p.add_argument(
-        "--spacing",
-        type=float,
-        metavar="MM",
-        help="MRI: resample to this voxel size in mm (in-plane for 2D models)",
-    )
-    p.add_argument(
-        "--downsample",
-        type=float,
-        metavar="F",
-        help="MRI: downsample by this factor instead of to a spacing (the paper's 2)",
-    )
-    p.add_argument(
-        "--brain-mask",
-        metavar="auto|DIR",
-        help="place the synthetic anomalies inside the brain of heads with the skull on: auto "
-        "= an automatic brain mask (needs the brain extra: pip install 'napari-mtml[brain]'), "
-        "or a folder of masks named like the scans (NAME[_mask].nii.gz)",
-    )
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument(
-        "--lr-schedule",
-        choices=("cosine", "paper"),
-        help="cosine: warm-up then a half cosine to the last planned step; paper: x0.9997122 "
-        "per step (tuned for 20,000 steps)",
-    )
-    p.add_argument(
-        "--ema",
-        type=float,
-        metavar="D",
-        help="validate and save a moving average of the weights with this decay (0 = off)",
-    )
-    p.add_argument(
-        "--val-every", dest="val_interval", type=int, metavar="N", help="validate every N steps"
-    )
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--workers", type=int, metavar="W", help="data loader worker processes")
-    p.add_argument("--seed", type=int, metavar="S")
+    _add_config_flags(p)
     p.add_argument("--config", metavar="run.toml", help="TOML file of TrainConfig fields")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run from its last checkpoints",
-    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

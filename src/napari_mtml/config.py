@@ -38,7 +38,7 @@ from typing import Any
 from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
 
 __all__ = ["TrainConfig", "MODEL_PRESETS", "RECIPES", "RECIPE_NAMES", "recipe_for_device",
-           "parse_duration", "parse_fold", "parse_frame"]
+           "parse_duration", "parse_fold", "parse_frame", "Setting", "settings"]
 
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
 MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
@@ -66,7 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
               "batch_size": {2: 16, 3: 4}, "selection": "ap"},
 }
 RECIPE_NAMES = ("auto", *RECIPES)
-_SCHEDULES = ("paper", "cosine")
+_SCHEDULES = ("cosine", "paper")
 _SELECTIONS = ("loss", "ap")
 
 
@@ -79,6 +79,103 @@ def recipe_for_device(recipe: str, device_type: str) -> str:
 
 _KINDS = ("auto", "mri", "cxr")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds of a duration: a number (seconds), or text such as "90s", "15m", "1.5h",
+    "1h30m". Raises `ValueError` with the accepted forms."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        import re
+
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
+                             r"(?:(\d+(?:\.\d+)?)s?)?", text)
+        if not text or parts is None or not any(parts.groups()):
+            raise ValueError(f"duration {value!r} is invalid: use seconds or e.g. 90s, 15m, 1.5h, "
+                             "1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = 3600 * h + 60 * m + sec
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"duration {value!r} is invalid: it must be more than 0 seconds")
+    return seconds
+
+
+def parse_fold(text: str) -> int | str:
+    """A fold of a text: "all" (any case) or a fold index. Raises `ValueError` otherwise."""
+    if str(text).strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"fold must be an integer or 'all', got {text!r}") from None
+
+
+def parse_frame(text: str) -> tuple[int, ...]:
+    """The model frame of a text such as "80,112,80", "128x128" or "256, 256": 2 or 3 positive
+    integers. Raises `ValueError` with the accepted forms."""
+    try:
+        frame = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        frame = ()
+    if len(frame) not in (2, 3) or min(frame) <= 0:
+        raise ValueError(f"frame {text!r} is invalid: give 2 or 3 positive integers separated "
+                         "by commas, e.g. 80,112,80 or 256,256")
+    return frame
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a `TrainConfig` field declares once, for `validate`, the `mtml train` flag and the
+    training widget: its `help`, the values it takes and its CLI flag.
+
+    `kind` (int, float or bool) and `choices` are what `validate` checks: an int is at least
+    `minimum`; a float is finite, > 0 and at most `maximum`; `allowed` says what to use when the
+    value is refused (default: from the rule). A field whose default is None may stay None
+    (the recipe's or the data's value). `flag` is the `mtml train` option ("healthy": the
+    positional argument; None: no flag), `metavar` its placeholder, `parse` the text parser
+    (`ValueError` on bad text) where the type's own is not enough.
+    """
+
+    help: str
+    kind: type | None = None
+    choices: tuple | None = None
+    minimum: int = 1
+    maximum: float | None = None
+    allowed: str | None = None
+    flag: str | None = None
+    metavar: str | None = None
+    parse: Any = None
+
+    def problem(self, value: Any) -> str | None:
+        """What to use instead of `value` (the `allowed` text), or None when it is valid."""
+        if self.choices is not None:
+            numeric = all(isinstance(c, int) for c in self.choices)
+            if (numeric and isinstance(value, bool)) or value not in self.choices:
+                return self.allowed or f"use one of {', '.join(map(str, self.choices))}"
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                return self.allowed or "use true or false"
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < self.minimum:
+                return self.allowed or f"use an integer >= {self.minimum}"
+        elif self.kind is float:
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                return self.allowed or "use a finite positive number"
+            if value <= 0 or (self.maximum is not None and value > self.maximum):
+                limit = f" and <= {self.maximum}" if self.maximum is not None else ""
+                return self.allowed or f"use a number > 0{limit}"
+        return None
+
+
+def _setting(default: Any, help: str, **spec: Any) -> Any:
+    """A dataclass field with its `Setting` in the field's metadata."""
+    return field(default=default, metadata={"setting": Setting(help, **spec)})
+
+
+_BOOL_OR_UNSET = "use true, false, or leave unset"
 
 
 @dataclass
@@ -156,56 +253,126 @@ class TrainConfig:
         max_anomalies, flip (None = yes for MRI, no for CXR).
     """
 
-    healthy: tuple[str, ...] = ()
-    out: str = "mtml_run"
-    dims: int | None = None
-    train_tasks: int = 1
-    fold: int | str = "all"
-    external: str | None = None
-    max_steps: int | None = None
-    time_budget: float | None = None
-    batch_size: int | None = None
-    frame: tuple[int, ...] | None = None
-    device: str = "auto"
-    workers: int = 0
-    seed: int = 0
-    resume: bool = False
-    recipe: str = "auto"
-    init: str | None = None
+    healthy: tuple[str, ...] = _setting(
+        (), "healthy scans: files or folders (NIfTI, DICOM, PNG/TIFF)", flag="healthy",
+        metavar="HEALTHY")
+    out: str = _setting(
+        "mtml_run", "run folder to write (config.json, fold_K/ checkpoints and logs)",
+        flag="--out")
+    dims: int | None = _setting(
+        None, "model dimensionality; 2 with 3D volumes trains on their axial slices",
+        choices=(2, 3), allowed="use 2, 3, or leave unset for the scans' own", flag="--dims")
+    train_tasks: int = _setting(
+        1, "tasks each model trains on: T/(5-T) split, C(5,T) folds (default 1)",
+        choices=(1, 2, 3, 4), allowed="the T of a T/(5-T) split is 1, 2, 3 or 4",
+        flag="--train-tasks", metavar="T")
+    fold: int | str = _setting(
+        "all", "train only fold K (one job per fold), or all (default)", parse=parse_fold,
+        flag="--fold", metavar="K|all")
+    external: str | None = _setting(
+        None, "external dataset folder for the inter-dataset blending task", flag="--external",
+        metavar="DIR")
+    max_steps: int | None = _setting(
+        None, "training steps per fold (with --time: an upper bound)", kind=int, minimum=1,
+        flag="--max-steps", metavar="N")
+    time_budget: float | None = _setting(
+        None, "train for this long in all (e.g. 90s, 15m, 1.5h): a measured warm-up plans the "
+        "steps of every fold, recorded in config.json (--max-steps then replays it)",
+        kind=float, parse=parse_duration, flag="--time", metavar="15m")
+    batch_size: int | None = _setting(
+        None, "the global batch (split over the ranks of a distributed run)", kind=int,
+        minimum=1, flag="--batch-size", metavar="B")
+    frame: tuple[int, ...] | None = _setting(
+        None, "the model's fixed input frame, voxels per axis", parse=parse_frame,
+        flag="--frame", metavar="80,112,80")
+    device: str = _setting("auto", "auto (default), cpu, cuda, cuda:N or mps", flag="--device")
+    workers: int = _setting(
+        0, "data loader worker processes", kind=int, minimum=0, flag="--workers", metavar="W")
+    seed: int = _setting(
+        0, "the base seed of everything random (model, batches, validation set)", kind=int,
+        minimum=0, allowed="use a non-negative integer", flag="--seed", metavar="S")
+    resume: bool = _setting(
+        False, "continue an interrupted run from its last checkpoints", kind=bool,
+        flag="--resume")
+    recipe: str = _setting(
+        "auto", "model, batch, resolution and schedule together: auto (default) = small on a "
+        "CPU, light on Apple MPS, paper on a CUDA GPU; flags given here override it",
+        choices=RECIPE_NAMES, flag="--recipe")
+    init: str | None = _setting(
+        None, "fine-tune from a trained run folder or a built-in model (builtin:brain-t1)",
+        flag="--init", metavar="RUN")
     # model
-    preset: str | None = None
-    base_features: int | None = None
-    depth: int | None = None
-    max_features: int | None = None
-    pos_encoding: bool | None = None
+    preset: str | None = _setting(
+        None, "U-Net preset: the paper's widths, light (half), or small (8-64, for CPUs)",
+        choices=tuple(MODEL_PRESETS), flag="--model")
+    base_features: int | None = _setting(
+        None, "features of the first stage (doubled per stage)", kind=int, minimum=1)
+    depth: int | None = _setting(
+        None, "U-Net stages (downsamplings + 1); the frame must be divisible by 2^(depth-1)",
+        kind=int, minimum=1)
+    max_features: int | None = _setting(None, "the widest stage's features", kind=int, minimum=1)
+    pos_encoding: bool | None = _setting(
+        None, "the coordinate and Fourier-feature input channels", kind=bool,
+        allowed=_BOOL_OR_UNSET)
     # preprocessing
-    kind: str = "auto"
-    downsample: float | None = None
-    spacing: float | None = None
-    fit_frame: bool | None = None
-    min_foreground: float = 0.05
-    brain_mask: str | None = None
+    kind: str = _setting("auto", "preprocessing pipeline", choices=_KINDS,
+                         flag="--kind")
+    downsample: float | None = _setting(
+        None, "MRI: downsample by this factor instead of to a spacing (the paper's 2)",
+        kind=float, flag="--downsample", metavar="F")
+    spacing: float | None = _setting(
+        None, "MRI: resample to this voxel size in mm (in-plane for 2D models)", kind=float,
+        flag="--spacing", metavar="MM")
+    fit_frame: bool | None = _setting(
+        None, "fit the frame to the data instead of the fixed default frames", kind=bool,
+        allowed=_BOOL_OR_UNSET)
+    min_foreground: float = _setting(
+        0.05, "2D slices of volumes: drop slices whose foreground covers less of the slice")
+    brain_mask: str | None = _setting(
+        None, "place the synthetic anomalies inside the brain of heads with the skull on: auto "
+        "= an automatic brain mask (needs the brain extra: pip install 'napari-mtml[brain]'), "
+        "or a folder of masks named like the scans (NAME[_mask].nii.gz)",
+        flag="--brain-mask", metavar="auto|DIR")
     # optimisation
-    lr: float | None = None
-    lr_schedule: str | None = None
-    warmup_steps: int | None = None
-    warmup_start: float = 0.01
-    lr_decay: float = 0.9997122
-    final_lr_fraction: float = 0.05
-    ema: float | None = None
+    lr: float | None = _setting(None, "peak learning rate", kind=float, flag="--lr")
+    lr_schedule: str | None = _setting(
+        None, "cosine: warm-up then a half cosine to the last planned step; paper: x0.9997122 "
+        "per step (tuned for 20,000 steps)", choices=_SCHEDULES, flag="--lr-schedule")
+    warmup_steps: int | None = _setting(
+        None, "steps of the linear warm-up", kind=int, minimum=0)
+    warmup_start: float = _setting(
+        0.01, "the warm-up's first learning rate, a fraction of lr", kind=float, maximum=1.0)
+    lr_decay: float = _setting(
+        0.9997122, "the paper's schedule: factor per step after the warm-up", kind=float,
+        maximum=1.0)
+    final_lr_fraction: float = _setting(
+        0.05, "the schedule's last learning rate, a fraction of lr", kind=float, maximum=1.0)
+    ema: float | None = _setting(
+        None, "validate and save a moving average of the weights with this decay (0 = off)",
+        parse=float, flag="--ema", metavar="D")
     # validation and selection
-    val_interval: int | None = None
-    patience: int = 5000
-    val_size: int | None = None
-    selection: str | None = None
+    val_interval: int | None = _setting(
+        None, "validate every N steps", kind=int, minimum=1, flag="--val-every", metavar="N")
+    patience: int = _setting(
+        5000, "stop this many steps after the best validation", kind=int, minimum=1)
+    val_size: int | None = _setting(
+        None, "augmented validation items, drawn once from the seed", kind=int, minimum=1)
+    selection: str | None = _setting(
+        None, "what picks best.pt: the lowest validation loss or the highest mean AP",
+        choices=_SELECTIONS)
     # task parameters
     # (the engine's defaults, the paper's; max_push is resolved per modality)
-    min_push: float = _TaskParams.min_push
-    max_push: float | None = None
-    intensity_scale: float = _TaskParams.intensity_scale
-    sigma: float = _TaskParams.sigma
-    max_anomalies: int = _TaskParams.max_anomalies
-    flip: bool | None = None
+    min_push: float = _setting(_TaskParams.min_push, "the radial tasks' smallest push",
+                               kind=float)
+    max_push: float | None = _setting(
+        None, "the radial tasks' largest push (None: 5 MRI / 10 CXR)", kind=float)
+    intensity_scale: float = _setting(
+        _TaskParams.intensity_scale, "the smooth-intensity task's largest change", kind=float)
+    sigma: float = _setting(_TaskParams.sigma, "the width of the label's Gaussian", kind=float)
+    max_anomalies: int = _setting(
+        _TaskParams.max_anomalies, "anomalies per image at most", kind=int, minimum=1)
+    flip: bool | None = _setting(None, "left-right flips of the training images", kind=bool,
+                                 allowed=_BOOL_OR_UNSET)
     # filled by `resolve` once the data is known; saved in config.json
     resolved_kind: str | None = field(default=None)
     resolved_recipe: str | None = field(default=None)
@@ -230,32 +397,19 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise `ValueError` naming the setting, the bad value and what is allowed."""
+        """Raise `ValueError` naming the setting, the bad value and what is allowed: the rule
+        each field declares (`Setting`), then the rules that join fields or read free text."""
 
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} = {getattr(self, name)!r} is invalid: {allowed}")
 
-        def positive_int(name: str, allow_none: bool = False, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise bad(name, f"use an integer >= {minimum}")
-
-        def positive_float(name: str, allow_none: bool = False, upper: float | None = None) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(name, "use a finite positive number")
-            if v <= 0 or (upper is not None and v > upper):
-                limit = f" and <= {upper}" if upper is not None else ""
-                raise bad(name, f"use a number > 0{limit}")
-
-        if self.dims not in (None, 2, 3):
-            raise bad("dims", "use 2, 3, or leave unset for the scans' own")
-        if isinstance(self.train_tasks, bool) or self.train_tasks not in (1, 2, 3, 4):
-            raise bad("train_tasks", "the T of a T/(5-T) split is 1, 2, 3 or 4")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "setting" not in f.metadata or (value is None and f.default is None):
+                continue  # unset: the recipe's or the data's value
+            problem = f.metadata["setting"].problem(value)
+            if problem:
+                raise bad(f.name, problem)
         n_folds = math.comb(5, self.train_tasks)
         if self.fold != "all" and (
             isinstance(self.fold, bool) or not isinstance(self.fold, int)
@@ -263,16 +417,8 @@ class TrainConfig:
         ):
             raise bad("fold", f"with train_tasks = {self.train_tasks} there are {n_folds} folds: "
                       f"use 0..{n_folds - 1} or 'all'")
-        positive_int("max_steps", allow_none=True)
-        positive_float("time_budget", allow_none=True)
-        if self.recipe not in RECIPE_NAMES:
-            raise bad("recipe", f"use one of {', '.join(RECIPE_NAMES)}")
         if self.init is not None and not str(self.init).strip():
             raise bad("init", "give a run folder or builtin:NAME")
-        positive_int("batch_size", allow_none=True)
-        positive_int("workers", minimum=0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed", "use a non-negative integer")
         if self.frame is not None and (
             len(self.frame) not in (2, 3) or any(v < 8 for v in self.frame)
         ):
@@ -280,51 +426,19 @@ class TrainConfig:
         if self.frame is not None and self.dims is not None and len(self.frame) != self.dims:
             raise ValueError(f"frame {self.frame} has {len(self.frame)} sizes but dims = "
                              f"{self.dims}: give one size per spatial axis")
-        dev = str(self.device)
-        if dev.split(":")[0] not in _DEVICES:
+        if str(self.device).split(":")[0] not in _DEVICES:
             raise bad("device", f"use one of {', '.join(_DEVICES)} (or cuda:N)")
-        if self.preset is not None and self.preset not in MODEL_PRESETS:
-            raise bad("preset", f"use one of {', '.join(MODEL_PRESETS)}")
-        positive_int("base_features", allow_none=True)
-        positive_int("depth", allow_none=True)
-        positive_int("max_features", allow_none=True)
-        if self.kind not in _KINDS:
-            raise bad("kind", f"use one of {', '.join(_KINDS)}")
-        positive_float("downsample", allow_none=True)
-        positive_float("spacing", allow_none=True)
         if self.brain_mask is not None and not str(self.brain_mask).strip():
             raise bad("brain_mask", "use 'auto' (an automatic brain mask), a folder of masks "
                       "named like the scans, or leave unset")
         if not 0 <= self.min_foreground < 1:
             raise bad("min_foreground", "use a fraction in [0, 1)")
-        positive_float("lr", allow_none=True)
-        if self.lr_schedule is not None and self.lr_schedule not in _SCHEDULES:
-            raise bad("lr_schedule", f"use one of {', '.join(_SCHEDULES)}")
-        positive_int("warmup_steps", allow_none=True, minimum=0)
         if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(
                 self.ema, (int, float)) or not 0 <= self.ema < 1):
             raise bad("ema", "use a decay in [0, 1) (0 = no moving average)")
-        positive_float("warmup_start", upper=1.0)
-        positive_float("lr_decay", upper=1.0)
-        positive_float("final_lr_fraction", upper=1.0)
-        positive_int("val_interval", allow_none=True)
-        positive_int("patience")
-        positive_int("val_size", allow_none=True)
-        if self.selection is not None and self.selection not in _SELECTIONS:
-            raise bad("selection", f"use one of {', '.join(_SELECTIONS)}")
-        positive_float("min_push")
-        positive_float("max_push", allow_none=True)
         if self.max_push is not None and self.max_push < self.min_push:
             raise ValueError(f"max_push = {self.max_push} is below min_push = {self.min_push}: "
                              "raise max_push or lower min_push")
-        positive_float("intensity_scale")
-        positive_float("sigma")
-        positive_int("max_anomalies")
-        if not isinstance(self.resume, bool):
-            raise bad("resume", "use true or false")
-        for name in ("pos_encoding", "flip", "fit_frame"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise bad(name, "use true, false, or leave unset")
         if not self.out:
             raise bad("out", "give a run folder")
 
@@ -576,48 +690,9 @@ class TrainConfig:
         return list(range(self.n_folds)) if self.fold == "all" else [int(self.fold)]
 
 
-def parse_duration(value: str | float | int) -> float:
-    """Seconds of a duration: a number (seconds), or text such as "90s", "15m", "1.5h",
-    "1h30m". Raises `ValueError` with the accepted forms."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        import re
-
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
-                             r"(?:(\d+(?:\.\d+)?)s?)?", text)
-        if not text or parts is None or not any(parts.groups()):
-            raise ValueError(f"duration {value!r} is invalid: use seconds or e.g. 90s, 15m, 1.5h, "
-                             "1h30m")
-        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
-        seconds = 3600 * h + 60 * m + sec
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"duration {value!r} is invalid: it must be more than 0 seconds")
-    return seconds
-
-
-def parse_fold(text: str) -> int | str:
-    """A fold of a text: "all" (any case) or a fold index. Raises `ValueError` otherwise."""
-    if str(text).strip().lower() == "all":
-        return "all"
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"fold must be an integer or 'all', got {text!r}") from None
-
-
-def parse_frame(text: str) -> tuple[int, ...]:
-    """The model frame of a text such as "80,112,80", "128x128" or "256, 256": 2 or 3 positive
-    integers. Raises `ValueError` with the accepted forms."""
-    try:
-        frame = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        frame = ()
-    if len(frame) not in (2, 3) or min(frame) <= 0:
-        raise ValueError(f"frame {text!r} is invalid: give 2 or 3 positive integers separated "
-                         "by commas, e.g. 80,112,80 or 256,256")
-    return frame
+def settings() -> dict[str, Setting]:
+    """The `Setting` of every `TrainConfig` field that declares one, in field order."""
+    return {f.name: f.metadata["setting"] for f in fields(TrainConfig) if "setting" in f.metadata}
 
 
 def _check_names(values: dict[str, Any], where: str) -> None:

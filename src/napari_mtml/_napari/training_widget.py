@@ -40,7 +40,7 @@ from qtpy.QtWidgets import (
 from napari_mtml.anomalies import TASKS
 from napari_mtml.brainmask import EXTRA_SUMMARY, INSTALL_HINT
 from napari_mtml.brainmask import available as brain_available
-from napari_mtml.config import RECIPE_NAMES, TrainConfig
+from napari_mtml.config import RECIPE_NAMES, TrainConfig, settings
 from napari_mtml.training import events, train
 
 from ._common import (
@@ -143,7 +143,7 @@ class TrainingWidget(QWidget):
         self.dims_combo.addItems(["auto", "2", "3"])
         self.frame_edit = QLineEdit()
         self.frame_edit.setPlaceholderText("auto (the recipe's: fitted to the data)")
-        self.tasks_spin = _spin(1, 4, 1)
+        self.tasks_spin = _field_spin("train_tasks")
         self.fold_combo = QComboBox()
         self.recipe_combo = QComboBox()
         self.recipe_combo.addItems(list(RECIPE_NAMES))
@@ -159,13 +159,9 @@ class TrainingWidget(QWidget):
         self.steps_spin = _spin(0, 10_000_000, 0)
         self.steps_spin.setSpecialValueText("planned / the recipe's")
         self.steps_spin.setToolTip("optimiser steps per fold (with a time budget: at most)")
-        self.batch_spin = _spin(0, 4096, 0)
-        self.batch_spin.setSpecialValueText("auto (the recipe's)")
-        self.val_spin = _spin(0, 1_000_000, 0)
-        self.val_spin.setSpecialValueText("auto")
-        self.val_size_spin = _spin(0, 100_000, 0)
-        self.val_size_spin.setSpecialValueText("auto (16 in 3D, 64 in 2D)")
-        self.val_size_spin.setToolTip("augmented validation items, drawn once from the seed")
+        self.batch_spin = _field_spin("batch_size", 4096, unset="auto (the recipe's)")
+        self.val_spin = _field_spin("val_interval", 1_000_000, unset="auto")
+        self.val_size_spin = _field_spin("val_size", 100_000, unset="auto (16 in 3D, 64 in 2D)")
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([PRESET_FROM_RECIPE, "small", "light", "paper"])
         self.preset_combo.setToolTip("small: 8-64 features (0.28 M, for CPUs); light: half the "
@@ -181,13 +177,8 @@ class TrainingWidget(QWidget):
         if not brain_available():
             self.brain_combo.model().item(1).setEnabled(False)
             self.brain_combo.setToolTip(f"{INSTALL_HINT} adds {EXTRA_SUMMARY}")
-        self.depth_spin = _spin(0, 9, 0)
-        self.depth_spin.setSpecialValueText("preset")
-        self.depth_spin.setToolTip("U-Net stages (downsamplings + 1); the frame must be "
-                                   "divisible by 2^(depth-1)")
-        self.width_spin = _spin(0, 256, 0)
-        self.width_spin.setSpecialValueText("preset")
-        self.width_spin.setToolTip("features of the first stage (doubled per stage)")
+        self.depth_spin = _field_spin("depth", 9, unset="preset")
+        self.width_spin = _field_spin("base_features", 256, unset="preset")
         devices = available_devices()
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(devices.names))
@@ -195,8 +186,8 @@ class TrainingWidget(QWidget):
         self.device_note.setWordWrap(True)
         if devices.cpu_only:  # a warning: training on the CPU is slow
             self.device_note.setStyleSheet(f"color: {WARNING_COLOUR}")
-        self.workers_spin = _spin(0, 64, 0)
-        self.seed_spin = _spin(0, 2**31 - 1, 0)
+        self.workers_spin = _field_spin("workers", 64)
+        self.seed_spin = _field_spin("seed", 2**31 - 1)
         self.resume_check = QCheckBox("resume from last.pt")
         # --- actions and feedback
         self.start_button = QPushButton("Start")
@@ -542,6 +533,23 @@ def _spin(lo: int, hi: int, value: int) -> QSpinBox:
     s.setRange(lo, hi)
     s.setValue(value)
     return s
+
+
+def _field_spin(name: str, hi: int | None = None, unset: str | None = None) -> QSpinBox:
+    """A spin box for the `TrainConfig` field `name`, its range, default and tooltip from the
+    field's declaration (`napari_mtml.config.settings()`); `hi` bounds an open range. With
+    `unset`, 0 is shown as that text and leaves the field unset (the recipe's value)."""
+    setting = settings()[name]
+    default = TrainConfig.__dataclass_fields__[name].default
+    if setting.choices is not None:
+        lo, hi = min(setting.choices), max(setting.choices)
+    else:
+        lo = 0 if unset is not None else setting.minimum
+    spin = _spin(lo, hi, default or 0)
+    if unset is not None:
+        spin.setSpecialValueText(unset)
+    spin.setToolTip(setting.help)
+    return spin
 
 
 def _hbox(*widgets) -> QHBoxLayout:
