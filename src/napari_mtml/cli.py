@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
+    """Write a gallery of every synthetic anomaly task on an image."""
     from napari_mtml.gallery import write_gallery
 
     out = write_gallery(args.image, out=args.out, task=args.task, seed=args.seed)
@@ -118,6 +119,11 @@ class _TrainingProgress:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Train the task cross-validation ensemble on healthy scans.
+
+    Train the T/(5-T) cross-validation over the five synthetic tasks on healthy scans. Flags
+    left out keep the values of --config (a TOML file of TrainConfig fields), else the defaults.
+    """
     from napari_mtml.config import TrainConfig
     from napari_mtml.files import check_output_folder
     from napari_mtml.training import train
@@ -144,6 +150,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    """Ensemble anomaly heatmaps for images.
+
+    Per input: NAME_anomaly.nii.gz (ensemble mean) and NAME_disagreement.nii.gz (std over folds)
+    on the input's own grid and geometry, NAME_overlay.png, and scores.csv with the sample-level
+    scores.
+    """
     from tqdm import tqdm
 
     from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup, predict_batch
@@ -195,6 +207,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """AP / AUROC of predictions against label masks.
+
+    Pairs PRED_DIR/NAME_anomaly.nii.gz with the label of the same NAME in LABEL_DIR; pixel
+    (pooled), per-image, slice and sample-level AP and AUROC.
+    """
     from napari_mtml.evaluation import evaluate_folder
 
     out = args.out
@@ -227,6 +244,12 @@ def _format_metrics(metrics, indent: str = "") -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """The whole method end to end on the built-in sample data.
+
+    Train a 1/4 ensemble (5 folds; on a CPU the small 2D recipe) for a few minutes on the
+    lesion-free slices of the built-in brain tumour MRI, predict the volume, and score the
+    heatmaps against the real tumour mask next to a random baseline.
+    """
     from napari_mtml.demo import run_demo
 
     run_demo(
@@ -274,6 +297,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(s.flag, **kw)
 
 
+def _command(sub, func) -> argparse.ArgumentParser:
+    """The subcommand `mtml NAME` of `_cmd_NAME`: its help is the first line of the function's
+    docstring (without the full stop), its description the paragraph after it."""
+    summary, _, description = func.__doc__.partition("\n\n")
+    summary = summary.strip().rstrip(".")
+    if summary[1:2].islower():  # argparse's style: "train the ...", but "AP / AUROC ..."
+        summary = summary[0].lower() + summary[1:]
+    p = sub.add_parser(func.__name__.removeprefix("_cmd_"), help=summary,
+                       description=" ".join(description.split()) or None)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtml",
@@ -282,9 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "preview", help="write a gallery of every synthetic anomaly task on an image"
-    )
+    p = _command(sub, _cmd_preview)
     p.add_argument("image", help="a NIfTI, DICOM or 2D image file (3D: a middle slice is shown)")
     p.add_argument("--task", default="all", help="a task name, or 'all' (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -294,26 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG file to write (default gallery.png), or an existing folder: NAME_preview.png "
         "inside it",
     )
-    p.set_defaults(func=_cmd_preview)
 
-    p = sub.add_parser(
-        "train",
-        help="train the task cross-validation ensemble on healthy scans",
-        description="Train the T/(5-T) cross-validation over the five synthetic tasks on healthy "
-        "scans. Flags left out keep the values of --config (a TOML file of TrainConfig fields), "
-        "else the defaults.",
-    )
+    p = _command(sub, _cmd_train)
     _add_config_flags(p)
     p.add_argument("--config", metavar="run.toml", help="TOML file of TrainConfig fields")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
-        "predict",
-        help="ensemble anomaly heatmaps for images",
-        description="Per input: NAME_anomaly.nii.gz (ensemble mean) and NAME_disagreement.nii.gz "
-        "(std over folds) on the input's own grid and geometry, NAME_overlay.png, and "
-        "scores.csv with the sample-level scores.",
-    )
+    p = _command(sub, _cmd_predict)
     p.add_argument(
         "run",
         metavar="RUN",
@@ -374,14 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="the threshold of --regions, in (0, 1] (default 0.5)",
     )
-    p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser(
-        "evaluate",
-        help="AP / AUROC of predictions against label masks",
-        description="Pairs PRED_DIR/NAME_anomaly.nii.gz with the label of the same NAME in "
-        "LABEL_DIR; pixel (pooled), per-image, slice and sample-level AP and AUROC.",
-    )
+    p = _command(sub, _cmd_evaluate)
     p.add_argument("pred_dir", metavar="PRED_DIR")
     p.add_argument("label_dir", metavar="LABEL_DIR")
     p.add_argument(
@@ -390,16 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="foreground masks: pixel metrics are restricted to them",
     )
     p.add_argument("--out", metavar="metrics.json", help="write the metrics (and curves) here")
-    p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser(
-        "demo",
-        help="the whole method end to end on the built-in sample data",
-        description="Train a 1/4 ensemble (5 folds; on a CPU the small 2D recipe) for a few "
-        "minutes on the lesion-free slices of the built-in brain tumour MRI, predict the "
-        "volume, and score the heatmaps against the real tumour mask next to a random "
-        "baseline.",
-    )
+    p = _command(sub, _cmd_demo)
     p.add_argument(
         "--out", default="mtml-demo", metavar="DIR", help="output folder (default mtml-demo)"
     )
@@ -425,7 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, default=0, metavar="W")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -253,6 +253,8 @@ class TrainConfig:
         max_anomalies, flip (None = yes for MRI, no for CXR).
     """
 
+    # A table, one declaration per setting, kept compact:
+    # fmt: off
     healthy: tuple[str, ...] = _setting(
         (), "healthy scans: files or folders (NIfTI, DICOM, PNG/TIFF)", flag="healthy",
         metavar="HEALTHY")
@@ -373,6 +375,7 @@ class TrainConfig:
         _TaskParams.max_anomalies, "anomalies per image at most", kind=int, minimum=1)
     flip: bool | None = _setting(None, "left-right flips of the training images", kind=bool,
                                  allowed=_BOOL_OR_UNSET)
+    # fmt: on
     # filled by `resolve` once the data is known; saved in config.json
     resolved_kind: str | None = field(default=None)
     resolved_recipe: str | None = field(default=None)
