@@ -577,6 +577,23 @@ def _smallest_anomaly_item(samples: SourcePool, sid: int, task: int, rng: np.ran
                      f"{_FALLBACK_TRIES} images ({error}); check the foreground masks") from error
 
 
+def _item_on_some_image(samples: SourcePool, sid: int, task: int, rng: np.random.Generator,
+                        **kw) -> tuple:
+    """`(sid, *_synthesize_item(...))`: an item of `task` on `samples[sid]`, else on up to four
+    other images drawn by `rng`, else with anomalies of the smallest size."""
+    error: ValueError | None = None
+    # Placement can fail on a thin foreground; try other healthy images before giving up.
+    for _ in range(5):
+        try:
+            return (sid, *_synthesize_item(samples[sid], task, rng, **kw))
+        except ValueError as exc:
+            error = exc
+            sid = int(rng.integers(len(samples)))
+    # Every image took the smallest anomaly when the collection was built: fall back to
+    # anomalies of that size rather than raise inside a loader worker in the middle of a run.
+    return _smallest_anomaly_item(samples, sid, task, rng, error, **kw)
+
+
 class SyntheticDataset:
     """Training items with fresh synthetic anomalies, a map-style torch dataset.
 
@@ -635,23 +652,10 @@ class SyntheticDataset:
         _, _, sid = self.locate(k)
         rng = self.item_rng(k)
         task = self.tasks[int(rng.integers(len(self.tasks)))]
-        last_error: ValueError | None = None
-        # Placement can fail on a thin foreground; try other healthy images before giving up.
-        for _ in range(5):
-            sample = self.samples[sid]
-            try:
-                _, aug, label, _, _ = _synthesize_item(
-                    sample, task, rng, flip=self.flip, task_params=self.task_params,
-                    intra=self.intra, external=self.external)
-                return aug, label, task
-            except ValueError as exc:
-                last_error = exc
-                sid = int(rng.integers(len(self.samples)))
-        # Every image took the smallest anomaly when the collection was built: fall back to
-        # anomalies of that size rather than raise inside a loader worker in the middle of a run.
-        return _smallest_anomaly_item(self.samples, sid, task, rng, last_error, flip=self.flip,
-                                      task_params=self.task_params, intra=self.intra,
-                                      external=self.external)[2:4] + (task,)
+        item = _item_on_some_image(self.samples, sid, task, rng, flip=self.flip,
+                                   task_params=self.task_params, intra=self.intra,
+                                   external=self.external)
+        return item[2], item[3], task
 
     def __getitem__(self, k: int):
         import torch
@@ -740,22 +744,9 @@ def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, se
     healthy, augmented, labels, masks, fgs, task_ids, names = [], [], [], [], [], [], []
     for j in range(size):
         task = int(tasks[j % len(tasks)])
-        rng = item_seeds[j]
-        sid = int(order[j % len(order)])
-        last_error = None
-        for _ in range(5):
-            try:
-                h, aug, label, fg, mask = _synthesize_item(
-                    samples[sid], task, rng, flip=False, task_params=task_params or {},
-                    intra=samples, external=external)
-                break
-            except ValueError as exc:
-                last_error = exc
-                sid = int(rng.integers(len(samples)))
-        else:
-            sid, h, aug, label, fg, mask = _smallest_anomaly_item(
-                samples, sid, task, rng, last_error, flip=False, task_params=task_params or {},
-                intra=samples, external=external)
+        sid, h, aug, label, fg, mask = _item_on_some_image(
+            samples, int(order[j % len(order)]), task, item_seeds[j], flip=False,
+            task_params=task_params or {}, intra=samples, external=external)
         healthy.append(h)
         augmented.append(aug)
         labels.append(label)

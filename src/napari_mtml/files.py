@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["check_output_file", "check_output_folder", "os_error_message", "read_text",
-           "safe_name", "write_atomic"]
+__all__ = ["check_output_file", "check_output_folder", "not_a_regular_file", "os_error_message",
+           "read_text", "safe_name", "write_atomic"]
 
 _REASONS = {
     errno.ENOENT: "no such file or folder",
@@ -74,6 +74,20 @@ def os_error_message(exc: OSError) -> str:
     return text
 
 
+def not_a_regular_file(path: str | os.PathLike, what: str = "file") -> str | None:
+    """Why `path` cannot be opened as a `what`, as a message naming it: missing, a folder, or
+    not a regular file (a named pipe, socket or device: reading a pipe would block forever);
+    None for a regular file (links resolved). Can raise `OSError` (e.g. a name too long)."""
+    p = Path(path)
+    if not p.exists():
+        return f"{p}: {what} not found; check the path"
+    if p.is_dir():
+        return f"{p}: is a folder, not a {what}"
+    if not p.is_file():
+        return f"{p}: not a regular file (a named pipe, socket or device); give the {what} itself"
+    return None
+
+
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """The UTF-8 text of a regular file (a leading byte-order mark is dropped).
 
@@ -82,13 +96,9 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """
     p = Path(path)
     try:
-        if not p.exists():
-            raise ValueError(f"{p}: {what} not found; check the path")
-        if p.is_dir():
-            raise ValueError(f"{p}: is a folder, not a {what}")
-        if not p.is_file():
-            raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give "
-                             f"the {what} itself")
+        problem = not_a_regular_file(p, what)
+        if problem:
+            raise ValueError(problem)
         data = p.read_bytes()
     except OSError as exc:  # a name too long, a folder we may not enter...
         raise ValueError(os_error_message(exc)) from None

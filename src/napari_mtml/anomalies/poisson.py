@@ -87,16 +87,13 @@ def poisson_blend(
         Mismatched shapes, a 0-d array, a floating-point mask, or NaN/inf inside the solve box.
     """
     target, source, mask = _check_inputs(target, source, mask, "poisson_blend")
-    work = _working_dtype(precision, target.ndim)
     out = np.array(target, dtype=np.float32, copy=True)
     box = blend_box(mask, fast=fast_box)
     if box is None:
         return out
     # NaN/inf are looked for inside the box only: nowhere else can they reach the solve
-    t = np.asarray(target[box], dtype=work)
-    s = np.asarray(source[box], dtype=work)
-    _check_finite(t, s, "poisson_blend")
-    _blend_into(out[box], t, s, mask[box], mix_gradients, workers)
+    out[box] = _solve_box(target[box], source[box], mask[box], mix_gradients, workers, precision,
+                          "poisson_blend")
     return out
 
 
@@ -182,10 +179,16 @@ def solve_poisson_box(
         Mismatched shapes, a 0-d array, a floating-point mask, or NaN/inf in target or source.
     """
     target, source, mask = _check_inputs(target, source, mask, "solve_poisson_box")
+    return _solve_box(target, source, mask, mix_gradients, workers, precision,
+                      "solve_poisson_box")
+
+
+def _solve_box(target, source, mask, mix_gradients, workers, precision, where) -> np.ndarray:
+    """The blended box (float32), solved in the working precision; NaN/inf -> ValueError."""
     work = _working_dtype(precision, target.ndim)
     t = np.asarray(target, dtype=work)
     s = np.asarray(source, dtype=work)
-    _check_finite(t, s, "solve_poisson_box")
+    _check_finite(t, s, where)
     out = np.array(t, dtype=np.float32, copy=True)
     _blend_into(out, t, s, mask, mix_gradients, workers)
     return out

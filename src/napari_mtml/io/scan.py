@@ -232,14 +232,11 @@ def read_head(path, n: int) -> bytes | None:
 def require_regular_file(path) -> None:
     """`ImageReadError` unless `path` is a regular file (links resolved): a named pipe, socket or
     device is never opened (reading a pipe would block forever)."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageReadError(f"{p}: file not found.")
-    if p.is_dir():
-        raise ImageReadError(f"{p}: is a folder, not a file.")
-    if not p.is_file():
-        raise ImageReadError(f"{p}: not a regular file (a named pipe, socket or device); it is "
-                             "not opened.")
+    from napari_mtml.files import not_a_regular_file
+
+    problem = not_a_regular_file(path)
+    if problem:
+        raise ImageReadError(problem)
 
 
 def warn(metadata: dict, message: str) -> None:

@@ -32,30 +32,20 @@ RESUMABLE_CHANGES = frozenset({"resume", "device", "workers", "max_steps", "fold
 
 @dataclass(frozen=True)
 class FoldPaths:
-    """The files of fold `index` of the run in `run_dir`."""
+    """The files of fold `index` of the run in `run_dir` (`FoldPaths.of(run_dir, index)`)."""
 
-    run_dir: Path
     index: int
+    folder: Path
+    last: Path
+    best: Path
+    log: Path
+    config: Path
 
-    @property
-    def folder(self) -> Path:
-        return self.run_dir / f"fold_{self.index}"
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.folder / "best.pt"
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "log.jsonl"
-
-    @property
-    def config(self) -> Path:
-        return self.run_dir / "config.json"
+    @classmethod
+    def of(cls, run_dir: Path, index: int) -> FoldPaths:
+        folder = Path(run_dir) / f"fold_{index}"
+        return cls(index, folder, last=folder / "last.pt", best=folder / "best.pt",
+                   log=folder / "log.jsonl", config=Path(run_dir) / "config.json")
 
 
 def task_names(ids) -> tuple[str, ...]:
@@ -82,7 +72,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         check_resumable(run_dir, splits)
     if not cfg.resume:
         for s in splits:
-            if FoldPaths(run_dir, s.index).last.exists():
+            if FoldPaths.of(run_dir, s.index).last.exists():
                 raise ValueError(f"{run_dir / f'fold_{s.index}'}: already holds a training; pass "
                                  "--resume to continue it or choose another --out")
     cfg.to_json(cfg_path)
@@ -105,7 +95,7 @@ def check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
     A fold with no checkpoint at all (not started, or stopped before its first validation)
     starts from scratch."""
     for s in splits:
-        paths = FoldPaths(run_dir, s.index)
+        paths = FoldPaths.of(run_dir, s.index)
         if paths.best.exists() and not paths.last.is_file():
             raise ValueError(f"{paths.last}: missing, but the fold has a best.pt; "
                              "cannot resume this fold (restore last.pt, or move the fold's "

@@ -26,33 +26,51 @@ __all__ = ["WarmupExponentialLR", "WarmupCosineLR", "make_schedule", "make_sched
            "WeightAverage"]
 
 
-class WarmupExponentialLR:
+class _Warmup:
+    """A factor function with a linear warm-up from `start` to 1 over `warmup_steps`, then the
+    subclass's `after_warmup(steps since the warm-up)`. Its state is its settings and `kind`."""
+
+    kind = ""
+    warmup_steps: int
+    start: float
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start + (1.0 - self.start) * step / self.warmup_steps
+        return self.after_warmup(step - self.warmup_steps)
+
+    __call__ = factor
+
+    def after_warmup(self, step: int) -> float:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, **vars(self)}
+
+
+class WarmupExponentialLR(_Warmup):
     """Learning-rate factor per step: linear warm-up from `start` to 1 over `warmup_steps`,
     then `decay ** (step - warmup_steps)` down to `floor`, then constant.
 
     With the paper's numbers (0.01, 100, 0.9997122, 1/20) the floor is reached at step ~10,508.
     """
 
+    kind = "paper"
+
     def __init__(self, warmup_steps: int = 100, start: float = 0.01, decay: float = 0.9997122,
                  floor: float = 0.05):
         self.warmup_steps, self.start, self.decay, self.floor = warmup_steps, start, decay, floor
 
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (1.0 - self.start) * step / self.warmup_steps
-        return max(self.decay ** (step - self.warmup_steps), self.floor)
-
-    __call__ = factor
-
-    def state_dict(self) -> dict:
-        return {"kind": "paper", "warmup_steps": self.warmup_steps, "start": self.start,
-                "decay": self.decay, "floor": self.floor}
+    def after_warmup(self, step: int) -> float:
+        return max(self.decay**step, self.floor)
 
 
-class WarmupCosineLR:
+class WarmupCosineLR(_Warmup):
     """Learning-rate factor per step: linear warm-up from `start` to 1 over `warmup_steps`,
     then `floor + (1 - floor) * (1 + cos(pi * t)) / 2` with `t` going from 0 to 1 at
     `total_steps` (constant `floor` after it)."""
+
+    kind = "cosine"
 
     def __init__(self, total_steps: int, warmup_steps: int = 100, start: float = 0.01,
                  floor: float = 0.05):
@@ -61,18 +79,9 @@ class WarmupCosineLR:
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.start, self.floor = start, floor
 
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (1.0 - self.start) * step / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
+    def after_warmup(self, step: int) -> float:
+        t = min(1.0, step / max(1, self.total_steps - self.warmup_steps))
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    __call__ = factor
-
-    def state_dict(self) -> dict:
-        return {"kind": "cosine", "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "start": self.start, "floor": self.floor}
 
 
 def make_schedule(cfg) -> WarmupExponentialLR | WarmupCosineLR:

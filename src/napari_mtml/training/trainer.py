@@ -370,7 +370,7 @@ class _Progress:
 def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
                 external: HealthyCollection | None, model_factory: ModelFactory, dist: _Dist,
                 device: torch.device, run_dir: Path):
-    paths = FoldPaths(run_dir, split.index)
+    paths = FoldPaths.of(run_dir, split.index)
     fold = _new_fold(cfg, split.index, model_factory, dist, device)
     progress = _restore(cfg, fold, paths)
     if progress.stopped_early or progress.step >= cfg.max_steps:
