@@ -441,6 +441,15 @@ def cancelable_bar(total: int, desc: str, on_cancel: Callable[[], None]):
 # --------------------------------------------------------------------------------------------
 # Path fields
 # --------------------------------------------------------------------------------------------
+def push_button(text: str, slot, tip: str | None = None) -> QPushButton:
+    """A button that calls `slot()` when clicked, with an optional tooltip."""
+    button = QPushButton(text)
+    button.clicked.connect(lambda *_: slot())
+    if tip:
+        button.setToolTip(tip)
+    return button
+
+
 def browse_button(parent, edit, *, files: bool = False) -> QPushButton:
     """A "…" button that fills the line edit `edit` with a folder chosen in a dialog; with
     `files`, its menu also offers "Files…": several files at once, written as `a; b; c` (the

@@ -28,6 +28,7 @@ becomes the widget's current result (threshold, regions, save).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,6 +78,7 @@ from ._common import (
     layer_spacing,
     notify_error,
     notify_info,
+    push_button,
     scan_from_layer,
     set_or_add_image,
     set_or_add_labels,
@@ -101,6 +103,13 @@ BATCH_LAYERS = "all open image layers"
 
 ANOMALY = " anomaly"
 DISAGREEMENT = " disagreement"
+#: how the maps of a prediction are shown, by their layer name's suffix
+MAP_STYLES = {
+    ANOMALY: {"colormap": "inferno", "blending": "additive", "opacity": 0.6,
+              "contrast_limits": (0.0, 1.0), "rendering": "attenuated_mip", "attenuation": 0.3},
+    DISAGREEMENT: {"colormap": "viridis", "blending": "additive", "contrast_limits": (0.0, 0.5),
+                   "visible": False, "rendering": "attenuated_mip"},
+}
 SUSPICIOUS = " suspicious"
 MAX_ROWS = 100
 
@@ -172,12 +181,10 @@ class HeatmapWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(devices.names))
         self.device_combo.setToolTip(devices.note)
-        self.predict_button = QPushButton("Predict")
-        self.predict_button.clicked.connect(self.predict)
-        self.cancel_button = QPushButton("Cancel")
+        self.predict_button = push_button("Predict", self.predict)
+        self.cancel_button = push_button("Cancel", self.cancel)
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip("Stop the running prediction; its result is dropped.")
-        self.cancel_button.clicked.connect(self.cancel)
         self.score_label = QLabel("sample score: -")
         self.score_label.setWordWrap(True)
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
@@ -190,23 +197,14 @@ class HeatmapWidget(QWidget):
         self.percentile_spin.setDecimals(2)
         self.percentile_spin.setValue(99.0)
         self.percentile_spin.setSuffix(" %")
-        self.reference_button = QPushButton("From healthy reference")
+        self.reference_button = push_button("From healthy reference", self.threshold_from_reference)
         self.reference_button.setToolTip("Predict the reference layer and set the threshold to the "
                                          "score this percentile of its foreground stays under.")
-        self.reference_button.clicked.connect(self.threshold_from_reference)
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["region", "size", "peak", "mean"])
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setToolTip("Click a region to centre the view on it and select its label.")
-        self.table.setMinimumHeight(140)
+        self.table = _table(["region", "size", "peak", "mean"], 140,
+                            "Click a region to centre the view on it and select its label.")
         self.table.itemSelectionChanged.connect(self._row_selected)
-        self.export_button = QPushButton("Export table (CSV)…")
-        self.export_button.clicked.connect(lambda: self.export_csv())
-        self.save_button = QPushButton("Save heatmap (NIfTI)…")
-        self.save_button.clicked.connect(lambda: self.save())
+        self.export_button = push_button("Export table (CSV)…", self.export_csv)
+        self.save_button = push_button("Save heatmap (NIfTI)…", self.save)
         self.status = QLabel("Choose a run folder and an image, then Predict.")
         self.status.setWordWrap(True)
 
@@ -218,20 +216,12 @@ class HeatmapWidget(QWidget):
         self.batch_out_edit.setPlaceholderText("output folder (maps and scores.csv)")
         self.batch_png_check = QCheckBox("PNG overlays")
         self.batch_png_check.setChecked(True)
-        self.batch_button = QPushButton("Predict batch")
-        self.batch_button.clicked.connect(self.run_batch)
-        self.batch_cancel_button = QPushButton("Cancel")
+        self.batch_button = push_button("Predict batch", self.run_batch)
+        self.batch_cancel_button = push_button("Cancel", self.cancel)
         self.batch_cancel_button.setEnabled(False)
-        self.batch_cancel_button.clicked.connect(self.cancel)
-        self.batch_table = QTableWidget(0, 4)
-        self.batch_table.setHorizontalHeaderLabels(["image", "score", "disagreement", "status"])
-        self.batch_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.batch_table.verticalHeader().setVisible(False)
-        self.batch_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.batch_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.batch_table.setToolTip("Ranked by sample score; click an image to open it with its "
-                                    "heatmap.")
-        self.batch_table.setMinimumHeight(120)
+        self.batch_table = _table(["image", "score", "disagreement", "status"], 120,
+                                  "Ranked by sample score; click an image to open it with its "
+                                  "heatmap.")
         self.batch_table.itemSelectionChanged.connect(self._batch_row_selected)
         self.batch_source_combo.currentIndexChanged.connect(
             lambda *_: self.batch_folder_edit.setEnabled(
@@ -373,16 +363,23 @@ class HeatmapWidget(QWidget):
                              f"{tuple(scan.array.shape)}: choose a mask drawn on this image")
         return mask
 
-    def _start(self, job, *args, desc: str, steps: int, on_return) -> None:
-        """Run a generator job with the buttons, the napari progress bar and cancel wired."""
+    def _check_run_chosen(self) -> None:
+        if not self.run_edit.text().strip():
+            raise ValueError("no run folder chosen: train one with the Training widget or "
+                             "`mtml train`, then choose its folder.")
+
+    def _start(self, job, args: tuple, desc: str, steps: int, on_return) -> None:
+        """Run the generator `job(run_dir, device, *args)` (the run folder and the device the
+        fields name) with the buttons, a napari progress bar of `steps` and cancel wired."""
         self._cancelled = False
         for button in (self.predict_button, self.reference_button, self.batch_button):
             button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.batch_cancel_button.setEnabled(True)
         self.progress = cancelable_bar(steps, desc, self.cancel)
+        run = (self.run_edit.text().strip(), self.device_combo.currentText())
         self._worker = start_worker(
-            job, *args, on_yield=self._step, on_return=on_return, on_error=self._error,
+            job, *run, *args, on_yield=self._step, on_return=on_return, on_error=self._error,
             on_finish=self._done, on_abort=self._aborted,
         )
 
@@ -405,21 +402,17 @@ class HeatmapWidget(QWidget):
         if self._worker is not None:
             return
         layer = self.image_combo.current_layer()
-        run_dir = self.run_edit.text().strip()
         try:
-            if not run_dir:
-                raise ValueError("no run folder chosen: train one with the Training widget or "
-                                 "`mtml train`, then choose its folder.")
+            self._check_run_chosen()
             scan = scan_from_layer(layer, "Predict")
             mask_choice = self._mask_choice(scan)
         except ValueError as exc:
             self._error(exc)
             return
         self.status.setText(f"predicting '{layer.name}' …")
-        self._start(self._job, run_dir, self.device_combo.currentText(), scan, mask_choice,
-                    desc=f"mtml heatmap: {layer.name}",
-                    steps=3 if isinstance(mask_choice, str) else 2,
-                    on_return=lambda pred: self._show(layer, pred))
+        steps = 3 if isinstance(mask_choice, str) else 2  # an automatic mask is a step
+        show = partial(self._show, layer)
+        self._start(self._job, (scan, mask_choice), f"mtml heatmap: {layer.name}", steps, show)
 
     def cancel(self) -> None:
         """Stop the running prediction after its current step; its result is dropped."""
@@ -437,6 +430,12 @@ class HeatmapWidget(QWidget):
             self.status.setText("cancelled: nothing was changed.")
         notify_info("Heatmap: cancelled")
 
+    def _map_layer(self, current, data, source, suffix: str):
+        """The layer that shows the map `data` of the image layer `source` (named after it and
+        `suffix`, styled by `MAP_STYLES`): `current` updated, or a new one."""
+        return set_or_add_image(self.viewer, current, data, source.name + suffix, source,
+                                **MAP_STYLES[suffix])
+
     def _show(self, layer, prediction) -> None:
         if prediction is None or layer not in self.viewer.layers:
             return
@@ -445,16 +444,9 @@ class HeatmapWidget(QWidget):
             self.heatmap_layer = self.disagreement_layer = self.labels_layer = None
         self.prediction = prediction
         self._source_layer = layer
-        self.heatmap_layer = set_or_add_image(
-            self.viewer, self.heatmap_layer, prediction.anomaly, layer.name + ANOMALY, layer,
-            colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
-            rendering="attenuated_mip", attenuation=0.3,
-        )
-        self.disagreement_layer = set_or_add_image(
-            self.viewer, self.disagreement_layer, prediction.disagreement,
-            layer.name + DISAGREEMENT, layer, colormap="viridis", blending="additive",
-            contrast_limits=(0.0, 0.5), visible=False, rendering="attenuated_mip",
-        )
+        self.heatmap_layer = self._map_layer(self.heatmap_layer, prediction.anomaly, layer, ANOMALY)
+        self.disagreement_layer = self._map_layer(
+            self.disagreement_layer, prediction.disagreement, layer, DISAGREEMENT)
         folds = ", ".join(f"{s:.3f}" for s in getattr(prediction, "fold_scores", ()))
         ens = next(iter(self._ensembles.values()), None)
         note = ""
@@ -521,12 +513,9 @@ class HeatmapWidget(QWidget):
         """Predict every image of the folder (or every open image layer) in a worker."""
         if self._worker is not None:
             return
-        run_dir = self.run_edit.text().strip()
         out_dir = self.batch_out_edit.text().strip()
         try:
-            if not run_dir:
-                raise ValueError("no run folder chosen: train one with the Training widget or "
-                                 "`mtml train`, then choose its folder.")
+            self._check_run_chosen()
             if not out_dir:
                 raise ValueError("no output folder chosen: choose where the maps and "
                                  "scores.csv go.")
@@ -539,9 +528,8 @@ class HeatmapWidget(QWidget):
         self.batch_table.setRowCount(0)
         self._batch_running = True
         self.status.setText(f"batch of {n} image(s) into {out_dir} …")
-        self._start(self._batch_job, run_dir, self.device_combo.currentText(), inputs,
-                    Path(out_dir).expanduser(), self.batch_png_check.isChecked(),
-                    desc="mtml batch", steps=n + 1, on_return=self._batch_done)
+        args = (inputs, Path(out_dir).expanduser(), self.batch_png_check.isChecked())
+        self._start(self._batch_job, args, "mtml batch", n + 1, self._batch_done)
 
     def _batch_job(self, run_dir, device, inputs, out_dir, png):
         """The worker: the run, then the core's batch generator (closing this closes it)."""
@@ -757,19 +745,16 @@ class HeatmapWidget(QWidget):
         if self._worker is not None:
             return
         ref = self.reference_combo.current_layer()
-        run_dir = self.run_edit.text().strip()
         pct = self.percentile_spin.value()
         try:
-            if not run_dir:
-                raise ValueError("no run folder chosen: choose the run first.")
+            self._check_run_chosen()
             scan = scan_from_layer(ref, "the healthy reference")
         except ValueError as exc:
             self._error(exc)
             return
         self.status.setText(f"predicting the healthy reference '{ref.name}' …")
-        self._start(self._reference_job, run_dir, self.device_combo.currentText(), scan, ref,
-                    pct, desc=f"mtml reference: {ref.name}", steps=2,
-                    on_return=self._set_threshold)
+        desc = f"mtml reference: {ref.name}"
+        self._start(self._reference_job, (scan, ref, pct), desc, 2, self._set_threshold)
 
     def _reference_job(self, run_dir, device, scan, ref, pct):
         yield "loading the run"
@@ -815,6 +800,19 @@ class HeatmapWidget(QWidget):
             return None
         self.status.setText(f"saved {path}")
         return path
+
+
+def _table(headers: list[str], min_height: int, tip: str) -> QTableWidget:
+    """A table of whole rows, one selectable at a time, its columns sharing the width."""
+    table = QTableWidget(0, len(headers))
+    table.setHorizontalHeaderLabels(headers)
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    table.verticalHeader().setVisible(False)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    table.setToolTip(tip)
+    table.setMinimumHeight(min_height)
+    return table
 
 
 def _pair(*widgets) -> QWidget:

@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -59,6 +58,7 @@ from ._common import (
     layer_spacing,
     notify_error,
     on_grid_of,
+    push_button,
     scan_from_layer,
     set_or_add_image,
     start_worker,
@@ -83,6 +83,9 @@ FOLDER_SOURCE = "(external folder)"
 # Keyboard shortcuts (free in napari: none of its own or its menus' uses them)
 # --------------------------------------------------------------------------------------------
 SHORTCUTS = {"Shift-N": "new_seed", "Shift-K": "keep"}
+#: the tooltips of the buttons of those actions
+TIPS = {"new_seed": "Another seed for the same task and parameters (Shift+N in the viewer).",
+        "keep": "Copy the current preview and label into new layers (Shift+K in the viewer)."}
 # viewer -> [weak reference to the preview widget its shortcuts drive, the keys bound]
 _SHORTCUTS_OF_VIEWER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -161,23 +164,15 @@ class AnomalyPreviewWidget(QWidget):
                                        exclude=mine)
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("folder of images (for the external source)")
-        browse = QPushButton("Browse…")
-        browse.clicked.connect(self._browse)
+        browse = push_button("Browse…", self._browse)
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setValue(0)
-        seed_button = QPushButton("New seed")
-        seed_button.setToolTip("Another seed for the same task and parameters (Shift+N in the "
-                               "viewer).")
-        seed_button.clicked.connect(self.new_seed)
+        seed_button = push_button("New seed", self.new_seed, TIPS["new_seed"])
         self.live_check = QCheckBox("update live")
         self.live_check.setChecked(True)
-        update_button = QPushButton("Update")
-        update_button.clicked.connect(self.update_now)
-        keep_button = QPushButton("Keep")
-        keep_button.setToolTip("Copy the current preview and label into new layers "
-                               "(Shift+K in the viewer).")
-        keep_button.clicked.connect(self.keep)
+        update_button = push_button("Update", self.update_now)
+        keep_button = push_button("Keep", self.keep, TIPS["keep"])
         self.status = QLabel("Open an image to preview anomalies.")
         self.status.setWordWrap(True)
 
@@ -403,9 +398,9 @@ class AnomalyPreviewWidget(QWidget):
         task, seed, params = self.task(), self.seed_spin.value(), self.params()
         slice_index = self.current_slice(layer) if self.slice_mode else None
         self.status.setText(f"computing on '{layer.name}'…")
+        args = (layer, fg_spec, task, seed, params, source, slice_index)
         self._worker = start_worker(
-            self._job, layer, fg_spec, task, seed, params, source, slice_index,
-            on_return=self._show, on_error=self._fail, on_finish=self._done,
+            self._job, *args, on_return=self._show, on_error=self._fail, on_finish=self._done
         )
 
     def _job(self, layer, fg_spec, task, seed, params, source, slice_index=None

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -204,35 +205,46 @@ class TrainingWidget(QWidget):
         self.ax_ap = self.figure.add_subplot(212)
         self._reset_plot()
 
-        form = QFormLayout()
-        form.addRow("healthy data", self.source_combo)
-        form.addRow("", _row(self.healthy_edit, browse_button(self, self.healthy_edit, files=True)))
-        form.addRow("", self.layer_list)
-        form.addRow("external", _row(self.external_edit,
-                                     browse_button(self, self.external_edit)))
-        form.addRow("dims", self.dims_combo)
-        form.addRow("frame", self.frame_edit)
-        form.addRow("train tasks T", self.tasks_spin)
-        form.addRow("fold", self.fold_combo)
-        form.addRow("recipe", self.recipe_combo)
-        form.addRow("train for", self.time_spin)
-        form.addRow("max steps", self.steps_spin)
-        form.addRow("batch size", self.batch_spin)
-        form.addRow("validate every", _row(self.val_spin, QLabel("steps on"),
-                                           self.val_size_spin))
-        form.addRow("model", _row(self.preset_combo, QLabel("depth"), self.depth_spin,
-                                  QLabel("width"), self.width_spin))
-        form.addRow("start from", self.init_edit)
-        form.addRow("anomalies in", self.brain_combo)
-        form.addRow("device", self.device_combo)
-        form.addRow("", self.device_note)
-        form.addRow("workers", self.workers_spin)
-        form.addRow("seed", self.seed_spin)
-        form.addRow("output folder", _row(self.out_edit,
-                                          browse_button(self, self.out_edit)))
-        form.addRow("", self.resume_check)
+        healthy_row = _row(self.healthy_edit, browse_button(self, self.healthy_edit, files=True))
+        external_row = _row(self.external_edit, browse_button(self, self.external_edit))
+        validation = _row(self.val_spin, QLabel("steps on"), self.val_size_spin)
+        model = _row(self.preset_combo, QLabel("depth"), self.depth_spin, QLabel("width"),
+                     self.width_spin)
+        out_row = _row(self.out_edit, browse_button(self, self.out_edit))
+        data = _section(
+            "Data",
+            ("healthy data", self.source_combo),
+            ("", healthy_row),
+            ("", self.layer_list),
+            ("dims", self.dims_combo),
+            ("frame", self.frame_edit),
+            ("external", external_row),
+        )
+        training = _section(
+            "Training",
+            ("train tasks T", self.tasks_spin),
+            ("fold", self.fold_combo),
+            ("recipe", self.recipe_combo),
+            ("train for", self.time_spin),
+            ("max steps", self.steps_spin),
+            ("batch size", self.batch_spin),
+            ("validate every", validation),
+            ("model", model),
+            ("start from", self.init_edit),
+            ("anomalies in", self.brain_combo),
+        )
+        machine = _section(
+            "Output and machine",
+            ("output folder", out_row),
+            ("", self.resume_check),
+            ("device", self.device_combo),
+            ("", self.device_note),
+            ("workers", self.workers_spin),
+            ("seed", self.seed_spin),
+        )
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
+        for part in (data, training, machine):
+            layout.addWidget(part)
         layout.addLayout(_hbox(self.start_button, self.cancel_button))
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.message)
@@ -368,11 +380,7 @@ class TrainingWidget(QWidget):
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._redraw_timer.start()
-        self.worker = start_worker(
-            _run_training, config, layers,
-            on_yield=self._on_event, on_return=self._on_return, on_error=self._error,
-            on_finish=self._on_finish, on_abort=self._on_abort,
-        )
+        self.worker = start_worker(_run_training, config, layers, **self._handlers())
 
     def cancel(self) -> None:
         """Stop after the current training step; the last good checkpoint is kept."""
@@ -390,6 +398,12 @@ class TrainingWidget(QWidget):
         return wait_until(lambda: self.worker is None, timeout_s)
 
     # ----------------------------------------------------------------------------- events
+    def _handlers(self) -> dict:
+        """What the widget does on each signal of the training worker."""
+        return {"on_yield": self._on_event, "on_return": self._on_return,
+                "on_error": self._error, "on_finish": self._on_finish,
+                "on_abort": self._on_abort}
+
     def _on_event(self, event) -> None:
         self.events.append(event)
         if isinstance(event, events.FoldStarted):
@@ -533,6 +547,15 @@ def _spin(lo: int, hi: int, value: int) -> QSpinBox:
     s.setRange(lo, hi)
     s.setValue(value)
     return s
+
+
+def _section(title: str, *rows: tuple[str, QWidget]) -> QGroupBox:
+    """A titled part of the form: one `(label, widget)` row each."""
+    box = QGroupBox(title)
+    form = QFormLayout(box)
+    for label, widget in rows:
+        form.addRow(label, widget)
+    return box
 
 
 def _field_spin(name: str, hi: int | None = None, unset: str | None = None) -> QSpinBox:
