@@ -154,7 +154,7 @@ def safe_name(name: str, default: str = "layer") -> str:
 
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None], *,
                  durable: bool = False) -> Path:
-    """Write a file so that readers (and a crash) see the old file or the whole new one.
+    r"""Write a file so that readers (and a crash) see the old file or the whole new one.
 
     The content goes to a temporary file beside `path` (named after it, this process and this
     thread, so concurrent writers of one file never share it), which then replaces `path` with

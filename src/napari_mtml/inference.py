@@ -380,6 +380,14 @@ class Ensemble:
         ------
         ValueError : a 2D image for a 3D run, content that does not fit the run's frame, a mask
             of the wrong shape.
+
+        Examples
+        --------
+        >>> prediction = load_ensemble("run").predict(scan, tta=True)  # doctest: +SKIP
+        >>> float(prediction.anomaly.max()) <= 1.0, prediction.score_method  # doctest: +SKIP
+        (True, 'top1')
+        >>> len(prediction.fold_scores) == len(load_ensemble("run").folds)  # doctest: +SKIP
+        True
         """
         from napari_mtml.preprocess import (
             FrameFitError,
@@ -553,6 +561,21 @@ def load_ensemble(
     ------
     ValueError : naming the file, for a missing folder/config, no trained fold, a missing fold
         checkpoint, a corrupt checkpoint or one that does not match the run's model settings.
+
+    Examples
+    --------
+    >>> from napari_mtml.inference import load_ensemble
+    >>> from napari_mtml.io import read_image
+    >>> ensemble = load_ensemble("run", device="cpu")  # doctest: +SKIP
+    >>> ensemble.folds  # doctest: +SKIP
+    (0, 1, 2, 3, 4)
+    >>> scan = read_image("case1.nii.gz")  # doctest: +SKIP
+    >>> prediction = ensemble.predict(scan)  # doctest: +SKIP
+    >>> prediction.anomaly.shape == scan.array.shape  # doctest: +SKIP
+    True
+
+    `folds="available"` loads the folds trained so far (a run still training), and a built-in
+    model goes wherever a run folder does: ``load_ensemble("builtin:brain-t1")``.
     """
     from napari_mtml.builtin import resolve_run
     from napari_mtml.model import UNet

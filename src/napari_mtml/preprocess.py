@@ -190,8 +190,13 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarray:
     """The anatomy to z-score over and to place anomalies on: bool, `scan.array`'s shape.
 
-    Methods
-    -------
+    Parameters
+    ----------
+    scan : Scan
+    kind : {"auto", "mri", "cxr"}
+    method : {"auto", "nonzero", "head", "all"}
+        How the foreground is found:
+
     "nonzero" (skull-stripped data): `binary_fill_holes(array != background)`, where the
         background is the array's minimum value (0 for skull-stripped MRI), as in the paper.
     "head" (unstripped scans): Otsu's threshold, the largest connected component, one binary
@@ -202,7 +207,26 @@ def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarra
         "nonzero" when at least 25% of the voxels hold exactly the minimum value (a background
         set to one value by skull-stripping), else "head".
 
-    Raises `ValueError` for NaN/inf values or an unknown `method`/`kind`.
+    Returns
+    -------
+    ndarray of bool, `scan.array`'s shape
+
+    Raises
+    ------
+    ValueError
+        NaN/inf values, or an unknown `method` or `kind`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.io import Scan
+    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
+    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
+    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
+    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> fg = foreground_mask(scan)  # a skull-stripped-like volume: "nonzero"
+    >>> fg.shape, bool(np.array_equal(fg, head))
+    ((96, 120, 100), True)
     """
     scan = _as_scan(scan)
     arr = scan.array
@@ -348,6 +372,21 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
     ValueError
         NaN/inf values, an empty foreground, a constant foreground, content that does not fit
         the frame (the message gives a frame that fits), bad arguments.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.io import Scan
+    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
+    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
+    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
+    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> array, foreground, transform = to_frame(scan, kind="mri")  # 3D: (80, 112, 80), x2
+    >>> array.shape, foreground.dtype, transform.frame_array_shape
+    ((80, 112, 80), dtype('bool'), (80, 112, 80))
+    >>> slices, _, _ = to_frame(scan, kind="mri", dims=2)  # every axial slice in the 2D frame
+    >>> slices.shape
+    (96, 128, 128)
     """
     scan = _as_scan(scan)
     name = _name(scan)
@@ -546,8 +585,31 @@ def _cxr_to_frame(scan: Scan, frame, factors, name):
 
 def mask_to_frame(mask, transform: FrameTransform) -> np.ndarray:
     """A bool mask on the scan's grid (e.g. a brain mask) taken into the frame by the same
-    crop, resampling (linear, kept where >= 0.5) and padding as the scan: bool,
-    `transform.frame_array_shape`."""
+    crop, resampling (linear, kept where >= 0.5) and padding as the scan.
+
+    Parameters
+    ----------
+    mask : array of bool, `transform.scan_shape`
+    transform : FrameTransform
+        What `to_frame` returned for the scan.
+
+    Returns
+    -------
+    ndarray of bool, `transform.frame_array_shape`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.io import Scan
+    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
+    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
+    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
+    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> array, foreground, transform = to_frame(scan, kind="mri")
+    >>> inner = mask_to_frame(head & (zz > 48), transform)  # e.g. a brain mask
+    >>> inner.shape, bool(inner.any())
+    ((80, 112, 80), True)
+    """
     if not isinstance(transform, FrameTransform):
         raise ValueError("transform must be the FrameTransform returned by to_frame.")
     m = np.asarray(mask, dtype=bool)
@@ -572,6 +634,31 @@ def from_frame(map_in_frame, transform: FrameTransform, fill: float = 0.0) -> np
 
     The content region is un-padded, upsampled linearly on the same pixel-centre grid that
     `to_frame` downsampled on, and put back at the crop; voxels outside the crop get `fill`.
+
+    Parameters
+    ----------
+    map_in_frame : array, `transform.frame_array_shape`
+    transform : FrameTransform
+        What `to_frame` returned for the scan.
+    fill : float
+        The value outside the crop.
+
+    Returns
+    -------
+    ndarray of float32, `transform.scan_shape`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.io import Scan
+    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
+    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
+    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
+    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> array, foreground, transform = to_frame(scan, kind="mri")
+    >>> heat = from_frame(np.where(foreground, 0.5, 0.0), transform)  # a map back on the scan
+    >>> heat.shape, heat.dtype
+    ((96, 120, 100), dtype('float32'))
     """
     if not isinstance(transform, FrameTransform):
         raise ValueError("transform must be the FrameTransform returned by to_frame.")

@@ -67,6 +67,16 @@ def flipped_gaussian_label(
     ValueError
         Mismatched shapes, a 0-d mask, a floating-point mask, a sigma that is not a positive
         finite number, or NaN/inf in either image inside the mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> original = np.zeros((16, 16), np.float32)
+    >>> augmented = original.copy()
+    >>> augmented[4:8, 4:8] = 0.4
+    >>> label = flipped_gaussian_label(augmented, original, augmented != original)
+    >>> round(float(label.max()), 2), float(label[0, 0])
+    (0.86, 0.0)
     """
     augmented = np.asarray(augmented)
     original = np.asarray(original)

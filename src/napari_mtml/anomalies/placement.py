@@ -83,6 +83,22 @@ def place_shape(
     ------
     PlacementError (a ValueError) when the box does not fit or no tried position has at least 50% of
     the shape's voxels on the foreground.
+
+    Returns
+    -------
+    PlacedShape
+        `box` (the image slices of the shape's box), `corner`, and the shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.anomalies import random_shape
+    >>> rng = np.random.default_rng(0)
+    >>> placed = place_shape(random_shape((64, 64), rng), (64, 64), rng)
+    >>> image = np.zeros((64, 64), np.float32)
+    >>> image[placed.box][placed.shape.mask] = 1.0
+    >>> int(image.sum()) == int(placed.shape.mask.sum())
+    True
     """
     box = shape.mask.shape
     dims = tuple(int(d) for d in image_shape)

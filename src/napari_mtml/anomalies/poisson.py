@@ -85,6 +85,18 @@ def poisson_blend(
     ------
     ValueError
         Mismatched shapes, a 0-d array, a floating-point mask, or NaN/inf inside the solve box.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> target, source = np.random.default_rng(0).normal(size=(2, 32, 32)).astype(np.float32)
+    >>> mask = np.zeros((32, 32), bool)
+    >>> mask[10:20, 12:22] = True
+    >>> out = poisson_blend(target, source, mask)
+    >>> out.shape, out.dtype
+    ((32, 32), dtype('float32'))
+    >>> bool(np.array_equal(out[:5], target[:5]))  # outside the solve box: the target
+    True
     """
     target, source, mask = _check_inputs(target, source, mask, "poisson_blend")
     out = np.array(target, dtype=np.float32, copy=True)

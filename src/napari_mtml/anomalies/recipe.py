@@ -51,7 +51,23 @@ class SynthesisResult:
 
 
 def task_name(task) -> str:
-    """A task name from a name or an integer id (ValueError otherwise)."""
+    """A task name from a name or an integer id (ValueError otherwise).
+
+    Parameters
+    ----------
+    task : str or int
+        A name of `TASKS` or its index 0..4.
+
+    Returns
+    -------
+    str
+        The task's name.
+
+    Examples
+    --------
+    >>> task_name(2), task_name("source")
+    ('sink', 'source')
+    """
     if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
         if 0 <= int(task) < len(TASKS):
             return TASKS[int(task)]
@@ -182,6 +198,17 @@ def synthesize(
     ------
     ValueError for bad input (wrong dimensionality, NaN, mismatched shapes, empty foreground, image
     too small, unknown task or parameter) and when no placement satisfies the foreground rule.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from napari_mtml.anomalies import synthesize
+    >>> image = np.random.default_rng(0).normal(0, 0.1, (64, 64)).astype(np.float32)
+    >>> result = synthesize(image, task="sink", rng=np.random.default_rng(0))
+    >>> result.image.shape, result.label.dtype, result.task
+    ((64, 64), dtype('float32'), 'sink')
+    >>> bool(0 < result.label.max() < 1 and result.mask.any())
+    True
     """
     from napari_mtml.anomalies.labelling import flipped_gaussian_label_of_boxes
 

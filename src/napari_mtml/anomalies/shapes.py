@@ -86,7 +86,26 @@ def ray_to_edge(kind: str, half_sizes: np.ndarray, origin: np.ndarray, direction
     Everything is in the shape's own frame, centred on the shape. The ellipse uses the positive
     root of the quadratic `sum(((o + t u) / r)^2) = 1`; the rectangle the slab test
     `|o_i + t u_i| <= h_i`. `directions` need not be unit vectors: `t` is in units of their length.
-    `origin` (n,) must lie inside the shape; `directions` is (m, n); the result is (m,) float64.
+
+    Parameters
+    ----------
+    kind : {"ellipse", "rectangle"}
+    half_sizes : ndarray, (n,)
+        The semi-axes (ellipse) or half side lengths (rectangle).
+    origin : ndarray, (n,)
+        A point inside the shape.
+    directions : ndarray, (m, n)
+
+    Returns
+    -------
+    ndarray of float64, (m,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> axes = np.array([[1.0, 0.0], [0.0, -1.0]])
+    >>> ray_to_edge("rectangle", np.array([2.0, 3.0]), np.zeros(2), axes)
+    array([2., 3.])
     """
     u = np.atleast_2d(np.asarray(directions, dtype=np.float64))
     return _ray_to_edge_columns(kind, half_sizes, origin, u.T)
@@ -212,6 +231,27 @@ def random_shape(
     `lb_i = round(min_size * D_i)`, `ub_i = round(max_size * D_i)`; kind 50/50 unless `shape` is
     `"ellipse"` or `"rectangle"`; a random shear and rotation; scaled down uniformly when its
     bounding box would exceed `ub_i` on any axis. Returns a rasterised `Shape`.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        The image's spatial shape (2D or 3D).
+    rng : numpy.random.Generator
+    min_size, max_size : float
+        Per-axis size bounds as fractions of the image size.
+    shape : {"random", "ellipse", "rectangle"}
+
+    Returns
+    -------
+    Shape
+        `mask` (bool, its tight box), `kind`, `half_sizes`, `matrix`, `centre`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> shape = random_shape((64, 64), np.random.default_rng(0))
+    >>> shape.kind in ("ellipse", "rectangle"), shape.mask.dtype, shape.mask.ndim
+    (True, dtype('bool'), 2)
     """
     dims = np.asarray(image_shape, dtype=np.float64)
     ndim = dims.size

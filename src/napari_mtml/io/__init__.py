@@ -56,6 +56,16 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def image_name(path: str | os.PathLike) -> str:
     """The file (or folder) name without its image suffix: the NAME of NAME_anomaly.nii.gz.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file or a folder (a DICOM series).
+
+    Returns
+    -------
+    str
+        Its name without the first of `IMAGE_SUFFIXES` it ends in (case-insensitive).
+
     Examples
     --------
     >>> image_name("scans/case1.nii.gz")
@@ -81,6 +91,25 @@ def image_files(folder: str | os.PathLike, *, recursive: bool = False) -> list[P
     ------
     ValueError
         The folder cannot be listed (permissions, not a folder); the message names it.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+    recursive : bool
+        Also the files of its sub-folders.
+
+    Returns
+    -------
+    list of Path
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("b.nii.gz", "a.dcm", "notes.txt", ".hidden.nii"):
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> [p.name for p in image_files(folder)]
+    ['a.dcm', 'b.nii.gz']
     """
     folder = Path(folder)
     try:
@@ -159,6 +188,20 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> Scan:
         Missing, unreadable, truncated or corrupt files; DICOM without pixel data; compressed
         DICOM without an installed decoder (the message names the package to install); colour,
         5D or complex images; NaN or infinite values.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from napari_mtml.io import Scan, read_image, write_image
+    >>> volume = np.random.default_rng(0).normal(100, 10, (4, 5, 6)).astype(np.float32)
+    >>> path = write_image(Path(tempfile.mkdtemp()) / "scan.nii.gz", volume,
+    ...                    like=Scan(array=volume, spacing=(2.0, 1.0, 1.0)))
+    >>> scan = read_image(path)
+    >>> scan.array.shape, scan.spacing, scan.metadata["format"]
+    ((4, 5, 6), (2.0, 1.0, 1.0), 'nifti')
+    >>> bool(np.array_equal(scan.array, volume))
+    True
     """
     path = Path(path)
     if not path.exists():
@@ -204,6 +247,23 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None,
     like : the Scan the map belongs to; None = a plain 1 mm grid.
     dtype : the voxel type written: float32 (maps), or an integer type for label images
         (values must fit it; they are written exactly).
+
+    Returns
+    -------
+    Path
+        `path`.
+
+    Examples
+    --------
+    A heatmap written back in the geometry of the scan it was predicted on:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> scan = Scan(array=np.zeros((4, 5, 6), np.float32), spacing=(2.0, 1.0, 1.0))
+    >>> heat = np.full(scan.array.shape, 0.5, np.float32)
+    >>> path = write_image(Path(tempfile.mkdtemp()) / "scan_anomaly.nii.gz", heat, like=scan)
+    >>> read_image(path).array.shape
+    (4, 5, 6)
     """
     from napari_mtml.files import check_output_file
 

@@ -523,6 +523,22 @@ def list_series(folder: str | os.PathLike) -> list[DicomSeries]:
     separate series; `read_image(folder, series=s.uid)` reads one of them.
 
     Raises `ImageReadError` for a missing folder or one without DICOM images.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+
+    Returns
+    -------
+    list of DicomSeries
+
+    Examples
+    --------
+    >>> for s in list_series("export/"):  # doctest: +SKIP
+    ...     print(s.number, s.description, s.n_files)
+    1 localiser 3
+    2 T1 MPRAGE 176
+    >>> t1 = read_image("export/", series=list_series("export/")[1].uid)  # doctest: +SKIP
     """
     folder = Path(folder)
     if not folder.is_dir():
