@@ -71,8 +71,24 @@ _SELECTIONS = ("loss", "ap")
 
 
 def recipe_for_device(recipe: str, device_type: str) -> str:
-    """The concrete recipe of `recipe` ("auto" -> by device type: cuda "paper", mps "light",
-    anything else "small")."""
+    """The concrete recipe of `recipe`: "auto" goes by the device type (cuda "paper", mps
+    "light", anything else "small"); the others are themselves.
+
+    Parameters
+    ----------
+    recipe : {"auto", "small", "light", "paper"}
+    device_type : str
+        A torch device type ("cpu", "cuda", "mps").
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> recipe_for_device("auto", "cpu"), recipe_for_device("auto", "cuda")
+    ('small', 'paper')
+    """
     if recipe != "auto":
         return recipe
     return {"cuda": "paper", "mps": "light"}.get(device_type, "small")
@@ -82,8 +98,26 @@ _DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def parse_duration(value: str | float | int) -> float:
-    """Seconds of a duration: a number (seconds), or text such as "90s", "15m", "1.5h",
-    "1h30m". Raises `ValueError` with the accepted forms."""
+    """Seconds of a duration: a number (seconds), or text such as "90s", "15m", "1.5h", "1h30m".
+
+    Parameters
+    ----------
+    value : str, float or int
+
+    Returns
+    -------
+    float
+        Seconds, > 0.
+
+    Raises
+    ------
+    ValueError
+        With the accepted forms.
+
+    Examples
+    --------
+    >>> parse_duration("1h30m"), parse_duration("90s"), parse_duration(2.5)
+    (5400.0, 90.0, 2.5)"""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
@@ -103,7 +137,26 @@ def parse_duration(value: str | float | int) -> float:
 
 
 def parse_fold(text: str) -> int | str:
-    """A fold of a text: "all" (any case) or a fold index. Raises `ValueError` otherwise."""
+    """A fold of a text: "all" (any case) or a fold index.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    int or "all"
+
+    Raises
+    ------
+    ValueError
+        Neither an integer nor "all".
+
+    Examples
+    --------
+    >>> parse_fold("2"), parse_fold("ALL")
+    (2, 'all')
+    """
     if str(text).strip().lower() == "all":
         return "all"
     try:
@@ -113,8 +166,27 @@ def parse_fold(text: str) -> int | str:
 
 
 def parse_frame(text: str) -> tuple[int, ...]:
-    """The model frame of a text such as "80,112,80", "128x128" or "256, 256": 2 or 3 positive
-    integers. Raises `ValueError` with the accepted forms."""
+    """The model frame of a text such as "80,112,80", "128x128" or "256, 256".
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    tuple of int
+        2 or 3 positive sizes.
+
+    Raises
+    ------
+    ValueError
+        With the accepted forms.
+
+    Examples
+    --------
+    >>> parse_frame("80,112,80"), parse_frame("128x128")
+    ((80, 112, 80), (128, 128))
+    """
     try:
         frame = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
     except ValueError:
@@ -182,75 +254,118 @@ _BOOL_OR_UNSET = "use true, false, or leave unset"
 class TrainConfig:
     """Every setting of one training run (all folds).
 
-    Data and run
-        healthy: files or folders of healthy scans (NIfTI, DICOM, PNG/TIFF/JPEG).
-        out: the run folder (`config.json`, `folds.json`, `fold_K/`).
-        dims: 2 or 3, or None for the scans' own number of dimensions (3D volumes with
-            `dims=2` train on their axial slices).
-        train_tasks: T of the T/(5-T) split, 1..4 (C(5, T) models).
-        fold: the fold index to train (0..C(5,T)-1), or "all" (sequentially).
-        external: folder of the external dataset for the inter-dataset blending task (task 1);
-            None = task 1 draws its sources from the training data (announced by a `Notice`).
-        max_steps: optimiser steps per fold (upper bound; early stopping may end sooner);
-            None = the recipe's, or planned from `time_budget`.
-        time_budget: seconds for the whole command (all folds it trains, data loading
-            included): a short measured warm-up on the device plans `max_steps`, which
-            config.json records (with the measured costs in `plan`) so that `max_steps`
-            replays the run exactly. With `max_steps` also given, that is an upper bound.
-        batch_size: global batch (split over DDP ranks); None = the recipe's, else 8 (3D) /
-            50 (2D).
-        frame: the model's input shape, None = the preprocessing default for the data.
-        device: "auto" (cuda > mps > cpu), "cpu", "cuda" or "mps" ("cuda:1" also accepted).
-        workers: DataLoader worker processes generating anomalies (0 = in the training process).
-        seed: base seed of everything random (model init, batches, validation set).
-        resume: continue each fold from its `last.pt`.
-        recipe: "auto" (by device: "small" on a CPU, "light" on MPS, "paper" on CUDA),
-            "small", "light" or "paper": fills every setting left unset (see `RECIPES`).
-        init: fine-tune from a trained run: a run folder or "builtin:NAME"; fold K starts
-            from that run's fold K (or its fold K mod its number of folds).
+    Parameters
+    ----------
+    healthy
+        files or folders of healthy scans (NIfTI, DICOM, PNG/TIFF/JPEG).
+    out
+        the run folder (`config.json`, `folds.json`, `fold_K/`).
+    dims
+        2 or 3, or None for the scans' own number of dimensions (3D volumes with
+        `dims=2` train on their axial slices).
+    train_tasks
+        T of the T/(5-T) split, 1..4 (C(5, T) models).
+    fold
+        the fold index to train (0..C(5,T)-1), or "all" (sequentially).
+    external
+        folder of the external dataset for the inter-dataset blending task (task 1);
+        None = task 1 draws its sources from the training data (announced by a `Notice`).
+    max_steps
+        optimiser steps per fold (upper bound; early stopping may end sooner);
+        None = the recipe's, or planned from `time_budget`.
+    time_budget
+        seconds for the whole command (all folds it trains, data loading
+        included): a short measured warm-up on the device plans `max_steps`, which
+        config.json records (with the measured costs in `plan`) so that `max_steps`
+        replays the run exactly. With `max_steps` also given, that is an upper bound.
+    batch_size
+        global batch (split over DDP ranks); None = the recipe's, else 8 (3D) /
+        50 (2D).
+    frame
+        the model's input shape, None = the preprocessing default for the data.
+    device
+        "auto" (cuda > mps > cpu), "cpu", "cuda" or "mps" ("cuda:1" also accepted).
+    workers
+        DataLoader worker processes generating anomalies (0 = in the training process).
+    seed
+        base seed of everything random (model init, batches, validation set).
+    resume
+        continue each fold from its `last.pt`.
+    recipe
+        "auto" (by device: "small" on a CPU, "light" on MPS, "paper" on CUDA),
+        "small", "light" or "paper": fills every setting left unset (see `RECIPES`).
+    init
+        fine-tune from a trained run: a run folder or "builtin:NAME"; fold K starts
+        from that run's fold K (or its fold K mod its number of folds).
+    preset
+        "paper", "light" or "small"; base_features / depth / max_features override it.
+    pos_encoding
+        add the coordinate + Fourier-feature input channels (ties the model to
+        its frame; without it the U-Net is fully convolutional and predicts any size).
+    kind
+        "auto", "mri" or "cxr". MRI resampling: `spacing` (target mm per frame voxel,
+        in-plane for 2D slices) or `downsample` (a factor; the paper's 2).
+    fit_frame
+        with `frame` unset, fit the frame to the data (the smallest multiple of the
+        U-Net's divisor holding every scan's content) instead of the fixed default frames.
+    min_foreground
+        with `dims=2` from volumes, slices whose foreground covers less than this
+        fraction of the slice are dropped (no brain, nothing to learn).
+    brain_mask
+        where the synthetic anomalies go in heads with the skull on: "auto" = an
+        automatic brain mask (`napari_mtml.brainmask`, the `brain` extra), or a folder of
+        masks named like the scans (NAME[_mask].nii.gz); unset = the head.
+    lr
+        peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
+    warmup_steps, warmup_start
+        linear warm-up from `warmup_start * lr` over `warmup_steps`.
+    lr_schedule
+        "paper" (after warm-up, x`lr_decay` per step down to
+        `final_lr_fraction * lr`, then constant: tuned for 20,000 steps) or "cosine"
+        (after warm-up, a half cosine from lr down to `final_lr_fraction * lr` at the
+        last planned step: the whole schedule fits any run length).
+    lr_decay
+        multiplicative factor per step after warm-up (0.9997122 in the paper),
+        down to `final_lr_fraction * lr` (1/20), then constant.
+    ema
+        decay of an exponential moving average of the weights used for validation and
+        saved as best.pt (0 = none).
+    val_interval
+        validate every this many steps (and at the last step).
+    patience
+        early stop this many steps after the best validation loss.
+    val_size
+        number of augmented validation items (each with its healthy image);
+        None = 16 (3D) / 64 (2D). Drawn once, from `seed`, over the held-out tasks.
+    selection
+        what picks best.pt among the validations: "loss" (the lowest validation
+        loss, the paper's) or "ap" (the highest mean pixel AP over the held-out tasks, the
+        healthy validation images' voxels counted as negatives). Short CPU runs: the loss
+        is lowest early, when the model still predicts little anywhere, so "loss" keeps
+        an under-trained model; measured in the README.
+    min_push, max_push, intensity_scale, sigma, max_anomalies
+        the task parameters of `napari_mtml.anomalies.synthesize` (`TaskParams`; max_push
+        None = 5 for MRI, 10 for CXR; sigma: the label's).
+    flip
+        left-right flips of the training images; None = yes for MRI, no for CXR.
 
-    Model (`napari_mtml.model.UNet`)
-        preset: "paper", "light" or "small"; base_features / depth / max_features override it.
-        pos_encoding: add the coordinate + Fourier-feature input channels (ties the model to
-            its frame; without it the U-Net is fully convolutional and predicts any size).
+    Notes
+    -----
+    The fields come in groups: the data and the run; the model (`napari_mtml.model.UNet`);
+    the preprocessing (`napari_mtml.preprocess.to_frame`); the optimisation (METHOD.md
+    section 6); validation and selection; the task parameters. Each field also declares its
+    help, choices and bounds once (`Setting`, `settings()`), from which `validate`, the
+    `mtml train` flags and the training widget's fields are made.
 
-    Preprocessing (`napari_mtml.preprocess.to_frame`)
-        kind: "auto", "mri" or "cxr". MRI resampling: `spacing` (target mm per frame voxel,
-            in-plane for 2D slices) or `downsample` (a factor; the paper's 2).
-        fit_frame: with `frame` unset, fit the frame to the data (the smallest multiple of the
-            U-Net's divisor holding every scan's content) instead of the fixed default frames.
-        min_foreground: with `dims=2` from volumes, slices whose foreground covers less than this
-            fraction of the slice are dropped (no brain, nothing to learn).
-        brain_mask: where the synthetic anomalies go in heads with the skull on: "auto" = an
-            automatic brain mask (`napari_mtml.brainmask`, the `brain` extra), or a folder of
-            masks named like the scans (NAME[_mask].nii.gz); unset = the head.
-
-    Optimisation (METHOD.md section 6)
-        lr: peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
-        warmup_steps, warmup_start: linear warm-up from `warmup_start * lr` over `warmup_steps`.
-        lr_schedule: "paper" (after warm-up, x`lr_decay` per step down to
-            `final_lr_fraction * lr`, then constant: tuned for 20,000 steps) or "cosine"
-            (after warm-up, a half cosine from lr down to `final_lr_fraction * lr` at the
-            last planned step: the whole schedule fits any run length).
-        lr_decay: multiplicative factor per step after warm-up (0.9997122 in the paper),
-            down to `final_lr_fraction * lr` (1/20), then constant.
-        ema: decay of an exponential moving average of the weights used for validation and
-            saved as best.pt (0 = none).
-
-    Validation and selection
-        val_interval: validate every this many steps (and at the last step).
-        patience: early stop this many steps after the best validation loss.
-        val_size: number of augmented validation items (each with its healthy image);
-            None = 16 (3D) / 64 (2D). Drawn once, from `seed`, over the held-out tasks.
-        selection: what picks best.pt among the validations: "loss" (the lowest validation
-            loss, the paper's) or "ap" (the highest mean pixel AP over the held-out tasks, the
-            healthy validation images' voxels counted as negatives). Short CPU runs: the loss
-            is lowest early, when the model still predicts little anywhere, so "loss" keeps
-            an under-trained model; measured in the README.
-
-    Task parameters (`napari_mtml.anomalies.synthesize`)
-        min_push, max_push (None = 5 MRI / 10 CXR), intensity_scale, sigma (label),
-        max_anomalies, flip (None = yes for MRI, no for CXR).
+    Examples
+    --------
+    >>> cfg = TrainConfig(healthy=["scans/"], out="run", fold=0, preset="light")
+    >>> cfg.fold_indices(), cfg.n_folds
+    ([0], 5)
+    >>> cfg.replace(max_steps=100).max_steps
+    100
+    >>> TrainConfig.from_json(text=cfg.to_json()) == cfg
+    True
     """
 
     # A table, one declaration per setting, kept compact:

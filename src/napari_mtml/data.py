@@ -51,6 +51,16 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     files form one series (several files, one SeriesInstanceUID) is one item (a volume); other
     DICOM files are one item each (e.g. radiographs). The result is sorted by path, so the fold
     assignment does not depend on the file system's order.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Files and folders.
+
+    Returns
+    -------
+    list of Path
+        Files, and folders that are one DICOM series.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -109,11 +119,27 @@ def assign_folds(n_items: int, groups: Sequence[int] | None = None,
                  n_folds: int = N_DATA_FOLDS) -> np.ndarray:
     """Data fold (0..n_folds-1) of each item: a contiguous split of the sorted item list.
 
-    n_items: number of items (in sorted order). groups: optional (n_items,) non-decreasing group
-    id per item (e.g. the volume a 2D slice comes from). With at least `n_folds` groups, whole
-    groups are split (slices of one volume never straddle folds, so train and validation data
-    share no volume); with fewer groups the items themselves are split. Returns an int64
-    (n_items,) array; fold sizes differ by at most one unit (item or group).
+    With at least `n_folds` groups, whole groups are split (slices of one volume never straddle
+    folds, so train and validation data share no volume); with fewer groups the items
+    themselves are split.
+
+    Parameters
+    ----------
+    n_items : int
+        Number of items (in sorted order).
+    groups : sequence of int, (n_items,), optional
+        Non-decreasing group id per item (e.g. the volume a 2D slice comes from).
+    n_folds : int
+
+    Returns
+    -------
+    ndarray of int64, (n_items,)
+        Fold sizes differ by at most one unit (item or group).
+
+    Examples
+    --------
+    >>> assign_folds(7).tolist()
+    [0, 0, 1, 2, 2, 3, 4]
     """
     if n_items < n_folds:
         raise ValueError(f"{n_items} healthy item(s) is too few: the {n_folds} data folds need at "
@@ -204,10 +230,30 @@ class HealthyCollection:
                     foregrounds: Sequence[np.ndarray | None] | None = None,
                     names: Sequence[str] | None = None, kind: str = "mri",
                     groups: Sequence[int] | None = None) -> HealthyCollection:
-        """Images already in one frame: `images` (N, *frame) or a list of equal-shape arrays,
-        2D or 3D; `foregrounds` bool arrays of the same shapes (or None each); `groups` the
-        volume of each item when they are slices (contiguous split by group, see
-        `assign_folds`). Arrays are converted to float32 copies (inputs are never mutated)."""
+        """A collection of images already in one frame (float32 copies: inputs are never
+        mutated).
+
+        Parameters
+        ----------
+        images : ndarray (N, *frame) or a sequence of equal-shape arrays, 2D or 3D
+        foregrounds : sequence of bool arrays (or None each), optional
+        names : sequence of str, optional
+        kind : {"mri", "cxr"}
+        groups : sequence of int, optional
+            The volume of each item when they are slices (contiguous split by group, see
+            `assign_folds`).
+
+        Returns
+        -------
+        HealthyCollection
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> images = np.random.default_rng(0).normal(size=(10, 32, 32)).astype(np.float32)
+        >>> collection = HealthyCollection.from_arrays(images)
+        >>> len(collection.samples), collection.dims, collection.frame
+        (10, 2, (32, 32))"""
         images = list(images)
         if not images:
             raise ValueError("no healthy images given")
@@ -241,16 +287,33 @@ class HealthyCollection:
                    brain_mask: str | Path | None = None) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
-        dims: None (the scans' own), 3, or 2 (3D volumes become their axial slices; slices whose
-        foreground covers less than `min_foreground` of the slice are dropped). kind, frame,
-        downsample, spacing: as `napari_mtml.preprocess.to_frame`; `frame="fit"` fits one frame
-        to every scan's content (sizes multiples of `multiple`, or of `multiple[dims]`).
-        Raises `ValueError` naming the file for unreadable files, 2D and 3D scans mixed,
-        `dims=3` with 2D images, content too big for the frame, NaN values, and fewer than five
-        items in total. brain_mask="auto": anomalies are placed inside an automatic brain mask
-        of each volume (`napari_mtml.brainmask`; heads with the skull on), the image keeps its
-        head; a folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images
-        keep their foreground.
+        Parameters
+        ----------
+        paths : str, Path or a sequence of them
+            Files and folders (`expand_paths`).
+        dims : {None, 2, 3}
+            None: the scans' own; 2: 3D volumes become their axial slices (slices whose
+            foreground covers less than `min_foreground` of the slice are dropped).
+        kind, frame, downsample, spacing
+            As `napari_mtml.preprocess.to_frame`; `frame="fit"` fits one frame to every
+            scan's content (sizes multiples of `multiple`, or of `multiple[dims]`).
+        min_foreground : float
+        multiple : int or dict of int
+        brain_mask : {None, "auto"} or a folder
+            "auto": anomalies are placed inside an automatic brain mask of each volume
+            (`napari_mtml.brainmask`; heads with the skull on), the image keeps its head; a
+            folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images keep
+            their foreground.
+
+        Returns
+        -------
+        HealthyCollection
+
+        Raises
+        ------
+        ValueError
+            Naming the file: unreadable files, 2D and 3D scans mixed, `dims=3` with 2D
+            images, content too big for the frame, NaN values, fewer than five items in all.
         """
         files = expand_paths(paths)
         scans = [(path, _read_scan(path)) for path in files]
@@ -727,10 +790,24 @@ def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, se
                         ) -> ValidationSet:
     """Draw the validation set once, deterministically from `seed`.
 
-    samples: the held-out data; tasks: the held-out tasks, assigned round-robin to the `size`
-    items; each item's healthy image is taken in a seeded random order over `samples` (cycled
-    when size > len(samples)). Blending sources: other held-out samples (task 0) or `external`
-    (task 1, else the held-out samples). No flip.
+    Parameters
+    ----------
+    samples : sequence of HealthySample
+        The held-out data; each item's healthy image is taken in a seeded random order over
+        them (cycled when `size` > len(samples)).
+    tasks : sequence of int
+        The held-out tasks, assigned round-robin to the `size` items.
+    size : int
+    seed : int
+    task_params : dict, optional
+        `napari_mtml.anomalies.synthesize` keywords.
+    external : sequence of HealthySample, optional
+        Blending sources of task 1 (else the held-out samples; task 0 always blends other
+        held-out samples). No flip.
+
+    Returns
+    -------
+    ValidationSet
     """
     if not samples:
         raise ValueError("no validation samples; add more healthy scans")
