@@ -416,7 +416,18 @@ def placeable_share(foreground: np.ndarray | None, min_size: float | None = None
     The smallest anomaly is the axis-aligned ellipse (ellipsoid) whose diameters are the tasks'
     lower size bounds for this frame (`anomalies.shapes.size_bounds`, `min_size` of
     `TaskParams`); positions are those of its box inside the frame, as the placement draws them.
-    A foreground of None (everywhere) gives 1.
+
+    Parameters
+    ----------
+    foreground : ndarray of bool, or None
+        None (everywhere) gives 1.
+    min_size, max_size : float, optional
+        The tasks' size bounds (default: `TaskParams`').
+
+    Returns
+    -------
+    float
+        In [0, 1].
     """
     from scipy.signal import fftconvolve
 
@@ -445,8 +456,17 @@ def placeable_share(foreground: np.ndarray | None, min_size: float | None = None
 
 
 def takes_smallest_anomaly(foreground: np.ndarray | None) -> bool:
-    """Whether an image's foreground can take the smallest synthetic anomaly (see
-    `placeable_share` and `MIN_PLACEABLE_SHARE`)."""
+    """Whether an image's foreground can take the smallest synthetic anomaly.
+
+    Parameters
+    ----------
+    foreground : ndarray of bool, or None
+
+    Returns
+    -------
+    bool
+        `placeable_share(foreground) >= MIN_PLACEABLE_SHARE`.
+    """
     return placeable_share(foreground) >= MIN_PLACEABLE_SHARE
 
 

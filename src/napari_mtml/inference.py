@@ -178,6 +178,16 @@ def run_stamp(run_dir: str | Path) -> tuple:
     """What identifies a run's trained state on disk: the modification times (ns) of its
     config.json and of every `fold_K/best.pt`. A run retrained in the same folder gets another
     stamp, so a cache of loaded ensembles or of thresholds keyed by it never serves stale ones.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run folder or builtin:NAME.
+
+    Returns
+    -------
+    tuple
+        Hashable; equal for the same trained state.
     """
     from napari_mtml.builtin import resolve_run
 

@@ -130,7 +130,17 @@ def _name(scan: Scan) -> str:
 
 
 def infer_kind(scan: Scan) -> str:
-    """ "cxr" for 2D images with modality CR/DX/XR/MG or none (plain 2D files); else "mri"."""
+    """The preprocessing pipeline of a scan.
+
+    Parameters
+    ----------
+    scan : Scan
+
+    Returns
+    -------
+    {"cxr", "mri"}
+        "cxr" for 2D images with modality CR/DX/XR/MG or none (plain 2D files); else "mri".
+    """
     scan = _as_scan(scan)
     if scan.ndim != 2:
         return "mri"
@@ -325,9 +335,27 @@ def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np
     """Affine intensity map into the units the task parameters are defined in.
 
     Volumes (3D): z-score over the foreground (METHOD.md §7, brain); 2D images: [min, max] ->
-    [-1, 1] (§7, X-ray). Returns `(float32 array, offset, scale)` with `array * scale + offset`
-    giving back the input (a preview is shown in the layer's own units). Unlike `to_frame` it
-    keeps the image's grid and never raises: a constant image gets scale 1.
+    [-1, 1] (§7, X-ray). Unlike `to_frame` it keeps the image's grid and never raises: a
+    constant image gets scale 1.
+
+    Parameters
+    ----------
+    array : ndarray, 2D or 3D
+    foreground : ndarray of bool, or None (the whole image)
+
+    Returns
+    -------
+    array : ndarray of float32
+    offset, scale : float
+        `array * scale + offset` gives back the input (a preview is shown in the layer's own
+        units).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> units, offset, scale = to_model_units(np.array([[0.0, 50.0], [100.0, 100.0]]), None)
+    >>> units.tolist(), offset, scale
+    ([[-1.0, 0.0], [1.0, 1.0]], 50.0, 50.0)
     """
     if array.ndim == 3:
         inside = array[foreground] if foreground is not None and foreground.any() else array
@@ -432,8 +460,20 @@ def mri_factors(scan, dims: int | None = None, downsample=2,
                 spacing: float | None = None) -> tuple[float, ...]:
     """Input voxels per frame voxel along the frame's axes (the last `dims` axes of the scan).
 
-    With `spacing` (mm), `spacing / scan.spacing` per axis (below 1 upsamples, e.g. thick
-    slices in 3D); otherwise `downsample` (a number, or one per axis).
+    Parameters
+    ----------
+    scan : Scan
+    dims : {None, 2, 3}
+        None: the scan's own.
+    downsample : float or sequence of float
+        Used without `spacing`: a number, or one per axis.
+    spacing : float, optional
+        The frame's voxel size in mm: `spacing / scan.spacing` per axis (below 1 upsamples,
+        e.g. thick slices in 3D).
+
+    Returns
+    -------
+    tuple of float
     """
     scan = _as_scan(scan)
     dims = scan.ndim if dims is None else int(dims)
@@ -450,7 +490,23 @@ def mri_factors(scan, dims: int | None = None, downsample=2,
 
 def fit_frame(content, multiple: int = 16) -> tuple[int, ...]:
     """The smallest frame holding `content` (voxels per axis) whose sizes are multiples of
-    `multiple` (at least one multiple per axis)."""
+    `multiple` (at least one multiple per axis).
+
+    Parameters
+    ----------
+    content : sequence of int
+    multiple : int
+        E.g. 16 for a U-Net of depth 5.
+
+    Returns
+    -------
+    tuple of int
+
+    Examples
+    --------
+    >>> fit_frame((70, 97, 81), 16)
+    (80, 112, 96)
+    """
     m = int(multiple)
     if m < 1:
         raise ValueError(f"multiple must be a positive integer; got {multiple!r}.")
@@ -461,7 +517,18 @@ def content_shape(scan, kind: str = "auto", dims: int | None = None, downsample=
                   spacing: float | None = None, foreground=None) -> tuple[int, ...]:
     """Voxels per frame axis that an MRI scan's foreground crop takes after resampling: what a
     frame must hold (`fit_frame(content_shape(...), multiple)` is the frame `"fit"` gives).
-    X-rays fill their fixed frame: their default frame is returned."""
+    X-rays fill their fixed frame: their default frame is returned.
+
+    Parameters
+    ----------
+    scan : Scan
+    kind, dims, downsample, spacing, foreground
+        As `to_frame`.
+
+    Returns
+    -------
+    tuple of int
+    """
     scan = _as_scan(scan)
     if kind == "auto":
         kind = infer_kind(scan)

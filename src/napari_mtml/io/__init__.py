@@ -49,7 +49,21 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".png", ".tif", ".tiff", ".jpg", ".
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether the name of `path` ends in one of `IMAGE_SUFFIXES` (case-insensitive)."""
+    """Whether the name of `path` ends in one of `IMAGE_SUFFIXES` (case-insensitive).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> is_image_file("CASE1.NII.GZ"), is_image_file("notes.txt")
+    (True, False)
+    """
     return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -147,7 +161,22 @@ def _sniff(path: Path) -> str | None:
 
 
 def image_kind(path: str | os.PathLike) -> str | None:
-    """"nifti", "dicom", "dicom-series", "raster" or None: what `read_image` would try (cheap)."""
+    """What `read_image` would read `path` as, from its suffix (or its first bytes); cheap.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    {"nifti", "dicom", "dicom-series", "raster", None}
+        "dicom-series" for a folder; None for what is not an image.
+
+    Examples
+    --------
+    >>> image_kind("scan.nii.gz"), image_kind("xray.dcm"), image_kind("photo.png")
+    ('nifti', 'dicom', 'raster')
+    """
     path = Path(path)
     if path.is_dir():
         return "dicom-series"
