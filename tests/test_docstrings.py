@@ -23,6 +23,9 @@ MODULES = [
     "napari_mtml.data",
     "napari_mtml.files",
     "napari_mtml.generators",
+    "napari_mtml.regions",
+    "napari_mtml.builtin",
+    "napari_mtml.samples",
 ]
 #: the entry points that must show an example
 ENTRY_POINTS = {

@@ -35,15 +35,42 @@ def builtin_models() -> dict[str, str]:
 
 
 def is_builtin(run: str | os.PathLike) -> bool:
-    """Whether `run` names a built-in model ("builtin:NAME")."""
+    """Whether `run` names a built-in model ("builtin:NAME").
+
+    Parameters
+    ----------
+    run : str or os.PathLike
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> is_builtin("builtin:brain-t1"), is_builtin("runs/brain")
+    (True, False)
+    """
     return str(run).startswith(BUILTIN_PREFIX)
 
 
 def resolve_run(run: str | os.PathLike) -> Path:
     """The folder of a run: "builtin:NAME" -> the package's copy; anything else -> `Path(run)`.
 
-    Raises `ValueError` for an unknown built-in name (listing the known ones) or a built-in
-    model missing from the installation."""
+    Parameters
+    ----------
+    run : str or os.PathLike
+        A run folder or "builtin:NAME".
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        An unknown built-in name (listing the known ones), or a built-in model missing from the
+        installation.
+    """
     text = str(run)
     if not is_builtin(text):
         return Path(text)

@@ -55,6 +55,15 @@ def os_error_message(exc: OSError) -> str:
     `FileExistsError` from creating a folder where a file is, `NotADirectoryError` from a path
     that runs through a file, `IsADirectoryError`, permissions, a full disk... each says which
     path and why; an error without a path keeps the system's text.
+
+    Parameters
+    ----------
+    exc : OSError
+
+    Returns
+    -------
+    str
+        One line.
     """
     name = exc.filename
     reason = _REASONS.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
@@ -77,7 +86,23 @@ def os_error_message(exc: OSError) -> str:
 def not_a_regular_file(path: str | os.PathLike, what: str = "file") -> str | None:
     """Why `path` cannot be opened as a `what`, as a message naming it: missing, a folder, or
     not a regular file (a named pipe, socket or device: reading a pipe would block forever);
-    None for a regular file (links resolved). Can raise `OSError` (e.g. a name too long)."""
+    None for a regular file (links resolved). Can raise `OSError` (e.g. a name too long).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The word for it in the message ("file", "config file", ...).
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> print(not_a_regular_file("/no/such/run.toml", "config file"))
+    /no/such/run.toml: config file not found; check the path
+    """
     p = Path(path)
     if not p.exists():
         return f"{p}: {what} not found; check the path"
@@ -91,8 +116,21 @@ def not_a_regular_file(path: str | os.PathLike, what: str = "file") -> str | Non
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """The UTF-8 text of a regular file (a leading byte-order mark is dropped).
 
-    Raises `ValueError` naming the file: missing, a folder, not a regular file (pipe, socket,
-    device: never opened), unreadable, or not UTF-8 text (with the offset of the first bad byte).
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The word for it in the messages.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        Naming the file: missing, a folder, not a regular file (pipe, socket, device: never
+        opened), unreadable, or not UTF-8 text (with the offset of the first bad byte).
     """
     p = Path(path)
     try:
@@ -116,6 +154,21 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 
     Writing onto a named pipe blocks until someone reads it, and onto a folder fails late with an
     OS error; both are said up front, naming the path.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The word for it in the message.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        A folder, a pipe or another non-regular file is at `path`, or a parent is a file.
     """
     p = Path(path)
     if p.is_dir():
@@ -134,6 +187,21 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
 
     Checked before long work starts, so that a run does not read all its data and then fail on
     creating its folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The word for it in the message.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        `path` or a parent exists as a file.
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -147,7 +215,23 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
 def safe_name(name: str, default: str = "layer") -> str:
     """`name` as a file name: characters other than letters, digits, "-", "_" and "." become
     "_", leading and trailing dots and underscores go (no hidden files); `default` if nothing is
-    left. E.g. a napari layer's name for the file it is written to."""
+    left. E.g. a napari layer's name for the file it is written to.
+
+    Parameters
+    ----------
+    name : str
+    default : str
+        What an empty result becomes.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> safe_name("T1 (axial)"), safe_name("..."), safe_name("a/b.nii")
+    ('T1__axial', 'layer', 'a_b.nii')
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
     return safe or default
 

@@ -113,7 +113,21 @@ def region_table(regions: Sequence[Region], ndim: int,
                  to_world: ToWorld | None = None) -> dict[str, list]:
     """The regions as columns: `index` (the label), `voxels`, `size_mm` (mm^2 in 2D, mm^3 in
     3D), `peak`, `mean` and `centre_z`/`centre_y`/`centre_x`: each region's centre of mass in
-    world mm through `to_world(index_coordinates)` (default: the index coordinates)."""
+    world mm through `to_world(index_coordinates)` (default: the index coordinates).
+
+    Parameters
+    ----------
+    regions : sequence of Region
+    ndim : int
+        2 or 3.
+    to_world : callable, optional
+        Index coordinates (N, ndim) -> world mm.
+
+    Returns
+    -------
+    dict of str to list
+        Column name -> one value per region.
+    """
     axes = ("z", "y", "x")[-ndim:] if ndim else ()
     table: dict[str, list] = {"index": [], "voxels": [], "size_mm": [], "peak": [], "mean": []}
     for a in axes:
@@ -134,7 +148,21 @@ def write_regions_csv(path: str | Path, regions: Sequence[Region], threshold: fl
                       to_world: ToWorld | None = None) -> Path:
     """Write the region table as CSV: a `threshold` line, then `label, voxels, size_mm2|mm3,
     peak, mean, centre_*_mm`, one row per region (numbers to 6 significant digits). Written
-    atomically (`napari_mtml.files.write_atomic`); returns the path."""
+    atomically (`napari_mtml.files.write_atomic`); returns the path.
+
+    Parameters
+    ----------
+    path : str or Path
+    regions : sequence of Region
+    threshold : float
+    ndim : int
+    to_world : callable, optional
+        As `region_table`.
+
+    Returns
+    -------
+    Path
+    """
     from napari_mtml.files import check_output_file, write_atomic
 
     path = check_output_file(path, "region table")
@@ -153,7 +181,19 @@ def write_regions_csv(path: str | Path, regions: Sequence[Region], threshold: fl
 
 def nearest_voxel(labels: np.ndarray, region: Region) -> np.ndarray | None:
     """The voxel of `region` (in `labels`) nearest its centre of mass: always inside the
-    region, even a curved one (where to centre a view on it). None if it has no voxel."""
+    region, even a curved one (where to centre a view on it). None if it has no voxel.
+
+    Parameters
+    ----------
+    labels : ndarray of int
+        The label image `regions_above` returned.
+    region : Region
+
+    Returns
+    -------
+    ndarray of int or None
+        Index coordinates of the voxel.
+    """
     voxels = np.argwhere(np.asarray(labels) == region.label)
     if len(voxels) == 0:
         return None
@@ -162,7 +202,19 @@ def nearest_voxel(labels: np.ndarray, region: Region) -> np.ndarray | None:
 
 def healthy_scores(ensemble, scan) -> np.ndarray:
     """The ensemble's scores on a healthy reference scan: its map inside the scan's foreground
-    (`preprocess.foreground_mask`), or the whole map when the foreground is empty."""
+    (`preprocess.foreground_mask`), or the whole map when the foreground is empty.
+
+    Parameters
+    ----------
+    ensemble : napari_mtml.inference.Ensemble
+    scan : napari_mtml.io.Scan
+        A healthy reference scan.
+
+    Returns
+    -------
+    ndarray of float32, 1D
+        The map's values inside the foreground.
+    """
     from napari_mtml.preprocess import foreground_mask
 
     heat = ensemble.predict(scan).anomaly
@@ -171,7 +223,24 @@ def healthy_scores(ensemble, scan) -> np.ndarray:
 
 
 def percentile_threshold(scores: np.ndarray, percentile: float) -> float:
-    """The threshold that `percentile` % of healthy `scores` stay under (`np.percentile`)."""
+    """The threshold that `percentile` % of healthy `scores` stay under (`np.percentile`).
+
+    Parameters
+    ----------
+    scores : ndarray
+        `healthy_scores`.
+    percentile : float
+        In [0, 100].
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> percentile_threshold(np.linspace(0.0, 1.0, 101), 99.0)
+    0.99
+    """
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile {percentile} is outside 0..100")
     return float(np.percentile(scores, percentile))

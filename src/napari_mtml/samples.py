@@ -34,8 +34,19 @@ SAMPLES = {
 def sample_data_path(name: str) -> Path:
     """Path of a built-in sample file; `name` is a key of `SAMPLES`.
 
-    Raises `ValueError` for an unknown name (listing the known ones) or a missing file (a broken
-    installation).
+    Parameters
+    ----------
+    name : str
+        A key of `SAMPLES`.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        An unknown name (listing the known ones) or a missing file (a broken installation).
     """
     if name not in SAMPLES:
         raise ValueError(f"unknown sample {name!r}; choose one of {sorted(SAMPLES)}.")
@@ -49,5 +60,15 @@ def sample_data_path(name: str) -> Path:
 
 
 def load_sample(name: str) -> Scan:
-    """The sample `name` read with `napari_mtml.io.read_image` (see `SAMPLES`)."""
+    """The sample `name` read with `napari_mtml.io.read_image` (see `SAMPLES`).
+
+    Parameters
+    ----------
+    name : str
+        A key of `SAMPLES`.
+
+    Returns
+    -------
+    napari_mtml.io.Scan
+    """
     return read_image(sample_data_path(name))
