@@ -26,6 +26,10 @@ MODULES = [
     "napari_mtml.regions",
     "napari_mtml.builtin",
     "napari_mtml.samples",
+    "napari_mtml.preview",
+    "napari_mtml.batch",
+    "napari_mtml.scores",
+    "napari_mtml.devices",
 ]
 #: the entry points that must show an example
 ENTRY_POINTS = {

@@ -104,6 +104,14 @@ def expand_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     Raises
     ------
     ValueError : a path that does not exist, or that is neither a regular file nor a folder.
+
+    Parameters
+    ----------
+    paths : iterable of str or os.PathLike
+
+    Returns
+    -------
+    list of Path
     """
     out: list[Path] = []
     for text in paths:
@@ -341,7 +349,17 @@ def _write_regions(path: Path, anomaly, scan, threshold: float) -> Path:
 def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
     """`mask_for` of `predict_batch` for a folder of masks: input NAME takes the file of the
     same NAME, optionally ending in `_mask`, `_brainmask`, `_foreground` or `_fg` (any image
-    suffix). An input without a mask is an error naming both; a mask of another shape too."""
+    suffix). An input without a mask is an error naming both; a mask of another shape too.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+
+    Returns
+    -------
+    callable
+        `mask_for(path, scan) -> bool mask`.
+    """
     import re
 
     import numpy as np
@@ -371,7 +389,18 @@ def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
 
 def auto_brain_mask(path: Path, scan: Any):
     """`mask_for` of `predict_batch`: an automatic brain mask (`napari_mtml.brainmask`, the
-    `brain` extra) for volumes; 2D images keep their foreground (None)."""
+    `brain` extra) for volumes; 2D images keep their foreground (None).
+
+    Parameters
+    ----------
+    path : Path
+        The input (for messages).
+    scan : napari_mtml.io.Scan
+
+    Returns
+    -------
+    ndarray of bool or None
+    """
     from napari_mtml.brainmask import brain_mask
 
     if scan.array.ndim != 3 or scan.array.shape[0] < 2:

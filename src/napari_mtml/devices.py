@@ -81,7 +81,23 @@ def _auto_kind() -> str:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`"auto"` -> CUDA if available, else Apple MPS if available, else CPU; others as given.
 
-    Raises `ValueError` for a device name torch does not know or one that is not available here.
+    Parameters
+    ----------
+    device : str or torch.device
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        A device name torch does not know, or one that is not available here.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
     """
     if isinstance(device, torch.device):
         return device
@@ -106,7 +122,26 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, 
     when auto falls back to the CPU. An explicit device that is not available raises
     `ValueError`.
 
-    ``local_rank`` picks the GPU of a distributed rank (``cuda`` and ``auto`` on CUDA)."""
+    ``local_rank`` picks the GPU of a distributed rank (``cuda`` and ``auto`` on CUDA).
+
+    Parameters
+    ----------
+    name : str
+        "auto", "cpu", "cuda", "cuda:N" or "mps".
+    local_rank : int
+        The distributed rank's local index.
+
+    Returns
+    -------
+    device : torch.device
+    notice : str or None
+        Said when auto falls back to the CPU.
+
+    Raises
+    ------
+    ValueError
+        An explicit device that is not available.
+    """
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -215,6 +250,15 @@ def busy_cores_elsewhere(window: float = 0.2) -> float:
     Machine-wide busy time from /proc/stat minus this process's own, in cores (0 where
     /proc/stat is unavailable, e.g. macOS and Windows). Sleeps ``window`` seconds, unless a
     measurement of the last 10 s can be reused.
+
+    Parameters
+    ----------
+    window : float
+        Seconds to measure over.
+
+    Returns
+    -------
+    float
     """
     global _busy_memo
     now = time.monotonic()
@@ -277,7 +321,23 @@ def apply_thread_rule(workers: int = 0, device: torch.device | str | None = None
 
     ``MTML_THREADS`` wins; with ``OMP_NUM_THREADS`` set, torch's current setting is kept;
     otherwise `torch_thread_count(workers)`. On a GPU the same rule applies (the CPU threads
-    then mostly feed the device). Raises ValueError for a malformed ``MTML_THREADS``.
+    then mostly feed the device).
+
+    Parameters
+    ----------
+    workers : int
+        Data loader worker processes.
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    int
+        The thread count set.
+
+    Raises
+    ------
+    ValueError
+        A malformed ``MTML_THREADS``.
     """
     del device  # the rule is the same everywhere; kept for callers that pass it
     forced = _env_threads()
@@ -318,6 +378,14 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     (benchmarks/quality_unseen.py, 300 steps per fold, the same seed): the small recipe ran at
     0.31 s/step in bf16 against 0.63 s/step in float32 with the same pixel AP on unseen lesions
     (0.022 both) -- twice the steps in a time budget. MPS: None.
+
+    Parameters
+    ----------
+    device : torch.device or str
+
+    Returns
+    -------
+    torch.dtype or None
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if dev.type == "cuda":
@@ -344,6 +412,17 @@ def prepare_model_for_device(model: torch.nn.Module, device: torch.device | str,
     (bench_training.py --variants: 0.98x), so 2D models keep the default layout. Inputs need
     not be converted: a convolution whose weights are channels-last gives channels-last
     activations.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    device : torch.device or str
+    channels_last : bool, optional
+
+    Returns
+    -------
+    torch.nn.Module
+        `model`, moved.
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if channels_last is None:
@@ -373,7 +452,17 @@ def _spatial_dims(model: torch.nn.Module) -> int | None:
 def compile_model(model: torch.nn.Module):
     """``(torch.compile(model), None)``, or ``(model, reason)`` where compiling is unavailable
     (no compiler, an unsupported platform or torch version). Compiling itself happens on the
-    first call; a caller should be ready for that call to fail too (see bench_training)."""
+    first call; a caller should be ready for that call to fail too (see bench_training).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    (model, reason)
+        The compiled model and None, or the model itself and why it was not compiled.
+    """
     compile_fn = getattr(torch, "compile", None)
     if compile_fn is None:
         return model, "torch.compile is not in this torch version"

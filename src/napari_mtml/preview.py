@@ -64,27 +64,78 @@ PARAMS = tuple(
 
 
 def params_used(task: str | None) -> set[str]:
-    """The task parameters `task` uses (`None`: a random task, so any of them)."""
+    """The task parameters `task` uses (`None`: a random task, so any of them).
+
+    Parameters
+    ----------
+    task : str or None
+        A task name.
+
+    Returns
+    -------
+    set of str
+        Keywords of `napari_mtml.anomalies.synthesize`.
+    """
     tasks = TASKS if task is None else (task,)
     return set(COMMON_PARAMS).union(*(task_object(t).params for t in tasks))
 
 
 def default_max_push(ndim: int) -> float:
     """The paper's push limit for an image of `ndim` dimensions: 5 voxels for brain volumes,
-    10 for 2D X-rays (`CXR_MAX_PUSH`)."""
+    10 for 2D X-rays (`CXR_MAX_PUSH`).
+
+    Parameters
+    ----------
+    ndim : int
+        2 or 3.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> default_max_push(3), default_max_push(2)
+    (5.0, 10.0)
+    """
     return TaskParams.max_push if ndim == 3 else CXR_MAX_PUSH
 
 
 def prefers_slices(spacing) -> bool:
     """Whether a volume of this voxel spacing (mm per axis) is better previewed slice by slice:
     thick slices (e.g. 6.5 mm over 0.8 mm pixels, more than twice the finest spacing) would
-    make a 3D shape drawn on the voxel grid a sliver through one or two slices."""
+    make a 3D shape drawn on the voxel grid a sliver through one or two slices.
+
+    Parameters
+    ----------
+    spacing : sequence of float
+        mm per axis.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> prefers_slices((6.5, 0.8, 0.8)), prefers_slices((1.0, 1.0, 1.0))
+    (True, False)
+    """
     spacing = np.asarray(spacing, dtype=float)
     return bool(spacing.min() > 0 and spacing.max() / spacing.min() > 2)
 
 
 def next_seed(seed: int) -> int:
-    """Another seed, derived deterministically from `seed` (the preview's "New seed")."""
+    """Another seed, derived deterministically from `seed` (the preview's "New seed").
+
+    Parameters
+    ----------
+    seed : int
+
+    Returns
+    -------
+    int
+        In [0, 2**31).
+    """
     return int(np.random.default_rng(seed).integers(0, 2**31 - 1))
 
 
@@ -147,6 +198,18 @@ def preview_input(layer_data: np.ndarray, foreground, scan=None) -> PreviewInput
     `foreground`: a bool array of the image's shape, `None` (the whole image) or `"auto"`: for a
     volume the scan's foreground (`preprocess.foreground_mask(scan)`, the whole image when it
     finds none), for a 2D image (an X-ray) the whole frame, as in the paper.
+
+    Parameters
+    ----------
+    layer_data : ndarray
+        The image, 2D or 3D.
+    foreground : ndarray of bool, None or "auto"
+    scan : napari_mtml.io.Scan, optional
+        The image's scan (for the automatic foreground).
+
+    Returns
+    -------
+    PreviewInput
     """
     if isinstance(foreground, str):
         if foreground != "auto":
@@ -170,6 +233,17 @@ def _slice_of(array, frac: float):
 def slice_source(source, frac: float):
     """A blending `source` for a 2D slice synthesis: 3D sources give their slice at the same
     relative height `frac` in [0, 1] (a callable's images too), 2D sources are used as they are.
+
+    Parameters
+    ----------
+    source
+        A blending source (see `napari_mtml.anomalies.synthesize`).
+    frac : float
+        The slice's relative height.
+
+    Returns
+    -------
+    the source for a 2D synthesis
     """
     if source is None:
         return None

@@ -51,9 +51,23 @@ def sample_score(heat: np.ndarray, mask: np.ndarray | None = None,
                  spacing=None) -> float:
     """One sample-level score of an anomaly map (see the module docstring for `method`).
 
-    heat: 2D or 3D float map (values in [0, 1]); mask: bool of the same shape or None (an
-    empty mask counts as none); threshold: for "area"; spacing: mm per axis, so that "max"
-    smooths within slices only when the slices are more than twice as thick as the pixels.
+    Parameters
+    ----------
+    heat : ndarray of float, 2D or 3D
+        Values in [0, 1].
+    mask : ndarray of bool, optional
+        Same shape; an empty mask counts as none.
+    method : str
+        A name of `SAMPLE_SCORES`.
+    threshold : float, optional
+        For "area".
+    spacing : sequence of float, optional
+        mm per axis, so that "max" smooths within slices only when the slices are more than
+        twice as thick as the pixels.
+
+    Returns
+    -------
+    float
     """
     if method not in SAMPLE_SCORES:
         raise ValueError(f"unknown sample score {method!r}; use one of {', '.join(SAMPLE_SCORES)}")
@@ -77,7 +91,18 @@ def sample_score(heat: np.ndarray, mask: np.ndarray | None = None,
 
 def all_scores(heat: np.ndarray, mask: np.ndarray | None = None, *,
                threshold: float | None = None, spacing=None) -> dict[str, float]:
-    """Every sample score of `SAMPLE_SCORES` ("area" only with a threshold)."""
+    """Every sample score of `SAMPLE_SCORES` ("area" only with a threshold).
+
+    Parameters
+    ----------
+    heat, mask, threshold, spacing
+        As `sample_score`.
+
+    Returns
+    -------
+    dict of str to float
+        Method -> score.
+    """
     out = {m: sample_score(heat, mask, m, spacing=spacing) for m in ("mean", "max", "top1")}
     if threshold is not None:
         out["area"] = sample_score(heat, mask, "area", threshold=threshold)
