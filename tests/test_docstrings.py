@@ -30,6 +30,9 @@ MODULES = [
     "napari_mtml.batch",
     "napari_mtml.scores",
     "napari_mtml.devices",
+    "napari_mtml.metrics",
+    "napari_mtml.training.crossval",
+    "napari_mtml.training.rundir",
 ]
 #: the entry points that must show an example
 ENTRY_POINTS = {

@@ -283,8 +283,19 @@ def dilate_mask(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
     """Grow a bool mask by `mm` millimetres: every voxel whose centre lies within `mm` of a
     mask voxel's centre (Euclidean, in mm with the voxel `spacing`) joins it.
 
-    `spacing`: mm per array axis. Along an axis whose spacing exceeds `mm` the mask does not
-    grow (no voxel centre lies that close). `mm` = 0 returns a copy. Returns a new bool array.
+    Parameters
+    ----------
+    mask : ndarray of bool
+    spacing : sequence of float
+        mm per array axis. Along an axis whose spacing exceeds `mm` the mask does not grow (no
+        voxel centre lies that close).
+    mm : float
+        0 returns a copy.
+
+    Returns
+    -------
+    ndarray of bool
+        A new array.
     """
     mask = np.asarray(mask, dtype=bool)
     spacing = tuple(float(s) for s in np.atleast_1d(spacing))

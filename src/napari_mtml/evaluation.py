@@ -75,6 +75,11 @@ def pair_files(pred_dir, label_dir, foreground_dir=None) -> tuple[list[tuple], l
     -------
     pairs : list of ``(name, prediction_path, label_path, foreground_path_or_None)``, sorted.
     unmatched_predictions, unmatched_labels : lists of file names (str).
+
+    Parameters
+    ----------
+    pred_dir, label_dir : str or Path
+    foreground_dir : str or Path, optional
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     for folder, what in ((pred_dir, "prediction"), (label_dir, "label")) + (

@@ -135,6 +135,20 @@ def roc_auc(scores, labels) -> float:
 
     Ties count one half (trapezoid rule). Same arguments as :func:`average_precision`; ``nan`` if
     only one class is present.
+
+    Parameters
+    ----------
+    scores, labels
+        As `average_precision`.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    0.75
     """
     scores, labels = _check_pair(scores, labels)
     return _auc_from_counts(*_threshold_counts(scores, labels))
@@ -160,7 +174,15 @@ def _curves(pos: np.ndarray, neg: np.ndarray) -> dict:
 def precision_recall_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at every distinct score, from the highest threshold down.
 
-    Returns ``(precision, recall)``, float64 arrays starting at the point ``(1, 0)``.
+    Parameters
+    ----------
+    scores, labels
+        As `average_precision`.
+
+    Returns
+    -------
+    precision, recall : ndarray of float64
+        Starting at the point ``(1, 0)``.
     """
     scores, labels = _check_pair(scores, labels)
     c = _curves(*_threshold_counts(scores, labels))
@@ -168,7 +190,17 @@ def precision_recall_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates at every distinct score, starting at ``(0, 0)``."""
+    """False and true positive rates at every distinct score, starting at ``(0, 0)``.
+
+    Parameters
+    ----------
+    scores, labels
+        As `average_precision`.
+
+    Returns
+    -------
+    fpr, tpr : ndarray of float64
+    """
     scores, labels = _check_pair(scores, labels)
     c = _curves(*_threshold_counts(scores, labels))
     return c["fpr"], c["tpr"]
@@ -300,7 +332,14 @@ def summary_scores(values) -> dict:
     interpolation), ``top25_mean`` (mean of the ``ceil(N / 4)`` largest values) and ``top1``
     (mean of the highest 1 %, at least 10 values: `napari_mtml.scores`' default sample score).
 
-    ``values``: array_like of float, any shape, at least one element. Returns floats.
+    Parameters
+    ----------
+    values : array_like of float
+        Any shape, at least one element.
+
+    Returns
+    -------
+    dict of str to float
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
@@ -396,9 +435,21 @@ def slice_scores(
 def sample_scores(prediction, label, foreground=None, clip: bool = True) -> tuple[dict, bool]:
     """Scores and label of one image (sample-wise evaluation, METHOD.md §8).
 
-    ``prediction``: float map of any shape (clipped to ``[0, 1]`` when ``clip``); ``label``: same
-    shape; ``foreground``: optional bool mask restricting the scores (not the label) to its voxels.
-    Returns ``({name: float}, is_anomalous)`` with the label ``any(label)``.
+    Parameters
+    ----------
+    prediction : ndarray of float
+        Any shape (clipped to ``[0, 1]`` when ``clip``).
+    label : ndarray
+        Same shape.
+    foreground : ndarray of bool, optional
+        Restricts the scores (not the label) to its voxels.
+    clip : bool
+
+    Returns
+    -------
+    scores : dict of str to float
+    is_anomalous : bool
+        ``any(label)``.
     """
     prediction, label, foreground = _prepare_map(prediction, label, foreground, clip)
     values = prediction if foreground is None else prediction[foreground]

@@ -106,7 +106,17 @@ def _encoding_tensor(frame: tuple[int, ...]) -> torch.Tensor:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters of ``model``."""
+    """Number of (trainable) parameters of ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    trainable_only : bool
+
+    Returns
+    -------
+    int
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 

@@ -319,6 +319,19 @@ def synthesize_head(template: Template, rng: np.random.Generator,
     Returns `(image float32, head bool, params)`: the template inside the brain mask, the layers
     of the module docstring outside it, 0 (air) beyond the skin; `head` is everything inside the
     skin. Thicknesses and intensities are drawn from `settings`' ranges.
+
+    Parameters
+    ----------
+    template : Template
+    rng : numpy.random.Generator
+    settings : VariantSettings, optional
+
+    Returns
+    -------
+    image : ndarray of float32
+    head : ndarray of bool
+    params : dict
+        The values drawn.
     """
     s = settings or VariantSettings()
     wm, csf = template.levels["wm"], template.levels["csf"]
@@ -404,6 +417,19 @@ def random_affine(rng: np.random.Generator,
     (z, y) plane, nodding), each uniform within +- `settings.max_rotation_deg`. Returns
     `(matrix, translation, params)`: a template point `p` appears in the variant at
     `c + matrix @ (p - c) + translation`, `c` the brain's centre.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    settings : VariantSettings, optional
+
+    Returns
+    -------
+    matrix : ndarray (3, 3)
+    translation : ndarray (3,)
+        mm.
+    params : dict
+        The values drawn.
     """
     s = settings or VariantSettings()
     angles = [math.radians(_uniform(rng, (-a, a))) for a in s.max_rotation_deg]
@@ -470,7 +496,19 @@ def _warp(arrays: Sequence[np.ndarray], template: Template, out_shape: tuple[int
 # --------------------------------------------------------------------------------------------
 def rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """`|image + n1 + i n2|` with `n1, n2 ~ N(0, sigma^2)`: the magnitude image of a complex
-    acquisition (Rayleigh noise where the signal is 0). float32, `image`'s shape."""
+    acquisition (Rayleigh noise where the signal is 0). float32, `image`'s shape.
+
+    Parameters
+    ----------
+    image : ndarray
+    sigma : float
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    ndarray of float32
+        `image`'s shape.
+    """
     image = np.asarray(image, dtype=np.float32)
     if sigma <= 0:
         return image.copy()

@@ -53,7 +53,27 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
 
     Takes 2 untimed steps (allocations, loader start-up), then timed steps until `min_steps`
     and `min_seconds` are both reached (at most `max_steps`); the median step is kept, so one
-    slow step (another process) does not skew the plan."""
+    slow step (another process) does not skew the plan.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Resolved (any `max_steps`).
+    samples : list of HealthySample
+        A fold's training data.
+    tasks : sequence of int
+        The fold's training tasks.
+    model_factory : callable
+        `(cfg, seed) -> torch.nn.Module`.
+    device : torch.device
+    external : list of HealthySample, optional
+    min_steps, max_steps : int
+    min_seconds : float
+
+    Returns
+    -------
+    StepCosts
+    """
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
     from napari_mtml.devices import apply_thread_rule, autocast_dtype
     from napari_mtml.training.step import train_step
@@ -109,7 +129,30 @@ def plan_steps(budget_s: float, elapsed_s: float, n_folds: int, costs: StepCosts
                val_size: int, *, n_val: int = VALIDATIONS_PER_FOLD, cap: int | None = None,
                ) -> int:
     """Optimiser steps per fold so that `n_folds` folds end within `budget_s` seconds of which
-    `elapsed_s` are spent. Raises `ValueError` when not even a few steps per fold fit."""
+    `elapsed_s` are spent.
+
+    Parameters
+    ----------
+    budget_s : float
+    elapsed_s : float
+    n_folds : int
+    costs : StepCosts
+        `measure_costs`.
+    val_size : int
+    n_val : int
+        Validations per fold planned for.
+    cap : int, optional
+        At most this many steps.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        Not even a few steps per fold fit.
+    """
     left = budget_s * (1.0 - SAFETY) - elapsed_s
     per_fold = left / max(1, n_folds)
     fixed = (n_val * val_size * 2 * costs.forward_s + val_size * costs.draw_s + costs.setup_s)

@@ -33,12 +33,38 @@ FORMAT_VERSION = 1
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """`torch.save(obj)` to `path` via a temporary file, `fsync` and `os.replace`
-    (`napari_mtml.files.write_atomic`): an interrupted save keeps the old file."""
+    (`napari_mtml.files.write_atomic`): an interrupted save keeps the old file.
+
+    Parameters
+    ----------
+    obj
+        What `torch.save` takes.
+    path : str or Path
+
+    Returns
+    -------
+    Path
+    """
     return write_atomic(path, lambda fh: torch.save(obj, fh), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with `weights_only=True`; `ValueError` naming the file on failure."""
+    """Load a checkpoint with `weights_only=True`; `ValueError` naming the file on failure.
+
+    Parameters
+    ----------
+    path : str or Path
+    map_location : str or torch.device
+
+    Returns
+    -------
+    the saved object
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when it cannot be read.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint not found; was this fold trained (see the run's "
@@ -51,19 +77,57 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def frame_record(dims: int, frame) -> dict[str, Any]:
-    """What a checkpoint records about the input it was trained on: `{"dims", "frame"}`."""
+    """What a checkpoint records about the input it was trained on: `{"dims", "frame"}`.
+
+    Parameters
+    ----------
+    dims : int
+    frame : sequence of int
+
+    Returns
+    -------
+    dict
+    """
     return {"dims": int(dims), "frame": [int(f) for f in frame]}
 
 
 def model_checkpoint(state_dict: dict[str, torch.Tensor], dims: int, frame) -> dict[str, Any]:
-    """`best.pt`'s content: the weights with the frame they were trained on."""
+    """`best.pt`'s content: the weights with the frame they were trained on.
+
+    Parameters
+    ----------
+    state_dict : dict of str to Tensor
+    dims : int
+    frame : sequence of int
+
+    Returns
+    -------
+    dict
+    """
     return {"format": FORMAT_VERSION, "model": state_dict, **frame_record(dims, frame)}
 
 
 def check_frame(path: str | Path, checkpoint: Any, dims: int, frame, config_path: str | Path,
                 ) -> None:
     """`ValueError` naming both files when the frame a checkpoint was trained on differs from the
-    run's config.json (edited after training); checkpoints that record no frame pass."""
+    run's config.json (edited after training); checkpoints that record no frame pass.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint's file (for the message).
+    checkpoint
+        Its loaded content.
+    dims, frame
+        What config.json says.
+    config_path : str or Path
+        config.json (for the message).
+
+    Raises
+    ------
+    ValueError
+        The frames differ.
+    """
     if not isinstance(checkpoint, dict) or "frame" not in checkpoint:
         return
     saved = (int(checkpoint.get("dims", len(checkpoint["frame"]))),

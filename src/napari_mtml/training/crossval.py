@@ -46,7 +46,21 @@ class FoldSplit:
 def task_folds(train_tasks: int = 1) -> list[FoldSplit]:
     """Every fold of the T/(5-T) split, T = `train_tasks` in 1..4.
 
-    Returns a list of C(5, T) `FoldSplit`s.
+    Parameters
+    ----------
+    train_tasks : int
+        T in 1..4.
+
+    Returns
+    -------
+    list of FoldSplit
+        C(5, T) of them.
+
+    Examples
+    --------
+    >>> folds = task_folds(1)
+    >>> len(folds), folds[0].train_tasks, folds[0].val_tasks
+    (5, (0,), (1, 2, 3, 4))
     """
     if isinstance(train_tasks, bool) or train_tasks not in (1, 2, 3, 4):
         raise ValueError(f"train_tasks = {train_tasks!r}: the T of a T/(5-T) split is 1, 2, 3 or 4")

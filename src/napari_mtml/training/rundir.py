@@ -49,7 +49,21 @@ class FoldPaths:
 
 
 def task_names(ids) -> tuple[str, ...]:
-    """The names of task ids (`napari_mtml.anomalies.TASKS`)."""
+    """The names of task ids (`napari_mtml.anomalies.TASKS`).
+
+    Parameters
+    ----------
+    ids : iterable of int
+
+    Returns
+    -------
+    tuple of str
+
+    Examples
+    --------
+    >>> task_names([2, 0])
+    ('sink', 'intra_blend')
+    """
     return tuple(TASKS[int(t)] for t in ids)
 
 
@@ -58,7 +72,23 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
     """Create `run_dir` and write `config.json` and `folds.json`, after checking that the
     folder may be trained in: a resumed run must keep its settings (but `RESUMABLE_CHANGES`)
     and every fold's `last.pt` (`check_resumable`); a new run must not overwrite a fold's
-    training. Raises `ValueError` naming the file and what to do."""
+    training.
+
+    Parameters
+    ----------
+    run_dir : Path
+    cfg : TrainConfig
+        Resolved.
+    splits : list of FoldSplit
+        The folds to train.
+    collection : HealthyCollection
+        The data (its names go to folds.json).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and what to do.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
     if cfg.resume and cfg_path.is_file():
@@ -93,7 +123,19 @@ def check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
     """`--resume` continues from each fold's last.pt; a fold that has a best.pt but lost its
     last.pt would silently restart at step 0 and overwrite that best.pt: refuse, naming the file.
     A fold with no checkpoint at all (not started, or stopped before its first validation)
-    starts from scratch."""
+    starts from scratch.
+
+    Parameters
+    ----------
+    run_dir : Path
+    splits : list of FoldSplit
+        The folds to train.
+
+    Raises
+    ------
+    ValueError
+        Naming the missing last.pt.
+    """
     for s in splits:
         paths = FoldPaths.of(run_dir, s.index)
         if paths.best.exists() and not paths.last.is_file():
@@ -104,7 +146,14 @@ def check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
 
 def truncate_log(path: Path, step: int) -> None:
     """Keep the lines of a fold's `log.jsonl` up to `step` (a resumed fold goes on from its
-    last.pt; step 0: a fresh start). Lines torn by a hard kill or not JSON are dropped."""
+    last.pt; step 0: a fresh start). Lines torn by a hard kill or not JSON are dropped.
+
+    Parameters
+    ----------
+    path : Path
+        A fold's log.jsonl (nothing happens when it is missing).
+    step : int
+    """
     if not path.is_file():
         return
     keep = []

@@ -85,7 +85,17 @@ class WarmupCosineLR(_Warmup):
 
 
 def make_schedule(cfg) -> WarmupExponentialLR | WarmupCosineLR:
-    """The factor function of a resolved `TrainConfig` (`lr_schedule`, `max_steps`, ...)."""
+    """The factor function of a resolved `TrainConfig` (`lr_schedule`, `max_steps`, ...).
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Resolved.
+
+    Returns
+    -------
+    WarmupExponentialLR or WarmupCosineLR
+    """
     if cfg.lr_schedule == "cosine":
         return WarmupCosineLR(int(cfg.max_steps), int(cfg.warmup_steps), cfg.warmup_start,
                               cfg.final_lr_fraction)
@@ -96,7 +106,20 @@ def make_schedule(cfg) -> WarmupExponentialLR | WarmupCosineLR:
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule, peak_lr: float,
                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """`LambdaLR` over `schedule`'s factors from the peak rate, positioned at `step` (the number
-    of optimiser steps already taken: the next step uses `peak_lr * schedule(step)`)."""
+    of optimiser steps already taken: the next step uses `peak_lr * schedule(step)`).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    schedule : callable
+        A factor function (`make_schedule`).
+    peak_lr : float
+    step : int
+
+    Returns
+    -------
+    torch.optim.lr_scheduler.LambdaLR
+    """
     for group in optimizer.param_groups:
         group["lr"] = peak_lr
         group["initial_lr"] = peak_lr
