@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_mtml.io import ImageReadError, ImageReadWarning, Scan, image_kind, read_image
+from napari_mtml.io import (
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageReadError,
+    ImageReadWarning,
+    Scan,
+    image_kind,
+    read_image,
+)
 from napari_mtml.io.scan import display_grid
 
 __all__ = ["get_reader", "layer_data_from_scan", "read_layers"]
@@ -93,10 +101,11 @@ def layer_data_from_scan(scan: Scan, name: str, layer_type: str = "image", **kwa
 
 
 def _layer_name(path: Path) -> str:
+    """The file's name without its NIfTI or DICOM suffix (raster files keep theirs)."""
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".DCM", ".ima", ".IMA"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)] or name
+    for suffix in sorted(NIFTI_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
     return name
 
 
