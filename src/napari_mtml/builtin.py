@@ -40,6 +40,7 @@ def is_builtin(run: str | os.PathLike) -> bool:
     Parameters
     ----------
     run : str or os.PathLike
+        A run folder, or a name such as "builtin:brain-t1".
 
     Returns
     -------
@@ -47,8 +48,8 @@ def is_builtin(run: str | os.PathLike) -> bool:
 
     Examples
     --------
-    >>> is_builtin("builtin:brain-t1"), is_builtin("runs/brain")
-    (True, False)
+    >>> [is_builtin(run) for run in ("builtin:brain-t1", "runs/brain")]
+    [True, False]
     """
     return str(run).startswith(BUILTIN_PREFIX)
 
@@ -64,6 +65,7 @@ def resolve_run(run: str | os.PathLike) -> Path:
     Returns
     -------
     Path
+        The run's folder (a plain path is returned as it is, unchecked).
 
     Raises
     ------

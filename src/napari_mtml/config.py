@@ -112,7 +112,7 @@ def parse_duration(value: str | float | int) -> float:
     Raises
     ------
     ValueError
-        With the accepted forms.
+        Text that is not a duration; the message lists the accepted forms.
 
     Examples
     --------
@@ -180,7 +180,7 @@ def parse_frame(text: str) -> tuple[int, ...]:
     Raises
     ------
     ValueError
-        With the accepted forms.
+        Not 2 or 3 positive integers (the message shows examples).
 
     Examples
     --------

@@ -158,12 +158,14 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     Parameters
     ----------
     path : str or os.PathLike
+        Where the file will be written; it may exist (a regular file is replaced).
     what : str
-        The word for it in the message.
+        What the messages call it ("output file", "metrics file", ...).
 
     Returns
     -------
     Path
+        `path`, checked.
 
     Raises
     ------
@@ -191,17 +193,18 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     Parameters
     ----------
     path : str or os.PathLike
+        The folder; it need not exist yet.
     what : str
-        The word for it in the message.
-
-    Returns
-    -------
-    Path
+        Its name in the message.
 
     Raises
     ------
     ValueError
         `path` or a parent exists as a file.
+
+    Returns
+    -------
+    Path
     """
     p = Path(path)
     if p.exists() and not p.is_dir():

@@ -176,8 +176,9 @@ def precision_recall_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    scores, labels
-        As `average_precision`.
+    scores : array_like of float
+    labels : array_like of bool
+        As for `average_precision`.
 
     Returns
     -------
@@ -194,12 +195,13 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    scores, labels
-        As `average_precision`.
+    scores, labels : array_like
+        See `average_precision`.
 
     Returns
     -------
     fpr, tpr : ndarray of float64
+        False and true positive rates.
     """
     scores, labels = _check_pair(scores, labels)
     c = _curves(*_threshold_counts(scores, labels))

@@ -135,6 +135,7 @@ def infer_kind(scan: Scan) -> str:
     Parameters
     ----------
     scan : Scan
+        Its dimensionality and `metadata["modality"]` decide.
 
     Returns
     -------
@@ -405,16 +406,14 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
     --------
     >>> import numpy as np
     >>> from napari_mtml.io import Scan
-    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
-    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
-    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
-    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> brain = np.random.default_rng(0).normal(100, 5, (60, 80, 70)).astype(np.float32)
+    >>> scan = Scan(array=np.pad(brain, 20), spacing=(1.0, 1.0, 1.0))  # 0 around the brain
     >>> array, foreground, transform = to_frame(scan, kind="mri")  # 3D: (80, 112, 80), x2
     >>> array.shape, foreground.dtype, transform.frame_array_shape
     ((80, 112, 80), dtype('bool'), (80, 112, 80))
     >>> slices, _, _ = to_frame(scan, kind="mri", dims=2)  # every axial slice in the 2D frame
     >>> slices.shape
-    (96, 128, 128)
+    (100, 128, 128)
     """
     scan = _as_scan(scan)
     name = _name(scan)
@@ -668,12 +667,12 @@ def mask_to_frame(mask, transform: FrameTransform) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from napari_mtml.io import Scan
-    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
-    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
-    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
-    >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
-    >>> array, foreground, transform = to_frame(scan, kind="mri")
-    >>> inner = mask_to_frame(head & (zz > 48), transform)  # e.g. a brain mask
+    >>> inside = np.zeros((100, 120, 100), bool)
+    >>> inside[20:80, 20:100, 15:85] = True
+    >>> values = np.random.default_rng(2).normal(80, 3, inside.shape)
+    >>> scan = Scan(array=np.where(inside, values, 0).astype(np.float32), spacing=(1.0,) * 3)
+    >>> transform = to_frame(scan, kind="mri", foreground=inside)[2]
+    >>> inner = mask_to_frame(inside & (np.arange(100) > 50)[:, None, None], transform)
     >>> inner.shape, bool(inner.any())
     ((80, 112, 80), True)
     """
@@ -706,26 +705,25 @@ def from_frame(map_in_frame, transform: FrameTransform, fill: float = 0.0) -> np
     ----------
     map_in_frame : array, `transform.frame_array_shape`
     transform : FrameTransform
-        What `to_frame` returned for the scan.
+        The scan's, from `to_frame`.
     fill : float
         The value outside the crop.
 
     Returns
     -------
     ndarray of float32, `transform.scan_shape`
+        The map on the scan's grid, `fill` outside the crop.
 
     Examples
     --------
     >>> import numpy as np
     >>> from napari_mtml.io import Scan
-    >>> zz, yy, xx = np.mgrid[:96, :120, :100]
-    >>> head = ((zz - 48) / 40) ** 2 + ((yy - 60) / 50) ** 2 + ((xx - 50) / 42) ** 2 < 1
-    >>> volume = np.where(head, np.random.default_rng(0).normal(100, 5, head.shape), 0)
+    >>> volume = np.pad(np.random.default_rng(1).normal(50, 4, (64, 90, 72)), 16)
     >>> scan = Scan(array=volume.astype(np.float32), spacing=(1.0, 1.0, 1.0))
-    >>> array, foreground, transform = to_frame(scan, kind="mri")
+    >>> _, foreground, transform = to_frame(scan, kind="mri")
     >>> heat = from_frame(np.where(foreground, 0.5, 0.0), transform)  # a map back on the scan
     >>> heat.shape, heat.dtype
-    ((96, 120, 100), dtype('float32'))
+    ((96, 122, 104), dtype('float32'))
     """
     if not isinstance(transform, FrameTransform):
         raise ValueError("transform must be the FrameTransform returned by to_frame.")

@@ -42,6 +42,7 @@ def sample_data_path(name: str) -> Path:
     Returns
     -------
     Path
+        The sample's file inside the installed package.
 
     Raises
     ------
@@ -65,7 +66,7 @@ def load_sample(name: str) -> Scan:
     Parameters
     ----------
     name : str
-        A key of `SAMPLES`.
+        One of the sample names (`SAMPLES`), e.g. "mni152_t1".
 
     Returns
     -------

@@ -280,7 +280,7 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None,
     Returns
     -------
     Path
-        `path`.
+        The file written (`path`).
 
     Examples
     --------
