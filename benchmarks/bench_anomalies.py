@@ -83,8 +83,10 @@ def load_reference(path: str | None):
         from multitask_method.tasks.labelling import FlippedGaussianLabeller
         from multitask_method.tasks.patch_blending_task import PoissonImageEditingMixedGradBlender
     except ImportError as exc:
-        print(f"reference: cannot import its tasks from {path} ({exc}); pip install pie-torch "
-              "scikit-image; our side only")
+        print(
+            f"reference: cannot import its tasks from {path} ({exc}); pip install pie-torch "
+            "scikit-image; our side only"
+        )
         return None
     return {
         "blend": PoissonImageEditingMixedGradBlender,
@@ -127,8 +129,9 @@ def reference_tasks(ref, image, foreground, other, other_fg, max_push: float, se
     return tasks
 
 
-def run_round(dims, image, foreground, other, other_fg, ref, calls: int, seed: int,
-              clock=time.thread_time):
+def run_round(
+    dims, image, foreground, other, other_fg, ref, calls: int, seed: int, clock=time.thread_time
+):
     """{task: {side: [ms per call]}} for one interleaved round."""
     max_push = MAX_PUSH[dims]
     ref_tasks = None
@@ -140,14 +143,31 @@ def run_round(dims, image, foreground, other, other_fg, ref, calls: int, seed: i
     out = {}
     for t, task in enumerate(TASKS):
         # the same seed on both of our sides: the same shapes and places, only the box differs
-        rngs = {"fast box": np.random.default_rng([seed, t]),
-                "exact box": np.random.default_rng([seed, t])}
+        rngs = {
+            "fast box": np.random.default_rng([seed, t]),
+            "exact box": np.random.default_rng([seed, t]),
+        }
         source = (other, other_fg) if task == "inter_blend" else None
         calls_of = {
-            "fast box": partial(synthesize, image, foreground, task, rngs["fast box"],
-                                source=source, max_push=max_push),
-            "exact box": partial(synthesize, image, foreground, task, rngs["exact box"],
-                                 source=source, max_push=max_push, fast_box=False),
+            "fast box": partial(
+                synthesize,
+                image,
+                foreground,
+                task,
+                rngs["fast box"],
+                source=source,
+                max_push=max_push,
+            ),
+            "exact box": partial(
+                synthesize,
+                image,
+                foreground,
+                task,
+                rngs["exact box"],
+                source=source,
+                max_push=max_push,
+                fast_box=False,
+            ),
         }
         if ref_tasks is not None:
             calls_of["reference"] = partial(ref_tasks[task], image[None], foreground)
@@ -169,8 +189,11 @@ def run_round(dims, image, foreground, other, other_fg, ref, calls: int, seed: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", default=os.environ.get("MTML_REFERENCE"),
-                        help="folder of a clone of the reference implementation")
+    parser.add_argument(
+        "--reference",
+        default=os.environ.get("MTML_REFERENCE"),
+        help="folder of a clone of the reference implementation",
+    )
     parser.add_argument("--calls-2d", type=int, default=200, help="calls per side, task, round")
     parser.add_argument("--calls-3d", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
@@ -189,16 +212,22 @@ def main(argv=None) -> int:
         threads += f", torch {torch.get_num_threads()}"
     except ImportError:
         pass
-    print(f"{threads}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{'thread CPU' if args.clock == 'cpu' else 'wall-clock'} ms per labelled call, "
-          f"median over calls; {args.rounds} rounds, sides interleaved call by call")
+    print(
+        f"{threads}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"{'thread CPU' if args.clock == 'cpu' else 'wall-clock'} ms per labelled call, "
+        f"median over calls; {args.rounds} rounds, sides interleaved call by call"
+    )
     for dims in args.dims.split(","):
         shape = SHAPES[dims]
         image, foreground = phantom(shape, args.seed)
         other, other_fg = phantom(shape, args.seed + 1)
         calls = args.calls_2d if dims == "2D" else args.calls_3d
-        rounds = [run_round(dims, image, foreground, other, other_fg, ref, calls,
-                            args.seed + 1000 * r, clock) for r in range(args.rounds)]
+        rounds = [
+            run_round(
+                dims, image, foreground, other, other_fg, ref, calls, args.seed + 1000 * r, clock
+            )
+            for r in range(args.rounds)
+        ]
         sides = [s for s in SIDES if s in rounds[0][TASKS[0]]]
         _print_table(dims, shape, calls, rounds, sides)
     return 0
@@ -223,8 +252,7 @@ def _print_table(dims, shape, calls, rounds, sides) -> None:
         if "reference" in sides:
             for ours in ("fast box", "exact box"):
                 ratios = [m[row]["reference"] / m[row][ours] for m in med]
-                line += (f" {statistics.median(ratios):.2f}x ({min(ratios):.2f}-"
-                         f"{max(ratios):.2f}) |")
+                line += f" {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         print(line, flush=True)
 
 

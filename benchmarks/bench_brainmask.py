@@ -61,27 +61,36 @@ def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for k, r in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
         if k == 0:
             print("  " + "  ".join("-" * w for w in widths))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="timed calls after the first one (default 3)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed calls after the first one (default 3)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not bm.available():
         raise SystemExit(f"the brain extra is not installed: {bm.INSTALL_HINT}")
     warnings.simplefilter("ignore", ImageReadWarning)
-    print(f"deepbet {metadata.version('deepbet')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch thread(s), CPU; load average before: "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"deepbet {metadata.version('deepbet')}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s), CPU; load average before: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
     mni = load_sample("mni152_t1")
     mni_ref = load_sample("mni152_brain_mask").array > 0
@@ -97,19 +106,23 @@ def main() -> None:
 
     repeat = max(1, args.repeat)
     rows = [("load both networks (once per process)", "", f"{load_s:.2f}", "", "")]
-    for label_, scan, kw in (("MNI152 T1 1 mm 189x233x197", mni, {}),
-                             ("tumour T1 0.78x0.78x6.5 mm 25x256x256", tumour, {}),
-                             ("tumour T1 through a 1 mm grid (spacing_mm=1)", tumour,
-                              {"spacing_mm": 1.0})):
+    for label_, scan, kw in (
+        ("MNI152 T1 1 mm 189x233x197", mni, {}),
+        ("tumour T1 0.78x0.78x6.5 mm 25x256x256", tumour, {}),
+        ("tumour T1 through a 1 mm grid (spacing_mm=1)", tumour, {"spacing_mm": 1.0}),
+    ):
         first, wall, cpu, out = _timed(mask_of(scan, **kw), repeat)
         rows.append((label_, f"{first:.2f}", f"{wall:.2f}", f"{cpu:.2f}", f"{repeat}"))
         if scan is mni:
             mni_mask = out
         elif not kw:
             tum_mask = out
-    _table("1. brain_mask time per volume (s; the first call includes TorchScript's warm-up; "
-           "median wall and CPU s of the next n)",
-           ("input", "first", "wall", "CPU", "n"), rows)
+    _table(
+        "1. brain_mask time per volume (s; the first call includes TorchScript's warm-up; "
+        "median wall and CPU s of the next n)",
+        ("input", "first", "wall", "CPU", "n"),
+        rows,
+    )
 
     head = foreground_mask(tumour, method="head")
     depth = np.stack([ndi.distance_transform_edt(h, sampling=tumour.spacing[1:]) for h in head])
@@ -118,26 +131,36 @@ def main() -> None:
     rows = []
     for mm in DILATIONS:
         m = bm.dilate_mask(tum_mask, tumour.spacing, mm)
-        rows.append((
-            f"{mm:g}",
-            f"{100 * np.count_nonzero(m & label) / np.count_nonzero(label):.1f}",
-            f"{np.count_nonzero(m) * voxel_ml:.0f}",
-            f"{100 * np.count_nonzero(head & ~m) / np.count_nonzero(head):.1f}",
-            f"{100 * np.count_nonzero(scalp & ~m) / np.count_nonzero(scalp):.1f}",
-        ))
-    _table(f"2. tumour sample (skull on; tumour {np.count_nonzero(label)} voxels, head "
-           f"{np.count_nonzero(head) * voxel_ml:.0f} ml)",
-           ("dilate mm", "tumour kept %", "mask ml", "head removed %", "scalp removed %"), rows)
+        rows.append(
+            (
+                f"{mm:g}",
+                f"{100 * np.count_nonzero(m & label) / np.count_nonzero(label):.1f}",
+                f"{np.count_nonzero(m) * voxel_ml:.0f}",
+                f"{100 * np.count_nonzero(head & ~m) / np.count_nonzero(head):.1f}",
+                f"{100 * np.count_nonzero(scalp & ~m) / np.count_nonzero(scalp):.1f}",
+            )
+        )
+    _table(
+        f"2. tumour sample (skull on; tumour {np.count_nonzero(label)} voxels, head "
+        f"{np.count_nonzero(head) * voxel_ml:.0f} ml)",
+        ("dilate mm", "tumour kept %", "mask ml", "head removed %", "scalp removed %"),
+        rows,
+    )
 
-    rows = [(f"MNI152 1 mm, dilate {mm:g} mm",
-             f"{_dice(bm.dilate_mask(mni_mask, mni.spacing, mm), mni_ref):.4f}")
-            for mm in DILATIONS]
+    rows = [
+        (
+            f"MNI152 1 mm, dilate {mm:g} mm",
+            f"{_dice(bm.dilate_mask(mni_mask, mni.spacing, mm), mni_ref):.4f}",
+        )
+        for mm in DILATIONS
+    ]
     for k in (3, 6):
         thick = Scan(array=mni.array[::k], spacing=(float(k), 1.0, 1.0))
         for spacing_mm, how in ((None, "own grid"), (1.0, "through 1 mm")):
             m = bm.brain_mask(thick, dilate_mm=0.0, spacing_mm=spacing_mm)
-            rows.append((f"MNI152 every {k}th slice ({k} mm), {how}",
-                         f"{_dice(m, mni_ref[::k]):.4f}"))
+            rows.append(
+                (f"MNI152 every {k}th slice ({k} mm), {how}", f"{_dice(m, mni_ref[::k]):.4f}")
+            )
     _table("3. Dice against the template's brain mask", ("input", "Dice"), rows)
 
 

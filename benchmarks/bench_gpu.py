@@ -33,9 +33,21 @@ from pathlib import Path
 
 #: peak dense bf16 tensor FLOP/s (TFLOP/s) by a substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 756.0, "GH200": 989.0,
-    "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
 }
 
 RECIPES = {
@@ -133,8 +145,13 @@ def loader_rate(samples, dims, workers, items, batch):
     """Samples/s the training loader delivers with `workers` processes."""
     from napari_mtml.data import SyntheticDataset, make_loader
 
-    ds = SyntheticDataset(samples, [0, 1, 2, 3, 4], seed=0, flip=dims == 3,
-                          task_params={"max_push": 5.0 if dims == 3 else 10.0})
+    ds = SyntheticDataset(
+        samples,
+        [0, 1, 2, 3, 4],
+        seed=0,
+        flip=dims == 3,
+        task_params={"max_push": 5.0 if dims == 3 else 10.0},
+    )
     it = iter(make_loader(ds, batch_size=batch, workers=workers))
     next(it)  # worker start-up, paid once per run
     n, t0 = 0, time.perf_counter()
@@ -154,10 +171,14 @@ def busy_fraction(samples, dims, frame, batch, kwargs, device, workers, steps):
 
     net = _model(dims, frame, kwargs, device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
-    ds = SyntheticDataset(samples, [0, 1, 2, 3, 4], seed=0, flip=dims == 3,
-                          task_params={"max_push": 5.0 if dims == 3 else 10.0})
-    it = iter(make_loader(ds, batch_size=batch, workers=workers,
-                          pin_memory=device.type == "cuda"))
+    ds = SyntheticDataset(
+        samples,
+        [0, 1, 2, 3, 4],
+        seed=0,
+        flip=dims == 3,
+        task_params={"max_push": 5.0 if dims == 3 else 10.0},
+    )
+    it = iter(make_loader(ds, batch_size=batch, workers=workers, pin_memory=device.type == "cuda"))
     images, labels, _ = next(it)
     _train_step(net, opt, images.to(device), labels.to(device), device)  # warm-up
     _sync(device)
@@ -198,8 +219,16 @@ def ensemble_time(dims, kind, frame, kwargs, device, repeats):
         run = Path(tmp) / "run"
         run.mkdir()
         extra = {} if kwargs is None else dict(kwargs)
-        cfg = TrainConfig(healthy=("unused",), out=str(run), dims=dims, frame=frame, kind=kind,
-                          recipe="paper", preset="paper", **extra).resolve(dims, kind, frame)
+        cfg = TrainConfig(
+            healthy=("unused",),
+            out=str(run),
+            dims=dims,
+            frame=frame,
+            kind=kind,
+            recipe="paper",
+            preset="paper",
+            **extra,
+        ).resolve(dims, kind, frame)
         cfg.to_json(run / "config.json")
         for k in range(5):
             (run / f"fold_{k}").mkdir()
@@ -210,8 +239,12 @@ def ensemble_time(dims, kind, frame, kwargs, device, repeats):
         else:  # the dry run: an image that fits the tiny frame
             rng = np.random.default_rng(0)
             arr = rng.normal(size=tuple(2 * f for f in frame)).astype(np.float32)
-            scan = Scan(array=arr, spacing=(1.0,) * dims, affine=np.eye(4),
-                        metadata={"path": None, "warnings": [], "modality": "MR"})
+            scan = Scan(
+                array=arr,
+                spacing=(1.0,) * dims,
+                affine=np.eye(4),
+                metadata={"path": None, "warnings": [], "modality": "MR"},
+            )
         ens = load_ensemble(run, device=device)
         ens.predict(scan)  # warm-up
         times = []
@@ -240,15 +273,26 @@ def peak_tflops(device, given):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda",
-                        help="cuda (default), cuda:N, or cpu for a dry run with tiny sizes")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="cuda (default), cuda:N, or cpu for a dry run with tiny sizes",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
-    parser.add_argument("--items", type=int, default=None,
-                        help="loader items per worker count (default 64 in 2D, 24 in 3D)")
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="loader items per worker count (default 64 in 2D, 24 in 3D)",
+    )
     parser.add_argument("--workers", default="1,2,4,8,16")
     parser.add_argument("--recipes", default="2D,3D")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the GPU's peak dense bf16 TFLOP/s, if not in the table")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's peak dense bf16 TFLOP/s, if not in the table",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -258,14 +302,17 @@ def main(argv=None) -> int:
     dry = args.device == "cpu"
     if not dry:
         if not torch.cuda.is_available():
-            print("bench_gpu.py: no CUDA device is available to torch here (torch "
-                  f"{torch.__version__}); this benchmark measures a GPU. Run it on a CUDA "
-                  "machine, or pass --device cpu for a dry run of its code paths.",
-                  file=sys.stderr)
+            print(
+                "bench_gpu.py: no CUDA device is available to torch here (torch "
+                f"{torch.__version__}); this benchmark measures a GPU. Run it on a CUDA "
+                "machine, or pass --device cpu for a dry run of its code paths.",
+                file=sys.stderr,
+            )
             return 2
         if not args.device.startswith("cuda"):
-            print(f"bench_gpu.py: --device {args.device!r}: use cuda, cuda:N or cpu",
-                  file=sys.stderr)
+            print(
+                f"bench_gpu.py: --device {args.device!r}: use cuda, cuda:N or cpu", file=sys.stderr
+            )
             return 2
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -277,31 +324,45 @@ def main(argv=None) -> int:
         worker_counts = worker_counts[:2]
     peak, peak_src = peak_tflops(device, args.peak_tflops)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
-    print(f"bench_gpu: {where}; torch {torch.__version__}; {cores} CPU cores; "
-          f"{torch.get_num_threads()} torch threads; bf16 autocast "
-          f"{'on' if device.type == 'cuda' else 'off'}; peak {peak or 'n/a'} TFLOP/s "
-          f"({peak_src})")
-    print("| recipe | params | batch | steps/s | samples/s | peak memory | GFLOP/step | MFU | "
-          "5-fold predict s |")
+    print(
+        f"bench_gpu: {where}; torch {torch.__version__}; {cores} CPU cores; "
+        f"{torch.get_num_threads()} torch threads; bf16 autocast "
+        f"{'on' if device.type == 'cuda' else 'off'}; peak {peak or 'n/a'} TFLOP/s "
+        f"({peak_src})"
+    )
+    print(
+        "| recipe | params | batch | steps/s | samples/s | peak memory | GFLOP/step | MFU | "
+        "5-fold predict s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     loader_rows, busy_rows, need = [], [], {}
     for name in args.recipes.split(","):
         dims, kind, frame, batch, kwargs = (DRY if dry else RECIPES)[name]
         rate, mem, flops, n_params = step_rate(dims, frame, batch, kwargs, device, steps)
-        mfu = (f"{100 * flops * rate / (peak * 1e12):.1f} %" if peak else "n/a")
+        mfu = f"{100 * flops * rate / (peak * 1e12):.1f} %" if peak else "n/a"
         mem_s = f"{mem / 2**30:.2f} GiB" if mem is not None else "n/a"
         need[name] = rate * batch
         predict = ensemble_time(dims, kind, frame, kwargs, device, 1 if dry else 3)
-        print(f"| {name} {'x'.join(map(str, frame))} | {n_params / 1e6:.2f} M | {batch} | "
-              f"{rate:.2f} | {rate * batch:.1f} | {mem_s} | {flops / 1e9:.3g} | {mfu} | "
-              f"{predict:.2f} |", flush=True)
+        print(
+            f"| {name} {'x'.join(map(str, frame))} | {n_params / 1e6:.2f} M | {batch} | "
+            f"{rate:.2f} | {rate * batch:.1f} | {mem_s} | {flops / 1e9:.3g} | {mfu} | "
+            f"{predict:.2f} |",
+            flush=True,
+        )
         samples = _healthy(dims, frame)
         items = args.items or (4 if dry else (64 if dims == 2 else 24))
         for w in worker_counts:
             loader_rows.append((name, w, loader_rate(samples, dims, w, items, min(batch, 8))))
         busy_workers = max(worker_counts) if worker_counts else 0
-        busy_rows.append((name, busy_workers, busy_fraction(
-            samples, dims, frame, batch, kwargs, device, busy_workers, max(2, steps // 2))))
+        busy_rows.append(
+            (
+                name,
+                busy_workers,
+                busy_fraction(
+                    samples, dims, frame, batch, kwargs, device, busy_workers, max(2, steps // 2)
+                ),
+            )
+        )
     print()
     print("| recipe | loader workers | samples/s | share of what the model consumes |")
     print("|---|---|---|---|")

@@ -39,7 +39,12 @@ def _build_run(root: Path, dims: int, kind: str, frame: tuple[int, ...], preset:
     run = root / f"run_{dims}d_{preset}"
     run.mkdir()
     cfg = TrainConfig(
-        healthy=("unused",), out=str(run), dims=dims, frame=frame, kind=kind, preset=preset,
+        healthy=("unused",),
+        out=str(run),
+        dims=dims,
+        frame=frame,
+        kind=kind,
+        preset=preset,
         recipe="paper",
     ).resolve(dims, kind, frame)
     cfg.to_json(run / "config.json")
@@ -66,15 +71,27 @@ def _before(run, device):
         model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs)
         model.load_state_dict(torch.load(run / f"fold_{k}" / "best.pt", weights_only=True))
         models.append(model.to(device).eval())
-    return Ensemble(models, dims=settings.dims, frame=settings.frame, kind=settings.kind,
-                    downsample=settings.downsample, device=device, run_dir=run, config=cfg)
+    return Ensemble(
+        models,
+        dims=settings.dims,
+        frame=settings.frame,
+        kind=settings.kind,
+        downsample=settings.downsample,
+        device=device,
+        run_dir=run,
+        config=cfg,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds per case")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
-                        "OMP_NUM_THREADS, else the thread rule)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: OMP_NUM_THREADS, else the thread rule)",
+    )
     parser.add_argument("--cases", default="2d-paper,2d-light,3d-paper,3d-light")
     parser.add_argument("--setups", default="before,float32,bfloat16")
     args = parser.parse_args(argv)
@@ -122,19 +139,32 @@ def main(argv=None) -> int:
                 diff = ""
                 if name == "bfloat16" and "float32" in maps:
                     diff = f"{float(np.abs(maps[name] - maps['float32']).max()):.3f}"
-                rows.append((f"{dims}D {'x'.join(map(str, frame))}", preset, n_params / 1e6,
-                             name, statistics.median(loads[name]),
-                             statistics.median(predicts[name]), min(predicts[name]),
-                             max(predicts[name]), diff))
+                rows.append(
+                    (
+                        f"{dims}D {'x'.join(map(str, frame))}",
+                        preset,
+                        n_params / 1e6,
+                        name,
+                        statistics.median(loads[name]),
+                        statistics.median(predicts[name]),
+                        min(predicts[name]),
+                        max(predicts[name]),
+                        diff,
+                    )
+                )
             print(f"done {case}", file=sys.stderr, flush=True)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
-          f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
+        f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
+    )
     print("| frame | preset | M params | set-up | load s | predict s (min-max) | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for frame, preset, mp, name, tl, tp, lo, hi, diff in rows:
-        print(f"| {frame} | {preset} | {mp:.1f} | {name} | {tl:.2f} | {tp:.2f} ({lo:.2f}-{hi:.2f}) "
-              f"| {diff} |")
+        print(
+            f"| {frame} | {preset} | {mp:.1f} | {name} | {tl:.2f} | {tp:.2f} ({lo:.2f}-{hi:.2f}) "
+            f"| {diff} |"
+        )
     return 0
 
 

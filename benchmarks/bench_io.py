@@ -53,20 +53,23 @@ def main() -> None:
     mni_scan = read_image(mni)
     cxr_scan = read_image(cxr)
     rows = [
-        ("MNI152 nibabel.load().get_fdata() (bare)",
-         lambda: nib.load(str(mni)).get_fdata()),
+        ("MNI152 nibabel.load().get_fdata() (bare)", lambda: nib.load(str(mni)).get_fdata()),
         ("MNI152 read_image", lambda: read_image(mni)),
         ("MNI152 foreground_mask", lambda: foreground_mask(mni_scan)),
         ("MNI152 to_frame (80x112x80)", lambda: to_frame(mni_scan)),
         ("MNI152 read_image + to_frame", lambda: to_frame(read_image(mni))),
-        ("CR pydicom.dcmread().pixel_array (bare)",
-         lambda: np.asarray(pydicom.dcmread(str(cxr)).pixel_array)),
+        (
+            "CR pydicom.dcmread().pixel_array (bare)",
+            lambda: np.asarray(pydicom.dcmread(str(cxr)).pixel_array),
+        ),
         ("CR read_image", lambda: read_image(cxr)),
         ("CR to_frame (256x256)", lambda: to_frame(cxr_scan)),
         ("CR read_image + to_frame", lambda: to_frame(read_image(cxr))),
     ]
-    print(f"files: {mni.name} {mni_scan.array.shape}, {cxr.name} {cxr_scan.array.shape}; "
-          f"repeat {args.repeat}")
+    print(
+        f"files: {mni.name} {mni_scan.array.shape}, {cxr.name} {cxr_scan.array.shape}; "
+        f"repeat {args.repeat}"
+    )
     print(f"{'step':<44} {'median ms':>10} {'min ms':>10}")
     print("-" * 66)
     for name, fn in rows:

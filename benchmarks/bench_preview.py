@@ -67,8 +67,10 @@ def bench_compute(repeats: int) -> None:
                 times.append(1000 * (time.perf_counter() - t0))
             times.sort()
             p90 = times[min(len(times) - 1, int(0.9 * len(times)))]
-            print(f"{name:<14}{task or 'random task':<18}{statistics.median(times):>10.1f}"
-                  f"{p90:>9.1f}{statistics.fmean(times):>9.1f}  {where}")
+            print(
+                f"{name:<14}{task or 'random task':<18}{statistics.median(times):>10.1f}"
+                f"{p90:>9.1f}{statistics.fmean(times):>9.1f}  {where}"
+            )
     gui = sorted(m for m in sys.modules if m.split(".")[0] in ("napari", "qtpy", "PyQt6", "PyQt5"))
     print(f"GUI modules loaded by the compute path: {gui or 'none'}")
 
@@ -107,8 +109,11 @@ def bench_widget(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--widget", action="store_true",
-                        help="also time the round trip through the docked widget (needs X/Xvfb)")
+    parser.add_argument(
+        "--widget",
+        action="store_true",
+        help="also time the round trip through the docked widget (needs X/Xvfb)",
+    )
     args = parser.parse_args()
     bench_compute(args.repeats)
     if args.widget:

@@ -46,7 +46,8 @@ def _model_steps_per_s(dims: int, preset: str, batch: int, steps: int) -> tuple[
 
     frame = (256, 256) if dims == 2 else (80, 112, 80)
     cfg = TrainConfig(preset=preset, recipe="paper").resolve(
-        dims, "cxr" if dims == 2 else "mri", frame)
+        dims, "cxr" if dims == 2 else "mri", frame
+    )
     net = UNet(**cfg.model_kwargs(), init_seed=0)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -74,8 +75,9 @@ def _healthy(dims: int):
 
         path = sample_data_path("mni152_t1")
         if dims == 2:  # 1 mm slices in the 256x256 frame
-            col = HealthyCollection.from_paths([path], dims=2, kind="mri", frame=(256, 256),
-                                               downsample=1)
+            col = HealthyCollection.from_paths(
+                [path], dims=2, kind="mri", frame=(256, 256), downsample=1
+            )
         else:  # one volume: five copies make a collection (timing only)
             from napari_mtml.io import read_image
             from napari_mtml.preprocess import to_frame
@@ -104,8 +106,13 @@ def _loader_samples_per_s(dims: int, workers: int, items: int) -> float:
     from napari_mtml.data import SyntheticDataset, make_loader
 
     samples, _ = _healthy(dims)
-    ds = SyntheticDataset(samples, [0, 1, 2, 3, 4], seed=0, flip=dims == 3,
-                          task_params={"max_push": 5.0 if dims == 3 else 10.0})
+    ds = SyntheticDataset(
+        samples,
+        [0, 1, 2, 3, 4],
+        seed=0,
+        flip=dims == 3,
+        task_params={"max_push": 5.0 if dims == 3 else 10.0},
+    )
     batch = 2
     loader = make_loader(ds, batch_size=batch, workers=workers)
     it = iter(loader)
@@ -132,8 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--contention", action="store_true", help="thread rule alone / under load")
     p.add_argument("--cases", default="demo,light", help="--variants: demo and/or light")
     p.add_argument("--no-compile", action="store_true", help="--variants: skip torch.compile")
-    p.add_argument("--seconds", type=float, default=20.0,
-                   help="--contention: seconds per block (default 20)")
+    p.add_argument(
+        "--seconds", type=float, default=20.0, help="--contention: seconds per block (default 20)"
+    )
     p.add_argument("--competitor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -142,9 +150,11 @@ def main(argv=None) -> int:
         return _compete()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print()
     if args.variants:
         if args.steps == 1:
@@ -170,8 +180,11 @@ def _model_table(args) -> None:
                 continue
             sps, n = _model_steps_per_s(dims, preset, batch, args.steps)
             name = "2D 256x256" if dims == 2 else "3D 80x112x80"
-            print(f"| model {name} | {preset} | {n / 1e6:.1f} M | {batch} | {sps:.3f} | "
-                  f"{sps * batch:.2f} |", flush=True)
+            print(
+                f"| model {name} | {preset} | {n / 1e6:.1f} M | {batch} | {sps:.3f} | "
+                f"{sps * batch:.2f} |",
+                flush=True,
+            )
     print()
 
 
@@ -256,9 +269,12 @@ def _variants_table(args) -> None:
     print("|---|---|---|---|")
     for case in args.cases.split(","):
         kwargs, batch = _make_case(case)
-        specs = [("float32", {}), ("channels-last", {"channels_last": True}),
-                 ("bf16 autocast", {"bf16": True}),
-                 ("channels-last + bf16", {"channels_last": True, "bf16": True})]
+        specs = [
+            ("float32", {}),
+            ("channels-last", {"channels_last": True}),
+            ("bf16 autocast", {"bf16": True}),
+            ("channels-last + bf16", {"channels_last": True, "bf16": True}),
+        ]
         if not args.no_compile:
             specs.append(("torch.compile", {"compile": True}))
         variants = []
@@ -277,11 +293,17 @@ def _variants_table(args) -> None:
         third = max(1, args.steps // 3)
         for v in variants:
             t = times[v.name]
-            ratios = [statistics.median(base[k:k + third]) / statistics.median(t[k:k + third])
-                      for k in range(0, third * 3, third) if t[k:k + third]]
+            ratios = [
+                statistics.median(base[k : k + third]) / statistics.median(t[k : k + third])
+                for k in range(0, third * 3, third)
+                if t[k : k + third]
+            ]
             rate, ratio = 1 / statistics.median(t), statistics.median(base) / statistics.median(t)
-            print(f"| {case} {'x'.join(map(str, kwargs['frame']))} b{batch} | {v.name} | "
-                  f"{rate:.2f} | {ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+            print(
+                f"| {case} {'x'.join(map(str, kwargs['frame']))} b{batch} | {v.name} | "
+                f"{rate:.2f} | {ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |",
+                flush=True,
+            )
     print(f"\n{torch.get_num_threads()} torch thread(s), {args.steps} interleaved steps per set-up")
 
 
@@ -336,24 +358,33 @@ def _contention_table(args) -> None:
     for situation in ("alone", "beside a competing process"):
         competitor = None
         if situation != "alone":
-            competitor = subprocess.Popen([sys.executable, __file__, "--competitor"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            competitor = subprocess.Popen(
+                [sys.executable, __file__, "--competitor"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(3.0)  # let it start stepping
         try:
             for name, threads in settings:
                 chosen = torch_thread_count(0) if threads is None else threads
                 rate = _demo_step_loop(chosen, args.seconds)
                 rows[(situation, name)] = (chosen, rate)
-                print(f"  {situation}: {name} -> {chosen} thread(s), {rate:.2f} steps/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {situation}: {name} -> {chosen} thread(s), {rate:.2f} steps/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             if competitor is not None:
                 competitor.terminate()
                 competitor.wait()
-    print(f"demo model (widths 8-64, depth 5, 2D 128x128, batch 8), {cores} usable cores, "
-          f"{args.seconds:.0f} s per cell")
-    print("| threads | alone: threads, steps/s | beside a competitor: threads, steps/s | "
-          "slow-down |")
+    print(
+        f"demo model (widths 8-64, depth 5, 2D 128x128, batch 8), {cores} usable cores, "
+        f"{args.seconds:.0f} s per cell"
+    )
+    print(
+        "| threads | alone: threads, steps/s | beside a competitor: threads, steps/s | slow-down |"
+    )
     print("|---|---|---|---|")
     for name, _ in settings:
         (na, ra), (nb, rb) = rows[("alone", name)], rows[("beside a competing process", name)]

@@ -87,8 +87,10 @@ def install(run: Path, dest: Path = INSTALL_DIR) -> Path:
         state = load_fold_weights(run, k)
         half = {n: (t.half() if t.is_floating_point() else t) for n, t in state.items()}
         (dest / f"fold_{k}").mkdir()
-        torch.save({"format": 1, "model": half, "dims": cfg["dims"], "frame": cfg["frame"]},
-                   dest / f"fold_{k}" / "best.pt")
+        torch.save(
+            {"format": 1, "model": half, "dims": cfg["dims"], "frame": cfg["frame"]},
+            dest / f"fold_{k}" / "best.pt",
+        )
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"installed {dest.relative_to(ROOT)} ({size / 1e6:.2f} MB)")
     return dest
@@ -103,8 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, help="steps per fold")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-args", default="", help="more `mtml train` flags")
-    parser.add_argument("--install", action="store_true",
-                        help="copy the weights into src/napari_mtml/models/brain-t1/")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the weights into src/napari_mtml/models/brain-t1/",
+    )
     args = parser.parse_args(argv)
     if not args.time and not args.max_steps:
         parser.error("give --time or --max-steps")
@@ -125,17 +130,34 @@ def main(argv=None) -> int:
     shutil.rmtree(run, ignore_errors=True)
     budget = ["--time", args.time] if args.time else []
     steps = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    argv_train = ["train", str(data), "--out", str(run), "--recipe", "small", "--brain-mask",
-                  str(masks), "--external", str(sample_data_path("mni152_t1")), "--seed",
-                  str(args.seed), "--device", "cpu", *budget, *steps,
-                  *shlex.split(args.train_args)]
+    argv_train = [
+        "train",
+        str(data),
+        "--out",
+        str(run),
+        "--recipe",
+        "small",
+        "--brain-mask",
+        str(masks),
+        "--external",
+        str(sample_data_path("mni152_t1")),
+        "--seed",
+        str(args.seed),
+        "--device",
+        "cpu",
+        *budget,
+        *steps,
+        *shlex.split(args.train_args),
+    ]
     print("mtml " + " ".join(argv_train[:1] + ["WORK/data"] + argv_train[2:]), flush=True)
     rc = mtml(argv_train)
     if rc:
         return rc
     t_train = time.perf_counter() - t0 - t_data
-    print(f"data {t_data / 60:.1f} min, training {t_train / 60:.1f} min, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"data {t_data / 60:.1f} min, training {t_train / 60:.1f} min, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     if args.install:
         install(run)
     return 0

@@ -40,9 +40,12 @@ def main(argv=None) -> int:
     parser.add_argument("--base-features", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--max-features", type=int, default=128)
-    parser.add_argument("--pos-encoding", action="store_true",
-                        help="use the paper's positional encoding (default off: at this step "
-                        "budget the encoded models learn frame positions more than content)")
+    parser.add_argument(
+        "--pos-encoding",
+        action="store_true",
+        help="use the paper's positional encoding (default off: at this step "
+        "budget the encoded models learn frame positions more than content)",
+    )
     parser.add_argument("--test-slices", type=int, default=12, help="central band held out")
     parser.add_argument("--gap", type=int, default=6, help="slices dropped around the band")
     parser.add_argument("--val-interval", type=int, default=50)
@@ -79,27 +82,48 @@ def main(argv=None) -> int:
     test_idx = keep[lo:hi]
     train_idx = np.concatenate([keep[: max(0, lo - args.gap)], keep[hi + args.gap :]])
     collection = HealthyCollection.from_arrays(
-        stack[train_idx], fg[train_idx], names=[f"mni152[z={z}]" for z in train_idx],
-        kind="mri", groups=[0] * len(train_idx))
+        stack[train_idx],
+        fg[train_idx],
+        names=[f"mni152[z={z}]" for z in train_idx],
+        kind="mri",
+        groups=[0] * len(train_idx),
+    )
 
     # ---- train the 1/4 run ----
     val_ap: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         config = TrainConfig(
-            healthy=(), out=str(run), dims=2, train_tasks=1, frame=frame, kind="mri",
-            recipe="paper", preset="light", base_features=args.base_features, depth=args.depth,
-            max_features=args.max_features, pos_encoding=args.pos_encoding,
-            max_steps=args.steps, batch_size=args.batch_size,
-            val_interval=args.val_interval, val_size=args.val_size, device="cpu",
-            workers=args.workers, seed=args.seed, warmup_steps=min(100, args.steps // 5),
+            healthy=(),
+            out=str(run),
+            dims=2,
+            train_tasks=1,
+            frame=frame,
+            kind="mri",
+            recipe="paper",
+            preset="light",
+            base_features=args.base_features,
+            depth=args.depth,
+            max_features=args.max_features,
+            pos_encoding=args.pos_encoding,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            val_interval=args.val_interval,
+            val_size=args.val_size,
+            device="cpu",
+            workers=args.workers,
+            seed=args.seed,
+            warmup_steps=min(100, args.steps // 5),
         )
         best_ap: dict[int, dict[str, float]] = {}
         gen = train(config, collection=collection)
         for event in gen:
             if isinstance(event, FoldStarted):
-                print(f"fold {event.fold}: train {event.train_tasks}, held out "
-                      f"{event.val_tasks} ...", file=sys.stderr, flush=True)
+                print(
+                    f"fold {event.fold}: train {event.train_tasks}, held out {event.val_tasks} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             elif isinstance(event, ValidationEvent) and event.best:
                 best_ap[event.fold] = dict(event.ap)
             elif isinstance(event, FoldFinished):
@@ -122,14 +146,24 @@ def main(argv=None) -> int:
             fgs.append(test_fgs[j])
             tasks.append(-1)
             for t in range(len(TASKS)):
-                res = synthesize(test_imgs[j], test_fgs[j], task=t, rng=rng,
-                                 source=source if t in (0, 1) else None, max_push=5.0)
+                res = synthesize(
+                    test_imgs[j],
+                    test_fgs[j],
+                    task=t,
+                    rng=rng,
+                    source=source if t in (0, 1) else None,
+                    max_push=5.0,
+                )
                 items.append(res.image)
                 masks.append(res.mask)
                 fgs.append(test_fgs[j])
                 tasks.append(t)
-        items, masks, fgs, tasks = (np.stack(items), np.stack(masks), np.stack(fgs),
-                                    np.asarray(tasks))
+        items, masks, fgs, tasks = (
+            np.stack(items),
+            np.stack(masks),
+            np.stack(fgs),
+            np.asarray(tasks),
+        )
         mean, _, per_fold = ensemble.predict_frames(items)
 
     random_scores = rng.random(items.shape).astype(np.float32)
@@ -140,21 +174,35 @@ def main(argv=None) -> int:
         return float(average_precision(scores[m], masks[m]))
 
     def all_tasks(scores):
-        return (float(average_precision(scores[fgs], masks[fgs])),
-                float(roc_auc(scores[fgs], masks[fgs])))
+        return (
+            float(average_precision(scores[fgs], masks[fgs])),
+            float(roc_auc(scores[fgs], masks[fgs])),
+        )
 
     names = [TASKS[t] for t in range(len(TASKS))]
-    short = {"intra_blend": "intra", "inter_blend": "inter", "sink": "sink", "source": "source",
-             "smooth_intensity": "smooth"}
-    print(f"\nMNI152 axial slices, frame {frame}, {len(train_idx)} training slices, "
-          f"{len(test_idx)} test slices (gap {args.gap}); {args.steps} steps/fold, batch "
-          f"{args.batch_size}, U-Net {args.base_features}/{args.depth}/{args.max_features}, "
-          f"positional encoding {'on' if args.pos_encoding else 'off'}; "
-          f"{torch.get_num_threads()} thread(s); training {t_train / 60:.1f} min")
-    print("\npixel AP on the test slices (healthy copies included; * = a task held out from "
-          "that model)")
-    header = f"{'model':<10}{'val AP held-out':>16}" + "".join(
-        f"{short[n]:>9}" for n in names) + f"{'all':>8}{'AUROC':>8}"
+    short = {
+        "intra_blend": "intra",
+        "inter_blend": "inter",
+        "sink": "sink",
+        "source": "source",
+        "smooth_intensity": "smooth",
+    }
+    print(
+        f"\nMNI152 axial slices, frame {frame}, {len(train_idx)} training slices, "
+        f"{len(test_idx)} test slices (gap {args.gap}); {args.steps} steps/fold, batch "
+        f"{args.batch_size}, U-Net {args.base_features}/{args.depth}/{args.max_features}, "
+        f"positional encoding {'on' if args.pos_encoding else 'off'}; "
+        f"{torch.get_num_threads()} thread(s); training {t_train / 60:.1f} min"
+    )
+    print(
+        "\npixel AP on the test slices (healthy copies included; * = a task held out from "
+        "that model)"
+    )
+    header = (
+        f"{'model':<10}{'val AP held-out':>16}"
+        + "".join(f"{short[n]:>9}" for n in names)
+        + f"{'all':>8}{'AUROC':>8}"
+    )
     print(header)
     for f, fold_map in enumerate(per_fold):
         va = val_ap.get(ensemble.folds[f], {})
@@ -164,8 +212,11 @@ def main(argv=None) -> int:
             mark = "*" if n in va else " "
             cells.append(f"{ap_on(fold_map, t):>8.3f}{mark}")
         ap_all, auc_all = all_tasks(fold_map)
-        print(f"{'fold ' + str(ensemble.folds[f]):<10}{va_mean:>16.3f}" + "".join(cells)
-              + f"{ap_all:>8.3f}{auc_all:>8.3f}")
+        print(
+            f"{'fold ' + str(ensemble.folds[f]):<10}{va_mean:>16.3f}"
+            + "".join(cells)
+            + f"{ap_all:>8.3f}{auc_all:>8.3f}"
+        )
     cells = "".join(f"{ap_on(mean, t):>8.3f} " for t in range(len(names)))
     ap_all, auc_all = all_tasks(mean)
     print(f"{'ensemble':<10}{'':>16}{cells}{ap_all:>8.3f}{auc_all:>8.3f}")

@@ -87,11 +87,12 @@ import unseen_lesions  # noqa: E402
 #: fold, batch 16, the 128x128 frame.
 BEFORE_ARGS = "--dims 2 --max-steps 300 --batch-size 16 --frame 128,128 --val-every 75"
 #: TrainConfig fields the CLI has no flags for (as `mtml demo` sets them).
-BEFORE_CONFIG = ("preset=light base_features=8 depth=5 max_features=64 pos_encoding=false "
-                 "warmup_steps=60 val_size=16")
+BEFORE_CONFIG = (
+    "preset=light base_features=8 depth=5 max_features=64 pos_encoding=false "
+    "warmup_steps=60 val_size=16"
+)
 QUICK_ARGS = "--dims 2 --max-steps 4 --batch-size 4 --frame 128,128 --val-every 2"
-QUICK_CONFIG = ("base_features=4 depth=3 max_features=8 pos_encoding=false warmup_steps=1 "
-                "val_size=4")
+QUICK_CONFIG = "base_features=4 depth=3 max_features=8 pos_encoding=false warmup_steps=1 val_size=4"
 
 PROTOCOLS = ("1mm_stripped", "1mm_skull", "thick_stripped", "thick_skull")
 METHODS = ("model", "random", "bright", "rarity")
@@ -151,9 +152,13 @@ def code_hash(paths: list[Path]) -> str:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
-            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                    and isinstance(getattr(body[0], "value", None), ast.Constant)
-                    and isinstance(body[0].value.value, str)):
+            if (
+                isinstance(body, list)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
         h.update(ast.dump(tree).encode())
     return h.hexdigest()[:12]
@@ -172,8 +177,11 @@ def _load_masks(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         shape = tuple(int(v) for v in f["shape"])
         n = int(np.prod(shape))
-        return {k: np.unpackbits(f[k], count=n).astype(bool).reshape(shape)
-                for k in f.files if k != "shape"}
+        return {
+            k: np.unpackbits(f[k], count=n).astype(bool).reshape(shape)
+            for k in f.files
+            if k != "shape"
+        }
 
 
 def _write_volume(path: Path, image: np.ndarray, spacing) -> None:
@@ -298,22 +306,39 @@ def _protocol_geometry(protocol: str, rng: np.random.Generator, quick: bool):
 def plan_items(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The volumes to generate: name, role, protocol, kind, severity, seed keys."""
     items = []
-    for role, n in (("train", settings["n_train"]), ("calib", settings["n_calib"]),
-                    ("healthy", settings["n_healthy"])):
+    for role, n in (
+        ("train", settings["n_train"]),
+        ("calib", settings["n_calib"]),
+        ("healthy", settings["n_healthy"]),
+    ):
         for i in range(n):
             protocol = PROTOCOLS[i % len(PROTOCOLS)]
-            items.append({"name": f"{role}_{i:03d}_{protocol}", "role": role,
-                          "protocol": protocol, "kind": None, "severity": None,
-                          "keys": [_ROLE_KEYS[role], i]})
+            items.append(
+                {
+                    "name": f"{role}_{i:03d}_{protocol}",
+                    "role": role,
+                    "protocol": protocol,
+                    "kind": None,
+                    "severity": None,
+                    "keys": [_ROLE_KEYS[role], i],
+                }
+            )
     j = 0
     for ki, kind in enumerate(settings["kinds"]):
         for sev in settings["severities"]:
             for rep in range(settings["reps"]):
                 protocol = PROTOCOLS[(ki + sev * settings["reps"] + rep) % len(PROTOCOLS)]
                 sev_name = unseen_lesions.SEVERITIES[sev]
-                items.append({"name": f"lesion_{j:03d}_{kind}_{sev_name}_{protocol}",
-                              "role": "lesion", "protocol": protocol, "kind": kind,
-                              "severity": sev_name, "keys": [_ROLE_KEYS["lesion"], j]})
+                items.append(
+                    {
+                        "name": f"lesion_{j:03d}_{kind}_{sev_name}_{protocol}",
+                        "role": "lesion",
+                        "protocol": protocol,
+                        "kind": kind,
+                        "severity": sev_name,
+                        "keys": [_ROLE_KEYS["lesion"], j],
+                    }
+                )
                 j += 1
     return items
 
@@ -339,36 +364,52 @@ def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict
     for n, item in enumerate(items):
         seed = settings["seed"]
         geo_rng = _rng(seed, *item["keys"], 0)
-        spacing, thickness, skull = _protocol_geometry(item["protocol"], geo_rng,
-                                                       settings["quick"])
+        spacing, thickness, skull = _protocol_geometry(item["protocol"], geo_rng, settings["quick"])
         lesion = None
         if item["kind"] is not None:
             lesion = unseen_lesions.lesion_function(
-                item["kind"], unseen_lesions.SEVERITIES.index(item["severity"]))
+                item["kind"], unseen_lesions.SEVERITIES.index(item["severity"])
+            )
         for attempt in range(8):
-            v = make_variant(template, _rng(seed, *item["keys"], 1, attempt), spacing=spacing,
-                             thickness=thickness, skull=skull, lesion=lesion)
+            v = make_variant(
+                template,
+                _rng(seed, *item["keys"], 1, attempt),
+                spacing=spacing,
+                thickness=thickness,
+                skull=skull,
+                lesion=lesion,
+            )
             if lesion is None or v.lesion.sum() > 0:
                 break
         else:
             raise RuntimeError(f"{item['name']}: the lesion vanished in 8 attempts")
         _write_volume(tmp / f"{item['name']}.nii.gz", v.image, v.spacing)
-        _save_masks(tmp / f"{item['name']}_masks.npz", v.image.shape, brain=v.brain,
-                    head=v.head, lesion=v.lesion)
-        item.update({
-            "spacing": list(v.spacing),
-            "shape": list(v.image.shape),
-            "skull": skull,
-            "brain_ml": round(float(v.brain.sum() * np.prod(v.spacing)) / 1000, 1),
-            "lesion_ml": (round(float(v.lesion.sum() * np.prod(v.spacing)) / 1000, 2)
-                          if v.lesion is not None else 0.0),
-            "attempt": attempt,
-        })
+        _save_masks(
+            tmp / f"{item['name']}_masks.npz",
+            v.image.shape,
+            brain=v.brain,
+            head=v.head,
+            lesion=v.lesion,
+        )
+        item.update(
+            {
+                "spacing": list(v.spacing),
+                "shape": list(v.image.shape),
+                "skull": skull,
+                "brain_ml": round(float(v.brain.sum() * np.prod(v.spacing)) / 1000, 1),
+                "lesion_ml": (
+                    round(float(v.lesion.sum() * np.prod(v.spacing)) / 1000, 2)
+                    if v.lesion is not None
+                    else 0.0
+                ),
+                "attempt": attempt,
+            }
+        )
         if (n + 1) % 10 == 0 or n + 1 == len(items):
-            print(f"  {n + 1}/{len(items)} volumes ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-    (tmp / "manifest.json").write_text(json.dumps({"settings": settings, "items": items},
-                                                  indent=1) + "\n")
+            print(f"  {n + 1}/{len(items)} volumes ({time.perf_counter() - t0:.0f} s)", flush=True)
+    (tmp / "manifest.json").write_text(
+        json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
+    )
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -390,9 +431,16 @@ def train_run(run: Path, healthy: list[Path], train_args: list[str]) -> None:
     t0 = time.perf_counter()
     _cli(["train", *[str(p) for p in healthy], "--out", str(run), *train_args])
     # kept with the run, so that `--run RUN` can report how long it took to train
-    (run / TRAIN_RECORD).write_text(json.dumps({
-        "train_s": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
-        "train_args": train_args}) + "\n")
+    (run / TRAIN_RECORD).write_text(
+        json.dumps(
+            {
+                "train_s": round(time.perf_counter() - t0, 1),
+                "torch_threads": torch.get_num_threads(),
+                "train_args": train_args,
+            }
+        )
+        + "\n"
+    )
 
 
 def train_record(run: Path) -> dict[str, Any] | None:
@@ -409,8 +457,19 @@ def run_steps(run: Path) -> dict[str, Any]:
     cfg_path = run / "config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
-        for k in ("max_steps", "batch_size", "frame", "base_features", "depth", "max_features",
-                  "pos_encoding", "downsample", "lr", "dims", "preset"):
+        for k in (
+            "max_steps",
+            "batch_size",
+            "frame",
+            "base_features",
+            "depth",
+            "max_features",
+            "pos_encoding",
+            "downsample",
+            "lr",
+            "dims",
+            "preset",
+        ):
             if k in cfg:
                 out[k] = cfg[k]
     for log in sorted(run.glob("fold_*/log.jsonl")):
@@ -435,8 +494,17 @@ def predict(run: Path, images: list[Path], out: Path, predict_args: list[str]) -
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    _cli(["predict", str(run), *[str(p) for p in images], "--out", str(out), "--no-png",
-          *predict_args])
+    _cli(
+        [
+            "predict",
+            str(run),
+            *[str(p) for p in images],
+            "--out",
+            str(out),
+            "--no-png",
+            *predict_args,
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +552,7 @@ def baseline_maps(image: np.ndarray, rarity: Rarity, rng: np.random.Generator) -
 # --------------------------------------------------------------------------------------------
 def _top_mean(values: np.ndarray, fraction: float = 0.01) -> float:
     k = max(1, int(math.ceil(values.size * fraction)))
-    return float(np.partition(values, values.size - k)[values.size - k:].mean())
+    return float(np.partition(values, values.size - k)[values.size - k :].mean())
 
 
 def smoothed(anomaly: np.ndarray, spacing) -> np.ndarray:
@@ -502,8 +570,13 @@ def region_scores(values: np.ndarray, smooth_values: np.ndarray, threshold: floa
     }
 
 
-def peak_hit(smooth: np.ndarray, region: np.ndarray, lesion: np.ndarray, spacing,
-             tolerance_mm: float = HIT_MM) -> bool:
+def peak_hit(
+    smooth: np.ndarray,
+    region: np.ndarray,
+    lesion: np.ndarray,
+    spacing,
+    tolerance_mm: float = HIT_MM,
+) -> bool:
     """Whether the peak of the smoothed map inside `region` lies within `tolerance_mm` of the
     lesion: what a user looking at the hottest spot sees."""
     values = np.where(region, smooth, -np.inf)
@@ -520,8 +593,11 @@ def slice_table(anomaly, smooth, region, brain, lesion, spacing, threshold) -> t
     area_mm2 = spacing[1] * spacing[2]
     brain_area = brain.reshape(len(brain), -1).sum(axis=1)
     keep = brain_area >= 0.25 * brain_area.max()
-    lesion_area = (lesion.reshape(len(lesion), -1).sum(axis=1) * area_mm2 if lesion is not None
-                   else np.zeros(len(brain)))
+    lesion_area = (
+        lesion.reshape(len(lesion), -1).sum(axis=1) * area_mm2
+        if lesion is not None
+        else np.zeros(len(brain))
+    )
     scores = {s: [] for s in SCORES}
     labels = []
     for z in np.flatnonzero(keep):
@@ -543,8 +619,12 @@ def _ap_auc(scores, labels) -> dict[str, float]:
     s, y = s[ok], y[ok]
     if y.all() or not y.any():
         return {"auroc": math.nan, "ap": math.nan, "n": int(y.size), "n_pos": int(y.sum())}
-    return {"auroc": float(roc_auc(s, y)), "ap": float(average_precision(s, y)),
-            "n": int(y.size), "n_pos": int(y.sum())}
+    return {
+        "auroc": float(roc_auc(s, y)),
+        "ap": float(average_precision(s, y)),
+        "n": int(y.size),
+        "n_pos": int(y.sum()),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,8 +637,7 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
     calib_items = [it for it in items if it["role"] == "calib"]
     test_items = [it for it in items if it["role"] in ("healthy", "lesion")]
     kinds = sorted({it["kind"] for it in items if it["kind"]})
-    severities = [s for s in unseen_lesions.SEVERITIES
-                  if any(it["severity"] == s for it in items)]
+    severities = [s for s in unseen_lesions.SEVERITIES if any(it["severity"] == s for it in items)]
 
     # the intensity reference of the rarity baseline: brain z-values of the training volumes
     ref: dict[bool, list[np.ndarray]] = {False: [], True: []}
@@ -577,8 +656,10 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
         masks = _load_masks(data / f"{it['name']}_masks.npz")
         anomaly = _read(pred / f"{it['name']}_anomaly.nii.gz").array
         if anomaly.shape != scan.array.shape:
-            raise SystemExit(f"{it['name']}: the prediction's shape {anomaly.shape} differs from "
-                             f"the image's {scan.array.shape}")
+            raise SystemExit(
+                f"{it['name']}: the prediction's shape {anomaly.shape} differs from "
+                f"the image's {scan.array.shape}"
+            )
         maps = {"model": anomaly}
         maps.update(baseline_maps(scan.array, rarity[it["skull"]], _rng(seed, 99, index)))
         return scan, masks, maps
@@ -590,9 +671,13 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
         for m in METHODS:
             calib_values[m]["brain"].append(maps[m][masks["brain"]])
             calib_values[m]["whole"].append(maps[m].ravel())
-    thresholds = {m: {r: (float(np.percentile(np.concatenate(v), AREA_PERCENTILE)) if v
-                          else 0.5) for r, v in regions.items()}
-                  for m, regions in calib_values.items()}
+    thresholds = {
+        m: {
+            r: (float(np.percentile(np.concatenate(v), AREA_PERCENTILE)) if v else 0.5)
+            for r, v in regions.items()
+        }
+        for m, regions in calib_values.items()
+    }
     del calib_values
 
     pools: dict[str, dict[str, PooledMetrics]] = {m: {} for m in METHODS}
@@ -602,21 +687,35 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
             pools[method].setdefault(name, PooledMetrics()).merge(counts)
 
     volume_rows = []
-    slice_rows = {m: {r: {"scores": {s: [] for s in SCORES}, "labels": []} for r in REGIONS}
-                  for m in METHODS}
+    slice_rows = {
+        m: {r: {"scores": {s: [] for s in SCORES}, "labels": []} for r in REGIONS} for m in METHODS
+    }
     for i, it in enumerate(test_items):
         scan, masks, maps = maps_of(it, i)
         brain, head = masks["brain"], masks["head"]
         lesion = masks.get("lesion")
         label = lesion if lesion is not None else np.zeros_like(brain)
         is_lesion = it["role"] == "lesion"
-        row = {"name": it["name"], "kind": it["kind"], "severity": it["severity"],
-               "protocol": it["protocol"], "label": bool(is_lesion), "scores": {}}
+        row = {
+            "name": it["name"],
+            "kind": it["kind"],
+            "severity": it["severity"],
+            "protocol": it["protocol"],
+            "label": bool(is_lesion),
+            "scores": {},
+        }
         names = ["all", f"protocol:{it['protocol']}"]
-        names += ([f"kind:{it['kind']}", f"severity:{it['severity']}",
-                   f"kind:{it['kind']}|severity:{it['severity']}"] if is_lesion else
-                  [f"kind:{k}" for k in kinds] + [f"severity:{s}" for s in severities]
-                  + [f"kind:{k}|severity:{s}" for k in kinds for s in severities])
+        names += (
+            [
+                f"kind:{it['kind']}",
+                f"severity:{it['severity']}",
+                f"kind:{it['kind']}|severity:{it['severity']}",
+            ]
+            if is_lesion
+            else [f"kind:{k}" for k in kinds]
+            + [f"severity:{s}" for s in severities]
+            + [f"kind:{k}|severity:{s}" for k in kinds for s in severities]
+        )
         for m in METHODS:
             amap = maps[m]
             counts = PooledMetrics()  # this volume's histogram, added to every pool it is in
@@ -631,14 +730,13 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
             smooth = smoothed(amap, scan.spacing)
             row["scores"][m] = {}
             if is_lesion:
-                row.setdefault("peak_hit", {})[m] = peak_hit(smooth, brain, lesion,
-                                                             scan.spacing)
+                row.setdefault("peak_hit", {})[m] = peak_hit(smooth, brain, lesion, scan.spacing)
             for r in REGIONS:
                 region = brain if r == "brain" else np.ones_like(brain)
-                row["scores"][m][r] = region_scores(amap[region], smooth[region],
-                                                    thresholds[m][r])
-                sc, lab = slice_table(amap, smooth, region, brain, lesion, scan.spacing,
-                                      thresholds[m][r])
+                row["scores"][m][r] = region_scores(amap[region], smooth[region], thresholds[m][r])
+                sc, lab = slice_table(
+                    amap, smooth, region, brain, lesion, scan.spacing, thresholds[m][r]
+                )
                 for s in SCORES:
                     slice_rows[m][r]["scores"][s].extend(sc[s])
                 slice_rows[m][r]["labels"].extend(lab)
@@ -646,11 +744,11 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
         if (i + 1) % 10 == 0 or i + 1 == len(test_items):
             print(f"  evaluated {i + 1}/{len(test_items)} test volumes", flush=True)
 
-    pixel = {m: {name: pm.compute() for name, pm in sorted(p.items())} for m, p in
-             pools.items()}
+    pixel = {m: {name: pm.compute() for name, pm in sorted(p.items())} for m, p in pools.items()}
     for m in METHODS:
         aps = [pixel[m][f"kind:{k}"]["ap"] for k in kinds if f"kind:{k}" in pixel[m]]
         pixel[m]["kind_mean_ap"] = float(np.mean(aps)) if aps else math.nan
+
     def per_lesion_volume(field: str) -> dict[str, Any]:
         """Mean over the lesioned volumes of a per-volume value, all / per kind / severity."""
         out: dict[str, Any] = {}
@@ -661,8 +759,10 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
                 vals[f"kind:{k}"] = [r[field][m] for r in rows if r["kind"] == k]
             for sev in severities:
                 vals[f"severity:{sev}"] = [r[field][m] for r in rows if r["severity"] == sev]
-            out[m] = {key: float(np.nanmean(np.asarray(v, dtype=np.float64))) if v
-                      else math.nan for key, v in vals.items()}
+            out[m] = {
+                key: float(np.nanmean(np.asarray(v, dtype=np.float64))) if v else math.nan
+                for key, v in vals.items()
+            }
         return out
 
     hits = per_lesion_volume("peak_hit")
@@ -676,23 +776,28 @@ def evaluate_synthetic(data: Path, items: list[dict], pred: Path, seed: int) -> 
                 vals = [row["scores"][m][r][s] for row in volume_rows]
                 labs = [row["label"] for row in volume_rows]
                 entry = {"volume": _ap_auc(vals, labs)}
-                for key, field in ([(f"volume:{k}", ("kind", k)) for k in kinds]
-                                   + [(f"volume:{sv}", ("severity", sv)) for sv in severities]):
+                for key, field in [(f"volume:{k}", ("kind", k)) for k in kinds] + [
+                    (f"volume:{sv}", ("severity", sv)) for sv in severities
+                ]:
                     sel = [row[field[0]] in (None, field[1]) for row in volume_rows]
-                    entry[key] = _ap_auc([v for v, ok in zip(vals, sel, strict=True) if ok],
-                                         [y for y, ok in zip(labs, sel, strict=True) if ok])
+                    entry[key] = _ap_auc(
+                        [v for v, ok in zip(vals, sel, strict=True) if ok],
+                        [y for y, ok in zip(labs, sel, strict=True) if ok],
+                    )
                 per_protocol = []
                 for proto in PROTOCOLS:
                     sel = [row["protocol"] == proto for row in volume_rows]
-                    e = _ap_auc([v for v, ok in zip(vals, sel, strict=True) if ok],
-                                [y for y, ok in zip(labs, sel, strict=True) if ok])
+                    e = _ap_auc(
+                        [v for v, ok in zip(vals, sel, strict=True) if ok],
+                        [y for y, ok in zip(labs, sel, strict=True) if ok],
+                    )
                     entry[f"volume:{proto}"] = e
                     if not math.isnan(e["auroc"]):
                         per_protocol.append(e["auroc"])
-                entry["volume_within_protocol_auroc"] = (float(np.mean(per_protocol))
-                                                         if per_protocol else math.nan)
-                entry["slice"] = _ap_auc(slice_rows[m][r]["scores"][s],
-                                         slice_rows[m][r]["labels"])
+                entry["volume_within_protocol_auroc"] = (
+                    float(np.mean(per_protocol)) if per_protocol else math.nan
+                )
+                entry["slice"] = _ap_auc(slice_rows[m][r]["scores"][s], slice_rows[m][r]["labels"])
                 sample[m][r][s] = entry
     return {
         "pixel": pixel,
@@ -724,7 +829,7 @@ def estimate_brain_mask(scan) -> np.ndarray:
 
     def disk(r_mm: float) -> np.ndarray:
         r = int(round(r_mm / sy))
-        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
         return ((yy**2 + xx**2) * sy**2 <= r_mm**2)[None]
 
     head = foreground_mask(scan, kind="mri")
@@ -762,8 +867,15 @@ def tumour_brain_mask(scan) -> tuple[np.ndarray, str]:
     return mask, "napari_mtml.brainmask.brain_mask (deepbet, default dilation)"
 
 
-def run_tumour(work: Path, label: str, train_args: list[str], predict_args: list[str],
-               clock: Clock, seed: int, run: Path | None = None) -> dict[str, Any]:
+def run_tumour(
+    work: Path,
+    label: str,
+    train_args: list[str],
+    predict_args: list[str],
+    clock: Clock,
+    seed: int,
+    run: Path | None = None,
+) -> dict[str, Any]:
     from napari_mtml.io import Scan
     from napari_mtml.samples import load_sample, sample_data_path
 
@@ -789,12 +901,12 @@ def run_tumour(work: Path, label: str, train_args: list[str], predict_args: list
     with clock.phase("tumour: predict"):
         predict(run, [sample_data_path("brain_tumour_image")], pred, predict_args)
     with clock.phase("tumour: evaluate"):
-        return _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred, steps,
-                                seed)
+        return _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred, steps, seed)
 
 
-def _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred: Path,
-                     steps: dict, seed: int) -> dict[str, Any]:
+def _evaluate_tumour(
+    scan, tumour, has, lesion_slices, healthy_slices, pred: Path, steps: dict, seed: int
+) -> dict[str, Any]:
     from napari_mtml.metrics import PooledMetrics
     from napari_mtml.preprocess import foreground_mask
 
@@ -811,9 +923,13 @@ def _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred: Pat
     maps.update(baseline_maps(scan.array, rarity, _rng(seed, 98)))
     on_lesion_slices = np.zeros_like(head)
     on_lesion_slices[lesion_slices] = True
-    out: dict[str, Any] = {"brain_mask": how, "tumour_kept_by_brain_mask": kept,
-                           "lesion_slices": lesion_slices.tolist(), "steps": steps,
-                           "methods": {}}
+    out: dict[str, Any] = {
+        "brain_mask": how,
+        "tumour_kept_by_brain_mask": kept,
+        "lesion_slices": lesion_slices.tolist(),
+        "steps": steps,
+        "methods": {},
+    }
     for m, amap in maps.items():
         res: dict[str, Any] = {}
         for region_name, region in (("head", head), ("brain", brain)):
@@ -834,8 +950,9 @@ def _evaluate_tumour(scan, tumour, has, lesion_slices, healthy_slices, pred: Pat
                     continue
                 sc.append(region_scores(amap[z][r], smooth[z][r], math.inf))
                 lab.append(bool(has[z]))
-            res[f"slice_{region_name}"] = {s: _ap_auc([v[s] for v in sc], lab)
-                                           for s in ("mean", "max_smooth", "top1")}
+            res[f"slice_{region_name}"] = {
+                s: _ap_auc([v[s] for v in sc], lab) for s in ("mean", "max_smooth", "top1")
+            }
         out["methods"][m] = res
     return out
 
@@ -851,8 +968,13 @@ def _f(v: Any, width: int = 7) -> str:
 
 def print_synthetic(res: dict[str, Any]) -> None:
     pixel, kinds, sevs = res["pixel"], res["kinds"], res["severities"]
-    short = {"ring_mass": "mass", "cavity": "cavity", "ms_foci": "ms", "texture": "texture",
-             "stroke": "stroke"}
+    short = {
+        "ring_mass": "mass",
+        "cavity": "cavity",
+        "ms_foci": "ms",
+        "texture": "texture",
+        "stroke": "stroke",
+    }
     print("\npixel AP inside the brain mask (healthy test volumes' voxels in every column)")
     head = f"{'method':<8}" + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
     head += f"{'kindmean':>9}{'all AP':>8}{'all AUC':>8}" + "".join(f"{s[:7]:>8}" for s in sevs)
@@ -861,33 +983,56 @@ def print_synthetic(res: dict[str, Any]) -> None:
         p = pixel[m]
         line = f"{m:<8}" + "".join(" " + _f(p.get(f"kind:{k}", {}).get("ap")) for k in kinds)
         line += "  " + _f(p["kind_mean_ap"]) + " " + _f(p["all"]["ap"]) + " "
-        line += _f(p["all"]["auroc"]) + "".join(" " + _f(p.get(f"severity:{s}", {}).get("ap"))
-                                                for s in sevs)
+        line += _f(p["all"]["auroc"]) + "".join(
+            " " + _f(p.get(f"severity:{s}", {}).get("ap")) for s in sevs
+        )
         print(line)
     for key, title in (
-            ("volume_ap", "per-volume AP: the AP inside the brain of each lesioned volume on its "
-                          "own (what one scan shows), mean over volumes"),
-            ("peak_hit", "peak hit: fraction of lesioned volumes whose smoothed map peaks "
-                         f"(inside the brain) within {HIT_MM:g} mm of the lesion")):
+        (
+            "volume_ap",
+            "per-volume AP: the AP inside the brain of each lesioned volume on its "
+            "own (what one scan shows), mean over volumes",
+        ),
+        (
+            "peak_hit",
+            "peak hit: fraction of lesioned volumes whose smoothed map peaks "
+            f"(inside the brain) within {HIT_MM:g} mm of the lesion",
+        ),
+    ):
         print(f"\n{title}")
-        print(f"{'method':<8}" + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
-              + f"{'all':>9}" + "".join(f"{s[:7]:>8}" for s in sevs))
+        print(
+            f"{'method':<8}"
+            + "".join(f"{short.get(k, k)[:7]:>8}" for k in kinds)
+            + f"{'all':>9}"
+            + "".join(f"{s[:7]:>8}" for s in sevs)
+        )
         for m in METHODS:
             h = res[key][m]
-            print(f"{m:<8}" + "".join(" " + _f(h.get(f"kind:{k}")) for k in kinds) + "  "
-                  + _f(h["all"]) + "".join(" " + _f(h.get(f"severity:{s}")) for s in sevs))
+            print(
+                f"{m:<8}"
+                + "".join(" " + _f(h.get(f"kind:{k}")) for k in kinds)
+                + "  "
+                + _f(h["all"])
+                + "".join(" " + _f(h.get(f"severity:{s}")) for s in sevs)
+            )
     print("\npixel AP per protocol, inside the brain mask (and inside the head mask: skull on)")
-    cols = [f"protocol:{p}" for p in PROTOCOLS] + [f"head:protocol:{p}" for p in PROTOCOLS
-                                                   if p.endswith("skull")]
+    cols = [f"protocol:{p}" for p in PROTOCOLS] + [
+        f"head:protocol:{p}" for p in PROTOCOLS if p.endswith("skull")
+    ]
     names = list(PROTOCOLS) + [f"{p}(head)" for p in PROTOCOLS if p.endswith("skull")]
     print(f"{'method':<8}" + "".join(f"{n:>17}" for n in names))
     for m in METHODS:
         print(f"{m:<8}" + "".join(f"{_f(pixel[m].get(c, {}).get('ap'), 17)}" for c in cols))
-    print("\nsample level: AUROC (AP) of lesioned vs healthy volumes and of axial slices; "
-          "'in-protocol': mean of the per-protocol volume AUROCs")
-    print(f"{'method':<8}{'score':<11}" + "".join(f"{c:>16}" for c in (
-        "volume brain", "volume whole")) + f"{'in-protocol':>12}" + "".join(
-        f"{c:>16}" for c in ("slice brain", "slice whole")))
+    print(
+        "\nsample level: AUROC (AP) of lesioned vs healthy volumes and of axial slices; "
+        "'in-protocol': mean of the per-protocol volume AUROCs"
+    )
+    print(
+        f"{'method':<8}{'score':<11}"
+        + "".join(f"{c:>16}" for c in ("volume brain", "volume whole"))
+        + f"{'in-protocol':>12}"
+        + "".join(f"{c:>16}" for c in ("slice brain", "slice whole"))
+    )
     for m in METHODS:
         for s in SCORES:
             cells = []
@@ -896,21 +1041,29 @@ def print_synthetic(res: dict[str, Any]) -> None:
                     e = res["sample"][m][r][s][level]
                     cells.append(f"{_f(e['auroc'], 7)} ({_f(e['ap'], 5).strip()})")
             within = res["sample"][m]["brain"][s]["volume_within_protocol_auroc"]
-            print(f"{m:<8}{s:<11}" + "".join(f"{c:>16}" for c in cells[:2])
-                  + _f(within, 12) + "".join(f"{c:>16}" for c in cells[2:]))
+            print(
+                f"{m:<8}{s:<11}"
+                + "".join(f"{c:>16}" for c in cells[:2])
+                + _f(within, 12)
+                + "".join(f"{c:>16}" for c in cells[2:])
+            )
     print("volume AUROC (brain) per severity, lesioned of that severity vs healthy:")
     for m in METHODS:
         cells = []
         for s in SCORES:
-            vals = " ".join(_f(res["sample"][m]["brain"][s].get(f"volume:{sv}", {}).get(
-                "auroc"), 5) for sv in sevs)
+            vals = " ".join(
+                _f(res["sample"][m]["brain"][s].get(f"volume:{sv}", {}).get("auroc"), 5)
+                for sv in sevs
+            )
             cells.append(f"{s} {vals}")
         print(f"  {m:<8}" + " | ".join(cells))
     n_pos = res["sample"]["model"]["brain"]["mean"]["volume"]["n_pos"]
     n = res["sample"]["model"]["brain"]["mean"]["volume"]["n"]
     sl = res["sample"]["model"]["brain"]["mean"]["slice"]
-    print(f"({n_pos} lesioned and {n - n_pos} healthy volumes; {sl['n_pos']} lesioned and "
-          f"{sl['n'] - sl['n_pos']} healthy slices)")
+    print(
+        f"({n_pos} lesioned and {n - n_pos} healthy volumes; {sl['n_pos']} lesioned and "
+        f"{sl['n'] - sl['n_pos']} healthy slices)"
+    )
 
 
 def _yes(flag: bool) -> str:
@@ -918,33 +1071,44 @@ def _yes(flag: bool) -> str:
 
 
 def print_tumour(res: dict[str, Any]) -> None:
-    print(f"\nreal tumour (brain1, skull on, tumour slices {res['lesion_slices'][0]}-"
-          f"{res['lesion_slices'][-1]}); brain mask: {res['brain_mask']}, keeps "
-          f"{res['tumour_kept_by_brain_mask']:.0%} of the tumour")
-    print(f"{'method':<8}{'AP head':>9}{'AUC head':>9}{'AP brain':>9}{'AUC brain':>10}"
-          f"{'slice AUC top1 brain':>22}{'max_smooth':>11}{'top1 whole':>11}"
-          f"{'peak hit brain/head':>21}")
+    print(
+        f"\nreal tumour (brain1, skull on, tumour slices {res['lesion_slices'][0]}-"
+        f"{res['lesion_slices'][-1]}); brain mask: {res['brain_mask']}, keeps "
+        f"{res['tumour_kept_by_brain_mask']:.0%} of the tumour"
+    )
+    print(
+        f"{'method':<8}{'AP head':>9}{'AUC head':>9}{'AP brain':>9}{'AUC brain':>10}"
+        f"{'slice AUC top1 brain':>22}{'max_smooth':>11}{'top1 whole':>11}"
+        f"{'peak hit brain/head':>21}"
+    )
     for m, r in res["methods"].items():
-        print(f"{m:<8}{_f(r['pixel_head']['ap'], 9)}{_f(r['pixel_head']['auroc'], 9)}"
-              f"{_f(r['pixel_brain']['ap'], 9)}{_f(r['pixel_brain']['auroc'], 10)}"
-              f"{_f(r['slice_brain']['top1']['auroc'], 22)}"
-              f"{_f(r['slice_brain']['max_smooth']['auroc'], 11)}"
-              f"{_f(r['slice_whole']['top1']['auroc'], 11)}"
-              f"{_yes(r['peak_hit_brain']):>16}/{_yes(r['peak_hit_head'])}")
-    print("(pixel: the tumour slices only, never trained on; slices: all 25, the lesion-free "
-          "ones were the training data)")
+        print(
+            f"{m:<8}{_f(r['pixel_head']['ap'], 9)}{_f(r['pixel_head']['auroc'], 9)}"
+            f"{_f(r['pixel_brain']['ap'], 9)}{_f(r['pixel_brain']['auroc'], 10)}"
+            f"{_f(r['slice_brain']['top1']['auroc'], 22)}"
+            f"{_f(r['slice_brain']['max_smooth']['auroc'], 11)}"
+            f"{_f(r['slice_whole']['top1']['auroc'], 11)}"
+            f"{_yes(r['peak_hit_brain']):>16}/{_yes(r['peak_hit_head'])}"
+        )
+    print(
+        "(pixel: the tumour slices only, never trained on; slices: all 25, the lesion-free "
+        "ones were the training data)"
+    )
 
 
 def print_steps(name: str, steps: dict[str, Any], seconds: float | None) -> None:
     folds = steps.get("folds", {})
-    per = ", ".join(f"{k.split('_')[-1]}:{v['steps']}(best {v['best_step']})"
-                    for k, v in folds.items())
+    per = ", ".join(
+        f"{k.split('_')[-1]}:{v['steps']}(best {v['best_step']})" for k, v in folds.items()
+    )
     total = steps.get("total_steps", 0)
-    rate = (f", {seconds:.0f} s = {seconds / total:.2f} s/step" if seconds and total else "")
-    print(f"{name}: {total} steps in {len(folds)} folds [{per}]{rate}; batch "
-          f"{steps.get('batch_size')}, frame {steps.get('frame')}, U-Net "
-          f"{steps.get('base_features')}-{steps.get('max_features')} depth {steps.get('depth')}"
-          f", pos. encoding {steps.get('pos_encoding')}")
+    rate = f", {seconds:.0f} s = {seconds / total:.2f} s/step" if seconds and total else ""
+    print(
+        f"{name}: {total} steps in {len(folds)} folds [{per}]{rate}; batch "
+        f"{steps.get('batch_size')}, frame {steps.get('frame')}, U-Net "
+        f"{steps.get('base_features')}-{steps.get('max_features')} depth {steps.get('depth')}"
+        f", pos. encoding {steps.get('pos_encoding')}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -972,90 +1136,139 @@ def compare(paths: list[str]) -> int:
     ]
     kinds = _get(runs[0], "synthetic", "kinds") or []
     rows += [(f"  AP {k}", ("synthetic", "pixel", "model", f"kind:{k}", "ap")) for k in kinds]
-    rows += [(f"  AP {p}", ("synthetic", "pixel", "model", f"protocol:{p}", "ap"))
-             for p in PROTOCOLS]
-    rows += [(f"  AP {p} in head", ("synthetic", "pixel", "model", f"head:protocol:{p}", "ap"))
-             for p in PROTOCOLS if p.endswith("skull")]
-    rows += [("per-volume AP, all", ("synthetic", "volume_ap", "model", "all")),
-             ("peak hit, all", ("synthetic", "peak_hit", "model", "all"))]
+    rows += [
+        (f"  AP {p}", ("synthetic", "pixel", "model", f"protocol:{p}", "ap")) for p in PROTOCOLS
+    ]
+    rows += [
+        (f"  AP {p} in head", ("synthetic", "pixel", "model", f"head:protocol:{p}", "ap"))
+        for p in PROTOCOLS
+        if p.endswith("skull")
+    ]
+    rows += [
+        ("per-volume AP, all", ("synthetic", "volume_ap", "model", "all")),
+        ("peak hit, all", ("synthetic", "peak_hit", "model", "all")),
+    ]
     sevs = _get(runs[0], "synthetic", "severities") or []
-    rows += [(f"volume AUROC area ({sv})", ("synthetic", "sample", "model", "brain", "area",
-                                             f"volume:{sv}", "auroc")) for sv in sevs]
+    rows += [
+        (
+            f"volume AUROC area ({sv})",
+            ("synthetic", "sample", "model", "brain", "area", f"volume:{sv}", "auroc"),
+        )
+        for sv in sevs
+    ]
     for r in REGIONS:
-        rows += [(f"volume AUROC {s} ({r})", ("synthetic", "sample", "model", r, s, "volume",
-                                              "auroc")) for s in SCORES]
-    rows += [(f"slice AUROC {s} (brain)", ("synthetic", "sample", "model", "brain", s, "slice",
-                                           "auroc")) for s in SCORES]
+        rows += [
+            (f"volume AUROC {s} ({r})", ("synthetic", "sample", "model", r, s, "volume", "auroc"))
+            for s in SCORES
+        ]
+    rows += [
+        (f"slice AUROC {s} (brain)", ("synthetic", "sample", "model", "brain", s, "slice", "auroc"))
+        for s in SCORES
+    ]
     rows += [
         ("tumour train steps", ("tumour", "steps", "total_steps")),
         ("tumour AP in head", ("tumour", "methods", "model", "pixel_head", "ap")),
         ("tumour AP in brain", ("tumour", "methods", "model", "pixel_brain", "ap")),
         ("tumour AUROC in brain", ("tumour", "methods", "model", "pixel_brain", "auroc")),
-        ("tumour slice AUROC top1", ("tumour", "methods", "model", "slice_brain", "top1",
-                                     "auroc")),
+        ("tumour slice AUROC top1", ("tumour", "methods", "model", "slice_brain", "top1", "auroc")),
     ]
     print(f"{'':<34}" + "".join(f"{lab:>15}" for lab in labels))
     for name, path in rows:
         cells = []
         for r in runs:
             v = _get(r, *path)
-            cells.append(f"{'-':>15}" if v is None else (f"{v:>15.3f}" if isinstance(v, float)
-                                                         else f"{v!s:>15}"))
+            cells.append(
+                f"{'-':>15}"
+                if v is None
+                else (f"{v:>15.3f}" if isinstance(v, float) else f"{v!s:>15}")
+            )
         print(f"{name:<34}" + "".join(cells))
     base = runs[0]
-    print("\nbaselines of " + labels[0] + ": " + ", ".join(
-        f"{m} AP {_f(_get(base, 'synthetic', 'pixel', m, 'all', 'ap')).strip()} / tumour brain "
-        f"{_f(_get(base, 'tumour', 'methods', m, 'pixel_brain', 'ap')).strip()}"
-        for m in METHODS[1:]))
+    print(
+        "\nbaselines of "
+        + labels[0]
+        + ": "
+        + ", ".join(
+            f"{m} AP {_f(_get(base, 'synthetic', 'pixel', m, 'all', 'ap')).strip()} / tumour brain "
+            f"{_f(_get(base, 'tumour', 'methods', m, 'pixel_brain', 'ap')).strip()}"
+            for m in METHODS[1:]
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", help="work folder (data cache, runs, predictions); default: a "
-                   "temporary folder removed at the end")
-    p.add_argument("--train-args", default=None,
-                   help=f"flags for `mtml train` (default: the demo recipe {BEFORE_ARGS!r} with "
-                   f"--train-config {BEFORE_CONFIG!r})")
-    p.add_argument("--train-config", default=None,
-                   help="TrainConfig fields without a CLI flag, 'key=value ...', written to a "
-                   "TOML file passed as --config")
-    p.add_argument("--tumour-train-args", default=None,
-                   help="flags for the tumour's `mtml train` (default: --train-args)")
+    p.add_argument(
+        "--work",
+        help="work folder (data cache, runs, predictions); default: a "
+        "temporary folder removed at the end",
+    )
+    p.add_argument(
+        "--train-args",
+        default=None,
+        help=f"flags for `mtml train` (default: the demo recipe {BEFORE_ARGS!r} with "
+        f"--train-config {BEFORE_CONFIG!r})",
+    )
+    p.add_argument(
+        "--train-config",
+        default=None,
+        help="TrainConfig fields without a CLI flag, 'key=value ...', written to a "
+        "TOML file passed as --config",
+    )
+    p.add_argument(
+        "--tumour-train-args",
+        default=None,
+        help="flags for the tumour's `mtml train` (default: --train-args)",
+    )
     p.add_argument("--predict-args", default="", help="flags for `mtml predict`")
     p.add_argument("--run", help="evaluate this existing run instead of training")
     p.add_argument("--tumour-run", help="evaluate this existing tumour run instead of training")
     p.add_argument("--label", default=None, help="name of this configuration in the output")
     p.add_argument("--json", help="write every number here")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny version end to end (2 mm data, a few steps): checks the harness")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny version end to end (2 mm data, a few steps): checks the harness",
+    )
     p.add_argument("--skip-tumour", action="store_true")
     p.add_argument("--only-tumour", action="store_true")
     p.add_argument("--n-train", type=int, default=None, help="healthy training volumes (16)")
     p.add_argument("--n-calib", type=int, default=None, help="healthy calibration volumes (4)")
     p.add_argument("--n-healthy", type=int, default=None, help="healthy test volumes (8)")
-    p.add_argument("--reps", type=int, default=None,
-                   help="test volumes per lesion kind x severity (2)")
-    p.add_argument("--kinds", default=None,
-                   help=f"comma-separated lesion kinds (default all: "
-                   f"{','.join(unseen_lesions.LESIONS)})")
+    p.add_argument(
+        "--reps", type=int, default=None, help="test volumes per lesion kind x severity (2)"
+    )
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help=f"comma-separated lesion kinds (default all: {','.join(unseen_lesions.LESIONS)})",
+    )
     p.add_argument("--severities", default=None, help="comma-separated 0,1,2 (default all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--compare", nargs="+", metavar="JSON",
-                   help="print the key figures of earlier --json files side by side and exit")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="JSON",
+        help="print the key figures of earlier --json files side by side and exit",
+    )
     return p
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
-    defaults = ({"n_train": 5, "n_calib": 1, "n_healthy": 2, "reps": 1} if quick else
-                {"n_train": 16, "n_calib": 4, "n_healthy": 8, "reps": 2})
+    defaults = (
+        {"n_train": 5, "n_calib": 1, "n_healthy": 2, "reps": 1}
+        if quick
+        else {"n_train": 16, "n_calib": 4, "n_healthy": 8, "reps": 2}
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.kinds = (args.kinds.split(",") if args.kinds else list(unseen_lesions.LESIONS))
+    args.kinds = args.kinds.split(",") if args.kinds else list(unseen_lesions.LESIONS)
     for k in args.kinds:
         if k not in unseen_lesions.LESIONS:
             raise SystemExit(f"--kinds: unknown kind {k!r}; known: {list(unseen_lesions.LESIONS)}")
@@ -1068,8 +1281,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.train_config is None:
             args.train_config = QUICK_CONFIG if quick else BEFORE_CONFIG
     if args.label is None:
-        args.label = "quick" if quick else ("before" if args.train_args == BEFORE_ARGS
-                                            else "custom")
+        args.label = (
+            "quick" if quick else ("before" if args.train_args == BEFORE_ARGS else "custom")
+        )
     if args.n_train < 5:
         raise SystemExit("--n-train: the 5 data folds need at least 5 training volumes")
     return args
@@ -1099,19 +1313,30 @@ def main(argv: list[str] | None = None) -> int:
         toml = work / f"train-config-{_sha(args.train_config)}.toml"
         _write_toml(toml, _parse_config(args.train_config))
         train_args += ["--config", str(toml)]
-    tumour_args = (shlex.split(args.tumour_train_args) if args.tumour_train_args is not None
-                   else list(train_args))
+    tumour_args = (
+        shlex.split(args.tumour_train_args)
+        if args.tumour_train_args is not None
+        else list(train_args)
+    )
     predict_args = shlex.split(args.predict_args)
     result: dict[str, Any] = {
-        "label": args.label, "seed": args.seed, "argv": sys.argv[1:] if argv is None else argv,
-        "train_args": train_args, "train_config": args.train_config,
-        "tumour_train_args": tumour_args, "predict_args": predict_args, "threads": threads,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "quick": args.quick,
+        "label": args.label,
+        "seed": args.seed,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "train_args": train_args,
+        "train_config": args.train_config,
+        "tumour_train_args": tumour_args,
+        "predict_args": predict_args,
+        "threads": threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "quick": args.quick,
         "host_cpus": os.cpu_count(),
     }
-    print(f"quality_unseen [{args.label}] seed {args.seed}, torch threads {threads} "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), {os.cpu_count()} CPUs; "
-          f"work {work}")
+    print(
+        f"quality_unseen [{args.label}] seed {args.seed}, torch threads {threads} "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), {os.cpu_count()} CPUs; "
+        f"work {work}"
+    )
     print(f"  train args: {' '.join(train_args)}")
     if predict_args:
         print(f"  predict args: {' '.join(predict_args)}")
@@ -1120,54 +1345,79 @@ def main(argv: list[str] | None = None) -> int:
             settings = data_settings(args)
             with clock.phase("generate data"):
                 data, items = generate_data(work, settings)
-            result["data"] = {"folder": str(data), "settings": settings,
-                              "counts": {r: sum(it["role"] == r for it in items)
-                                         for r in _ROLE_KEYS}}
+            result["data"] = {
+                "folder": str(data),
+                "settings": settings,
+                "counts": {r: sum(it["role"] == r for it in items) for r in _ROLE_KEYS},
+            }
             tag = f"{args.label}-{_sha(train_args, settings)}"
             if args.run:
                 run = Path(args.run)
             else:
                 run = work / "runs" / tag
                 with clock.phase("train"):
-                    train_run(run, [data / f"{it['name']}.nii.gz" for it in items
-                                    if it["role"] == "train"], train_args)
+                    train_run(
+                        run,
+                        [data / f"{it['name']}.nii.gz" for it in items if it["role"] == "train"],
+                        train_args,
+                    )
             result["run"] = str(run)
             result["steps"] = run_steps(run)
             result["train_record"] = train_record(run)
             pred = work / "pred" / tag
             with clock.phase("predict"):
-                predict(run, [data / f"{it['name']}.nii.gz" for it in items
-                              if it["role"] in ("calib", "healthy", "lesion")], pred,
-                        predict_args)
+                predict(
+                    run,
+                    [
+                        data / f"{it['name']}.nii.gz"
+                        for it in items
+                        if it["role"] in ("calib", "healthy", "lesion")
+                    ],
+                    pred,
+                    predict_args,
+                )
             with clock.phase("evaluate"):
                 result["synthetic"] = evaluate_synthetic(data, items, pred, args.seed)
         if not args.skip_tumour:
-            result["tumour"] = run_tumour(work, args.label, tumour_args, predict_args, clock,
-                                          args.seed,
-                                          run=Path(args.tumour_run) if args.tumour_run else None)
+            result["tumour"] = run_tumour(
+                work,
+                args.label,
+                tumour_args,
+                predict_args,
+                clock,
+                args.seed,
+                run=Path(args.tumour_run) if args.tumour_run else None,
+            )
     finally:
         result["times_s"] = dict(clock.times)
         result["total_s"] = round(time.perf_counter() - t_start, 1)
         if own_tmp:
             shutil.rmtree(own_tmp, ignore_errors=True)
 
-    print(f"\n==== quality_unseen [{args.label}] seed {args.seed}, {threads} torch thread(s) "
-          "====")
+    print(f"\n==== quality_unseen [{args.label}] seed {args.seed}, {threads} torch thread(s) ====")
     print("train args: " + " ".join(train_args))
     if "steps" in result:
         rec = result.get("train_record") or {}
         print_steps("training", result["steps"], clock.times.get("train", rec.get("train_s")))
     if "tumour" in result:
         rec = result["tumour"]["steps"].get("train_record") or {}
-        print_steps("tumour training", result["tumour"]["steps"],
-                    clock.times.get("tumour: train", rec.get("train_s")))
-    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.times.items())
-          + f"; total {result['total_s']:.0f} s")
+        print_steps(
+            "tumour training",
+            result["tumour"]["steps"],
+            clock.times.get("tumour: train", rec.get("train_s")),
+        )
+    print(
+        "wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in clock.times.items())
+        + f"; total {result['total_s']:.0f} s"
+    )
     if "synthetic" in result:
         counts = result["data"]["counts"]
-        print(f"data: {counts['train']} training, {counts['calib']} calibration, "
-              f"{counts['healthy']} healthy test and {counts['lesion']} lesioned test volumes "
-              f"({', '.join(PROTOCOLS)})")
+        print(
+            f"data: {counts['train']} training, {counts['calib']} calibration, "
+            f"{counts['healthy']} healthy test and {counts['lesion']} lesioned test volumes "
+            f"({', '.join(PROTOCOLS)})"
+        )
         print_synthetic(result["synthetic"])
     if "tumour" in result:
         print_tumour(result["tumour"])

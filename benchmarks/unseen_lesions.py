@@ -69,16 +69,22 @@ def _cached(key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
 
 def _depth(brain: np.ndarray, spacing) -> np.ndarray:
     """Distance (mm) from each brain voxel to the outside of the brain mask."""
-    return _cached(_key(np.packbits(brain), extra=("depth", tuple(spacing))),
-                   lambda: ndimage.distance_transform_edt(brain, sampling=spacing).astype(
-                       np.float32))
+    return _cached(
+        _key(np.packbits(brain), extra=("depth", tuple(spacing))),
+        lambda: ndimage.distance_transform_edt(brain, sampling=spacing).astype(np.float32),
+    )
 
 
 def _levels(image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
     v = image[brain]
     p1, p5, p35, p75, p90 = np.percentile(v, [1, 5, 35, 75, 90])
-    return {"csf": float(p1), "dark": float(p5), "gm": float(p35), "wm_low": float(p75),
-            "wm": float(p90)}
+    return {
+        "csf": float(p1),
+        "dark": float(p5),
+        "gm": float(p35),
+        "wm_low": float(p75),
+        "wm": float(p90),
+    }
 
 
 def _severity(severity) -> int:
@@ -124,14 +130,23 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 def _field(shape, spacing, scale_mm: float, rng: np.random.Generator) -> np.ndarray:
     """Smooth zero-mean unit-std noise with features about `scale_mm` across, on `shape`."""
     sigma = [max(0.5, 0.4 * scale_mm / s) for s in spacing]
-    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma,
-                                mode="reflect")
+    f = ndimage.gaussian_filter(
+        rng.standard_normal(shape).astype(np.float32), sigma, mode="reflect"
+    )
     std = float(f.std())
     return (f - f.mean()) / (std if std > 0 else 1.0)
 
 
-def _blob(box, centre, spacing, shape, radius_mm: float, rng: np.random.Generator,
-          irregularity: float, elongation: float = 1.25) -> np.ndarray:
+def _blob(
+    box,
+    centre,
+    spacing,
+    shape,
+    radius_mm: float,
+    rng: np.random.Generator,
+    irregularity: float,
+    elongation: float = 1.25,
+) -> np.ndarray:
     """An irregular lobulated blob in `box`: an ellipsoid of mean radius `radius_mm` (axes
     within `1/elongation .. elongation`, random orientation) whose normalised radius is
     perturbed by smooth noise; the component holding the centre, holes filled."""
@@ -151,8 +166,9 @@ def _blob(box, centre, spacing, shape, radius_mm: float, rng: np.random.Generato
 
 def _soft(mask: np.ndarray, spacing, sigma_mm: float = 0.7) -> np.ndarray:
     """A soft (partial volume) version of a bool mask, in [0, 1]."""
-    return np.clip(ndimage.gaussian_filter(mask.astype(np.float32),
-                                           [sigma_mm / s for s in spacing]), 0.0, 1.0)
+    return np.clip(
+        ndimage.gaussian_filter(mask.astype(np.float32), [sigma_mm / s for s in spacing]), 0.0, 1.0
+    )
 
 
 def _bbox(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -175,8 +191,10 @@ def _prepare(image, brain, spacing):
     image = np.asarray(image, dtype=np.float32)
     brain = np.asarray(brain).astype(bool)
     if image.ndim != 3 or brain.shape != image.shape:
-        raise ValueError(f"lesions need a 3D image and a brain mask of its shape; got "
-                         f"{image.shape} and {brain.shape}")
+        raise ValueError(
+            f"lesions need a 3D image and a brain mask of its shape; got "
+            f"{image.shape} and {brain.shape}"
+        )
     spacing = tuple(float(s) for s in spacing)
     return image.copy(), brain, spacing
 
@@ -204,19 +222,22 @@ def ring_mass(image, brain, spacing, rng: np.random.Generator, severity=1):
     # oedema: irregular fingers, spreading further into the white matter than into grey matter
     reach = _outside_distance(mass, spacing)
     wm_like = ndimage.gaussian_filter(out[box], 1.0) > lv["gm"]
-    limit = oedema * (1.0 + 0.5 * _field(mass.shape, spacing, 8.0, rng)) * np.where(
-        wm_like, 1.0, 0.45)
+    limit = (
+        oedema * (1.0 + 0.5 * _field(mass.shape, spacing, 8.0, rng)) * np.where(wm_like, 1.0, 0.45)
+    )
     edema = sub_brain & ~mass & (reach <= limit)
     tissue = out[box]
     a_edema = (0.35, 0.55, 0.75)[k]
     target_edema = 0.62 * lv["wm"]
     tissue = tissue + _soft(edema, spacing) * a_edema * (target_edema - tissue)
     a_core = (0.6, 0.8, 0.95)[k]
-    target_core = lv["csf"] * rng.uniform(1.0, 1.6) * (1.0 + 0.15 * _field(
-        mass.shape, spacing, 2.0, rng))
+    target_core = (
+        lv["csf"] * rng.uniform(1.0, 1.6) * (1.0 + 0.15 * _field(mass.shape, spacing, 2.0, rng))
+    )
     tissue = tissue + _soft(core, spacing) * a_core * (target_core - tissue)
-    target_rim = lv["wm"] * (1.08, 1.2, 1.35)[k] * (1.0 + 0.05 * _field(
-        mass.shape, spacing, 3.0, rng))
+    target_rim = (
+        lv["wm"] * (1.08, 1.2, 1.35)[k] * (1.0 + 0.05 * _field(mass.shape, spacing, 3.0, rng))
+    )
     tissue = tissue + _soft(rim, spacing, 0.5) * (target_rim - tissue)
     out[box] = np.where(sub_brain, tissue, out[box])
     mask = np.zeros(out.shape, dtype=bool)
@@ -231,14 +252,14 @@ def cavity(image, brain, spacing, rng: np.random.Generator, severity=1):
     lv = _levels(out, brain)
     radius = (6.0, 10.0, 15.0)[k] * rng.uniform(0.85, 1.15)
     depth = _depth(brain, spacing)
-    centre = _pick(brain & (depth >= 0.3 * radius) & (depth <= 0.8 * radius), rng,
-                   "a cavity")
+    centre = _pick(brain & (depth >= 0.3 * radius) & (depth <= 0.8 * radius), rng, "a cavity")
     box = _box(centre, radius * 1.6 + 5.0, spacing, out.shape)
     hole = _blob(box, centre, spacing, out.shape, radius, rng, irregularity=0.3) & brain[box]
     rim = brain[box] & ~hole & (_outside_distance(hole, spacing) <= rng.uniform(1.5, 2.5))
     tissue = out[box]
-    target = lv["csf"] * rng.uniform(0.9, 1.2) * (1.0 + 0.05 * _field(
-        hole.shape, spacing, 3.0, rng))
+    target = (
+        lv["csf"] * rng.uniform(0.9, 1.2) * (1.0 + 0.05 * _field(hole.shape, spacing, 3.0, rng))
+    )
     a = (0.7, 0.9, 1.0)[k]
     tissue = tissue * (1.0 - _soft(rim, spacing) * (0.05, 0.1, 0.15)[k])
     tissue = tissue + _soft(hole, spacing, 0.5) * a * (target - tissue)
@@ -265,8 +286,10 @@ def ms_foci(image, brain, spacing, rng: np.random.Generator, severity=1):
     k = _severity(severity)
     out, brain, spacing = _prepare(image, brain, spacing)
     lv = _levels(out, brain)
-    white, peri = _cached(_key(np.packbits(brain), out[brain], extra=("white", spacing)),
-                          lambda: _white_matter(out, brain, spacing, lv))
+    white, peri = _cached(
+        _key(np.packbits(brain), out[brain], extra=("white", spacing)),
+        lambda: _white_matter(out, brain, spacing, lv),
+    )
     n = (3, 5, 8)[k] + int(rng.integers(0, 3))
     contrast = (1.12, 1.25, 1.4)[k]
     mask = np.zeros(out.shape, dtype=bool)
@@ -339,8 +362,12 @@ def stroke(image, brain, spacing, rng: np.random.Generator, severity=1):
     sizes[0] = 0
     wedge = lab == int(np.argmax(sizes))
     a = (0.4, 0.6, 0.8)[k]
-    target = 0.55 * lv["wm"] * rng.uniform(0.9, 1.1) * (1.0 + 0.04 * _field(
-        wedge.shape, spacing, 4.0, rng))
+    target = (
+        0.55
+        * lv["wm"]
+        * rng.uniform(0.9, 1.1)
+        * (1.0 + 0.04 * _field(wedge.shape, spacing, 4.0, rng))
+    )
     tissue = out[box]
     tissue = tissue + _soft(wedge, spacing, 1.0) * a * (target - tissue)
     out[box] = np.where(brain[box], tissue, out[box])

@@ -58,8 +58,10 @@ def _shot(viewer, name: str) -> None:
     for toast in window.findChildren(NapariQtNotification):
         if toast.isVisible():
             toast.timer_start()
-    _wait(lambda: not any(t.isVisible() for t in window.findChildren(NapariQtNotification)),
-          timeout=20.0)
+    _wait(
+        lambda: not any(t.isVisible() for t in window.findChildren(NapariQtNotification)),
+        timeout=20.0,
+    )
     _settle(0.5)
     PILImage.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(DOCS / name)
     print(f"wrote {DOCS / name}")
@@ -156,13 +158,21 @@ def heatmap(viewer, run_dir: str, out_dir: Path) -> None:
     widget.heatmap_layer.opacity = 0.6
 
     # batch over open image layers: the scan and thick slabs of it (with and without tumour)
-    for name, (z0, z1) in (("slices 0-10 (no tumour)", (0, 11)),
-                           ("slices 11-17 (tumour)", (11, 18)),
-                           ("slices 18-24 (no tumour)", (18, 25))):
+    for name, (z0, z1) in (
+        ("slices 0-10 (no tumour)", (0, 11)),
+        ("slices 11-17 (tumour)", (11, 18)),
+        ("slices 18-24 (no tumour)", (18, 25)),
+    ):
         translate = np.asarray(image.translate, dtype=float)
         translate[0] += z0 * image.scale[0]
-        viewer.add_image(np.asarray(image.data)[z0:z1], name=name, scale=image.scale,
-                         translate=translate, colormap="gray", visible=False)
+        viewer.add_image(
+            np.asarray(image.data)[z0:z1],
+            name=name,
+            scale=image.scale,
+            translate=translate,
+            colormap="gray",
+            visible=False,
+        )
     widget.batch_source_combo.setCurrentText("all open image layers")
     widget.batch_out_edit.setText(str(out_dir))
     widget.run_batch()
@@ -178,10 +188,13 @@ def heatmap(viewer, run_dir: str, out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps of the demo run")
-    parser.add_argument("--heatmap-run", default=None,
-                        help="predict the heatmap with this run folder (e.g. `mtml demo`'s "
-                        "OUT/run, trained on the tumour MRI's own lesion-free slices) instead "
-                        "of the short MNI152 run of the training screenshot")
+    parser.add_argument(
+        "--heatmap-run",
+        default=None,
+        help="predict the heatmap with this run folder (e.g. `mtml demo`'s "
+        "OUT/run, trained on the tumour MRI's own lesion-free slices) instead "
+        "of the short MNI152 run of the training screenshot",
+    )
     args = parser.parse_args()
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)

@@ -23,8 +23,11 @@ def napari_errors():
     def errors() -> list[str]:
         from napari.utils.notifications import notification_manager
 
-        return [str(n.message) for n in notification_manager.records
-                if getattr(n.severity, "value", n.severity) == "error"]
+        return [
+            str(n.message)
+            for n in notification_manager.records
+            if getattr(n.severity, "value", n.severity) == "error"
+        ]
 
     return errors
 

@@ -38,8 +38,22 @@ val_size = 4
 val_interval = 2
 warmup_steps = 1
 """
-FAST = ["--dims", "2", "--kind", "mri", "--frame", "16,16", "--max-steps", "2",
-        "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+FAST = [
+    "--dims",
+    "2",
+    "--kind",
+    "mri",
+    "--frame",
+    "16,16",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+    "--seed",
+    "0",
+]
 HANG_GUARD_S = 120  # far above any row's time; only a hang (a blocking open) reaches it
 
 
@@ -72,8 +86,14 @@ def trained(tmp_path_factory):
     toml.write_text(TINY_TOML)
     run = root / "run"
     assert main(["train", str(healthy), "--out", str(run), "--config", str(toml), *FAST]) == 0
-    return {"root": root, "healthy": healthy, "run": run, "toml": toml,
-            "image": root / "test" / "case1.nii.gz", "labels": root / "labels"}
+    return {
+        "root": root,
+        "healthy": healthy,
+        "run": run,
+        "toml": toml,
+        "image": root / "test" / "case1.nii.gz",
+        "labels": root / "labels",
+    }
 
 
 @pytest.fixture
@@ -118,6 +138,7 @@ def _release_fifo(path: Path) -> Callable[[], None]:
             os.close(fd)
         except OSError:
             pass
+
     return release
 
 
@@ -140,6 +161,7 @@ def _copy_run(w, tmp: Path) -> Path:
 
 # ----------------------------------------------------------------------------------- the table
 
+
 @dataclass
 class Case:
     name: str
@@ -158,6 +180,7 @@ def _pixdim_case(pixdim, command):
         if command == "preview":
             return ["preview", str(img), "--out", str(tmp / "g.png")]
         return ["predict", str(w["run"]), str(img), "--out", str(tmp / "p"), "--no-png"]
+
     return build
 
 
@@ -178,6 +201,7 @@ def _fifo_file(command):
         if command == "predict":
             return ["predict", str(w["run"]), str(fifo), "--out", str(tmp / "x")]
         return ["preview", str(fifo), "--out", str(tmp / "g.png")]
+
     return build
 
 
@@ -212,13 +236,27 @@ def _a_file(tmp):
 
 
 def _train_out_file(w, tmp):
-    return ["train", str(w["healthy"]), "--out", str(_a_file(tmp)), "--config", str(w["toml"]),
-            *FAST]
+    return [
+        "train",
+        str(w["healthy"]),
+        "--out",
+        str(_a_file(tmp)),
+        "--config",
+        str(w["toml"]),
+        *FAST,
+    ]
 
 
 def _train_out_under_file(w, tmp):
-    return ["train", str(w["healthy"]), "--out", str(_a_file(tmp) / "sub"), "--config",
-            str(w["toml"]), *FAST]
+    return [
+        "train",
+        str(w["healthy"]),
+        "--out",
+        str(_a_file(tmp) / "sub"),
+        "--config",
+        str(w["toml"]),
+        *FAST,
+    ]
 
 
 def _train_config_dir(w, tmp):
@@ -231,10 +269,22 @@ def _predict_out_file(w, tmp):
 
 def _evaluate_out_under_file(w, tmp):
     pred = tmp / "pred"
-    assert main(["predict", str(w["run"]), str(w["image"]), "--out", str(pred), "--no-png",
-                 "--device", "cpu"]) == 0
-    return ["evaluate", str(pred), str(w["labels"]), "--out",
-            str(_a_file(tmp) / "metrics.json")]
+    assert (
+        main(
+            [
+                "predict",
+                str(w["run"]),
+                str(w["image"]),
+                "--out",
+                str(pred),
+                "--no-png",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    return ["evaluate", str(pred), str(w["labels"]), "--out", str(_a_file(tmp) / "metrics.json")]
 
 
 def _config_not_utf8(w, tmp):
@@ -248,6 +298,7 @@ def _run_config(text: str | None):
         run = _copy_run(w, tmp)
         (run / "config.json").write_text(text)
         return ["predict", str(run), str(w["image"]), "--out", str(tmp / "p")]
+
     return build
 
 
@@ -255,8 +306,18 @@ def _garbage_log(w, tmp):
     run = _copy_run(w, tmp)
     with open(run / "fold_0" / "log.jsonl", "ab") as fh:
         fh.write(b"\x00\xff\xfe garbage \x80\x81\n\xc3\x28\n")
-    return ["train", str(w["healthy"]), "--out", str(run), "--config", str(w["toml"]), *FAST,
-            "--max-steps", "4", "--resume"]
+    return [
+        "train",
+        str(w["healthy"]),
+        "--out",
+        str(run),
+        "--config",
+        str(w["toml"]),
+        *FAST,
+        "--max-steps",
+        "4",
+        "--resume",
+    ]
 
 
 def _check_log_clean(w, tmp, o):
@@ -268,8 +329,16 @@ def _check_log_clean(w, tmp, o):
 
 def _predict_batch(b):
     def build(w, tmp):
-        return ["predict", str(w["run"]), str(w["image"]), "--out", str(tmp / "p"),
-                "--batch-size", b]
+        return [
+            "predict",
+            str(w["run"]),
+            str(w["image"]),
+            "--out",
+            str(tmp / "p"),
+            "--batch-size",
+            b,
+        ]
+
     return build
 
 
@@ -294,8 +363,13 @@ def _thin_png(w, tmp):
 
 
 def _blank(w, tmp):
-    return ["predict", str(w["run"]), str(_save(tmp / "blank.nii.gz", np.zeros((28, 28)))),
-            "--out", str(tmp / "p")]
+    return [
+        "predict",
+        str(w["run"]),
+        str(_save(tmp / "blank.nii.gz", np.zeros((28, 28)))),
+        "--out",
+        str(tmp / "p"),
+    ]
 
 
 def _odd_names(w, tmp):
@@ -326,8 +400,7 @@ def _good_bad_good(w, tmp):
     bad = tmp / "b.nii.gz"
     bad.write_bytes(b"\x1f\x8b not a NIfTI at all")
     c = _save(tmp / "c.nii.gz", _disc(seed=2))
-    return ["predict", str(w["run"]), str(a), str(bad), str(c), "--out", str(tmp / "p"),
-            "--no-png"]
+    return ["predict", str(w["run"]), str(a), str(bad), str(c), "--out", str(tmp / "p"), "--no-png"]
 
 
 def _check_partial_scores(w, tmp, o):
@@ -339,8 +412,16 @@ def _check_partial_scores(w, tmp, o):
 def _resume_without_last(w, tmp):
     run = _copy_run(w, tmp)
     (run / "fold_1" / "last.pt").unlink()
-    return ["train", str(w["healthy"]), "--out", str(run), "--config", str(w["toml"]), *FAST,
-            "--resume"]
+    return [
+        "train",
+        str(w["healthy"]),
+        "--out",
+        str(run),
+        "--config",
+        str(w["toml"]),
+        *FAST,
+        "--resume",
+    ]
 
 
 def _edited_frame(w, tmp):
@@ -352,8 +433,17 @@ def _edited_frame(w, tmp):
 
 
 def _huge_batch(w, tmp):
-    return ["train", str(w["healthy"]), "--out", str(tmp / "r"), "--config", str(w["toml"]),
-            *FAST, "--batch-size", "100000"]
+    return [
+        "train",
+        str(w["healthy"]),
+        "--out",
+        str(tmp / "r"),
+        "--config",
+        str(w["toml"]),
+        *FAST,
+        "--batch-size",
+        "100000",
+    ]
 
 
 def _tiny_foreground_png(w, tmp):
@@ -363,7 +453,8 @@ def _tiny_foreground_png(w, tmp):
     d.mkdir()
     for i in range(6):
         Image.fromarray((_disc(seed=i, radius=0.35) * 1.5).clip(0, 255).astype(np.uint8)).save(
-            d / f"s{i}.png")
+            d / f"s{i}.png"
+        )
     speck = np.zeros((28, 28), np.uint8)
     speck[3:6, 3:6] = np.random.default_rng(0).integers(150, 250, (3, 3))  # top of the head
     Image.fromarray(speck).save(d / "top.png")
@@ -380,34 +471,56 @@ CASES = [
     Case("nan-pixdim-preview", _pixdim_case(np.nan, "preview"), ok=True, check=_check_warned_1mm),
     Case("nan-pixdim-predict", _pixdim_case(np.nan, "predict"), ok=True, check=_check_warned_1mm),
     Case("zero-pixdim-preview", _pixdim_case(0.0, "preview"), ok=True, check=_check_warned_1mm),
-    Case("negative-pixdim-preview", _pixdim_case([1.0, -2.0, 1.0], "preview"), ok=True,
-         check=_check_warned_1mm),
+    Case(
+        "negative-pixdim-preview",
+        _pixdim_case([1.0, -2.0, 1.0], "preview"),
+        ok=True,
+        check=_check_warned_1mm,
+    ),
     # 2. named pipes are never opened
-    Case("fifo-in-series-folder", _fifo_folder, ("d", "x.dcm", "not a regular file"),
-         fifo="d/x.dcm"),
-    Case("fifo-as-image-predict", _fifo_file("predict"), ("x.dcm", "not a regular file"),
-         fifo="x.dcm"),
-    Case("fifo-as-image-preview", _fifo_file("preview"), ("x.dcm", "not a regular file"),
-         fifo="x.dcm"),
-    Case("fifo-in-healthy-folder", _fifo_in_healthy, ("healthy", "holds no"),
-         fifo="healthy/a.nii.gz"),
+    Case(
+        "fifo-in-series-folder", _fifo_folder, ("d", "x.dcm", "not a regular file"), fifo="d/x.dcm"
+    ),
+    Case(
+        "fifo-as-image-predict",
+        _fifo_file("predict"),
+        ("x.dcm", "not a regular file"),
+        fifo="x.dcm",
+    ),
+    Case(
+        "fifo-as-image-preview",
+        _fifo_file("preview"),
+        ("x.dcm", "not a regular file"),
+        fifo="x.dcm",
+    ),
+    Case(
+        "fifo-in-healthy-folder", _fifo_in_healthy, ("healthy", "holds no"), fifo="healthy/a.nii.gz"
+    ),
     Case("fifo-as-config", _fifo_config, ("run.toml", "not a regular file"), fifo="run.toml"),
-    Case("fifo-as-gallery-out", _fifo_gallery_out, ("g.png", "not a regular file"),
-         fifo="g.png"),
-    Case("fifo-among-predictions", _fifo_among_predictions, ("pred", "NAME_anomaly"),
-         fifo="pred/case1_anomaly.nii.gz"),
+    Case("fifo-as-gallery-out", _fifo_gallery_out, ("g.png", "not a regular file"), fifo="g.png"),
+    Case(
+        "fifo-among-predictions",
+        _fifo_among_predictions,
+        ("pred", "NAME_anomaly"),
+        fifo="pred/case1_anomaly.nii.gz",
+    ),
     # 3. operating-system errors: one line naming the path
     Case("train-out-is-file", _train_out_file, ("FILE", "not a folder")),
     Case("train-out-under-file", _train_out_under_file, ("FILE/sub", "FILE is a file")),
     Case("train-config-is-dir", _train_config_dir, ("is a folder",)),
     Case("predict-out-is-file", _predict_out_file, ("FILE", "not a folder")),
-    Case("evaluate-out-under-file", _evaluate_out_under_file, ("FILE/metrics.json",
-                                                               "FILE is a file")),
+    Case(
+        "evaluate-out-under-file", _evaluate_out_under_file, ("FILE/metrics.json", "FILE is a file")
+    ),
     # 4. messages that name the file and the problem
     Case("config-not-utf8", _config_not_utf8, ("run.toml", "UTF-8", "0xe9")),
     Case("run-config-empty", _run_config(""), ("config.json", "empty"), absent=("directory",)),
-    Case("run-config-array", _run_config("[1, 2]"), ("config.json", "JSON object"),
-         absent=("not found",)),
+    Case(
+        "run-config-array",
+        _run_config("[1, 2]"),
+        ("config.json", "JSON object"),
+        absent=("not found",),
+    ),
     Case("log-garbage-then-resume", _garbage_log, ok=True, check=_check_log_clean),
     Case("predict-batch-negative", _predict_batch("-4"), ("batch size -4",), absent=("NaN",)),
     Case("predict-batch-zero", _predict_batch("0"), ("batch size 0",)),
@@ -450,4 +563,3 @@ def test_bad_input(case: Case, world, tmp_path):
             assert word not in line, (word, line)
     if case.check is not None:
         case.check(world, tmp_path, o)
-

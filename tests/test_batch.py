@@ -19,8 +19,10 @@ FRAME = (16, 16)
 @pytest.fixture(scope="module")
 def ensemble():
     """Two tiny untrained fold models: real inference, a second at most."""
-    models = [UNet(dims=2, frame=FRAME, base_features=4, depth=2, max_features=8, init_seed=k)
-              for k in range(2)]
+    models = [
+        UNet(dims=2, frame=FRAME, base_features=4, depth=2, max_features=8, init_seed=k)
+        for k in range(2)
+    ]
     return Ensemble(models, dims=2, frame=FRAME, kind="mri", device="cpu")
 
 

@@ -43,7 +43,8 @@ def test_cpu_dry_run_prints_every_table(capsys, monkeypatch):
     assert set(rows) == {"2D", "3D"}
     for cells in rows.values():
         params, batch, steps, samples, memory, gflop, mfu, predict = (
-            c.strip() for c in cells.strip(" |").split("|"))
+            c.strip() for c in cells.strip(" |").split("|")
+        )
         assert float(steps) > 0
         assert float(samples) == pytest.approx(float(steps) * int(batch), rel=0.05, abs=0.06)
         assert float(gflop) > 0 and float(predict) > 0
@@ -60,8 +61,9 @@ def test_flops_are_counted_for_a_training_step():
     # the MFU estimate rests on FlopCounterMode seeing the convolutions of a training step
     bench = _load()
     dims, _, frame, batch, kwargs = bench.DRY["3D"]
-    rate, peak, flops, n_params = bench.step_rate(dims, frame, batch, kwargs,
-                                                  torch.device("cpu"), 1)
+    rate, peak, flops, n_params = bench.step_rate(
+        dims, frame, batch, kwargs, torch.device("cpu"), 1
+    )
     # the first conv alone (1 -> 4 channels, 3x3x3, every voxel) costs 2 x its MACs forward;
     # a whole step (forward + backward of every layer) must count several times more
     first_conv_flops = 2 * batch * 16**3 * 27 * 1 * 4

@@ -25,8 +25,9 @@ def _need_extra():
     if os.environ.get("CI"):
         import deepbet  # noqa: F401  CI installs the extra: never skip there
     else:
-        pytest.importorskip("deepbet", reason='needs the brain extra: pip install '
-                                              '"napari-mtml[brain]"')
+        pytest.importorskip(
+            "deepbet", reason='needs the brain extra: pip install "napari-mtml[brain]"'
+        )
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,16 +92,23 @@ def test_2d_image_is_refused_naming_the_file():
     [
         (np.ones((2, 64, 64)), {}, r"head\.nii\.gz.*fewer than 4 voxels"),
         (np.full((20, 30, 30), 7.0), {}, r"head\.nii\.gz.*constant"),
-        (np.where(np.eye(30)[None], np.nan, 1.0) * np.ones((20, 1, 1)), {},
-         r"head\.nii\.gz.*NaN"),
-        (np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30), {"method": "bet2"},
-         r"unknown brain-mask method"),
-        (np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30), {"dilate_mm": -1},
-         r"dilate_mm"),
-        (np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30), {"threshold": 1.5},
-         r"threshold"),
-        (np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30), {"spacing_mm": 0.0},
-         r"spacing_mm"),
+        (np.where(np.eye(30)[None], np.nan, 1.0) * np.ones((20, 1, 1)), {}, r"head\.nii\.gz.*NaN"),
+        (
+            np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30),
+            {"method": "bet2"},
+            r"unknown brain-mask method",
+        ),
+        (np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30), {"dilate_mm": -1}, r"dilate_mm"),
+        (
+            np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30),
+            {"threshold": 1.5},
+            r"threshold",
+        ),
+        (
+            np.arange(20 * 30 * 30, dtype=float).reshape(20, 30, 30),
+            {"spacing_mm": 0.0},
+            r"spacing_mm",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(array, kwargs, pattern):
@@ -120,9 +128,12 @@ def test_not_a_scan_is_refused():
 
 def _brute_distance(mask: np.ndarray, spacing) -> np.ndarray:
     """Distance (mm) from every voxel centre to the nearest mask voxel centre, pair by pair."""
-    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(mask.shape, spacing,
-                                                                   strict=True)],
-                                indexing="ij"), axis=-1).reshape(-1, mask.ndim)
+    grid = np.stack(
+        np.meshgrid(
+            *[np.arange(n) * s for n, s in zip(mask.shape, spacing, strict=True)], indexing="ij"
+        ),
+        axis=-1,
+    ).reshape(-1, mask.ndim)
     pts = grid[mask.ravel()]
     d2 = ((grid[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
     return np.sqrt(d2.min(axis=1)).reshape(mask.shape)
@@ -219,8 +230,9 @@ def test_extra_never_loads_the_gui_toolkit():
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(bm.__file__))
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
 

@@ -35,12 +35,24 @@ def _collection(n=10, shape=(32, 32)):
     fg = np.zeros(shape, bool)
     fg[4:-4, 4:-4] = True
     return HealthyCollection.from_arrays(
-        [(rng.normal(size=shape) * fg).astype(np.float32) for _ in range(n)], [fg] * n)
+        [(rng.normal(size=shape) * fg).astype(np.float32) for _ in range(n)], [fg] * n
+    )
 
 
 def _tiny(tmp_path, name="run", **kw):
-    base = dict(out=str(tmp_path / name), fold=0, batch_size=4, device="cpu", base_features=4,
-                depth=3, max_features=8, lr=5e-3, val_size=4, seed=2, recipe="small")
+    base = dict(
+        out=str(tmp_path / name),
+        fold=0,
+        batch_size=4,
+        device="cpu",
+        base_features=4,
+        depth=3,
+        max_features=8,
+        lr=5e-3,
+        val_size=4,
+        seed=2,
+        recipe="small",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -56,22 +68,39 @@ def _drain(gen):
 
 # ------------------------------------------------------------------------------ recipes
 
+
 def test_auto_recipe_follows_the_device_and_explicit_settings_win():
     assert [recipe_for_device("auto", d) for d in ("cpu", "cuda", "mps")] == [
-        "small", "paper", "light"]
+        "small",
+        "paper",
+        "light",
+    ]
     assert recipe_for_device("paper", "cpu") == "paper"
     cpu = TrainConfig().resolve(2, "mri", (96, 96), "cpu")
     assert (cpu.resolved_recipe, cpu.preset, cpu.pos_encoding, cpu.batch_size) == (
-        "small", "small", False, 16)
+        "small",
+        "small",
+        False,
+        16,
+    )
     assert (cpu.lr_schedule, cpu.spacing, cpu.max_steps) == ("cosine", 2.0, 1500)
     gpu = TrainConfig().resolve(3, "mri", (80, 112, 80), "cuda")
     assert (gpu.preset, gpu.pos_encoding, gpu.batch_size, gpu.max_steps) == (
-        "paper", True, 8, 20000)
+        "paper",
+        True,
+        8,
+        20000,
+    )
     assert (gpu.lr_schedule, gpu.downsample, gpu.spacing) == ("paper", 2.0, None)
     mine = TrainConfig(batch_size=3, downsample=1.5, pos_encoding=True, max_steps=40)
     r = mine.resolve(2, "mri", (96, 96), "cpu")
     assert (r.batch_size, r.downsample, r.spacing, r.pos_encoding, r.max_steps) == (
-        3, 1.5, None, True, 40)
+        3,
+        1.5,
+        None,
+        True,
+        40,
+    )
     # a schedule spanning the run: warm-up over 5 %, validation 8 times
     assert (r.warmup_steps, r.val_interval) == (2, 5)
     assert set(RECIPES) == {"paper", "light", "small"}
@@ -86,8 +115,10 @@ def test_small_recipe_reads_volumes_as_slices_unless_told():
     assert TrainConfig(frame=(16, 32, 32)).read_dims == 3
 
 
-@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900),
-                                           ("1.5h", 5400), ("1h30m", 5400), (42, 42)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), ("90s", 90), ("15m", 900), ("1.5h", 5400), ("1h30m", 5400), (42, 42)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -99,17 +130,41 @@ def test_parse_duration_refuses(text):
 
 
 def test_cli_train_flags_fill_the_config():
-    args = build_parser().parse_args(["train", "a.nii.gz", "--out", "r", "--time", "15m",
-                                      "--recipe", "light", "--spacing", "1.5", "--ema", "0.99",
-                                      "--init", "builtin:brain-t1", "--lr-schedule", "paper"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "a.nii.gz",
+            "--out",
+            "r",
+            "--time",
+            "15m",
+            "--recipe",
+            "light",
+            "--spacing",
+            "1.5",
+            "--ema",
+            "0.99",
+            "--init",
+            "builtin:brain-t1",
+            "--lr-schedule",
+            "paper",
+        ]
+    )
     cfg = TrainConfig.from_args(args)
     assert (cfg.time_budget, cfg.recipe, cfg.spacing, cfg.ema, cfg.init, cfg.lr_schedule) == (
-        900.0, "light", 1.5, 0.99, "builtin:brain-t1", "paper")
+        900.0,
+        "light",
+        1.5,
+        0.99,
+        "builtin:brain-t1",
+        "paper",
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "a", "--time", "soon"])
 
 
 # ------------------------------------------------------------------------------ the plan
+
 
 def test_plan_fills_the_budget_and_refuses_what_cannot_fit():
     costs = StepCosts(step_s=0.5, forward_s=0.01, draw_s=0.02, setup_s=1.0, measured_steps=8)
@@ -139,6 +194,7 @@ def test_time_budget_records_its_plan_and_max_steps_replays_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------ schedules
+
 
 def test_cosine_schedule_spans_the_run():
     s = WarmupCosineLR(total_steps=300, warmup_steps=15, start=0.01, floor=0.05)
@@ -189,8 +245,19 @@ def test_fine_tuning_starts_from_the_given_run(tmp_path):
     col = _collection()
     _drain(train(_tiny(tmp_path, "base", max_steps=4), collection=col))
     base = torch.load(tmp_path / "base" / "fold_0" / "best.pt", weights_only=True)["model"]
-    _drain(train(_tiny(tmp_path, "tuned", max_steps=1, lr=1e-12, warmup_start=1.0,
-                       init=str(tmp_path / "base")), collection=col))
+    _drain(
+        train(
+            _tiny(
+                tmp_path,
+                "tuned",
+                max_steps=1,
+                lr=1e-12,
+                warmup_start=1.0,
+                init=str(tmp_path / "base"),
+            ),
+            collection=col,
+        )
+    )
     tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
     for k in base:  # a step at a vanishing rate: still the starting weights
         torch.testing.assert_close(tuned[k], base[k], atol=1e-6, rtol=0)
@@ -212,11 +279,14 @@ def test_selection_by_held_out_ap_or_by_loss():
 
 def test_ap_selection_keeps_the_checkpoint_with_the_best_held_out_ap(tmp_path):
     col = _collection()
-    _drain(train(_tiny(tmp_path, "sel", max_steps=8, val_interval=2, selection="ap"),
-                 collection=col))
-    rows = [json.loads(line) for line in
-            (tmp_path / "sel" / "fold_0" / "log.jsonl").read_text().splitlines()
-            if '"validation"' in line]
+    _drain(
+        train(_tiny(tmp_path, "sel", max_steps=8, val_interval=2, selection="ap"), collection=col)
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "sel" / "fold_0" / "log.jsonl").read_text().splitlines()
+        if '"validation"' in line
+    ]
     means = [float(np.nanmean(list(r["ap"].values()))) for r in rows]
     best = [r for r in rows if r["best"]][-1]
     assert best["step"] == rows[int(np.nanargmax(means))]["step"]

@@ -22,8 +22,22 @@ val_size = 4
 val_interval = 2
 warmup_steps = 1
 """
-FAST = ["--dims", "2", "--kind", "mri", "--frame", "16,16", "--max-steps", "2",
-        "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+FAST = [
+    "--dims",
+    "2",
+    "--kind",
+    "mri",
+    "--frame",
+    "16,16",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+    "--seed",
+    "0",
+]
 
 
 def _disc(shape, rng, radius):
@@ -66,8 +80,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny):
     run = tiny["root"] / "run"
-    rc = main(["train", str(tiny["healthy"]), "--out", str(run), "--config", str(tiny["toml"]),
-               *FAST])
+    rc = main(
+        ["train", str(tiny["healthy"]), "--out", str(run), "--config", str(tiny["toml"]), *FAST]
+    )
     assert rc == 0
     return run
 
@@ -92,8 +107,17 @@ def test_train_writes_a_run(trained):
 
 def test_predict_writes_maps_on_the_input_grid(trained, tiny, capsys):
     out = tiny["root"] / "pred"
-    rc = main(["predict", str(trained), str(tiny["test"] / "case1.nii.gz"), "--out", str(out),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            str(trained),
+            str(tiny["test"] / "case1.nii.gz"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     src = nib.load(tiny["test"] / "case1.nii.gz")
     for suffix in ("anomaly", "disagreement"):
@@ -115,8 +139,22 @@ def test_predict_masks_scores_and_background(trained, tiny, capsys, monkeypatch)
     half[:, :14] = 1  # (y, x): the left half
     _save(masks / "case1_mask.nii.gz", half)
     out = tiny["root"] / "pred_masked"
-    rc = main(["predict", str(trained), str(case), "--out", str(out), "--device", "cpu",
-               "--no-png", "--mask-dir", str(masks), "--score", "max"])
+    rc = main(
+        [
+            "predict",
+            str(trained),
+            str(case),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-png",
+            "--mask-dir",
+            str(masks),
+            "--score",
+            "max",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     heat = nib.load(out / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
     assert np.all(heat[:, 14:] == 0) and (out / "case1_mask.nii.gz").is_file()
@@ -128,25 +166,62 @@ def test_predict_masks_scores_and_background(trained, tiny, capsys, monkeypatch)
     # without a mask the map is 0 outside the foreground (the disc) unless kept
     plain, kept = tiny["root"] / "pred_plain", tiny["root"] / "pred_kept"
     for folder, extra in ((plain, []), (kept, ["--keep-background"])):
-        assert main(["predict", str(trained), str(case), "--out", str(folder), "--device",
-                     "cpu", "--no-png", *extra]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(trained),
+                    str(case),
+                    "--out",
+                    str(folder),
+                    "--device",
+                    "cpu",
+                    "--no-png",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     corner = (slice(5, 7), slice(5, 7))  # inside the disc's box (the crop), outside the disc
-    assert np.all(nib.load(plain / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
-                  [corner] == 0)
-    assert np.any(nib.load(kept / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)
-                  [corner] > 0)
+    assert np.all(
+        nib.load(plain / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)[corner] == 0
+    )
+    assert np.any(nib.load(kept / "case1_anomaly.nii.gz").get_fdata().T.reshape(28, 28)[corner] > 0)
     # a missing mask names the input and the folder; no extra: the install hint
     other = tiny["root"] / "no_masks"
     other.mkdir()
-    rc = main(["predict", str(trained), str(case), "--out", str(tiny["root"] / "p2"),
-               "--device", "cpu", "--no-png", "--mask-dir", str(other)])
+    rc = main(
+        [
+            "predict",
+            str(trained),
+            str(case),
+            "--out",
+            str(tiny["root"] / "p2"),
+            "--device",
+            "cpu",
+            "--no-png",
+            "--mask-dir",
+            str(other),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "case1" in err and "no_masks" in err
     import napari_mtml.brainmask as bm
 
     monkeypatch.setattr(bm, "available", lambda: False)
-    _fails(capsys, ["predict", str(trained), str(case), "--out", str(tiny["root"] / "p3"),
-                    "--brain-mask", "auto"], "napari-mtml[brain]")
+    _fails(
+        capsys,
+        [
+            "predict",
+            str(trained),
+            str(case),
+            "--out",
+            str(tiny["root"] / "p3"),
+            "--brain-mask",
+            "auto",
+        ],
+        "napari-mtml[brain]",
+    )
 
 
 def test_predict_regions_table_as_the_heatmap_widget(trained, tiny, capsys):
@@ -159,31 +234,84 @@ def test_predict_regions_table_as_the_heatmap_widget(trained, tiny, capsys):
     out = tiny["root"] / "pred_regions"
     heat_path = tiny["root"] / "pred" / "case1_anomaly.nii.gz"
     if not heat_path.is_file():
-        assert main(["predict", str(trained), str(case), "--out", str(heat_path.parent),
-                     "--no-png", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(trained),
+                    str(case),
+                    "--out",
+                    str(heat_path.parent),
+                    "--no-png",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     # a 2D NIfTI reads as a one-slice volume: its regions are 3D, as in the widget
     heat = nib.load(heat_path).get_fdata().T.reshape(1, 28, 28).astype(np.float32)
     threshold = float(np.quantile(heat[heat > 0], 0.8))
-    rc = main(["predict", str(trained), str(case), "--out", str(out), "--device", "cpu",
-               "--no-png", "--regions", "--threshold", f"{threshold:.6f}"])
+    rc = main(
+        [
+            "predict",
+            str(trained),
+            str(case),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-png",
+            "--regions",
+            "--threshold",
+            f"{threshold:.6f}",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     with open(out / "case1_regions.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["threshold", f"{float(f'{threshold:.6f}'):.6g}"]
-    assert rows[1] == ["label", "voxels", "size_mm3", "peak", "mean", "centre_z_mm",
-                       "centre_y_mm", "centre_x_mm"]
+    assert rows[1] == [
+        "label",
+        "voxels",
+        "size_mm3",
+        "peak",
+        "mean",
+        "centre_z_mm",
+        "centre_y_mm",
+        "centre_x_mm",
+    ]
     _, expected = regions_above(heat, float(f"{threshold:.6f}"), read_image(case).spacing)
     assert expected and [int(r[1]) for r in rows[2:]] == [r.voxels for r in expected]
-    _fails(capsys, ["predict", str(trained), str(case), "--out", str(out), "--threshold",
-                    "0.5"], "--regions")
-    _fails(capsys, ["predict", str(trained), str(case), "--out", str(out), "--regions",
-                    "--threshold", "1.5"], "threshold")
+    _fails(
+        capsys,
+        ["predict", str(trained), str(case), "--out", str(out), "--threshold", "0.5"],
+        "--regions",
+    )
+    _fails(
+        capsys,
+        ["predict", str(trained), str(case), "--out", str(out), "--regions", "--threshold", "1.5"],
+        "threshold",
+    )
 
 
 def test_evaluate_pairs_predictions_and_labels(trained, tiny, capsys):
     pred = tiny["root"] / "pred_eval"
-    assert main(["predict", str(trained), str(tiny["test"]), "--out", str(pred), "--no-png",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained),
+                str(tiny["test"]),
+                "--out",
+                str(pred),
+                "--no-png",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     metrics_path = tiny["root"] / "metrics.json"
     rc = main(["evaluate", str(pred), str(tiny["labels"]), "--out", str(metrics_path)])
     captured = capsys.readouterr()
@@ -198,15 +326,31 @@ def test_predict_missing_fold(trained, tiny, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "fold_2" / "best.pt").unlink()
-    _fails(capsys, ["predict", str(run), str(tiny["test"] / "case1.nii.gz"), "--out",
-                    str(tmp_path / "p")], "fold_2", "best.pt")
+    _fails(
+        capsys,
+        ["predict", str(run), str(tiny["test"] / "case1.nii.gz"), "--out", str(tmp_path / "p")],
+        "fold_2",
+        "best.pt",
+    )
 
 
 def test_predict_bad_inputs(trained, tiny, capsys, tmp_path):
-    _fails(capsys, ["predict", str(trained), str(tmp_path / "nope.nii.gz"), "--out",
-                    str(tmp_path / "p")], "nope.nii.gz")
-    _fails(capsys, ["predict", str(tmp_path), str(tiny["test"] / "case1.nii.gz"), "--out",
-                    str(tmp_path / "p")], "config.json")
+    _fails(
+        capsys,
+        ["predict", str(trained), str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "p")],
+        "nope.nii.gz",
+    )
+    _fails(
+        capsys,
+        [
+            "predict",
+            str(tmp_path),
+            str(tiny["test"] / "case1.nii.gz"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        "config.json",
+    )
 
 
 def test_train_without_healthy_files(tiny, capsys, tmp_path):
@@ -222,8 +366,11 @@ def test_train_unreadable_file(tiny, capsys, tmp_path):
     for i in range(5):
         _save(bad / f"ok{i}.nii.gz", _disc((28, 28), np.random.default_rng(i), 0.3))
     (bad / "broken.nii.gz").write_bytes(b"\x1f\x8b this is no NIfTI")
-    _fails(capsys, ["train", str(bad), "--out", str(tmp_path / "r"), "--config",
-                    str(tiny["toml"]), *FAST], "broken.nii.gz")
+    _fails(
+        capsys,
+        ["train", str(bad), "--out", str(tmp_path / "r"), "--config", str(tiny["toml"]), *FAST],
+        "broken.nii.gz",
+    )
 
 
 def test_train_mixed_2d_and_3d(tiny, capsys, tmp_path):
@@ -234,15 +381,29 @@ def test_train_mixed_2d_and_3d(tiny, capsys, tmp_path):
     rng = np.random.default_rng(3)
     for i in range(3):
         Image.fromarray((_disc((28, 28), rng, 0.3) * 1.5).clip(0, 255).astype(np.uint8)).save(
-            mixed / f"a{i}.png")
+            mixed / f"a{i}.png"
+        )
     _save(mixed / "b_volume.nii.gz", np.stack([_disc((28, 28), rng, 0.3)] * 4))
-    _fails(capsys, ["train", str(mixed), "--out", str(tmp_path / "r"), "--config",
-                    str(tiny["toml"]), *FAST], "3D", "2D")
+    _fails(
+        capsys,
+        ["train", str(mixed), "--out", str(tmp_path / "r"), "--config", str(tiny["toml"]), *FAST],
+        "3D",
+        "2D",
+    )
 
 
 def test_train_frame_too_small(tiny, capsys, tmp_path):
-    argv = ["train", str(tiny["healthy"]), "--out", str(tmp_path / "r"), "--config",
-            str(tiny["toml"]), *FAST, "--frame", "8,8"]
+    argv = [
+        "train",
+        str(tiny["healthy"]),
+        "--out",
+        str(tmp_path / "r"),
+        "--config",
+        str(tiny["toml"]),
+        *FAST,
+        "--frame",
+        "8,8",
+    ]
     _fails(capsys, argv, "frame", "would fit")
 
 
@@ -254,8 +415,12 @@ def test_train_fold_out_of_range(tiny, capsys, tmp_path):
 
 
 def test_module_entry_point_for_torchrun():
-    out = subprocess.run([sys.executable, "-m", "napari_mtml.cli", "train", "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_mtml.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--train-tasks" in out.stdout and "--resume" in out.stdout
 
 
@@ -264,8 +429,16 @@ def test_run_demo_tiny(tmp_path, capsys):
     minutes)."""
     from napari_mtml.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", max_steps=2, batch_size=2, val_size=2, device="cpu",
-                      base_features=4, depth=2, max_features=8)
+    result = run_demo(
+        tmp_path / "demo",
+        max_steps=2,
+        batch_size=2,
+        val_size=2,
+        device="cpu",
+        base_features=4,
+        depth=2,
+        max_features=8,
+    )
     out = capsys.readouterr().out
     assert "random" in out and "AP" in out
     for path in (result.anomaly, result.disagreement, result.overlay):
@@ -284,13 +457,31 @@ def test_run_demo_tiny(tmp_path, capsys):
 
 # The `mtml train` flags outside scripts rely on: names and the TrainConfig fields they fill.
 TRAIN_FLAGS = {
-    "--out": "out", "--dims": "dims", "--train-tasks": "train_tasks", "--fold": "fold",
-    "--external": "external", "--time": "time_budget", "--max-steps": "max_steps",
-    "--recipe": "recipe", "--init": "init", "--batch-size": "batch_size", "--frame": "frame",
-    "--model": "preset", "--kind": "kind", "--spacing": "spacing", "--downsample": "downsample",
-    "--brain-mask": "brain_mask", "--lr": "lr", "--lr-schedule": "lr_schedule", "--ema": "ema",
-    "--val-every": "val_interval", "--device": "device", "--workers": "workers",
-    "--seed": "seed", "--config": "config", "--resume": "resume",
+    "--out": "out",
+    "--dims": "dims",
+    "--train-tasks": "train_tasks",
+    "--fold": "fold",
+    "--external": "external",
+    "--time": "time_budget",
+    "--max-steps": "max_steps",
+    "--recipe": "recipe",
+    "--init": "init",
+    "--batch-size": "batch_size",
+    "--frame": "frame",
+    "--model": "preset",
+    "--kind": "kind",
+    "--spacing": "spacing",
+    "--downsample": "downsample",
+    "--brain-mask": "brain_mask",
+    "--lr": "lr",
+    "--lr-schedule": "lr_schedule",
+    "--ema": "ema",
+    "--val-every": "val_interval",
+    "--device": "device",
+    "--workers": "workers",
+    "--seed": "seed",
+    "--config": "config",
+    "--resume": "resume",
 }
 
 
@@ -306,8 +497,11 @@ def test_train_flags_come_from_the_config_fields():
     """Each flag's help, choices and parser are declared once, on its TrainConfig field."""
     from napari_mtml.config import settings
 
-    actions = {a.option_strings[0] if a.option_strings else a.dest: a
-               for a in _train_parser()._actions if a.dest != "help"}
+    actions = {
+        a.option_strings[0] if a.option_strings else a.dest: a
+        for a in _train_parser()._actions
+        if a.dest != "help"
+    }
     assert {k: a.dest for k, a in actions.items() if k != "healthy"} == TRAIN_FLAGS
     declared = settings()
     for flag, action in actions.items():
@@ -324,11 +518,34 @@ def test_train_flags_fill_the_config():
     from napari_mtml.config import TrainConfig
 
     args = _train_parser().parse_args(
-        ["a.nii.gz", "--model", "light", "--val-every", "7", "--time", "2m", "--fold", "all",
-         "--frame", "64,64", "--ema", "0.5", "--resume"])
+        [
+            "a.nii.gz",
+            "--model",
+            "light",
+            "--val-every",
+            "7",
+            "--time",
+            "2m",
+            "--fold",
+            "all",
+            "--frame",
+            "64,64",
+            "--ema",
+            "0.5",
+            "--resume",
+        ]
+    )
     cfg = TrainConfig.from_args(args)
-    assert (cfg.healthy, cfg.preset, cfg.val_interval, cfg.time_budget, cfg.fold, cfg.frame,
-            cfg.ema, cfg.resume) == (("a.nii.gz",), "light", 7, 120.0, "all", (64, 64), 0.5, True)
+    assert (
+        cfg.healthy,
+        cfg.preset,
+        cfg.val_interval,
+        cfg.time_budget,
+        cfg.fold,
+        cfg.frame,
+        cfg.ema,
+        cfg.resume,
+    ) == (("a.nii.gz",), "light", 7, 120.0, "all", (64, 64), 0.5, True)
     with pytest.raises(SystemExit):
         _train_parser().parse_args(["--ema", "x"])
 

@@ -39,19 +39,48 @@ def run_and_images(tmp_path_factory):
     for folder, n in (("healthy", 6), ("test", 3)):
         (root / folder).mkdir()
         for i in range(n):
-            nib.save(nib.Nifti1Image(_disc((28, 28), rng, 0.3 + 0.02 * i).T, np.eye(4)),
-                     root / folder / f"{folder[0]}{i}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(_disc((28, 28), rng, 0.3 + 0.02 * i).T, np.eye(4)),
+                root / folder / f"{folder[0]}{i}.nii.gz",
+            )
     (root / "tiny.toml").write_text(TINY_TOML)
-    rc = main(["train", str(root / "healthy"), "--out", str(root / "run"), "--config",
-               str(root / "tiny.toml"), "--dims", "2", "--kind", "mri", "--frame", "16,16",
-               "--max-steps", "1", "--batch-size", "2", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            str(root / "healthy"),
+            "--out",
+            str(root / "run"),
+            "--config",
+            str(root / "tiny.toml"),
+            "--dims",
+            "2",
+            "--kind",
+            "mri",
+            "--frame",
+            "16,16",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     return root
 
 
 def _predict_argv(root, out):
-    return ["predict", str(root / "run"), str(root / "test"), "--out", str(out), "--no-png",
-            "--device", "cpu"]
+    return [
+        "predict",
+        str(root / "run"),
+        str(root / "test"),
+        "--out",
+        str(out),
+        "--no-png",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_no_bar_when_not_a_terminal(run_and_images, capsys):
@@ -75,10 +104,14 @@ def test_bar_over_images_on_a_terminal(run_and_images):
     primary, secondary = pty.openpty()
     # a real terminal has a size (a fresh pseudo-terminal says 0 columns)
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "napari_mtml.cli",
-                             *_predict_argv(run_and_images, out)],
-                            stdin=secondary, stdout=secondary, stderr=secondary, env=env,
-                            close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_mtml.cli", *_predict_argv(run_and_images, out)],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+        close_fds=True,
+    )
     os.close(secondary)
     chunks = []
     while True:

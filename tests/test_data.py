@@ -25,8 +25,7 @@ def _stand_in_synthesize(image, foreground=None, task=0, rng=None, source=None, 
     # A tiny engine stand-in (one random box, brighter) behind spies that check what the
     # dataset hands the engine.
     img = np.array(image, np.float32)
-    box = tuple(slice(int(a), int(a) + 3) for a in
-                (rng.integers(0, s - 3) for s in img.shape))
+    box = tuple(slice(int(a), int(a) + 3) for a in (rng.integers(0, s - 3) for s in img.shape))
     if source is not None:
         source(rng)
     mask = np.zeros(img.shape, bool)
@@ -52,6 +51,7 @@ def _fg(shape):
 
 
 # --------------------------------------------------------------------------- fold assignment
+
 
 def test_assign_folds_contiguous_balanced_deterministic():
     folds = assign_folds(12)
@@ -83,14 +83,14 @@ def test_too_few_items():
 
 # --------------------------------------------------------------------------- paths
 
+
 def test_expand_paths_sorted_and_recursive(tmp_path):
     for name in ["b.nii.gz", "a.png", "sub/c.nii", "notes.txt", ".hidden.png"]:
         p = tmp_path / name
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"x")
     found = expand_paths([tmp_path])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "b.nii.gz",
-                                                                   "sub/c.nii"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "b.nii.gz", "sub/c.nii"]
     assert expand_paths([tmp_path / "sub/c.nii", tmp_path]) == found
 
 
@@ -116,6 +116,7 @@ def test_expand_paths_bad_inputs(tmp_path):
 
 # --------------------------------------------------------------------------- collections
 
+
 def _fake_io(monkeypatch, shapes):
     """Stand-ins for read_image and to_frame: file name -> array shape (or "bad")."""
 
@@ -124,8 +125,9 @@ def _fake_io(monkeypatch, shapes):
             raise ValueError(f"{path}: not a NIfTI file")
         return SimpleNamespace(array=np.ones(shapes[path.name], np.float32))
 
-    def frame(scan, path, kind, dims, frame, downsample, spacing=None, foreground=None,
-              placement=None):
+    def frame(
+        scan, path, kind, dims, frame, downsample, spacing=None, foreground=None, placement=None
+    ):
         arr = scan.array
         if arr.ndim == 3 and dims == 2:
             fg = np.zeros(arr.shape, bool)
@@ -199,8 +201,7 @@ def test_from_paths_real_files_3d_and_slices(tmp_path):
     # empty slices dropped; each kept slice carries foreground
     assert all(x.foreground.mean() >= 0.05 for x in sl.samples)
     for v in range(5):  # no volume straddles folds
-        assert len({int(f) for f, x in zip(sl.folds, sl.samples, strict=True)
-                    if x.group == v}) == 1
+        assert len({int(f) for f, x in zip(sl.folds, sl.samples, strict=True) if x.group == v}) == 1
 
 
 def test_from_paths_2d_nifti_is_a_2d_image(tmp_path):
@@ -252,6 +253,7 @@ def test_from_arrays_copies_and_keeps_inputs():
 
 
 # --------------------------------------------------------------------------- dataset seeding
+
 
 def _dataset(n=6, **kw):
     samples = HealthyCollection.from_arrays(_images(n), [_fg((32, 32))] * n).samples
@@ -334,6 +336,7 @@ def test_dataset_bad_inputs():
 
 # --------------------------------------------------------------------------- validation set
 
+
 def test_validation_set_fixed_by_seed():
     samples = HealthyCollection.from_arrays(_images(5), [_fg((32, 32))] * 5).samples
     a = make_validation_set(samples, [1, 3], size=6, seed=11)
@@ -394,8 +397,9 @@ def test_from_paths_places_anomalies_inside_given_brain_masks(tmp_path):
         img = np.where(head, 50.0, 0.0) + np.where(brain, 50.0, 0.0)
         img = (img + head * rng.normal(0, 5, head.shape)).astype(np.float32)
         nib.save(nib.Nifti1Image(img.T.copy(), np.eye(4)), scans / f"s{i}.nii.gz")
-        nib.save(nib.Nifti1Image(brain.T.astype(np.uint8).copy(), np.eye(4)),
-                 masks / f"s{i}_mask.nii.gz")
+        nib.save(
+            nib.Nifti1Image(brain.T.astype(np.uint8).copy(), np.eye(4)), masks / f"s{i}_mask.nii.gz"
+        )
     plain = HealthyCollection.from_paths([scans], dims=2, frame=(48, 48))
     inside = HealthyCollection.from_paths([scans], dims=2, frame=(48, 48), brain_mask=masks)
     assert len(plain) == len(inside)

@@ -15,8 +15,10 @@ from napari_mtml.config import TrainConfig
 from napari_mtml.data import HealthyCollection
 from napari_mtml.training import StepEvent, train
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 STEPS = 4
 
@@ -26,18 +28,36 @@ def _collection() -> HealthyCollection:
     fg = np.zeros((32, 32), bool)
     fg[4:28, 4:28] = True
     return HealthyCollection.from_arrays(
-        [(rng.normal(size=(32, 32)) * fg).astype(np.float32) for _ in range(10)], [fg] * 10)
+        [(rng.normal(size=(32, 32)) * fg).astype(np.float32) for _ in range(10)], [fg] * 10
+    )
 
 
 def _config(out) -> TrainConfig:
-    return TrainConfig(out=str(out), fold=1, max_steps=STEPS, batch_size=4, device="cpu",
-                       base_features=4, depth=3, max_features=8, lr=5e-3, warmup_steps=2,
-                       val_interval=2, val_size=2, seed=5)
+    return TrainConfig(
+        out=str(out),
+        fold=1,
+        max_steps=STEPS,
+        batch_size=4,
+        device="cpu",
+        base_features=4,
+        depth=3,
+        max_features=8,
+        lr=5e-3,
+        warmup_steps=2,
+        val_interval=2,
+        val_size=2,
+        seed=5,
+    )
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     models = []
 
@@ -47,11 +67,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         models.append(UNet(**cfg.model_kwargs(), init_seed=seed + rank))  # DDP must sync these
         return models[-1]
 
-    events = list(train(_config(os.path.join(out, "run")), collection=_collection(),
-                        model_factory=factory))
+    events = list(
+        train(_config(os.path.join(out, "run")), collection=_collection(), model_factory=factory)
+    )
     steps = sum(isinstance(e, StepEvent) for e in events)
-    torch.save({"state": models[0].state_dict(), "steps": steps},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"state": models[0].state_dict(), "steps": steps}, os.path.join(out, f"rank{rank}.pt")
+    )
 
 
 def _free_port() -> int:

@@ -41,27 +41,72 @@ DIST_OF_MODULE = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
 # (distribution, API, first version with it, regex over src/ or None = Python 3.11 wheels, source)
 EVIDENCE = [
     ("numpy", "CPython 3.11 wheels", "1.23.2", None, "PyPI files of numpy 1.23.2 (1.23.1: none)"),
-    ("scipy", "scipy.fft.dstn(..., workers=)", "1.4", r"scipy\.fft\.dstn\(",
-     "SciPy 1.4.0 release notes: the scipy.fft module (workers=)"),
+    (
+        "scipy",
+        "scipy.fft.dstn(..., workers=)",
+        "1.4",
+        r"scipy\.fft\.dstn\(",
+        "SciPy 1.4.0 release notes: the scipy.fft module (workers=)",
+    ),
     ("scipy", "CPython 3.11 wheels", "1.9.2", None, "PyPI files of scipy 1.9.2 (1.9.1: none)"),
-    ("torch", "torch.OutOfMemoryError", "2.5", r"torch\.OutOfMemoryError",
-     "PyTorch 2.5 release notes: OutOfMemoryError exposed as torch.OutOfMemoryError"),
-    ("torch", "torch.get_autocast_dtype(device)", "2.4", r"torch\.get_autocast_dtype\(",
-     "PyTorch 2.4 release notes: device-generic autocast API"),
-    ("torch", "torch.load(weights_only=True)", "1.13", r"weights_only\s*=\s*True",
-     "PyTorch 1.13 release notes: torch.load(weights_only=)"),
+    (
+        "torch",
+        "torch.OutOfMemoryError",
+        "2.5",
+        r"torch\.OutOfMemoryError",
+        "PyTorch 2.5 release notes: OutOfMemoryError exposed as torch.OutOfMemoryError",
+    ),
+    (
+        "torch",
+        "torch.get_autocast_dtype(device)",
+        "2.4",
+        r"torch\.get_autocast_dtype\(",
+        "PyTorch 2.4 release notes: device-generic autocast API",
+    ),
+    (
+        "torch",
+        "torch.load(weights_only=True)",
+        "1.13",
+        r"weights_only\s*=\s*True",
+        "PyTorch 1.13 release notes: torch.load(weights_only=)",
+    ),
     ("torch", "CPython 3.11 wheels", "2.0", None, "PyPI files of torch 2.0.0 (1.13: none)"),
     ("nibabel", "CPython 3.11 support", "5.0", None, "nibabel 5.0.0 changelog: Python 3.11"),
-    ("pydicom", "pydicom.pixels (apply_modality_lut, apply_voi)", "3.0", r"pydicom\.pixels",
-     "pydicom 3.0.0 release notes: the pixels backend module replaces pixel_data_handlers"),
-    ("napari", "napari.utils.cancelable_progress", "0.5.0", r"cancelable_progress",
-     "napari 0.5.0 release notes (napari/napari#5728: cancellation of progress)"),
-    ("superqt", "superqt.utils thread workers", "0.2.5", r"from superqt\.utils import",
-     "napari/napari#3668: 'superqt 0.2.5 including the threadworker code'"),
-    ("scikit-image", "CPython 3.11 wheels", "0.20", None,
-     "PyPI files of scikit-image 0.20.0 (0.19.3: none)"),
-    ("matplotlib", "matplotlib.backends.backend_qtagg (Qt6)", "3.5",
-     r"matplotlib\.backends\.backend_qtagg", "Matplotlib 3.5.0 release notes: Qt6 support"),
+    (
+        "pydicom",
+        "pydicom.pixels (apply_modality_lut, apply_voi)",
+        "3.0",
+        r"pydicom\.pixels",
+        "pydicom 3.0.0 release notes: the pixels backend module replaces pixel_data_handlers",
+    ),
+    (
+        "napari",
+        "napari.utils.cancelable_progress",
+        "0.5.0",
+        r"cancelable_progress",
+        "napari 0.5.0 release notes (napari/napari#5728: cancellation of progress)",
+    ),
+    (
+        "superqt",
+        "superqt.utils thread workers",
+        "0.2.5",
+        r"from superqt\.utils import",
+        "napari/napari#3668: 'superqt 0.2.5 including the threadworker code'",
+    ),
+    (
+        "scikit-image",
+        "CPython 3.11 wheels",
+        "0.20",
+        None,
+        "PyPI files of scikit-image 0.20.0 (0.19.3: none)",
+    ),
+    (
+        "matplotlib",
+        "matplotlib.backends.backend_qtagg (Qt6)",
+        "3.5",
+        r"matplotlib\.backends\.backend_qtagg",
+        "Matplotlib 3.5.0 release notes: Qt6 support",
+    ),
     ("matplotlib", "CPython 3.11 wheels", "3.6.0", None, "PyPI files of matplotlib 3.6.0"),
     ("pillow", "CPython 3.11 wheels", "9.2.0", None, "PyPI files of Pillow 9.2.0 (9.1.0: none)"),
     ("qtpy", "Qt6 bindings (PyQt6)", "2.0", r"from qtpy", "QtPy 2.0.0 changelog: PyQt6 support"),
@@ -128,8 +173,9 @@ def test_every_dependency_has_a_floor():
 
 
 def test_the_code_imports_exactly_the_declared_runtime_dependencies():
-    imported = {DIST_OF_MODULE.get(m, m).lower(): files
-                for m, files in _third_party_imports().items()}
+    imported = {
+        DIST_OF_MODULE.get(m, m).lower(): files for m, files in _third_party_imports().items()
+    }
     declared = set(_requirements())
     undeclared = {m: files[:3] for m, files in imported.items() if m not in declared}
     assert not undeclared, f"imported by src/ but not in [project] dependencies: {undeclared}"
@@ -144,15 +190,19 @@ def test_requires_python_and_ruff_target_agree():
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py311"
 
 
-@pytest.mark.parametrize("dist, api, version, pattern, source", EVIDENCE,
-                         ids=[f"{e[0]}:{e[1]}" for e in EVIDENCE])
+@pytest.mark.parametrize(
+    "dist, api, version, pattern, source", EVIDENCE, ids=[f"{e[0]}:{e[1]}" for e in EVIDENCE]
+)
 def test_floor_is_not_older_than_what_the_code_uses(dist, api, version, pattern, source):
     req = _requirements()[dist]
     if pattern is not None:
-        users = [str(p.relative_to(ROOT)) for p, text in _sources().items()
-                 if re.search(pattern, text)]
-        assert users, (f"{api}: nothing in src/ matches {pattern!r} any more; drop or update "
-                       "this evidence row (and maybe the floor)")
+        users = [
+            str(p.relative_to(ROOT)) for p, text in _sources().items() if re.search(pattern, text)
+        ]
+        assert users, (
+            f"{api}: nothing in src/ matches {pattern!r} any more; drop or update "
+            "this evidence row (and maybe the floor)"
+        )
     floor = _floor(req)
     assert floor >= Version(version), (
         f"{dist} floor {floor} is older than {version}, which the code needs for {api} "

@@ -11,8 +11,18 @@ from napari_mtml.model import UNet
 
 @pytest.mark.parametrize(
     ("cores", "workers", "busy", "expected"),
-    [(2, 0, 0.0, 2), (2, 0, 1.0, 1), (2, 1, 0.0, 1), (2, 2, 0.0, 1), (8, 2, 0.0, 6),
-     (8, 2, 2.6, 3), (8, 0, 0.4, 8), (8, 0, 0.5, 7), (1, 0, 3.0, 1), (16, 15, 4.0, 1)],
+    [
+        (2, 0, 0.0, 2),
+        (2, 0, 1.0, 1),
+        (2, 1, 0.0, 1),
+        (2, 2, 0.0, 1),
+        (8, 2, 0.0, 6),
+        (8, 2, 2.6, 3),
+        (8, 0, 0.4, 8),
+        (8, 0, 0.5, 7),
+        (1, 0, 3.0, 1),
+        (16, 15, 4.0, 1),
+    ],
 )
 def test_thread_rule(cores, workers, busy, expected):
     assert devices.torch_thread_count(workers, cores=cores, busy=busy) == expected

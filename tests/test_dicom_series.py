@@ -32,8 +32,15 @@ T1 = "1.2.826.0.1.999.3"
 NAMELESS = "1.2.826.0.1.999.7"
 
 
-def _series(folder: Path, template: Path, uid: str, number: int, description: str | None,
-            zs, value_of_z=lambda z: int(z) + 1) -> None:
+def _series(
+    folder: Path,
+    template: Path,
+    uid: str,
+    number: int,
+    description: str | None,
+    zs,
+    value_of_z=lambda z: int(z) + 1,
+) -> None:
     """Write one series: a slice per position in `zs` (files deliberately not in z order)."""
     base = pydicom.dcmread(template)
     folder.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,15 @@ MODULES = [
 ]
 #: the entry points that must show an example
 ENTRY_POINTS = {
-    "napari_mtml.anomalies": ["synthesize", "poisson_blend", "flipped_gaussian_label",
-                              "random_shape", "place_shape", "ray_to_edge", "task_name"],
+    "napari_mtml.anomalies": [
+        "synthesize",
+        "poisson_blend",
+        "flipped_gaussian_label",
+        "random_shape",
+        "place_shape",
+        "ray_to_edge",
+        "task_name",
+    ],
     "napari_mtml.io": ["read_image", "write_image", "list_series", "image_files", "image_name"],
     "napari_mtml.preprocess": ["to_frame", "from_frame", "foreground_mask", "mask_to_frame"],
     "napari_mtml.inference": ["load_ensemble", "Ensemble.predict"],

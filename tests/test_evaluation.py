@@ -155,8 +155,10 @@ def test_2d_images_have_no_slice_metrics(tmp_path):
     for i in range(3):
         label = np.zeros((16, 16), np.uint8)
         label[4 : 8 + i, 5:9] = i > 0
-        nib.save(nib.Nifti1Image(label.T.astype(np.float32), np.eye(4)),
-                 str(pred_dir / f"x{i}_anomaly.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(label.T.astype(np.float32), np.eye(4)),
+            str(pred_dir / f"x{i}_anomaly.nii.gz"),
+        )
         nib.save(nib.Nifti1Image(label.T, np.eye(4)), str(label_dir / f"x{i}.nii.gz"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # all-zero maps and labels are not worth a warning

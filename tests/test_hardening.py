@@ -65,12 +65,17 @@ def _returns(fn, release_path: Path | None = None, timeout: float = 60.0):
 
 # ------------------------------------------------------------- 1. one voxel-size rule in io/nifti
 
-@pytest.mark.parametrize("pixdim, spacing_xyz", [
-    ([np.nan] * 3, (1.0, 1.0, 1.0)),
-    ([0.0] * 3, (1.0, 1.0, 1.0)),
-    ([1.0, -2.0, 1.0], (1.0, 1.0, 1.0)),
-    ([np.nan, 2.0, 3.0], (1.0, 2.0, 3.0)),
-], ids=["nan", "zero", "negative", "one-nan"])
+
+@pytest.mark.parametrize(
+    "pixdim, spacing_xyz",
+    [
+        ([np.nan] * 3, (1.0, 1.0, 1.0)),
+        ([0.0] * 3, (1.0, 1.0, 1.0)),
+        ([1.0, -2.0, 1.0], (1.0, 1.0, 1.0)),
+        ([np.nan, 2.0, 3.0], (1.0, 2.0, 3.0)),
+    ],
+    ids=["nan", "zero", "negative", "one-nan"],
+)
 def test_bad_voxel_sizes_without_qform_sform(tmp_path, nifti_with_pixdim, pixdim, spacing_xyz):
     path = nifti_with_pixdim(tmp_path / "odd.nii.gz", _disc((6, 24, 24)), pixdim)
     raw = nib.Nifti1Header.from_fileobj(nib.openers.ImageOpener(str(path)), check=False)
@@ -112,6 +117,7 @@ def test_good_files_read_without_a_voxel_size_warning(tmp_path, nifti_with_pixdi
 
 # ------------------------------------------------------------------ 2. io never opens a pipe
 
+
 def test_a_folder_holding_a_pipe_is_refused_not_waited_on(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -131,7 +137,9 @@ def test_a_folder_holding_a_pipe_is_refused_not_waited_on(tmp_path):
         assert isinstance(err, ImageReadError) and "not a regular file" in str(err), reader
     plain = _mkfifo(tmp_path / "no_suffix")
     assert _returns(lambda: (looks_like_dicom(plain), image_kind(plain)), plain) == (
-        (False, None), None)
+        (False, None),
+        None,
+    )
 
 
 def test_a_pipe_beside_a_dicom_series_is_skipped_with_a_warning(tmp_path):
@@ -167,13 +175,16 @@ def test_writers_refuse_a_pipe_instead_of_blocking(tmp_path):
 
 # ---------------------------------------------------------- 3. OS errors: one line, the path
 
+
 def test_os_errors_are_one_line_naming_the_path(tmp_path):
     f = tmp_path / "FILE"
     f.write_text("x")
     with pytest.raises(FileExistsError) as exists:
         f.mkdir(parents=True, exist_ok=True)
-    assert os_error_message(exists.value) == f"{f}: exists and is not a folder (a folder is " \
-                                             "needed here)"
+    assert (
+        os_error_message(exists.value) == f"{f}: exists and is not a folder (a folder is "
+        "needed here)"
+    )
     with pytest.raises(NotADirectoryError) as notdir:
         (f / "sub").mkdir(parents=True, exist_ok=True)
     assert os_error_message(notdir.value) == f"{f / 'sub'}: {f} is a file, not a folder"
@@ -196,6 +207,7 @@ def test_widgets_show_the_same_text_for_an_os_error(napari_errors, tmp_path):
 
 
 # ------------------------------------------------------------ 4. files are read as files
+
 
 def test_read_text_names_the_file_and_the_problem(tmp_path):
     (tmp_path / "latin1.toml").write_bytes(b"a = 1\n# caf\xe9\n")
@@ -250,9 +262,21 @@ def test_a_fold_restarted_from_scratch_keeps_no_log_of_the_earlier_try(tmp_path)
     fg = np.zeros((32, 32), bool)
     fg[6:26, 6:26] = True
     col = HealthyCollection.from_arrays([np.where(fg, 1.0 + i, 0.0) for i in range(5)], [fg] * 5)
-    cfg = TrainConfig(out=str(tmp_path / "run"), fold=0, max_steps=2, batch_size=2, val_size=2,
-                      val_interval=2, warmup_steps=1, device="cpu", kind="mri",
-                      base_features=4, depth=2, max_features=8, resume=True)
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"),
+        fold=0,
+        max_steps=2,
+        batch_size=2,
+        val_size=2,
+        val_interval=2,
+        warmup_steps=1,
+        device="cpu",
+        kind="mri",
+        base_features=4,
+        depth=2,
+        max_features=8,
+        resume=True,
+    )
     log = tmp_path / "run" / "fold_0" / "log.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text(json.dumps({"type": "step", "step": 1, "loss": 9.0}) + "\n")  # killed early
@@ -264,6 +288,7 @@ def test_a_fold_restarted_from_scratch_keeps_no_log_of_the_earlier_try(tmp_path)
 
 
 # ------------------------------------------------------------------ 5. silent odd results
+
 
 def test_write_image_refuses_complex_maps(tmp_path):
     with pytest.raises(ValueError, match=r"c\.nii\.gz: the map is complex"):
@@ -326,6 +351,7 @@ def test_gallery_names_the_file_and_writes_into_a_folder(tmp_path):
 
 # -------------------------------------------------- 6. images that cannot take an anomaly
 
+
 def test_images_too_small_for_the_smallest_anomaly_are_dropped_up_front():
     from napari_mtml.data import HealthyCollection, placeable_share, takes_smallest_anomaly
 
@@ -340,15 +366,17 @@ def test_images_too_small_for_the_smallest_anomaly_are_dropped_up_front():
     assert not takes_smallest_anomaly(speck) and not takes_smallest_anomaly(line)
     ims = [np.where(good, 1.0 + i, 0.0) for i in range(6)] + [speck * 1.0, line * 1.0]
     fgs = [good] * 6 + [speck, line]
-    col = HealthyCollection.from_arrays(ims, fgs, names=[f"ok{i}" for i in range(6)]
-                                        + ["speck", "line"])
+    col = HealthyCollection.from_arrays(
+        ims, fgs, names=[f"ok{i}" for i in range(6)] + ["speck", "line"]
+    )
     assert len(col) == 6
     assert len(col.notes) == 1 and "speck" in col.notes[0] and "line" in col.notes[0]
     with pytest.raises(ValueError, match="no healthy image can take"):
         HealthyCollection.from_arrays([speck * 1.0] * 5, [speck] * 5)
     with pytest.raises(ValueError, match="only 4 healthy image.*need at least 5.*speck"):
-        HealthyCollection.from_arrays(ims[:4] + [speck * 1.0], fgs[:4] + [speck],
-                                      names=["a", "b", "c", "d", "speck"])
+        HealthyCollection.from_arrays(
+            ims[:4] + [speck * 1.0], fgs[:4] + [speck], names=["a", "b", "c", "d", "speck"]
+        )
 
 
 def test_a_draw_that_finds_no_place_falls_back_instead_of_raising(monkeypatch):
@@ -359,7 +387,8 @@ def test_a_draw_that_finds_no_place_falls_back_instead_of_raising(monkeypatch):
     fg = np.zeros(frame, bool)
     fg[6:26, 6:26] = True
     samples = data.HealthyCollection.from_arrays(
-        [np.where(fg, 1.0 + i, 0.0) for i in range(5)], [fg] * 5).samples
+        [np.where(fg, 1.0 + i, 0.0) for i in range(5)], [fg] * 5
+    ).samples
     real = data._synthesize_item
     sizes = []
 

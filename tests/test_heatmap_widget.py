@@ -31,10 +31,22 @@ def tiny_run(tmp_path_factory):
     healthy.mkdir()
     for i in range(6):
         nib.save(nib.Nifti1Image(_disc((96, 96), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
-    config = TrainConfig(healthy=(str(healthy),), out=str(root / "run"), fold=0, max_steps=2,
-                         dims=2, batch_size=2, val_interval=2, val_size=4, frame=(64, 64),
-                         preset="light", depth=3, base_features=8, device="cpu",
-                         pos_encoding=True)
+    config = TrainConfig(
+        healthy=(str(healthy),),
+        out=str(root / "run"),
+        fold=0,
+        max_steps=2,
+        dims=2,
+        batch_size=2,
+        val_interval=2,
+        val_size=4,
+        frame=(64, 64),
+        preset="light",
+        depth=3,
+        base_features=8,
+        device="cpu",
+        pos_encoding=True,
+    )
     for _ in train(config):
         pass
     return root / "run"
@@ -45,15 +57,17 @@ def _predict(qtbot, widget):
     assert widget.wait(60)
 
 
-def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtbot, tiny_run,
-                                                        tmp_path, napari_errors):
+def test_heatmap_prediction_threshold_reference_and_save(
+    make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors
+):
     from napari_mtml.io import read_image
 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(str(tiny_run))
-    layer = viewer.add_image(_disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9),
-                             translate=(10.0, -5.0, 2.0))
+    layer = viewer.add_image(
+        _disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9), translate=(10.0, -5.0, 2.0)
+    )
     healthy = viewer.add_image(_disc((12, 40, 40), 8), name="healthy ref", scale=(3.0, 0.9, 0.9))
     widget.image_combo.set_layer(layer)
     _predict(qtbot, widget)  # a 2D run predicts a volume slice by slice
@@ -107,8 +121,9 @@ def test_heatmap_prediction_threshold_reference_and_save(make_napari_viewer, qtb
     np.testing.assert_allclose(back.spacing, layer.scale)
 
 
-def test_the_healthy_threshold_follows_a_retrained_run(make_napari_viewer, qtbot, tiny_run,
-                                                       tmp_path, monkeypatch):
+def test_the_healthy_threshold_follows_a_retrained_run(
+    make_napari_viewer, qtbot, tiny_run, tmp_path, monkeypatch
+):
     """The reference's scores are cached per layer and per run state: asking again predicts
     nothing, but a run retrained in the same folder (a new config.json) predicts again."""
     import os
@@ -168,12 +183,24 @@ def test_heatmap_2d_image_with_3d_run_notifies(make_napari_viewer, qtbot, tmp_pa
     healthy = tmp_path / "healthy3d"
     healthy.mkdir()
     for i in range(6):
-        nib.save(nib.Nifti1Image(_disc((24, 40, 40), i).T, np.diag([1.0, 1.0, 1.0, 1.0])),
-                 healthy / f"v{i}.nii.gz")
-    config = TrainConfig(healthy=(str(healthy),), out=str(tmp_path / "run3d"), fold=0,
-                         max_steps=1, batch_size=1, val_interval=1, val_size=1,
-                         frame=(16, 32, 32), preset="light", depth=3, base_features=4,
-                         device="cpu")
+        nib.save(
+            nib.Nifti1Image(_disc((24, 40, 40), i).T, np.diag([1.0, 1.0, 1.0, 1.0])),
+            healthy / f"v{i}.nii.gz",
+        )
+    config = TrainConfig(
+        healthy=(str(healthy),),
+        out=str(tmp_path / "run3d"),
+        fold=0,
+        max_steps=1,
+        batch_size=1,
+        val_interval=1,
+        val_size=1,
+        frame=(16, 32, 32),
+        preset="light",
+        depth=3,
+        base_features=4,
+        device="cpu",
+    )
     for _ in train(config):
         pass
 
@@ -198,8 +225,9 @@ def test_heatmap_on_a_rotated_flipped_layer_sits_on_it(make_napari_viewer, qtbot
     # another reader's layer: unit scale, the voxel size, a rotation and a flip in `affine`
     angle = np.deg2rad(30.0)
     outer = np.eye(3)
-    outer[:2, :2] = np.array([[np.cos(angle), -np.sin(angle)],
-                              [np.sin(angle), np.cos(angle)]]) @ np.diag([0.5, -0.8])
+    outer[:2, :2] = np.array(
+        [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    ) @ np.diag([0.5, -0.8])
     outer[:2, 2] = (12.0, -3.0)
     layer = viewer.add_image(_disc((40, 40), 4), name="oblique", rotate=10.0, affine=outer)
     widget.image_combo.set_layer(layer)
@@ -223,8 +251,9 @@ def test_region_table_click_features_and_csv(make_napari_viewer, qtbot, tiny_run
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(str(tiny_run))
-    layer = viewer.add_image(_disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9),
-                             translate=(10.0, -5.0, 2.0))
+    layer = viewer.add_image(
+        _disc((12, 40, 40), 7), name="vol", scale=(3.0, 0.9, 0.9), translate=(10.0, -5.0, 2.0)
+    )
     widget.image_combo.set_layer(layer)
     _predict(qtbot, widget)
     heat = widget.prediction.anomaly
@@ -292,8 +321,7 @@ def test_heatmap_in_3d_view_renders(make_napari_viewer, qtbot, tiny_run):
     assert (r[changed] > b[changed]).mean() > 0.5
 
 
-def test_single_prediction_progress_and_cancel(make_napari_viewer, qtbot, tiny_run,
-                                               monkeypatch):
+def test_single_prediction_progress_and_cancel(make_napari_viewer, qtbot, tiny_run, monkeypatch):
     import threading
 
     from napari_mtml.inference import Ensemble
@@ -346,8 +374,7 @@ def _batch_folder(root, n=3):
     return folder
 
 
-def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tiny_run,
-                                                 tmp_path):
+def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tiny_run, tmp_path):
     import csv
 
     from napari_mtml.io import read_image
@@ -385,8 +412,9 @@ def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tin
     widget.batch_table.selectRow(1)
     image = viewer.layers[ok[1].name]
     assert image.data.shape == (1, 40, 40)
-    np.testing.assert_allclose(widget.heatmap_layer.data,
-                               read_image(out / f"{ok[1].name}_anomaly.nii.gz").array)
+    np.testing.assert_allclose(
+        widget.heatmap_layer.data, read_image(out / f"{ok[1].name}_anomaly.nii.gz").array
+    )
     np.testing.assert_allclose(widget.heatmap_layer.scale, image.scale)
     assert len(viewer.layers) > n_layers and widget.labels_layer is not None
     assert widget.prediction.score == pytest.approx(ok[1].score)
@@ -394,8 +422,9 @@ def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tin
     assert sum(ly.name == ok[1].name for ly in viewer.layers) == 1
 
 
-def test_batch_of_open_layers_maps_back_onto_each_layer(make_napari_viewer, qtbot, tiny_run,
-                                                       tmp_path):
+def test_batch_of_open_layers_maps_back_onto_each_layer(
+    make_napari_viewer, qtbot, tiny_run, tmp_path
+):
     from napari_mtml._napari._common import layer_affine, scan_from_layer
     from napari_mtml.inference import load_ensemble
 
@@ -403,8 +432,9 @@ def test_batch_of_open_layers_maps_back_onto_each_layer(make_napari_viewer, qtbo
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(str(tiny_run))
     flat = viewer.add_image(_disc((40, 40), 30), name="flat one", scale=(0.7, 0.7))
-    tilted = viewer.add_image(_disc((40, 40), 31, radius=0.6), name="tilted",
-                              scale=(0.9, -0.9), rotate=20.0)
+    tilted = viewer.add_image(
+        _disc((40, 40), 31, radius=0.6), name="tilted", scale=(0.9, -0.9), rotate=20.0
+    )
     widget.batch_source_combo.setCurrentText("all open image layers")
     widget.batch_out_edit.setText(str(tmp_path / "layers_out"))
     widget.run_batch()
@@ -423,8 +453,9 @@ def test_batch_of_open_layers_maps_back_onto_each_layer(make_napari_viewer, qtbo
         np.testing.assert_allclose(heat.data, direct, atol=1e-5)
 
 
-def test_batch_cancel_keeps_scores_of_the_images_done(make_napari_viewer, qtbot, tiny_run,
-                                                      tmp_path, monkeypatch):
+def test_batch_cancel_keeps_scores_of_the_images_done(
+    make_napari_viewer, qtbot, tiny_run, tmp_path, monkeypatch
+):
     import threading
 
     from napari_mtml.inference import Ensemble
@@ -462,8 +493,9 @@ def test_batch_cancel_keeps_scores_of_the_images_done(make_napari_viewer, qtbot,
     assert not widget.cancel_button.isEnabled() and widget.progress is None
 
 
-def test_heatmap_keeps_the_map_inside_a_labels_mask(make_napari_viewer, qtbot, tiny_run,
-                                                    napari_errors, monkeypatch):
+def test_heatmap_keeps_the_map_inside_a_labels_mask(
+    make_napari_viewer, qtbot, tiny_run, napari_errors, monkeypatch
+):
     from napari_mtml._napari import heatmap_widget as hw
 
     viewer = make_napari_viewer()

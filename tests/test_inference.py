@@ -22,8 +22,13 @@ def make_run(root, dims=2, frame=(16, 16), missing=(), train_tasks=1, **settings
     run = root / "run"
     run.mkdir()
     cfg = TrainConfig(
-        healthy=("unused",), out=str(run), dims=dims, frame=frame, kind="mri",
-        train_tasks=train_tasks, **{**TINY, **settings},
+        healthy=("unused",),
+        out=str(run),
+        dims=dims,
+        frame=frame,
+        kind="mri",
+        train_tasks=train_tasks,
+        **{**TINY, **settings},
     ).resolve(dims, "mri", frame)
     cfg.to_json(run / "config.json")
     for k in range(math.comb(5, train_tasks)):

@@ -73,8 +73,9 @@ def test_las_ras_lps_give_the_same_anatomy_and_round_trip(tmp_path):
         assert back.spacing == pytest.approx(scan.spacing)
         np.testing.assert_allclose(back.affine, scan.affine, atol=1e-6)
         # the written file is in the original voxel order, so it overlays the input file
-        np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj),
-                                      {"ras": ras, "las": las, "lps": lps}[name])
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(out).dataobj), {"ras": ras, "las": las, "lps": lps}[name]
+        )
 
 
 def test_a_written_map_lands_on_the_original_file_voxels(tmp_path):
@@ -180,8 +181,11 @@ def test_monochrome1_is_inverted_bright_means_dense(tmp_path):
     raw = ds.pixel_array.astype(np.float64)
     assert scan.metadata["inverted"] is True
     # inverted about the stored range (BitsStored), so the ordering of values is reversed
-    hi = 2.0 ** int(ds.BitsStored) - 1 if int(ds.PixelRepresentation) == 0 else \
-        2.0 ** (int(ds.BitsStored) - 1) - 1
+    hi = (
+        2.0 ** int(ds.BitsStored) - 1
+        if int(ds.PixelRepresentation) == 0
+        else 2.0 ** (int(ds.BitsStored) - 1) - 1
+    )
     lo = 0.0 if int(ds.PixelRepresentation) == 0 else -(2.0 ** (int(ds.BitsStored) - 1))
     np.testing.assert_allclose(scan.array, lo + hi - raw)
     assert np.argmax(scan.array) == np.argmin(raw)
@@ -213,7 +217,8 @@ def test_chest_xray_cr_is_2d_inverted_with_spacing_fallback():
     raw = pydicom.dcmread(path).pixel_array
     # MONOCHROME1: the raw minimum (displayed white) becomes the brightest value
     assert np.unravel_index(np.argmax(scan.array), scan.shape) == np.unravel_index(
-        np.argmin(raw), raw.shape)
+        np.argmin(raw), raw.shape
+    )
     # the window moves with the inversion: 15000 of 0..32767 -> 17767
     assert scan.metadata["window"] == (pytest.approx(17767.0), pytest.approx(30000.0))
 
@@ -226,8 +231,9 @@ def test_multiframe_dicom_becomes_3d():
     offsets = np.asarray(ds.GridFrameOffsetVector, dtype=float)
     assert scan.spacing[0] == pytest.approx(abs(offsets[1] - offsets[0]))
     # a dose grid has no rescale: the stored values are kept, only reordered
-    assert scan.array.sum() == pytest.approx(float(ds.pixel_array.astype(np.float64).sum()),
-                                             rel=1e-6)
+    assert scan.array.sum() == pytest.approx(
+        float(ds.pixel_array.astype(np.float64).sum()), rel=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,8 +397,10 @@ def test_colour_5d_and_rgb_refused(tmp_path):
     rgb[..., 0] = 200
     Image.fromarray(rgb).save(tmp_path / "colour.png")
     _bad(tmp_path / "colour.png", "colour")
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2, 3), dtype=np.float32), np.eye(4)),
-             tmp_path / "five.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((4, 4, 4, 2, 3), dtype=np.float32), np.eye(4)),
+        tmp_path / "five.nii.gz",
+    )
     _bad(tmp_path / "five.nii.gz", "5D")
     rgb_dtype = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
     img = nib.Nifti1Image(np.zeros((4, 4, 4), dtype=rgb_dtype), np.eye(4))

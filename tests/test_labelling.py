@@ -240,7 +240,7 @@ def test_single_component_shortcut_is_only_taken_for_one_component():
             mask[:] = False
             for r in range(shape[0]):
                 a = int(rng.integers(0, shape[1]))
-                mask[r, a: a + int(rng.integers(1, 4))] = True
+                mask[r, a : a + int(rng.integers(1, 4))] = True
         box = _single_component_2d(mask)
         components, count = ndimage.label(mask)
         if box is not None:

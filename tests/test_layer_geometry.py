@@ -33,8 +33,9 @@ def _oblique_affine(ndim: int) -> np.ndarray:
         rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         linear = rot @ np.diag([0.5, -0.8])  # second axis flipped
     else:
-        rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
-                        [0, np.sin(angle), np.cos(angle)]])
+        rot = np.array(
+            [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+        )
         linear = rot @ np.diag([2.0, 0.5, -0.8])
     aff = np.eye(ndim + 1)
     aff[:ndim, :ndim] = linear
@@ -52,12 +53,19 @@ def test_layer_affine_is_what_napari_draws():
 
     from napari_mtml._napari._common import layer_affine, layer_spacing, voxel_volume
 
-    layer = Image(_volume(), scale=(3.0, -1.5, 2.0), translate=(1.0, 2.0, 3.0),
-                  rotate=ROTATE_3D, shear=(0.2, 0.0, 0.1), affine=_oblique_affine(3))
+    layer = Image(
+        _volume(),
+        scale=(3.0, -1.5, 2.0),
+        translate=(1.0, 2.0, 3.0),
+        rotate=ROTATE_3D,
+        shear=(0.2, 0.0, 0.1),
+        affine=_oblique_affine(3),
+    )
     matrix = layer_affine(layer)
     for index in [(0, 0, 0), (3, 4, 5), (1, 2, 3)]:
-        np.testing.assert_allclose(matrix @ (*index, 1.0), (*layer.data_to_world(index), 1.0),
-                                   atol=1e-9)
+        np.testing.assert_allclose(
+            matrix @ (*index, 1.0), (*layer.data_to_world(index), 1.0), atol=1e-9
+        )
     linear = matrix[:3, :3]
     np.testing.assert_allclose(layer_spacing(layer), np.linalg.norm(linear, axis=0))
     assert voxel_volume(layer) == pytest.approx(abs(np.linalg.det(linear)))
@@ -86,8 +94,9 @@ def test_widget_outputs_carry_the_whole_transform(make_napari_viewer):
     from napari_mtml._napari._common import layer_affine, set_or_add_image, set_or_add_labels
 
     viewer = make_napari_viewer()
-    src = viewer.add_image(_volume(), name="src", scale=(2.0, 1.0, -1.0), rotate=ROTATE_3D,
-                           affine=_oblique_affine(3))
+    src = viewer.add_image(
+        _volume(), name="src", scale=(2.0, 1.0, -1.0), rotate=ROTATE_3D, affine=_oblique_affine(3)
+    )
     heat = set_or_add_image(viewer, None, np.zeros(src.data.shape, np.float32), "heat", src)
     labels = set_or_add_labels(viewer, None, np.zeros(src.data.shape, np.int32), "lab", src)
     for out in (heat, labels):
@@ -122,9 +131,13 @@ def test_image_writer_round_trip_rotated_and_flipped(make_napari_viewer, tmp_pat
 
     viewer = make_napari_viewer()
     data = _volume((4, 5, 6) if ndim == 3 else (5, 6))
-    layer = viewer.add_image(data, name="rotated", scale=(1.0,) * (ndim - 1) + (-1.0,),
-                             rotate=ROTATE_3D if ndim == 3 else 30.0,
-                             affine=_oblique_affine(ndim))
+    layer = viewer.add_image(
+        data,
+        name="rotated",
+        scale=(1.0,) * (ndim - 1) + (-1.0,),
+        rotate=ROTATE_3D if ndim == 3 else 30.0,
+        affine=_oblique_affine(ndim),
+    )
     path = tmp_path / "rotated.nii.gz"
     written = layer.save(str(path), plugin=PLUGIN)
     assert [str(path)] == list(written) and path.is_file()
@@ -143,12 +156,19 @@ def test_image_writer_round_trip_rotated_and_flipped(make_napari_viewer, tmp_pat
 
 
 def test_labels_writer_keeps_integer_labels_and_a_reader_layer_keeps_its_file(
-        make_napari_viewer, tmp_path):
+    make_napari_viewer, tmp_path
+):
     from napari_mtml.io import read_image
 
     # A file stored L-R flipped with an oblique tilt: our reader reorients it to RAS.
-    aff = np.array([[-0.9, 0.1, 0.0, 60.0], [0.0, 1.1, 0.05, -40.0], [0.0, 0.0, 2.5, -10.0],
-                    [0.0, 0.0, 0.0, 1.0]])
+    aff = np.array(
+        [
+            [-0.9, 0.1, 0.0, 60.0],
+            [0.0, 1.1, 0.05, -40.0],
+            [0.0, 0.0, 2.5, -10.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     labels_xyz = np.zeros((6, 7, 5), np.int16)
     labels_xyz[1:3, 2:5, 1:4] = 1
     labels_xyz[4, 5, 2] = 300  # needs more than 8 bits
@@ -156,9 +176,13 @@ def test_labels_writer_keeps_integer_labels_and_a_reader_layer_keeps_its_file(
 
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(tmp_path / "seg.nii.gz"), plugin=PLUGIN)
-    labels = viewer.add_labels(np.asarray(layer.data).astype(np.int32), name="seg labels",
-                               scale=layer.scale, translate=layer.translate,
-                               metadata=dict(layer.metadata))
+    labels = viewer.add_labels(
+        np.asarray(layer.data).astype(np.int32),
+        name="seg labels",
+        scale=layer.scale,
+        translate=layer.translate,
+        metadata=dict(layer.metadata),
+    )
     out = tmp_path / "seg_out.nii.gz"
     labels.save(str(out), plugin=PLUGIN)
     img = nib.load(out)
@@ -189,8 +213,9 @@ def test_heatmap_outputs_saved_together_as_a_folder(make_napari_viewer, tmp_path
     (src,) = viewer.open(str(tmp_path / "scan.nii.gz"), plugin=PLUGIN)
     heat = set_or_add_image(viewer, None, np.abs(src.data) / 5, "scan anomaly", src)
     spread = set_or_add_image(viewer, None, np.abs(src.data) / 9, "scan disagreement", src)
-    regions = set_or_add_labels(viewer, None, (src.data > 1).astype(np.int32),
-                                "scan suspicious", src)
+    regions = set_or_add_labels(
+        viewer, None, (src.data > 1).astype(np.int32), "scan suspicious", src
+    )
     viewer.layers.selection = {heat, spread, regions}
     folder = tmp_path / "outputs"
     written = viewer.layers.save(str(folder), selected=True, plugin=PLUGIN)
@@ -200,8 +225,11 @@ def test_heatmap_outputs_saved_together_as_a_folder(make_napari_viewer, tmp_path
         img = nib.load(folder / name)
         np.testing.assert_allclose(img.affine, aff, atol=1e-5)  # the source file's geometry
         assert img.shape == image_xyz.shape
-    np.testing.assert_allclose(np.asarray(nib.load(folder / "scan_anomaly.nii.gz").dataobj),
-                               np.abs(image_xyz) / 5, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(nib.load(folder / "scan_anomaly.nii.gz").dataobj),
+        np.abs(image_xyz) / 5,
+        rtol=1e-6,
+    )
     assert nib.load(folder / "scan_suspicious.nii.gz").get_data_dtype() == np.uint8
 
 

@@ -104,9 +104,11 @@ def test_no_global_random_state():
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
             if name == "default_rng" and not node.args and not node.keywords:
                 offenders.append(f"{path.relative_to(PKG)}:{node.lineno} unseeded default_rng()")
-            if name in {"manual_seed", "seed"} and isinstance(f, ast.Attribute) and getattr(
-                f.value, "id", ""
-            ) in {"torch", "random"}:
+            if (
+                name in {"manual_seed", "seed"}
+                and isinstance(f, ast.Attribute)
+                and getattr(f.value, "id", "") in {"torch", "random"}
+            ):
                 offenders.append(f"{path.relative_to(PKG)}:{node.lineno} global {name}")
     assert not offenders, offenders
 

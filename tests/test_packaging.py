@@ -42,9 +42,21 @@ def test_built_wheel_carries_root_manifest(tmp_path):
     pytest.importorskip("npe2")
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheel_dir), str(ROOT)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = wheel_dir.glob("napari_mtml-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -57,9 +69,20 @@ def test_built_wheel_carries_root_manifest(tmp_path):
 
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheel)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     # In a fresh interpreter whose path puts the installed wheel first, npe2 must find the
     # manifest inside that wheel's files (not the editable checkout).
@@ -71,7 +94,11 @@ def test_built_wheel_carries_root_manifest(tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run(
-        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env,
+        [sys.executable, "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
         cwd=tmp_path,
     ).stdout.split("\n")
     root = yaml.safe_load(MANIFEST.read_text())

@@ -81,12 +81,17 @@ def test_unstripped_head_gets_a_head_mask_without_background_noise():
 
 
 def test_foreground_of_an_xray_is_the_whole_image():
-    scan = Scan(array=np.arange(12, dtype=np.float32).reshape(3, 4), spacing=(1, 1),
-                metadata={"modality": "CR"})
+    scan = Scan(
+        array=np.arange(12, dtype=np.float32).reshape(3, 4),
+        spacing=(1, 1),
+        metadata={"modality": "CR"},
+    )
     assert infer_kind(scan) == "cxr"
     assert foreground_mask(scan).all()
-    assert infer_kind(Scan(array=np.zeros((3, 4)), spacing=(1, 1),
-                           metadata={"modality": "MR"})) == "mri"
+    assert (
+        infer_kind(Scan(array=np.zeros((3, 4)), spacing=(1, 1), metadata={"modality": "MR"}))
+        == "mri"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,10 +278,16 @@ def test_cxr_frame_equalised_in_minus_one_one():
 def test_cxr_monochrome1_not_yet_inverted_is_inverted_here():
     rng = np.random.default_rng(9)
     plain = _xray(rng)
-    raw_m1 = Scan(array=plain.array, spacing=plain.spacing,
-                  metadata=dict(plain.metadata, photometric="MONOCHROME1"))
-    done_m1 = Scan(array=plain.array, spacing=plain.spacing,
-                   metadata=dict(plain.metadata, photometric="MONOCHROME1", inverted=True))
+    raw_m1 = Scan(
+        array=plain.array,
+        spacing=plain.spacing,
+        metadata=dict(plain.metadata, photometric="MONOCHROME1"),
+    )
+    done_m1 = Scan(
+        array=plain.array,
+        spacing=plain.spacing,
+        metadata=dict(plain.metadata, photometric="MONOCHROME1", inverted=True),
+    )
     a, _, _ = to_frame(plain)
     b, _, _ = to_frame(raw_m1)
     c, _, _ = to_frame(done_m1)

@@ -63,8 +63,9 @@ def test_slice_preview_changes_one_slice_only():
     res = compute_preview(inp, "sink", 0, {"max_push": 10.0}, slice_index=6)
     assert res.slice_index == 6 and res.label[6].max() > 0
     assert not np.delete(res.label, 6, axis=0).any()
-    np.testing.assert_allclose(np.delete(res.image, 6, axis=0), np.delete(image, 6, axis=0),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        np.delete(res.image, 6, axis=0), np.delete(image, 6, axis=0), atol=1e-3
+    )
     with pytest.raises(ValueError, match="outside"):
         compute_preview(inp, "sink", 0, {}, slice_index=12)
     assert prefers_slices((6.5, 0.8, 0.8)) and not prefers_slices((1.0, 1.0, 1.2))

@@ -25,7 +25,13 @@ def test_citation_names_this_version_and_the_paper():
     paper = cff["preferred-citation"]
     assert PROJECT["urls"]["Paper"].endswith(paper["doi"])
     assert [a["family-names"] for a in paper["authors"]] == [
-        "Baugh", "Tan", "Müller", "Dombrowski", "Batten", "Kainz"]
+        "Baugh",
+        "Tan",
+        "Müller",
+        "Dombrowski",
+        "Batten",
+        "Kainz",
+    ]
     assert paper["year"] == 2023 and paper["volume"] == 14220
 
 

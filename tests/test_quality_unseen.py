@@ -92,9 +92,15 @@ def test_lesion_kinds_look_like_what_they_claim(template):
 def test_severity_grows(template):
     image, brain, sp = template.image, template.brain, template.spacing
     for kind in ("ring_mass", "cavity", "texture"):
-        sizes = [sum(lesions.lesion_function(kind, k)(image, brain, sp,
-                                                      np.random.default_rng(s))[1].sum()
-                     for s in range(2)) for k in range(3)]
+        sizes = [
+            sum(
+                lesions.lesion_function(kind, k)(image, brain, sp, np.random.default_rng(s))[
+                    1
+                ].sum()
+                for s in range(2)
+            )
+            for k in range(3)
+        ]
         assert sizes[0] < sizes[1] < sizes[2], (kind, sizes)
     with pytest.raises(ValueError, match="severity"):
         lesions.lesion_function("cavity", 3)
@@ -106,16 +112,33 @@ def test_severity_grows(template):
 # Data and metrics
 # --------------------------------------------------------------------------------------------
 def _settings(**over):
-    base = {"version": qu.GEN_VERSION, "seed": 0, "quick": True, "n_train": 5, "n_calib": 1,
-            "n_healthy": 2, "reps": 1, "kinds": ["cavity", "ms_foci"], "severities": [1],
-            "source": "test"}
+    base = {
+        "version": qu.GEN_VERSION,
+        "seed": 0,
+        "quick": True,
+        "n_train": 5,
+        "n_calib": 1,
+        "n_healthy": 2,
+        "reps": 1,
+        "kinds": ["cavity", "ms_foci"],
+        "severities": [1],
+        "source": "test",
+    }
     base.update(over)
     return base
 
 
 def test_plan_balances_protocols_and_separates_seeds():
-    items = qu.plan_items(_settings(n_train=16, n_calib=4, n_healthy=8, reps=2,
-                                    kinds=list(lesions.LESIONS), severities=[0, 1, 2]))
+    items = qu.plan_items(
+        _settings(
+            n_train=16,
+            n_calib=4,
+            n_healthy=8,
+            reps=2,
+            kinds=list(lesions.LESIONS),
+            severities=[0, 1, 2],
+        )
+    )
     names = [it["name"] for it in items]
     assert len(names) == len(set(names))
     keys = [tuple(it["keys"]) for it in items]
@@ -142,19 +165,23 @@ def test_generated_data_is_cached_reproducible_and_readable(tiny_data, tmp_path)
     again_folder, again = qu.generate_data(work, _settings())  # the cache
     assert again_folder == folder and again == items
     # elsewhere, from the same seed: the same volume (here the first lesioned one alone)
-    other_folder, other = qu.generate_data(tmp_path, _settings(n_train=0, n_calib=0,
-                                                               n_healthy=0, kinds=["cavity"]))
+    other_folder, other = qu.generate_data(
+        tmp_path, _settings(n_train=0, n_calib=0, n_healthy=0, kinds=["cavity"])
+    )
     assert len(other) == 1
     name = other[0]["name"]
     assert name in {it["name"] for it in items}
     a = qu._read(folder / f"{name}.nii.gz")
     b = qu._read(other_folder / f"{name}.nii.gz")
     np.testing.assert_array_equal(a.array, b.array)
-    np.testing.assert_array_equal(qu._load_masks(folder / f"{name}_masks.npz")["lesion"],
-                                  qu._load_masks(other_folder / f"{name}_masks.npz")["lesion"])
+    np.testing.assert_array_equal(
+        qu._load_masks(folder / f"{name}_masks.npz")["lesion"],
+        qu._load_masks(other_folder / f"{name}_masks.npz")["lesion"],
+    )
     # another seed: another volume
-    seeded_folder, _ = qu.generate_data(tmp_path, _settings(seed=1, n_train=0, n_calib=0,
-                                                            n_healthy=0, kinds=["cavity"]))
+    seeded_folder, _ = qu.generate_data(
+        tmp_path, _settings(seed=1, n_train=0, n_calib=0, n_healthy=0, kinds=["cavity"])
+    )
     c = qu._read(seeded_folder / f"{name}.nii.gz")
     assert c.array.shape != a.array.shape or not np.array_equal(c.array, a.array)
     for it in items:
@@ -180,8 +207,11 @@ def test_evaluation_scores_a_perfect_map_perfectly(tiny_data, tmp_path):
             continue
         scan = qu._read(folder / f"{it['name']}.nii.gz")
         masks = qu._load_masks(folder / f"{it['name']}_masks.npz")
-        perfect = masks["lesion"].astype(np.float32) if "lesion" in masks else np.zeros(
-            scan.array.shape, np.float32)
+        perfect = (
+            masks["lesion"].astype(np.float32)
+            if "lesion" in masks
+            else np.zeros(scan.array.shape, np.float32)
+        )
         qu._write_volume(pred / f"{it['name']}_anomaly.nii.gz", perfect, scan.spacing)
     res = qu.evaluate_synthetic(folder, items, pred, seed=0)
     model = res["pixel"]["model"]
@@ -199,16 +229,25 @@ def test_evaluation_scores_a_perfect_map_perfectly(tiny_data, tmp_path):
     assert res["volume_ap"]["model"]["all"] == pytest.approx(1.0)
     assert res["volume_ap"]["random"]["all"] < 0.1
     assert {row["name"] for row in res["volumes"]} == {
-        it["name"] for it in items if it["role"] in ("healthy", "lesion")}
+        it["name"] for it in items if it["role"] in ("healthy", "lesion")
+    }
 
 
 def test_compare_prints_runs_side_by_side(tmp_path, capsys):
-    a = {"label": "before", "steps": {"total_steps": 1500},
-         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.125},
-                                                                 "kind:cavity": {"ap": 0.5}}}}}
-    b = {"label": "after", "steps": {"total_steps": 4000},
-         "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.25}}}},
-         "tumour": {"methods": {"model": {"pixel_brain": {"ap": 0.3}}}}}
+    a = {
+        "label": "before",
+        "steps": {"total_steps": 1500},
+        "synthetic": {
+            "kinds": ["cavity"],
+            "pixel": {"model": {"all": {"ap": 0.125}, "kind:cavity": {"ap": 0.5}}},
+        },
+    }
+    b = {
+        "label": "after",
+        "steps": {"total_steps": 4000},
+        "synthetic": {"kinds": ["cavity"], "pixel": {"model": {"all": {"ap": 0.25}}}},
+        "tumour": {"methods": {"model": {"pixel_brain": {"ap": 0.3}}}},
+    }
     paths = []
     for name, doc in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(doc))
@@ -260,8 +299,21 @@ def test_brain_mask_estimate_on_the_tumour_sample():
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path, capsys):
     out = tmp_path / "q.json"
-    rc = qu.main(["--quick", "--work", str(tmp_path / "w"), "--json", str(out),
-                  "--kinds", "cavity", "--n-healthy", "1", "--label", "t"])
+    rc = qu.main(
+        [
+            "--quick",
+            "--work",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+            "--kinds",
+            "cavity",
+            "--n-healthy",
+            "1",
+            "--label",
+            "t",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -274,13 +326,36 @@ def test_quick_mode_end_to_end(tmp_path, capsys):
         assert 0.0 <= ap <= 1.0
         t = res["tumour"]["methods"][m]["pixel_head"]
         assert 0.0 <= t["ap"] <= 1.0 and 0.0 <= t["auroc"] <= 1.0
-    assert set(res["times_s"]) >= {"generate data", "train", "predict", "evaluate",
-                                   "tumour: train", "tumour: predict", "tumour: evaluate"}
+    assert set(res["times_s"]) >= {
+        "generate data",
+        "train",
+        "predict",
+        "evaluate",
+        "tumour: train",
+        "tumour: predict",
+        "tumour: evaluate",
+    }
     # --run: evaluate the same run again without training
     out2 = tmp_path / "q2.json"
-    assert qu.main(["--quick", "--work", str(tmp_path / "w"), "--json", str(out2),
-                    "--kinds", "cavity", "--n-healthy", "1", "--skip-tumour",
-                    "--run", res["run"]]) == 0
+    assert (
+        qu.main(
+            [
+                "--quick",
+                "--work",
+                str(tmp_path / "w"),
+                "--json",
+                str(out2),
+                "--kinds",
+                "cavity",
+                "--n-healthy",
+                "1",
+                "--skip-tumour",
+                "--run",
+                res["run"],
+            ]
+        )
+        == 0
+    )
     res2 = json.loads(out2.read_text())
     assert "train" not in res2["times_s"] and "tumour" not in res2
     assert res2["train_record"] == res["train_record"] and res["train_record"]["train_s"] > 0

@@ -37,8 +37,17 @@ def test_get_reader_accepts_nifti_dicom_and_dicom_folders(tmp_path):
 def test_get_reader_returns_none_and_never_raises(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty").mkdir()
-    for odd in (str(tmp_path / "notes.txt"), str(tmp_path / "empty"), str(tmp_path / "gone.nii"),
-                [], [str(tmp_path / "notes.txt")], None, 42, b"\x00", ""):
+    for odd in (
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "empty"),
+        str(tmp_path / "gone.nii"),
+        [],
+        [str(tmp_path / "notes.txt")],
+        None,
+        42,
+        b"\x00",
+        "",
+    ):
         assert get_reader(odd) is None
 
 
@@ -98,8 +107,9 @@ def test_viewer_opens_dicom_file_and_series_folder(make_napari_viewer):
     np.testing.assert_allclose(ct.scale, (0.661468, 0.661468))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageReadWarning)
-        series = viewer.open(str(PYDICOM_DATA / "dicomdirtests" / "77654033" / "CT2"),
-                             plugin="napari-mtml")[0]
+        series = viewer.open(
+            str(PYDICOM_DATA / "dicomdirtests" / "77654033" / "CT2"), plugin="napari-mtml"
+        )[0]
     assert series.data.shape == (4, 16, 16)
     np.testing.assert_allclose(series.scale, (1.25, 0.488281, 0.488281))
     assert series.metadata["format"] == "dicom-series"

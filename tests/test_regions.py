@@ -43,18 +43,35 @@ def test_region_table_and_csv_in_world_mm(tmp_path):
         return np.asarray(index) * (3.0, 1.0, 0.5) + (10.0, -5.0, 2.0)
 
     table = region_table(regions, 3, to_world)
-    assert list(table) == ["index", "voxels", "size_mm", "peak", "mean", "centre_z",
-                           "centre_y", "centre_x"]
+    assert list(table) == [
+        "index",
+        "voxels",
+        "size_mm",
+        "peak",
+        "mean",
+        "centre_z",
+        "centre_y",
+        "centre_x",
+    ]
     assert table["size_mm"][0] == pytest.approx(18 * 1.5)
-    assert (table["centre_z"][0], table["centre_y"][0], table["centre_x"][0]) == \
-        pytest.approx((17.5, -2.0, 4.0))
+    assert (table["centre_z"][0], table["centre_y"][0], table["centre_x"][0]) == pytest.approx(
+        (17.5, -2.0, 4.0)
+    )
 
     path = write_regions_csv(tmp_path / "r.csv", regions, 0.5, 3, to_world)
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["threshold", "0.5"]
-    assert rows[1] == ["label", "voxels", "size_mm3", "peak", "mean", "centre_z_mm",
-                       "centre_y_mm", "centre_x_mm"]
+    assert rows[1] == [
+        "label",
+        "voxels",
+        "size_mm3",
+        "peak",
+        "mean",
+        "centre_z_mm",
+        "centre_y_mm",
+        "centre_x_mm",
+    ]
     assert rows[2][:3] == ["1", "18", "27"] and float(rows[2][5]) == pytest.approx(17.5)
     assert len(rows) == 4
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left
@@ -75,9 +92,15 @@ def test_nearest_voxel_lies_inside_a_curved_region():
 def test_percentile_threshold_of_healthy_scores():
     class Flat:  # an ensemble whose map is a ramp: the percentile is known
         def predict(self, scan):
-            return type("P", (), {"anomaly": np.linspace(0, 1, scan.array.size,
-                                                         dtype=np.float32).reshape(
-                                                             scan.array.shape)})()
+            return type(
+                "P",
+                (),
+                {
+                    "anomaly": np.linspace(0, 1, scan.array.size, dtype=np.float32).reshape(
+                        scan.array.shape
+                    )
+                },
+            )()
 
     from napari_mtml.io import Scan
 

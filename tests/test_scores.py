@@ -11,7 +11,7 @@ from napari_mtml.scores import SAMPLE_SCORES, all_scores, sample_score
 
 def _map_with_lesion(value=0.9, size=5, shape=(40, 40)):
     heat = np.full(shape, 0.05, np.float32)
-    heat[10:10 + size, 10:10 + size] = value
+    heat[10 : 10 + size, 10 : 10 + size] = value
     return heat
 
 
@@ -46,8 +46,7 @@ def test_mask_restricts_the_score_and_bad_calls_refused():
 
 def test_lesion_ranks_above_healthy_with_top1_not_always_with_mean():
     rng = np.random.default_rng(0)
-    healthy = [np.clip(rng.normal(0.1, 0.03, (64, 64)), 0, 1).astype(np.float32)
-               for _ in range(5)]
+    healthy = [np.clip(rng.normal(0.1, 0.03, (64, 64)), 0, 1).astype(np.float32) for _ in range(5)]
     lesion = [h.copy() for h in healthy]
     for m in lesion:
         m[5:12, 5:12] = 0.8  # 1.2 % of the image

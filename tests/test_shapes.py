@@ -66,8 +66,10 @@ def test_shape_edge_distance_in_image_axes(kind):
         np.testing.assert_allclose(np.abs(own).max(axis=1), 1.0, atol=1e-9)
     # every raster voxel passes the analytic test: the raster never leaves the shape
     own_pts = shape.to_own_frame(pts) / shape.half_sizes
-    inside = (own_pts**2).sum(1) <= 1 + 1e-9 if kind == "ellipse" else (
-        np.abs(own_pts).max(1) <= 1 + 1e-9
+    inside = (
+        (own_pts**2).sum(1) <= 1 + 1e-9
+        if kind == "ellipse"
+        else (np.abs(own_pts).max(1) <= 1 + 1e-9)
     )
     assert inside.all()
 

@@ -42,9 +42,21 @@ def _collection(shape=(32, 32), n=10, seed=0):
 
 
 def _config(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), fold=0, max_steps=6, batch_size=4, device="cpu",
-                base_features=4, depth=3, max_features=8, lr=5e-3, warmup_steps=2,
-                val_interval=3, val_size=4, seed=1)
+    base = dict(
+        out=str(tmp_path / "run"),
+        fold=0,
+        max_steps=6,
+        batch_size=4,
+        device="cpu",
+        base_features=4,
+        depth=3,
+        max_features=8,
+        lr=5e-3,
+        warmup_steps=2,
+        val_interval=3,
+        val_size=4,
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -60,6 +72,7 @@ def _run(gen):
 
 # --------------------------------------------------------------------------- the loop
 
+
 @pytest.mark.parametrize("shape, steps", [((32, 32), 24), ((16, 16, 16), 10)])
 def test_a_few_steps_lower_the_loss(tmp_path, shape, steps):
     cfg = _config(tmp_path, max_steps=steps, val_interval=steps, batch_size=4, lr=1e-2)
@@ -68,7 +81,11 @@ def test_a_few_steps_lower_the_loss(tmp_path, shape, steps):
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:2])
     assert [type(e) for e in events if not isinstance(e, (StepEvent, Notice))] == [
-        FoldStarted, ValidationEvent, FoldFinished, RunFinished]
+        FoldStarted,
+        ValidationEvent,
+        FoldFinished,
+        RunFinished,
+    ]
     started = next(e for e in events if isinstance(e, FoldStarted))
     assert started.train_tasks == ("intra_blend",) and len(started.val_tasks) == 4
     val = next(e for e in events if isinstance(e, ValidationEvent))
@@ -108,7 +125,8 @@ def _recording_factory(record):
     def factory(cfg, seed):
         net = UNet(**cfg.model_kwargs(), init_seed=seed)
         net.register_forward_pre_hook(
-            lambda m, args: record.append(args[0].detach().clone()) if m.training else None)
+            lambda m, args: record.append(args[0].detach().clone()) if m.training else None
+        )
         return net
 
     return factory
@@ -117,14 +135,18 @@ def _recording_factory(record):
 def test_cancel_then_resume_continues_with_the_same_batches(tmp_path):
     col = _collection()
     full_inputs: list[torch.Tensor] = []
-    _run(train(_config(tmp_path / "a"), collection=col,
-               model_factory=_recording_factory(full_inputs)))
+    _run(
+        train(
+            _config(tmp_path / "a"), collection=col, model_factory=_recording_factory(full_inputs)
+        )
+    )
     assert len(full_inputs) == 6
 
     # Cancel right after the first validation (step 3): the last good checkpoint must load.
     cut_inputs: list[torch.Tensor] = []
-    gen = train(_config(tmp_path / "b"), collection=col,
-                model_factory=_recording_factory(cut_inputs))
+    gen = train(
+        _config(tmp_path / "b"), collection=col, model_factory=_recording_factory(cut_inputs)
+    )
     for event in gen:
         if isinstance(event, StepEvent) and event.step == 4:
             gen.close()
@@ -138,8 +160,13 @@ def test_cancel_then_resume_continues_with_the_same_batches(tmp_path):
         next(train(_config(tmp_path / "b"), collection=col))
 
     resumed_inputs: list[torch.Tensor] = []
-    events, _ = _run(train(_config(tmp_path / "b", resume=True), collection=col,
-                           model_factory=_recording_factory(resumed_inputs)))
+    events, _ = _run(
+        train(
+            _config(tmp_path / "b", resume=True),
+            collection=col,
+            model_factory=_recording_factory(resumed_inputs),
+        )
+    )
     started = next(e for e in events if isinstance(e, FoldStarted))
     assert started.start_step == 3
     assert [e.step for e in events if isinstance(e, StepEvent)] == [4, 5, 6]
@@ -151,8 +178,11 @@ def test_cancel_then_resume_continues_with_the_same_batches(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
     # the log holds each step once
-    steps = [json.loads(x)["step"] for x in (fold_dir / "log.jsonl").read_text().splitlines()
-             if json.loads(x)["type"] == "step"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (fold_dir / "log.jsonl").read_text().splitlines()
+        if json.loads(x)["type"] == "step"
+    ]
     assert steps == list(range(1, 7))
 
 
@@ -167,8 +197,9 @@ class _Constant(torch.nn.Module):
 
 def test_early_stopping(tmp_path):
     cfg = _config(tmp_path, max_steps=50, val_interval=2, patience=4)
-    events, result = _run(train(cfg, collection=_collection(),
-                                model_factory=lambda c, s: _Constant()))
+    events, result = _run(
+        train(cfg, collection=_collection(), model_factory=lambda c, s: _Constant())
+    )
     # the val loss never improves after step 2: stop 4 steps later
     assert max(e.step for e in events if isinstance(e, StepEvent)) == 6
     assert result.folds[0].best_step == 2 and result.folds[0].stopped_early
@@ -211,17 +242,29 @@ def test_cuda_requested_without_gpu(tmp_path):
 
 # --------------------------------------------------------------------------- config
 
+
 def test_config_json_roundtrip_and_resolve(tmp_path):
-    cfg = TrainConfig(healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light",
-                      recipe="paper")
+    cfg = TrainConfig(
+        healthy=["a.nii.gz"], frame="80,112,80", fold="2", preset="light", recipe="paper"
+    )
     assert cfg.frame == (80, 112, 80) and cfg.fold == 2
     assert TrainConfig.from_json(text=cfg.to_json()) == cfg
     r = cfg.resolve(3, "mri", (80, 112, 80))
     assert (r.batch_size, r.lr, r.max_push, r.flip) == (8, 1e-3, 5.0, True)
-    assert r.model_kwargs() == {"dims": 3, "frame": (80, 112, 80), "base_features": 16,
-                                "max_features": 160, "depth": 5, "pos_encoding": True}
-    assert (r.max_steps, r.lr_schedule, r.warmup_steps, r.val_interval) == (20000, "paper", 100,
-                                                                           250)
+    assert r.model_kwargs() == {
+        "dims": 3,
+        "frame": (80, 112, 80),
+        "base_features": 16,
+        "max_features": 160,
+        "depth": 5,
+        "pos_encoding": True,
+    }
+    assert (r.max_steps, r.lr_schedule, r.warmup_steps, r.val_interval) == (
+        20000,
+        "paper",
+        100,
+        250,
+    )
     paper = TrainConfig(recipe="paper")
     x = paper.resolve(2, "cxr", (256, 256))
     assert (x.batch_size, x.lr, x.max_push, x.flip, x.depth) == (50, 5e-3, 10.0, False, 7)
@@ -236,12 +279,21 @@ def test_config_json_roundtrip_and_resolve(tmp_path):
 def test_config_from_toml_and_args(tmp_path):
     (tmp_path / "run.toml").write_text(
         'healthy = ["scans"]\ntrain-tasks = 2\n[model]\npreset = "light"\n'
-        "[training]\nmax_steps = 99\nlr = 2e-3\n")
+        "[training]\nmax_steps = 99\nlr = 2e-3\n"
+    )
     cfg = TrainConfig.from_toml(tmp_path / "run.toml")
     assert cfg.healthy == (str(tmp_path / "scans"),) and cfg.train_tasks == 2
     assert (cfg.preset, cfg.max_steps, cfg.lr) == ("light", 99, 2e-3)
-    ns = argparse.Namespace(command="train", func=None, config=str(tmp_path / "run.toml"),
-                            healthy=None, max_steps=5, fold=None, resume=False, seed=None)
+    ns = argparse.Namespace(
+        command="train",
+        func=None,
+        config=str(tmp_path / "run.toml"),
+        healthy=None,
+        max_steps=5,
+        fold=None,
+        resume=False,
+        seed=None,
+    )
     merged = TrainConfig.from_args(ns)
     assert (merged.max_steps, merged.lr, merged.resume) == (5, 2e-3, False)
     (tmp_path / "bad.toml").write_text("learning_rate = 1\n")
@@ -252,22 +304,25 @@ def test_config_from_toml_and_args(tmp_path):
         TrainConfig.from_toml(tmp_path / "broken.toml")
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"train_tasks": 5}, "train_tasks"),
-    ({"fold": 5}, "0..4"),
-    ({"train_tasks": 2, "fold": 10}, "0..9"),
-    ({"fold": "first"}, "fold"),
-    ({"max_steps": 0}, "max_steps"),
-    ({"device": "tpu"}, "device"),
-    ({"dims": 4}, "dims"),
-    ({"frame": (4, 4)}, "frame"),
-    ({"frame": "80;112"}, "frame"),
-    ({"dims": 3, "frame": (64, 64)}, "one size per spatial axis"),
-    ({"preset": "huge"}, "preset"),
-    ({"lr": -1.0}, "lr"),
-    ({"max_push": 0.1}, "max_push"),
-    ({"lr_decay": 1.5}, "lr_decay"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"train_tasks": 5}, "train_tasks"),
+        ({"fold": 5}, "0..4"),
+        ({"train_tasks": 2, "fold": 10}, "0..9"),
+        ({"fold": "first"}, "fold"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"device": "tpu"}, "device"),
+        ({"dims": 4}, "dims"),
+        ({"frame": (4, 4)}, "frame"),
+        ({"frame": "80;112"}, "frame"),
+        ({"dims": 3, "frame": (64, 64)}, "one size per spatial axis"),
+        ({"preset": "huge"}, "preset"),
+        ({"lr": -1.0}, "lr"),
+        ({"max_push": 0.1}, "max_push"),
+        ({"lr_decay": 1.5}, "lr_decay"),
+    ],
+)
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
@@ -293,8 +348,11 @@ class _Exploding(_Constant):
 
 def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="diverged at step 1.*lower the learning rate"):
-        _run(train(_config(tmp_path), collection=_collection(),
-                   model_factory=lambda c, s: _Exploding()))
+        _run(
+            train(
+                _config(tmp_path), collection=_collection(), model_factory=lambda c, s: _Exploding()
+            )
+        )
 
 
 def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
@@ -322,5 +380,10 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path):
     from napari_mtml.training import TrainingOutOfMemory
 
     with pytest.raises(TrainingOutOfMemory, match="smaller --batch-size or --preset light"):
-        _run(train(_config(tmp_path), collection=_collection(),
-                   model_factory=lambda c, s: _OutOfMemory()))
+        _run(
+            train(
+                _config(tmp_path),
+                collection=_collection(),
+                model_factory=lambda c, s: _OutOfMemory(),
+            )
+        )

@@ -74,8 +74,9 @@ def test_training_runs_to_the_end_and_offers_the_run(make_napari_viewer, qtbot, 
     assert widget.start_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
-def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(make_napari_viewer, qtbot,
-                                                            tmp_path, monkeypatch):
+def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
     import torch
 
     import napari_mtml._napari.training_widget as tw
@@ -143,16 +144,19 @@ def test_device_list_and_cpu_note(make_napari_viewer):
         assert "CPU" in widget.device_note.text()
 
 
-@pytest.mark.parametrize("auto, note", [("cpu", "training runs on the CPU"),
-                                         ("cuda", "auto = cuda (no fallback)")])
-def test_the_device_note_is_a_warning_when_auto_is_the_cpu(make_napari_viewer, monkeypatch,
-                                                           auto, note):
+@pytest.mark.parametrize(
+    "auto, note", [("cpu", "training runs on the CPU"), ("cuda", "auto = cuda (no fallback)")]
+)
+def test_the_device_note_is_a_warning_when_auto_is_the_cpu(
+    make_napari_viewer, monkeypatch, auto, note
+):
     """The colour follows what "auto" picks, not a word of the note's text."""
     import napari_mtml.devices as devices
     from napari_mtml._napari.training_widget import WARNING_COLOUR
 
-    monkeypatch.setattr(devices, "device_choices",
-                        lambda: devices.DeviceChoices(("auto", "cpu"), auto, note))
+    monkeypatch.setattr(
+        devices, "device_choices", lambda: devices.DeviceChoices(("auto", "cpu"), auto, note)
+    )
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     assert widget.device_note.text() == note
@@ -182,8 +186,7 @@ def test_live_plot_follows_napari_s_theme(make_napari_viewer):
     assert luminance(widget.ax_ap.yaxis.get_ticklabels()[0].get_color()) < 0.3
 
 
-def test_defaults_train_the_recipe_for_the_device_to_a_time_budget(make_napari_viewer,
-                                                                   tmp_path):
+def test_defaults_train_the_recipe_for_the_device_to_a_time_budget(make_napari_viewer, tmp_path):
     from napari_mtml.training.events import FoldStarted
 
     viewer = make_napari_viewer()
@@ -208,8 +211,11 @@ def test_browse_picks_healthy_files_or_a_folder(make_napari_viewer, monkeypatch)
 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
-    monkeypatch.setattr(QFileDialog, "getOpenFileNames",
-                        staticmethod(lambda *a, **k: (["/d/a.nii.gz", "/d/b.nii.gz"], "")))
+    monkeypatch.setattr(
+        QFileDialog,
+        "getOpenFileNames",
+        staticmethod(lambda *a, **k: (["/d/a.nii.gz", "/d/b.nii.gz"], "")),
+    )
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: "/d"))
     button = widget.healthy_edit.parent().findChildren(type(widget.start_button))
     menus = [b.menu() for b in button if b.menu() is not None]
@@ -228,7 +234,12 @@ def test_spin_ranges_and_tooltips_come_from_the_config(make_napari_viewer):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     declared = settings()
     assert (widget.tasks_spin.minimum(), widget.tasks_spin.maximum()) == (1, 4)
-    for spin, name in ((widget.tasks_spin, "train_tasks"), (widget.batch_spin, "batch_size"),
-                       (widget.depth_spin, "depth"), (widget.width_spin, "base_features"),
-                       (widget.seed_spin, "seed"), (widget.workers_spin, "workers")):
+    for spin, name in (
+        (widget.tasks_spin, "train_tasks"),
+        (widget.batch_spin, "batch_size"),
+        (widget.depth_spin, "depth"),
+        (widget.width_spin, "base_features"),
+        (widget.seed_spin, "seed"),
+        (widget.workers_spin, "workers"),
+    ):
         assert spin.toolTip() == declared[name].help, name

@@ -21,16 +21,22 @@ def _phantom() -> Template:
     """A small brain-like phantom: an ellipsoid of 'white matter' in 'grey matter', dark
     ventricles, 0 outside the brain; 2 mm voxels, room around it for a head."""
     shape = (40, 48, 44)
-    grids = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, SPACING,
-                                                                    strict=True)],
-                        indexing="ij")
+    grids = np.meshgrid(
+        *[(np.arange(n) + 0.5) * s for n, s in zip(shape, SPACING, strict=True)], indexing="ij"
+    )
     centre = [n * s / 2 for n, s in zip(shape, SPACING, strict=True)]
     radii = (22.0, 28.0, 24.0)
     r = np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grids, centre, radii, strict=True)))
     brain = r < 1.0
     image = np.where(r < 0.6, 220.0, 150.0).astype(np.float32)
-    vent = np.sqrt(((grids[0] - centre[0]) / 5) ** 2 + ((grids[1] - centre[1]) / 9) ** 2
-                   + ((grids[2] - centre[2]) / 3) ** 2) < 1.0
+    vent = (
+        np.sqrt(
+            ((grids[0] - centre[0]) / 5) ** 2
+            + ((grids[1] - centre[1]) / 9) ** 2
+            + ((grids[2] - centre[2]) / 3) ** 2
+        )
+        < 1.0
+    )
     image[vent] = 55.0
     image[~brain] = 0.0
     return Template(image, brain, SPACING)
@@ -48,7 +54,7 @@ def _marker(value_factor: float = 3.0):
         out = image.copy()
         mask = np.zeros(image.shape, dtype=bool)
         c = np.array(ndimage.center_of_mass(brain)).astype(int) + np.array([3, 4, -4])
-        mask[c[0] - 3:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = True
+        mask[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = True
         mask &= brain
         out[mask] = value_factor * float(image[brain].max())
         return out, mask
@@ -110,8 +116,9 @@ def test_skull_variant_has_a_head_around_the_brain(template):
 def test_masks_follow_the_image_through_the_warps(template):
     """A bright marker painted in template space must land in the warped lesion mask."""
     for seed, spacing in ((0, None), (1, (6.0, 1.5, 1.5))):
-        v = make_variant(template, np.random.default_rng(seed), skull=True, spacing=spacing,
-                         lesion=_marker())
+        v = make_variant(
+            template, np.random.default_rng(seed), skull=True, spacing=spacing, lesion=_marker()
+        )
         assert v.lesion is not None and v.lesion.any()
         assert (v.brain | ~v.lesion).all()
         inside = v.image[v.lesion]
@@ -120,10 +127,18 @@ def test_masks_follow_the_image_through_the_warps(template):
 
 
 def test_identity_settings_keep_the_template_grid(template):
-    still = VariantSettings(max_rotation_deg=(0.0, 0.0, 0.0), scale_range=(1.0, 1.0),
-                            anisotropy=0.0, max_shear=0.0, max_translation_mm=0.0,
-                            elastic_mm=0.0, gamma_range=(1.0, 1.0), bias_range=(0.0, 0.0),
-                            noise_range=(0.0, 0.0), gain_range=(1.0, 1.0))
+    still = VariantSettings(
+        max_rotation_deg=(0.0, 0.0, 0.0),
+        scale_range=(1.0, 1.0),
+        anisotropy=0.0,
+        max_shear=0.0,
+        max_translation_mm=0.0,
+        elastic_mm=0.0,
+        gamma_range=(1.0, 1.0),
+        bias_range=(0.0, 0.0),
+        noise_range=(0.0, 0.0),
+        gain_range=(1.0, 1.0),
+    )
     v = make_variant(template, np.random.default_rng(0), settings=still)
     np.testing.assert_array_equal(v.brain, template.brain)
     # the image is the template up to the gain normalisation (white matter level -> 1)
@@ -152,13 +167,22 @@ def test_thick_slices_average_the_slab(template):
         out[mask] = 1000.0
         return out, mask
 
-    still = VariantSettings(max_rotation_deg=(0.0, 0.0, 0.0), scale_range=(1.0, 1.0),
-                            anisotropy=0.0, max_shear=0.0, max_translation_mm=0.0,
-                            elastic_mm=0.0, gamma_range=(1.0, 1.0), bias_range=(0.0, 0.0),
-                            noise_range=(0.0, 0.0), gain_range=(1.0, 1.0))
+    still = VariantSettings(
+        max_rotation_deg=(0.0, 0.0, 0.0),
+        scale_range=(1.0, 1.0),
+        anisotropy=0.0,
+        max_shear=0.0,
+        max_translation_mm=0.0,
+        elastic_mm=0.0,
+        gamma_range=(1.0, 1.0),
+        bias_range=(0.0, 0.0),
+        noise_range=(0.0, 0.0),
+        gain_range=(1.0, 1.0),
+    )
     thin = make_variant(template, np.random.default_rng(0), settings=still, lesion=sheet)
-    thick = make_variant(template, np.random.default_rng(0), settings=still, lesion=sheet,
-                         spacing=(6.0, 2.0, 2.0))
+    thick = make_variant(
+        template, np.random.default_rng(0), settings=still, lesion=sheet, spacing=(6.0, 2.0, 2.0)
+    )
     assert thin.lesion.any()
     assert not thick.lesion.any()  # a third of a slab is below the 0.5 partial volume
     peak_thin = thin.image.max()

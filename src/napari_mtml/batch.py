@@ -46,8 +46,16 @@ __all__ = [
     "auto_brain_mask",
 ]
 
-SCORES_HEADER = ("name", "score", "mean_disagreement", "anomaly_file", "score_method", "mean",
-                 "max", "top1")
+SCORES_HEADER = (
+    "name",
+    "score",
+    "mean_disagreement",
+    "anomaly_file",
+    "score_method",
+    "mean",
+    "max",
+    "top1",
+)
 
 
 @dataclass
@@ -141,8 +149,9 @@ def _in_memory(item) -> bool:
 def _memory_name(scan) -> str:
     name = str(scan.metadata.get("name") or "").strip()
     if not name:
-        raise ValueError("an in-memory image (Scan) in a batch needs metadata['name'] for its "
-                         "output file names")
+        raise ValueError(
+            "an in-memory image (Scan) in a batch needs metadata['name'] for its output file names"
+        )
     return safe_name(name)
 
 
@@ -232,8 +241,10 @@ def predict_batch(
     """
     paths = [p if _in_memory(p) else Path(p) for p in paths]
     if regions_at is not None and not 0 < regions_at <= 1:
-        raise ValueError(f"region threshold {regions_at} is invalid: the maps lie in [0, 1], "
-                         "use a threshold in (0, 1]")
+        raise ValueError(
+            f"region threshold {regions_at} is invalid: the maps lie in [0, 1], "
+            "use a threshold in (0, 1]"
+        )
     if not paths:
         raise ValueError("no input images given")
     names = [_memory_name(p) if _in_memory(p) else image_name(p) for p in paths]
@@ -245,8 +256,7 @@ def predict_batch(
         )
     out = check_output_folder(out_dir, "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}), mask_for,
-                regions_at)
+    return _run(ensemble, paths, names, out, png, dict(predict_kwargs or {}), mask_for, regions_at)
 
 
 def _run(
@@ -380,8 +390,10 @@ def mask_dir_lookup(folder: str | os.PathLike) -> Callable[[Path, Any], Any]:
             raise ValueError(f"{path}: no mask named {name}[_mask].nii.gz in {folder}")
         mask = np.asarray(read_image(found[name]).array) > 0
         if mask.shape != tuple(scan.array.shape):
-            raise ValueError(f"{found[name]}: mask shape {mask.shape} differs from {path}'s "
-                             f"{tuple(scan.array.shape)}")
+            raise ValueError(
+                f"{found[name]}: mask shape {mask.shape} differs from {path}'s "
+                f"{tuple(scan.array.shape)}"
+            )
         return mask
 
     return mask_for

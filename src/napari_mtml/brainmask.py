@@ -65,9 +65,11 @@ __all__ = [
 INSTALL_HINT = 'pip install "napari-mtml[brain]"'
 METHODS = ("auto", "deepbet")
 # What the extra adds, in one sentence, for widgets and CLI messages.
-EXTRA_SUMMARY = ("automatic brain extraction for brain MRI with the skull on (deepbet, weights "
-                 "inside the package, a few seconds per volume on a CPU), so that maps stay "
-                 "inside the brain")
+EXTRA_SUMMARY = (
+    "automatic brain extraction for brain MRI with the skull on (deepbet, weights "
+    "inside the package, a few seconds per volume on a CPU), so that maps stay "
+    "inside the brain"
+)
 
 # Relative deviation from `spacing_mm` up to which a scan is given to the network on its own grid.
 _SPACING_TOLERANCE = 0.1
@@ -165,12 +167,12 @@ def _extractor(device: str):
             # torch >= 2.10 deprecates torch.jit.load; deepbet's archives are TorchScript.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            extractor = bet.BrainExtraction(no_gpu=True, model_path=str(model_path),
-                                            bbox_model_path=str(bbox_path))
+            extractor = bet.BrainExtraction(
+                no_gpu=True, model_path=str(model_path), bbox_model_path=str(bbox_path)
+            )
     except (RuntimeError, AttributeError) as exc:
         raise BrainMaskUnavailable(
-            f"deepbet's networks could not be loaded with this torch ({torch.__version__}): "
-            f"{exc}"
+            f"deepbet's networks could not be loaded with this torch ({torch.__version__}): {exc}"
         ) from exc
     dev = torch.device(device)
     extractor.model = extractor.model.to(dev)
@@ -206,8 +208,9 @@ def _check_scan(scan) -> Scan:
             f"{name}: the volume holds NaN or infinite values; replace them (e.g. with 0) first."
         )
     if float(arr.min()) == float(arr.max()):
-        raise ValueError(f"{name}: the volume is constant; there is no head to extract a brain "
-                         "from.")
+        raise ValueError(
+            f"{name}: the volume is constant; there is no head to extract a brain from."
+        )
     return scan
 
 
@@ -232,12 +235,14 @@ def _work_shape(scan: Scan, spacing_mm: float | None) -> tuple[int, ...]:
     sp = np.asarray(scan.spacing, dtype=float)
     if np.all(np.abs(sp - spacing_mm) <= _SPACING_TOLERANCE * spacing_mm):
         return scan.shape
-    return tuple(max(1, int(round(n * s / spacing_mm))) for n, s in zip(scan.shape, sp,
-                                                                        strict=True))
+    return tuple(
+        max(1, int(round(n * s / spacing_mm))) for n, s in zip(scan.shape, sp, strict=True)
+    )
 
 
-def brain_probability(scan: Scan, *, method: str = "auto", spacing_mm: float | None = None,
-                      device: str = "cpu") -> np.ndarray:
+def brain_probability(
+    scan: Scan, *, method: str = "auto", spacing_mm: float | None = None, device: str = "cpu"
+) -> np.ndarray:
     """The extractor's brain probability on `scan.array`'s grid: float32 in [0, 1].
 
     Parameters
@@ -300,8 +305,10 @@ def dilate_mask(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     spacing = tuple(float(s) for s in np.atleast_1d(spacing))
     if len(spacing) != mask.ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must give one positive mm value per axis of the "
-                         f"{mask.ndim}D mask; got {spacing}.")
+        raise ValueError(
+            f"spacing must give one positive mm value per axis of the "
+            f"{mask.ndim}D mask; got {spacing}."
+        )
     if not (np.isfinite(mm) and mm >= 0):
         raise ValueError(f"the dilation must be a non-negative number of mm; got {mm}.")
     out = mask.copy()
@@ -310,8 +317,10 @@ def dilate_mask(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
     # Only a box around the mask can change: the distance transform runs there alone.
     pad = [int(np.ceil(mm / s)) + 1 for s in spacing]
     idx = np.nonzero(mask)
-    box = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + 1 + p))
-                for i, p, n in zip(idx, pad, mask.shape, strict=True))
+    box = tuple(
+        slice(max(0, int(i.min()) - p), min(n, int(i.max()) + 1 + p))
+        for i, p, n in zip(idx, pad, mask.shape, strict=True)
+    )
     dist = ndi.distance_transform_edt(~mask[box], sampling=spacing)
     # A hair of tolerance so that a distance of exactly `mm` (e.g. 3 voxels of 1 mm) is kept.
     out[box] |= dist <= mm * (1 + 1e-9)
@@ -327,9 +336,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
-def brain_mask(scan: Scan, *, method: str = "auto", dilate_mm: float = 3.0,
-               threshold: float = 0.5, spacing_mm: float | None = None,
-               device: str = "cpu") -> np.ndarray:
+def brain_mask(
+    scan: Scan,
+    *,
+    method: str = "auto",
+    dilate_mm: float = 3.0,
+    threshold: float = 0.5,
+    spacing_mm: float | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """A brain mask of a T1-weighted head MRI: bool, `scan.array`'s shape and grid.
 
     The extractor's probability (`brain_probability`) is thresholded on the scan's grid, its

@@ -30,8 +30,11 @@ _DESCRIPTIONS = {
 
 def builtin_models() -> dict[str, str]:
     """The built-in models present in this installation: name -> description."""
-    return {name: text for name, text in _DESCRIPTIONS.items()
-            if (MODELS_DIR / name / "config.json").is_file()}
+    return {
+        name: text
+        for name, text in _DESCRIPTIONS.items()
+        if (MODELS_DIR / name / "config.json").is_file()
+    }
 
 
 def is_builtin(run: str | os.PathLike) -> bool:
@@ -76,12 +79,13 @@ def resolve_run(run: str | os.PathLike) -> Path:
     text = str(run)
     if not is_builtin(text):
         return Path(text)
-    name = text[len(BUILTIN_PREFIX):]
+    name = text[len(BUILTIN_PREFIX) :]
     if name not in _DESCRIPTIONS:
         known = ", ".join(BUILTIN_PREFIX + n for n in _DESCRIPTIONS) or "none"
         raise ValueError(f"{text}: no such built-in model; known: {known}")
     folder = MODELS_DIR / name
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{text}: the built-in model's files are missing from {folder}; "
-                         "reinstall napari-mtml")
+        raise ValueError(
+            f"{text}: the built-in model's files are missing from {folder}; reinstall napari-mtml"
+        )
     return folder

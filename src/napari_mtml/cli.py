@@ -101,17 +101,19 @@ class _TrainingProgress:
         elif isinstance(event, events.StepEvent):
             if self.bar is not None:
                 self.bar.update(max(0, event.step - self.bar.n))
-                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
-                                     refresh=False)
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
         elif isinstance(event, events.ValidationEvent):
             aps = " ".join(f"{k}={v:.3f}" for k, v in event.ap.items())
             mark = " *best*" if event.best else ""
-            self.write(f"fold {event.fold} step {event.step}: val loss {event.val_loss:.5f}"
-                       f" AP {aps}{mark}")
+            self.write(
+                f"fold {event.fold} step {event.step}: val loss {event.val_loss:.5f} AP {aps}{mark}"
+            )
         elif isinstance(event, events.FoldFinished):
             self.close()
-            print(f"fold {event.fold} done: best step {event.best_step}, val loss "
-                  f"{event.best_val_loss:.5f} -> {event.checkpoint}")
+            print(
+                f"fold {event.fold} done: best step {event.best_step}, val loss "
+                f"{event.best_val_loss:.5f} -> {event.checkpoint}"
+            )
         elif isinstance(event, events.Notice):
             self.write(f"note: {event.text}")
         elif isinstance(event, events.RunFinished):
@@ -177,11 +179,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
         mask_for = auto_brain_mask
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    predict_kwargs = {"keep_background": args.keep_background, "score": args.score,
-                      "tta": args.tta}
+    predict_kwargs = {"keep_background": args.keep_background, "score": args.score, "tta": args.tta}
     regions_at = (0.5 if args.threshold is None else args.threshold) if args.regions else None
-    gen = predict_batch(ensemble, paths, args.out, png=not args.no_png,
-                        predict_kwargs=predict_kwargs, mask_for=mask_for, regions_at=regions_at)
+    gen = predict_batch(
+        ensemble,
+        paths,
+        args.out,
+        png=not args.no_png,
+        predict_kwargs=predict_kwargs,
+        mask_for=mask_for,
+        regions_at=regions_at,
+    )
     print(f"{ensemble}")
     # One bar over the images on a terminal; none in a log file or a pipe (disable=None).
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None, dynamic_ncols=True)
@@ -304,8 +312,11 @@ def _command(sub, func) -> argparse.ArgumentParser:
     summary = summary.strip().rstrip(".")
     if summary[1:2].islower():  # argparse's style: "train the ...", but "AP / AUROC ..."
         summary = summary[0].lower() + summary[1:]
-    p = sub.add_parser(func.__name__.removeprefix("_cmd_"), help=summary,
-                       description=" ".join(description.split()) or None)
+    p = sub.add_parser(
+        func.__name__.removeprefix("_cmd_"),
+        help=summary,
+        description=" ".join(description.split()) or None,
+    )
     p.set_defaults(func=func)
     return p
 
@@ -420,11 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=int, metavar="N", help="training steps per fold instead of --time"
     )
     p.add_argument(
-        "--recipe", default="auto", choices=("auto", "small", "light", "paper"),
+        "--recipe",
+        default="auto",
+        choices=("auto", "small", "light", "paper"),
         help="as mtml train (default auto: small on a CPU)",
     )
     p.add_argument(
-        "--brain-mask", default="auto", choices=("auto", "none"),
+        "--brain-mask",
+        default="auto",
+        choices=("auto", "none"),
         help="auto (default): with the brain extra installed, anomalies and maps inside an "
         "automatic brain mask",
     )

@@ -37,8 +37,18 @@ from typing import Any
 
 from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
 
-__all__ = ["TrainConfig", "MODEL_PRESETS", "RECIPES", "RECIPE_NAMES", "recipe_for_device",
-           "parse_duration", "parse_fold", "parse_frame", "Setting", "settings"]
+__all__ = [
+    "TrainConfig",
+    "MODEL_PRESETS",
+    "RECIPES",
+    "RECIPE_NAMES",
+    "recipe_for_device",
+    "parse_duration",
+    "parse_fold",
+    "parse_frame",
+    "Setting",
+    "settings",
+]
 
 # (base_features, depth, max_features) per preset and number of spatial dimensions.
 MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
@@ -53,17 +63,42 @@ MODEL_PRESETS: dict[str, dict[int, tuple[int, int, int]]] = {
 RECIPES: dict[str, dict[str, Any]] = {
     # METHOD.md sections 5-7: the paper's models, schedule and x2 downsampling, fixed frames,
     # 20,000 steps, positional encoding; dims from the data (3D brains).
-    "paper": {"preset": "paper", "pos_encoding": True, "lr_schedule": "paper", "ema": 0.0,
-              "max_steps": 20000, "downsample": 2.0, "fit_frame": False, "selection": "loss"},
+    "paper": {
+        "preset": "paper",
+        "pos_encoding": True,
+        "lr_schedule": "paper",
+        "ema": 0.0,
+        "max_steps": 20000,
+        "downsample": 2.0,
+        "fit_frame": False,
+        "selection": "loss",
+    },
     # Half the paper's widths, no positional encoding, the schedule spanning the run, frames
     # fitted to the data at a fixed physical spacing.
-    "light": {"preset": "light", "pos_encoding": False, "lr_schedule": "cosine", "ema": 0.0,
-              "max_steps": 2000, "spacing": 2.0, "fit_frame": True, "selection": "ap"},
+    "light": {
+        "preset": "light",
+        "pos_encoding": False,
+        "lr_schedule": "cosine",
+        "ema": 0.0,
+        "max_steps": 2000,
+        "spacing": 2.0,
+        "fit_frame": True,
+        "selection": "ap",
+    },
     # What a CPU can train well in minutes: a 0.28 M-parameter U-Net on axial slices (2D models
     # read thick-slice clinical volumes too), batch 16, cosine schedule over the planned run.
-    "small": {"preset": "small", "pos_encoding": False, "lr_schedule": "cosine", "ema": 0.0,
-              "max_steps": 1500, "spacing": 2.0, "fit_frame": True, "dims": 2,
-              "batch_size": {2: 16, 3: 4}, "selection": "ap"},
+    "small": {
+        "preset": "small",
+        "pos_encoding": False,
+        "lr_schedule": "cosine",
+        "ema": 0.0,
+        "max_steps": 1500,
+        "spacing": 2.0,
+        "fit_frame": True,
+        "dims": 2,
+        "batch_size": {2: 16, 3: 4},
+        "selection": "ap",
+    },
 }
 RECIPE_NAMES = ("auto", *RECIPES)
 _SCHEDULES = ("cosine", "paper")
@@ -92,6 +127,7 @@ def recipe_for_device(recipe: str, device_type: str) -> str:
     if recipe != "auto":
         return recipe
     return {"cuda": "paper", "mps": "light"}.get(device_type, "small")
+
 
 _KINDS = ("auto", "mri", "cxr")
 _DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -124,11 +160,15 @@ def parse_duration(value: str | float | int) -> float:
         text = str(value).strip().lower().replace(" ", "")
         import re
 
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
-                             r"(?:(\d+(?:\.\d+)?)s?)?", text)
+        parts = re.fullmatch(
+            r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?"
+            r"(?:(\d+(?:\.\d+)?)s?)?",
+            text,
+        )
         if not text or parts is None or not any(parts.groups()):
-            raise ValueError(f"duration {value!r} is invalid: use seconds or e.g. 90s, 15m, 1.5h, "
-                             "1h30m")
+            raise ValueError(
+                f"duration {value!r} is invalid: use seconds or e.g. 90s, 15m, 1.5h, 1h30m"
+            )
         h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
         seconds = 3600 * h + 60 * m + sec
     if not (math.isfinite(seconds) and seconds > 0):
@@ -192,8 +232,10 @@ def parse_frame(text: str) -> tuple[int, ...]:
     except ValueError:
         frame = ()
     if len(frame) not in (2, 3) or min(frame) <= 0:
-        raise ValueError(f"frame {text!r} is invalid: give 2 or 3 positive integers separated "
-                         "by commas, e.g. 80,112,80 or 256,256")
+        raise ValueError(
+            f"frame {text!r} is invalid: give 2 or 3 positive integers separated "
+            "by commas, e.g. 80,112,80 or 256,256"
+        )
     return frame
 
 
@@ -233,8 +275,11 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, int) or value < self.minimum:
                 return self.allowed or f"use an integer >= {self.minimum}"
         elif self.kind is float:
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 return self.allowed or "use a finite positive number"
             if value <= 0 or (self.maximum is not None and value > self.maximum):
                 limit = f" and <= {self.maximum}" if self.maximum is not None else ""
@@ -530,11 +575,15 @@ class TrainConfig:
                 raise bad(f.name, problem)
         n_folds = math.comb(5, self.train_tasks)
         if self.fold != "all" and (
-            isinstance(self.fold, bool) or not isinstance(self.fold, int)
+            isinstance(self.fold, bool)
+            or not isinstance(self.fold, int)
             or not 0 <= self.fold < n_folds
         ):
-            raise bad("fold", f"with train_tasks = {self.train_tasks} there are {n_folds} folds: "
-                      f"use 0..{n_folds - 1} or 'all'")
+            raise bad(
+                "fold",
+                f"with train_tasks = {self.train_tasks} there are {n_folds} folds: "
+                f"use 0..{n_folds - 1} or 'all'",
+            )
         if self.init is not None and not str(self.init).strip():
             raise bad("init", "give a run folder or builtin:NAME")
         if self.frame is not None and (
@@ -542,21 +591,31 @@ class TrainConfig:
         ):
             raise bad("frame", "use 2 or 3 sizes of at least 8, e.g. 80,112,80 or 256,256")
         if self.frame is not None and self.dims is not None and len(self.frame) != self.dims:
-            raise ValueError(f"frame {self.frame} has {len(self.frame)} sizes but dims = "
-                             f"{self.dims}: give one size per spatial axis")
+            raise ValueError(
+                f"frame {self.frame} has {len(self.frame)} sizes but dims = "
+                f"{self.dims}: give one size per spatial axis"
+            )
         if str(self.device).split(":")[0] not in _DEVICES:
             raise bad("device", f"use one of {', '.join(_DEVICES)} (or cuda:N)")
         if self.brain_mask is not None and not str(self.brain_mask).strip():
-            raise bad("brain_mask", "use 'auto' (an automatic brain mask), a folder of masks "
-                      "named like the scans, or leave unset")
+            raise bad(
+                "brain_mask",
+                "use 'auto' (an automatic brain mask), a folder of masks "
+                "named like the scans, or leave unset",
+            )
         if not 0 <= self.min_foreground < 1:
             raise bad("min_foreground", "use a fraction in [0, 1)")
-        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(
-                self.ema, (int, float)) or not 0 <= self.ema < 1):
+        if self.ema is not None and (
+            isinstance(self.ema, bool)
+            or not isinstance(self.ema, (int, float))
+            or not 0 <= self.ema < 1
+        ):
             raise bad("ema", "use a decay in [0, 1) (0 = no moving average)")
         if self.max_push is not None and self.max_push < self.min_push:
-            raise ValueError(f"max_push = {self.max_push} is below min_push = {self.min_push}: "
-                             "raise max_push or lower min_push")
+            raise ValueError(
+                f"max_push = {self.max_push} is below min_push = {self.min_push}: "
+                "raise max_push or lower min_push"
+            )
         if not self.out:
             raise bad("out", "give a run folder")
 
@@ -601,8 +660,10 @@ class TrainConfig:
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ModuleNotFoundError:
-                raise ValueError(f"{path}: reading TOML on Python 3.10 needs the 'tomli' "
-                                 "package: pip install tomli") from None
+                raise ValueError(
+                    f"{path}: reading TOML on Python 3.10 needs the 'tomli' "
+                    "package: pip install tomli"
+                ) from None
         from napari_mtml.files import read_text
 
         text = read_text(path, "config file")
@@ -647,8 +708,9 @@ class TrainConfig:
         return text
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike | None = None, *,
-                  text: str | None = None) -> TrainConfig:
+    def from_json(
+        cls, path: str | os.PathLike | None = None, *, text: str | None = None
+    ) -> TrainConfig:
         """Read a config from a JSON file (`path`, e.g. a run's config.json) or from JSON
         `text` (as `to_json()` returns it): exactly one of the two. Errors name the file."""
         if (path is None) == (text is None):
@@ -661,8 +723,10 @@ class TrainConfig:
                 text = read_text(path, "config file")
             except ValueError:
                 if isinstance(path, str) and path.lstrip().startswith("{"):
-                    raise ValueError("from_json(path) was given JSON text, not a file: pass it "
-                                     "as from_json(text=...)") from None
+                    raise ValueError(
+                        "from_json(path) was given JSON text, not a file: pass it "
+                        "as from_json(text=...)"
+                    ) from None
                 raise
         else:
             name = "JSON text"
@@ -672,8 +736,10 @@ class TrainConfig:
             why = "the file is empty" if not text.strip() else str(exc)
             raise ValueError(f"{name}: not valid JSON ({why})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{name}: expected a JSON object of settings ({{...}}), found a "
-                             f"{type(data).__name__}")
+            raise ValueError(
+                f"{name}: expected a JSON object of settings ({{...}}), found a "
+                f"{type(data).__name__}"
+            )
         _check_names(data, name)
         try:
             return cls(**data)
@@ -721,8 +787,9 @@ class TrainConfig:
             return {"spacing": float(self.spacing), "downsample": 2}
         return {"downsample": self.downsample if self.downsample is not None else 2}
 
-    def resolve(self, dims: int, kind: str, frame: tuple[int, ...],
-                device_type: str = "cpu") -> TrainConfig:
+    def resolve(
+        self, dims: int, kind: str, frame: tuple[int, ...], device_type: str = "cpu"
+    ) -> TrainConfig:
         """A copy with every default filled in: the recipe's (`with_recipe`), then those that
         depend on the data: `dims` (2 or 3), its preprocessing `kind` ("mri" or "cxr") and the
         model input `frame`. `max_steps` must be known (given, from the recipe, or planned
@@ -746,19 +813,25 @@ class TrainConfig:
         else:
             # the paper's 100 warm-up steps and validation every 250 steps suit its 20,000-step
             # runs; a schedule spanning a shorter run warms up over 5% of it and validates 8 times
-            warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (
-                100 if paper else max(1, min(100, round(0.05 * steps))))
-            interval = cfg.val_interval if cfg.val_interval is not None else (
-                250 if paper else max(1, math.ceil(steps / 8)))
+            warmup = (
+                cfg.warmup_steps
+                if cfg.warmup_steps is not None
+                else (100 if paper else max(1, min(100, round(0.05 * steps))))
+            )
+            interval = (
+                cfg.val_interval
+                if cfg.val_interval is not None
+                else (250 if paper else max(1, math.ceil(steps / 8)))
+            )
         return cfg.replace(
             dims=dims,
             frame=tuple(int(v) for v in frame),
             resolved_kind=kind,
-            batch_size=cfg.batch_size or RECIPES[cfg.resolved_recipe].get(
-                "batch_size", {}).get(dims) or (8 if dims == 3 else 50),
+            batch_size=cfg.batch_size
+            or RECIPES[cfg.resolved_recipe].get("batch_size", {}).get(dims)
+            or (8 if dims == 3 else 50),
             lr=cfg.lr or (1e-3 if dims == 3 else 5e-3),
-            max_push=cfg.max_push if cfg.max_push is not None else (5.0 if kind == "mri"
-                                                                     else 10.0),
+            max_push=cfg.max_push if cfg.max_push is not None else (5.0 if kind == "mri" else 10.0),
             flip=cfg.flip if cfg.flip is not None else (kind == "mri"),
             val_size=cfg.val_size or (16 if dims == 3 else 64),
             base_features=cfg.base_features or base,
@@ -776,8 +849,10 @@ class TrainConfig:
         `UNet(**TrainConfig.from_json(run / "config.json").model_kwargs())` rebuilds a fold's
         network (then load its `best.pt`)."""
         if self.dims is None or self.frame is None:
-            raise ValueError("model_kwargs needs a resolved config (dims and frame known): "
-                             "call resolve() or read the run's config.json")
+            raise ValueError(
+                "model_kwargs needs a resolved config (dims and frame known): "
+                "call resolve() or read the run's config.json"
+            )
         base, depth, maxf = MODEL_PRESETS[self.preset or "paper"][self.dims]
         return {
             "dims": self.dims,
@@ -817,5 +892,7 @@ def _check_names(values: dict[str, Any], where: str) -> None:
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: "
-                         f"{', '.join(sorted(names))}")
+        raise ValueError(
+            f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: "
+            f"{', '.join(sorted(names))}"
+        )

@@ -72,8 +72,10 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         elif p.is_dir():
             found = _expand_folder(p)
             if not found:
-                raise ValueError(f"{p}: folder holds no NIfTI, DICOM or image files "
-                                 f"({', '.join(IMAGE_SUFFIXES)}); point at the healthy scans")
+                raise ValueError(
+                    f"{p}: folder holds no NIfTI, DICOM or image files "
+                    f"({', '.join(IMAGE_SUFFIXES)}); point at the healthy scans"
+                )
             items.update(found)
         else:
             raise ValueError(f"{p}: no such file or folder; check the healthy-scan paths")
@@ -115,8 +117,9 @@ def _one_series(files: list[Path]) -> bool:
     return True
 
 
-def assign_folds(n_items: int, groups: Sequence[int] | None = None,
-                 n_folds: int = N_DATA_FOLDS) -> np.ndarray:
+def assign_folds(
+    n_items: int, groups: Sequence[int] | None = None, n_folds: int = N_DATA_FOLDS
+) -> np.ndarray:
     """Data fold (0..n_folds-1) of each item: a contiguous split of the sorted item list.
 
     With at least `n_folds` groups, whole groups are split (slices of one volume never straddle
@@ -142,8 +145,10 @@ def assign_folds(n_items: int, groups: Sequence[int] | None = None,
     [0, 0, 1, 2, 2, 3, 4]
     """
     if n_items < n_folds:
-        raise ValueError(f"{n_items} healthy item(s) is too few: the {n_folds} data folds need at "
-                         f"least {n_folds}; add more healthy scans (or use --dims 2 with volumes)")
+        raise ValueError(
+            f"{n_items} healthy item(s) is too few: the {n_folds} data folds need at "
+            f"least {n_folds}; add more healthy scans (or use --dims 2 with volumes)"
+        )
     if groups is not None:
         groups = np.asarray(groups)
         if groups.shape != (n_items,):
@@ -180,26 +185,38 @@ class HealthyCollection:
     `folds` (int64 `(len(samples),)` data fold per sample, see `assign_folds`).
     """
 
-    def __init__(self, samples: list[HealthySample], dims: int, kind: str,
-                 from_slices: bool = False, notes: Sequence[str] = ()):
+    def __init__(
+        self,
+        samples: list[HealthySample],
+        dims: int,
+        kind: str,
+        from_slices: bool = False,
+        notes: Sequence[str] = (),
+    ):
         if not samples:
             raise ValueError("no healthy images: pass at least five healthy scans")
         frame = samples[0].image.shape
         for s in samples:
             if s.image.shape != frame:
-                raise ValueError(f"{s.name}: framed shape {s.image.shape} differs from "
-                                 f"{frame} of {samples[0].name}; use one frame for all images")
+                raise ValueError(
+                    f"{s.name}: framed shape {s.image.shape} differs from "
+                    f"{frame} of {samples[0].name}; use one frame for all images"
+                )
             if s.foreground is not None and s.foreground.shape != frame:
-                raise ValueError(f"{s.name}: foreground shape {s.foreground.shape} differs "
-                                 f"from its image's {frame}")
+                raise ValueError(
+                    f"{s.name}: foreground shape {s.foreground.shape} differs "
+                    f"from its image's {frame}"
+                )
         notes = list(notes)
         samples, unusable = _drop_unplaceable(samples)
         if unusable:
             notes.append(unplaceable_notice(unusable))
             if len(samples) < N_DATA_FOLDS:
-                raise ValueError(f"only {len(samples)} healthy image(s) left, the {N_DATA_FOLDS} "
-                                 f"data folds need at least {N_DATA_FOLDS}: "
-                                 f"{unplaceable_notice(unusable)}; add more healthy scans")
+                raise ValueError(
+                    f"only {len(samples)} healthy image(s) left, the {N_DATA_FOLDS} "
+                    f"data folds need at least {N_DATA_FOLDS}: "
+                    f"{unplaceable_notice(unusable)}; add more healthy scans"
+                )
         self.samples = samples
         self.dims = int(dims)
         self.kind = kind
@@ -208,8 +225,11 @@ class HealthyCollection:
         self.notes = notes
         groups = [s.group for s in samples]
         self.folds = assign_folds(len(samples), groups if from_slices else None)
-        self.split_by = ("volume" if from_slices and len(set(groups)) >= N_DATA_FOLDS
-                         else ("slice" if from_slices else "file"))
+        self.split_by = (
+            "volume"
+            if from_slices and len(set(groups)) >= N_DATA_FOLDS
+            else ("slice" if from_slices else "file")
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -226,10 +246,14 @@ class HealthyCollection:
         return [self.samples[i].name for i in idx]
 
     @classmethod
-    def from_arrays(cls, images: Sequence[np.ndarray] | np.ndarray,
-                    foregrounds: Sequence[np.ndarray | None] | None = None,
-                    names: Sequence[str] | None = None, kind: str = "mri",
-                    groups: Sequence[int] | None = None) -> HealthyCollection:
+    def from_arrays(
+        cls,
+        images: Sequence[np.ndarray] | np.ndarray,
+        foregrounds: Sequence[np.ndarray | None] | None = None,
+        names: Sequence[str] | None = None,
+        kind: str = "mri",
+        groups: Sequence[int] | None = None,
+    ) -> HealthyCollection:
         """A collection of images already in one frame (float32 copies: inputs are never
         mutated).
 
@@ -271,20 +295,27 @@ class HealthyCollection:
             if not np.isfinite(im).all():
                 raise ValueError(f"{name}: image holds NaN or infinite values; clean it first")
             fg = None if fg is None else np.array(fg, dtype=bool, copy=True)
-            samples.append(HealthySample(im, fg, str(name),
-                                         int(groups[i]) if groups is not None else i))
+            samples.append(
+                HealthySample(im, fg, str(name), int(groups[i]) if groups is not None else i)
+            )
         dims = {s.image.ndim for s in samples}
         if len(dims) > 1:
             raise ValueError("healthy images mix 2D and 3D arrays; use one kind")
         return cls(samples, dims.pop(), kind, from_slices=groups is not None)
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str | Path] | str | Path, dims: int | None = None,
-                   kind: str = "auto", frame: Sequence[int] | str | None = None,
-                   downsample: float = 2, min_foreground: float = 0.05,
-                   spacing: float | None = None,
-                   multiple: int | dict[int, int] = 16,
-                   brain_mask: str | Path | None = None) -> HealthyCollection:
+    def from_paths(
+        cls,
+        paths: Sequence[str | Path] | str | Path,
+        dims: int | None = None,
+        kind: str = "auto",
+        frame: Sequence[int] | str | None = None,
+        downsample: float = 2,
+        min_foreground: float = 0.05,
+        spacing: float | None = None,
+        multiple: int | dict[int, int] = 16,
+        brain_mask: str | Path | None = None,
+    ) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
         Parameters
@@ -319,8 +350,9 @@ class HealthyCollection:
         scans = [(path, _read_scan(path)) for path in files]
         foregrounds: dict[Path, np.ndarray] = {}
         if isinstance(frame, str):
-            frame = _fit_collection_frame(scans, frame, dims, kind, downsample, spacing,
-                                          multiple, foregrounds)
+            frame = _fit_collection_frame(
+                scans, frame, dims, kind, downsample, spacing, multiple, foregrounds
+            )
         samples: list[HealthySample] = []
         first: tuple[Path, int] | None = None
         kinds: set[str] = set()
@@ -339,16 +371,26 @@ class HealthyCollection:
             if first is None:
                 first = (path, scan_ndim)
             elif scan_ndim != first[1]:
-                raise ValueError(f"{path}: a {scan_ndim}D scan among {first[1]}D scans (first: "
-                                 f"{first[0]}); train 2D and 3D data separately")
+                raise ValueError(
+                    f"{path}: a {scan_ndim}D scan among {first[1]}D scans (first: "
+                    f"{first[0]}); train 2D and 3D data separately"
+                )
             if dims == 3 and scan_ndim != 3:
                 raise ValueError(f"{path}: a 2D image but dims = 3; use --dims 2 or 3D volumes")
             placement = None
             if placer is not None and scan_ndim == 3 and not single_slice:
                 placement = placer(path, scan)
-            array, fg, item_kind = _frame_scan(scan, path, kind, 2 if single_slice else dims,
-                                               frame, downsample, spacing,
-                                               foregrounds.pop(path, None), placement)
+            array, fg, item_kind = _frame_scan(
+                scan,
+                path,
+                kind,
+                2 if single_slice else dims,
+                frame,
+                downsample,
+                spacing,
+                foregrounds.pop(path, None),
+                placement,
+            )
             if single_slice:
                 array, fg = array[0], None if fg is None else fg[0]
             if not np.isfinite(array).all():
@@ -361,34 +403,55 @@ class HealthyCollection:
                     if _cover(array[z], sl_fg) < max(min_foreground, 1e-12):
                         dropped += 1
                         continue
-                    samples.append(HealthySample(
-                        np.ascontiguousarray(array[z], dtype=np.float32),
-                        None if sl_fg is None else np.ascontiguousarray(sl_fg, dtype=bool),
-                        f"{_display_name(path)}[z={z}]", group))
+                    samples.append(
+                        HealthySample(
+                            np.ascontiguousarray(array[z], dtype=np.float32),
+                            None if sl_fg is None else np.ascontiguousarray(sl_fg, dtype=bool),
+                            f"{_display_name(path)}[z={z}]",
+                            group,
+                        )
+                    )
             else:
                 if array.ndim == 2 and _cover(array, fg) < max(min_foreground, 1e-12):
                     small_files.append(_display_name(path))  # as for slices cut from volumes
                     continue
-                samples.append(HealthySample(np.asarray(array, dtype=np.float32),
-                                             None if fg is None else np.asarray(fg, dtype=bool),
-                                             _display_name(path), group))
+                samples.append(
+                    HealthySample(
+                        np.asarray(array, dtype=np.float32),
+                        None if fg is None else np.asarray(fg, dtype=bool),
+                        _display_name(path),
+                        group,
+                    )
+                )
         if not samples and small_files:
-            raise ValueError(f"no usable images: all {len(small_files)} 2D image(s) have less "
-                             f"than {min_foreground:.0%} foreground ({_listed(small_files)}); "
-                             "lower min_foreground")
+            raise ValueError(
+                f"no usable images: all {len(small_files)} 2D image(s) have less "
+                f"than {min_foreground:.0%} foreground ({_listed(small_files)}); "
+                "lower min_foreground"
+            )
         if not samples:
-            raise ValueError(f"no usable slices: all {dropped} slices of {len(files)} volume(s) "
-                             f"have (almost) no foreground; lower min_foreground")
+            raise ValueError(
+                f"no usable slices: all {dropped} slices of {len(files)} volume(s) "
+                f"have (almost) no foreground; lower min_foreground"
+            )
         notes = []
         if dropped:
-            notes.append(f"dropped {dropped} slice(s) with less than {min_foreground:.0%} "
-                         "foreground")
+            notes.append(
+                f"dropped {dropped} slice(s) with less than {min_foreground:.0%} foreground"
+            )
         if small_files:
-            notes.append(f"dropped {len(small_files)} 2D image(s) with less than "
-                         f"{min_foreground:.0%} foreground: {_listed(small_files)}")
+            notes.append(
+                f"dropped {len(small_files)} 2D image(s) with less than "
+                f"{min_foreground:.0%} foreground: {_listed(small_files)}"
+            )
         out_dims = 2 if from_slices else first[1]
-        return cls(samples, out_dims, kinds.pop() if len(kinds) == 1 else "mri",
-                   from_slices=from_slices, notes=notes)
+        return cls(
+            samples,
+            out_dims,
+            kinds.pop() if len(kinds) == 1 else "mri",
+            from_slices=from_slices,
+            notes=notes,
+        )
 
 
 def _cover(image: np.ndarray, foreground: np.ndarray | None) -> float:
@@ -409,8 +472,9 @@ def _listed(names: Sequence[str], limit: int = 10) -> str:
 MIN_PLACEABLE_SHARE = 0.01
 
 
-def placeable_share(foreground: np.ndarray | None, min_size: float | None = None,
-                    max_size: float | None = None) -> float:
+def placeable_share(
+    foreground: np.ndarray | None, min_size: float | None = None, max_size: float | None = None
+) -> float:
     """The share of positions where the smallest synthetic anomaly has half of it on `foreground`.
 
     The smallest anomaly is the axis-aligned ellipse (ellipsoid) whose diameters are the tasks'
@@ -442,11 +506,15 @@ def placeable_share(foreground: np.ndarray | None, min_size: float | None = None
         return 1.0
     if not fg.any():
         return 0.0
-    lb, _ = size_bounds(fg.shape, TaskParams.min_size if min_size is None else min_size,
-                        TaskParams.max_size if max_size is None else max_size)
+    lb, _ = size_bounds(
+        fg.shape,
+        TaskParams.min_size if min_size is None else min_size,
+        TaskParams.max_size if max_size is None else max_size,
+    )
     axes = [(np.arange(n) - (n - 1) / 2) / (n / 2) for n in lb]
-    radius2 = sum(a.reshape([-1 if i == j else 1 for j in range(len(lb))]) ** 2
-                  for i, a in enumerate(axes))
+    radius2 = sum(
+        a.reshape([-1 if i == j else 1 for j in range(len(lb))]) ** 2 for i, a in enumerate(axes)
+    )
     kernel = (radius2 <= 1.0).astype(np.float32)
     need = MIN_FOREGROUND_FRACTION * float(kernel.sum())
     # the kernel is symmetric, so the convolution is the correlation: voxels on the foreground
@@ -476,16 +544,20 @@ def _drop_unplaceable(samples: list[HealthySample]) -> tuple[list[HealthySample]
     for s in samples:
         (kept if takes_smallest_anomaly(s.foreground) else dropped).append(s)
     if not kept:
-        raise ValueError(f"no healthy image can take a synthetic anomaly: the foregrounds of all "
-                         f"{len(samples)} image(s) are too small or too thin "
-                         f"({_listed([s.name for s in dropped])}); check the foreground masks "
-                         "or give images with more anatomy")
+        raise ValueError(
+            f"no healthy image can take a synthetic anomaly: the foregrounds of all "
+            f"{len(samples)} image(s) are too small or too thin "
+            f"({_listed([s.name for s in dropped])}); check the foreground masks "
+            "or give images with more anatomy"
+        )
     return kept, [s.name for s in dropped]
 
 
 def unplaceable_notice(names: Sequence[str]) -> str:
-    return (f"dropped {len(names)} image(s) whose foreground is too small or too thin to take "
-            f"the smallest synthetic anomaly: {_listed(list(names))}")
+    return (
+        f"dropped {len(names)} image(s) whose foreground is too small or too thin to take "
+        f"the smallest synthetic anomaly: {_listed(list(names))}"
+    )
 
 
 def _display_name(path: Path) -> str:
@@ -512,8 +584,9 @@ def _scan_dims(scan, dims: int | None) -> int:
     return int(dims or scan.array.ndim)
 
 
-def _fit_collection_frame(scans, frame: str, dims, kind, downsample, spacing, multiple,
-                          foregrounds: dict) -> tuple[int, ...] | None:
+def _fit_collection_frame(
+    scans, frame: str, dims, kind, downsample, spacing, multiple, foregrounds: dict
+) -> tuple[int, ...] | None:
     """One frame for every scan: the smallest holding each one's content (MRI); None (the
     default frame) for X-rays. Fills `foregrounds` (path -> mask) so they are computed once."""
     from napari_mtml.preprocess import content_shape, fit_frame, foreground_mask, infer_kind
@@ -529,8 +602,9 @@ def _fit_collection_frame(scans, frame: str, dims, kind, downsample, spacing, mu
             return None
         try:
             fg = foreground_mask(scan, kind="mri")
-            size = content_shape(scan, kind="mri", dims=d, downsample=downsample,
-                                 spacing=spacing, foreground=fg)
+            size = content_shape(
+                scan, kind="mri", dims=d, downsample=downsample, spacing=spacing, foreground=fg
+            )
         except ValueError as exc:
             msg = str(exc)
             raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
@@ -566,19 +640,32 @@ def _named(path: Path, make: Callable) -> np.ndarray:
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
 
 
-def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[int] | None,
-                downsample: float, spacing: float | None = None, foreground=None,
-                placement=None) -> tuple[np.ndarray, np.ndarray | None, str]:
+def _frame_scan(
+    scan,
+    path: Path,
+    kind: str,
+    dims: int | None,
+    frame: Sequence[int] | None,
+    downsample: float,
+    spacing: float | None = None,
+    foreground=None,
+    placement=None,
+) -> tuple[np.ndarray, np.ndarray | None, str]:
     """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
     foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
     narrows the returned foreground (where anomalies go), e.g. the brain of a head."""
     from napari_mtml.preprocess import infer_kind, mask_to_frame, to_frame
 
     try:
-        array, fg, transform = to_frame(scan, kind=kind, dims=dims,
-                                        frame=tuple(frame) if frame else None,
-                                        downsample=downsample, spacing=spacing,
-                                        foreground=foreground)
+        array, fg, transform = to_frame(
+            scan,
+            kind=kind,
+            dims=dims,
+            frame=tuple(frame) if frame else None,
+            downsample=downsample,
+            spacing=spacing,
+            foreground=foreground,
+        )
     except ValueError as exc:
         msg = str(exc)
         raise ValueError(msg if str(path.name) in msg else f"{path}: {msg}") from None
@@ -597,8 +684,10 @@ def _frame_scan(scan, path: Path, kind: str, dims: int | None, frame: Sequence[i
 SourcePool = Sequence[HealthySample]
 
 
-def _source_sampler(pool: SourcePool, exclude: HealthySample | None = None,
-                    ) -> Callable[[np.random.Generator], tuple]:
+def _source_sampler(
+    pool: SourcePool,
+    exclude: HealthySample | None = None,
+) -> Callable[[np.random.Generator], tuple]:
     """A `source(rng)` callable for the blending tasks: a random image of `pool` other than
     `exclude` (the target itself) whenever the pool has another one."""
     others = [s for s in pool if s is not exclude] or list(pool)
@@ -610,10 +699,16 @@ def _source_sampler(pool: SourcePool, exclude: HealthySample | None = None,
     return draw
 
 
-def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator, *,
-                     flip: bool, task_params: dict, intra: SourcePool,
-                     external: SourcePool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                           np.ndarray | None, np.ndarray]:
+def _synthesize_item(
+    sample: HealthySample,
+    task: int,
+    rng: np.random.Generator,
+    *,
+    flip: bool,
+    task_params: dict,
+    intra: SourcePool,
+    external: SourcePool | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """(healthy, augmented, label, foreground, mask) for one item; healthy possibly flipped."""
     from napari_mtml.anomalies import synthesize
 
@@ -627,12 +722,13 @@ def _synthesize_item(sample: HealthySample, task: int, rng: np.random.Generator,
     # must each hold an anomaly, so draw again (rare; bounded), then give up on this image:
     # the callers' ValueError path tries other images and the smallest anomalies.
     for _ in range(_EMPTY_LABEL_TRIES):
-        result = synthesize(image, foreground=fg, task=task, rng=rng, source=source,
-                            **task_params)
+        result = synthesize(image, foreground=fg, task=task, rng=rng, source=source, **task_params)
         if float(result.label.max()) > 0:
             return image, result.image, result.label, fg, result.mask
-    raise ValueError(f"{sample.name}: {_EMPTY_LABEL_TRIES} task-{task} anomalies in a row changed "
-                     "nothing (an all-zero label); check that the image is not flat")
+    raise ValueError(
+        f"{sample.name}: {_EMPTY_LABEL_TRIES} task-{task} anomalies in a row changed "
+        "nothing (an all-zero label); check that the image is not flat"
+    )
 
 
 #: draws of one item before an all-zero label makes it try another image
@@ -642,8 +738,14 @@ _EMPTY_LABEL_TRIES = 4
 _FALLBACK_TRIES = 10
 
 
-def _smallest_anomaly_item(samples: SourcePool, sid: int, task: int, rng: np.random.Generator,
-                           error: Exception | None, **kw) -> tuple:
+def _smallest_anomaly_item(
+    samples: SourcePool,
+    sid: int,
+    task: int,
+    rng: np.random.Generator,
+    error: Exception | None,
+    **kw,
+) -> tuple:
     """`(sid, *_synthesize_item(...))` with anomalies of the smallest size, on `samples[sid]`
     or other samples: what an item falls back to when its normal draw found no place."""
     from napari_mtml.anomalies.tasks import TaskParams
@@ -656,12 +758,15 @@ def _smallest_anomaly_item(samples: SourcePool, sid: int, task: int, rng: np.ran
         except ValueError as exc:
             error = exc
             sid = int(rng.integers(len(samples)))
-    raise ValueError(f"could not place a task-{task} anomaly even at the smallest size on "
-                     f"{_FALLBACK_TRIES} images ({error}); check the foreground masks") from error
+    raise ValueError(
+        f"could not place a task-{task} anomaly even at the smallest size on "
+        f"{_FALLBACK_TRIES} images ({error}); check the foreground masks"
+    ) from error
 
 
-def _item_on_some_image(samples: SourcePool, sid: int, task: int, rng: np.random.Generator,
-                        **kw) -> tuple:
+def _item_on_some_image(
+    samples: SourcePool, sid: int, task: int, rng: np.random.Generator, **kw
+) -> tuple:
     """`(sid, *_synthesize_item(...))`: an item of `task` on `samples[sid]`, else on up to four
     other images drawn by `rng`, else with anomalies of the smallest size."""
     error: ValueError | None = None
@@ -689,9 +794,19 @@ class SyntheticDataset:
     samples: the fold's training data; seed: the fold's base seed; rank/world_size: DDP.
     """
 
-    def __init__(self, samples: SourcePool, tasks: Sequence[int], *, seed: int, rank: int = 0,
-                 world_size: int = 1, flip: bool = False, task_params: dict | None = None,
-                 intra: SourcePool | None = None, external: SourcePool | None = None):
+    def __init__(
+        self,
+        samples: SourcePool,
+        tasks: Sequence[int],
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        flip: bool = False,
+        task_params: dict | None = None,
+        intra: SourcePool | None = None,
+        external: SourcePool | None = None,
+    ):
         if not samples:
             raise ValueError("the fold has no training samples; add more healthy scans")
         if not tasks:
@@ -722,7 +837,8 @@ class SyntheticDataset:
                 self._perms.clear()
             ss = np.random.SeedSequence([self.seed, epoch], spawn_key=(_PERM_KEY,))
             perm = self._perms[epoch] = np.random.Generator(np.random.PCG64(ss)).permutation(
-                len(self.samples))
+                len(self.samples)
+            )
         return epoch, index, int(perm[(self.rank + index * self.world_size) % len(perm)])
 
     def item_rng(self, k: int) -> np.random.Generator:
@@ -735,17 +851,27 @@ class SyntheticDataset:
         _, _, sid = self.locate(k)
         rng = self.item_rng(k)
         task = self.tasks[int(rng.integers(len(self.tasks)))]
-        item = _item_on_some_image(self.samples, sid, task, rng, flip=self.flip,
-                                   task_params=self.task_params, intra=self.intra,
-                                   external=self.external)
+        item = _item_on_some_image(
+            self.samples,
+            sid,
+            task,
+            rng,
+            flip=self.flip,
+            task_params=self.task_params,
+            intra=self.intra,
+            external=self.external,
+        )
         return item[2], item[3], task
 
     def __getitem__(self, k: int):
         import torch
 
         aug, label, task = self.draw(k)
-        return (torch.from_numpy(np.ascontiguousarray(aug, dtype=np.float32))[None],
-                torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None], task)
+        return (
+            torch.from_numpy(np.ascontiguousarray(aug, dtype=np.float32))[None],
+            torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None],
+            task,
+        )
 
 
 class StepBatchSampler:
@@ -772,19 +898,29 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: SyntheticDataset, batch_size: int, start_step: int = 0,
-                workers: int = 0, pin_memory: bool = False):
+def make_loader(
+    dataset: SyntheticDataset,
+    batch_size: int,
+    start_step: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+):
     """A torch DataLoader over `dataset` yielding `(images, labels, tasks)` batches from
     `start_step` on; items do not depend on `workers`."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_sampler=StepBatchSampler(batch_size, start_step),
-                      num_workers=workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=StepBatchSampler(batch_size, start_step),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ validation
+
 
 @dataclass
 class ValidationSet:
@@ -805,9 +941,15 @@ class ValidationSet:
         return len(self.tasks)
 
 
-def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, seed: int, *,
-                        task_params: dict | None = None, external: SourcePool | None = None,
-                        ) -> ValidationSet:
+def make_validation_set(
+    samples: SourcePool,
+    tasks: Sequence[int],
+    size: int,
+    seed: int,
+    *,
+    task_params: dict | None = None,
+    external: SourcePool | None = None,
+) -> ValidationSet:
     """Draw the validation set once, deterministically from `seed`.
 
     Parameters
@@ -835,15 +977,21 @@ def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, se
         raise ValueError("no validation tasks given")
     samples = list(samples)
     root = np.random.SeedSequence([int(seed)], spawn_key=(_VAL_KEY,))
-    order_rng, *item_seeds = [np.random.Generator(np.random.PCG64(s))
-                              for s in root.spawn(size + 1)]
+    order_rng, *item_seeds = [np.random.Generator(np.random.PCG64(s)) for s in root.spawn(size + 1)]
     order = order_rng.permutation(len(samples))
     healthy, augmented, labels, masks, fgs, task_ids, names = [], [], [], [], [], [], []
     for j in range(size):
         task = int(tasks[j % len(tasks)])
         sid, h, aug, label, fg, mask = _item_on_some_image(
-            samples, int(order[j % len(order)]), task, item_seeds[j], flip=False,
-            task_params=task_params or {}, intra=samples, external=external)
+            samples,
+            int(order[j % len(order)]),
+            task,
+            item_seeds[j],
+            flip=False,
+            task_params=task_params or {},
+            intra=samples,
+            external=external,
+        )
         healthy.append(h)
         augmented.append(aug)
         labels.append(label)
@@ -851,11 +999,18 @@ def make_validation_set(samples: SourcePool, tasks: Sequence[int], size: int, se
         fgs.append(np.ones(h.shape, bool) if fg is None else fg)
         task_ids.append(task)
         names.append(samples[sid].name)
-    return ValidationSet(np.stack(healthy).astype(np.float32), np.stack(augmented).astype(
-        np.float32), np.stack(labels).astype(np.float32), np.stack(masks).astype(bool),
-        np.stack(fgs), np.asarray(task_ids, dtype=np.int64), names)
+    return ValidationSet(
+        np.stack(healthy).astype(np.float32),
+        np.stack(augmented).astype(np.float32),
+        np.stack(labels).astype(np.float32),
+        np.stack(masks).astype(bool),
+        np.stack(fgs),
+        np.asarray(task_ids, dtype=np.int64),
+        names,
+    )
 
 
 NO_EXTERNAL_NOTICE = (
     "no external dataset given (--external): the inter-dataset blending task (task 1) draws its "
-    "sources from the healthy training data instead, like the intra-dataset task (task 0)")
+    "sources from the healthy training data instead, like the intra-dataset task (task 0)"
+)

@@ -200,8 +200,10 @@ def _quiet(gen: Generator) -> Any:
 
     def show(event) -> None:
         if isinstance(event, FoldFinished):
-            print(f"fold {event.fold}: best validation loss {event.best_val_loss:.4f} "
-                  f"at step {event.best_step}")
+            print(
+                f"fold {event.fold}: best validation loss {event.best_val_loss:.4f} "
+                f"at step {event.best_step}"
+            )
         elif isinstance(event, Notice):
             print(f"note: {event.text}")
 
@@ -217,8 +219,9 @@ def _pixel_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _slice_auroc(heat: np.ndarray, region: np.ndarray, lesion: np.ndarray,
-                 method: str) -> dict[str, float]:
+def _slice_auroc(
+    heat: np.ndarray, region: np.ndarray, lesion: np.ndarray, method: str
+) -> dict[str, float]:
     """Slice-level AUROC/AP: each axial slice scored by `method` inside `region`, lesion
     slices (any lesion voxel) against the others."""
     from napari_mtml.metrics import average_precision, roc_auc
@@ -227,8 +230,11 @@ def _slice_auroc(heat: np.ndarray, region: np.ndarray, lesion: np.ndarray,
     keep = [z for z in range(heat.shape[0]) if region[z].any()]
     scores = np.array([sample_score(heat[z], region[z], method) for z in keep])
     labels = np.array([bool(lesion[z].any()) for z in keep])
-    return {"auroc": float(roc_auc(scores, labels)), "ap": float(average_precision(scores, labels)),
-            "slices": len(keep)}
+    return {
+        "auroc": float(roc_auc(scores, labels)),
+        "ap": float(average_precision(scores, labels)),
+        "slices": len(keep),
+    }
 
 
 def run_demo(
@@ -309,9 +315,17 @@ def run_demo(
     healthy_scan = Scan(array=scan.array[healthy_slices], spacing=scan.spacing)
     write_image(healthy_path, healthy_scan.array, like=healthy_scan)
 
-    chosen = {"max_steps": max_steps, "time_budget": time_budget, "batch_size": batch_size,
-              "recipe": recipe, "device": device, "workers": workers, "seed": seed,
-              "val_interval": val_interval, "val_size": val_size}
+    chosen = {
+        "max_steps": max_steps,
+        "time_budget": time_budget,
+        "batch_size": batch_size,
+        "recipe": recipe,
+        "device": device,
+        "workers": workers,
+        "seed": seed,
+        "val_interval": val_interval,
+        "val_size": val_size,
+    }
     config = TrainConfig(
         healthy=(str(healthy_path),),
         out=str(run_dir),
@@ -321,13 +335,16 @@ def run_demo(
         **chosen,
         **model,
     )
-    budget = (f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold")
+    budget = f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold"
     print(
         f"mtml demo: 1/4 task cross-validation (5 models) for {budget} on "
         f"{len(healthy_slices)} lesion-free slices of {paths['image'].name}; external dataset "
         f"for inter-dataset blending: {paths['external'].name}; brain mask: "
-        + ("automatic (deepbet)" if use_brain else "none (head mask; pip install "
-           "'napari-mtml[brain]' adds one)")
+        + (
+            "automatic (deepbet)"
+            if use_brain
+            else "none (head mask; pip install 'napari-mtml[brain]' adds one)"
+        )
     )
     result = (render or _quiet)(train(config))
     t_train = time.perf_counter() - t0
@@ -354,8 +371,10 @@ def run_demo(
             "prevalence": float(labels.mean()),
             "ensemble": _pixel_metrics(pred.anomaly[sel], labels),
             "random": _pixel_metrics(random_scores, labels),
-            "folds": {f"fold_{k}": _pixel_metrics(m[sel], labels)
-                      for k, m in zip(ensemble.folds, pred.fold_maps, strict=True)},
+            "folds": {
+                f"fold_{k}": _pixel_metrics(m[sel], labels)
+                for k, m in zip(ensemble.folds, pred.fold_maps, strict=True)
+            },
         }
 
     in_head = pixel(head)
@@ -374,8 +393,9 @@ def run_demo(
     if brain is not None:
         metrics["in_brain_mask"] = pixel(brain)
         metrics["in_brain_mask"]["tumour_kept"] = float(brain[tumour].mean())
-        metrics["in_brain_mask"]["slice_level"] = _slice_auroc(pred.anomaly, brain, tumour,
-                                                               pred.score_method)
+        metrics["in_brain_mask"]["slice_level"] = _slice_auroc(
+            pred.anomaly, brain, tumour, pred.score_method
+        )
     shown_region = metrics.get("in_brain_mask", in_head)
     ens_m, rnd_m = shown_region["ensemble"], shown_region["random"]
     fold_metrics = shown_region["folds"]

@@ -62,8 +62,10 @@ __all__ = [
     "torch_thread_count",
 ]
 
-CPU_NOTICE = ("no GPU found: training on the CPU (recipe 'auto' picks the small CPU recipe; "
-              "--time plans the steps to a budget)")
+CPU_NOTICE = (
+    "no GPU found: training on the CPU (recipe 'auto' picks the small CPU recipe; "
+    "--time plans the steps to a budget)"
+)
 
 
 # ------------------------------------------------------------------------------------ devices
@@ -109,11 +111,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU; use --device "
-                         "cpu or auto")
+        raise ValueError(
+            f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu or auto"
+        )
     if dev.type == "mps" and not _mps_available():
-        raise ValueError(f"device {device!r} requested but it is not available; use --device "
-                         "cpu or auto")
+        raise ValueError(
+            f"device {device!r} requested but it is not available; use --device cpu or auto"
+        )
     return dev
 
 
@@ -175,8 +179,10 @@ def device_choices() -> DeviceChoices:
         names.append("mps")
         note = "auto = mps (Apple GPU)"
     else:
-        note = ("No GPU found (CUDA or MPS): training falls back to the CPU, where the 'auto' "
-                "recipe trains the small CPU model; give it minutes, not seconds.")
+        note = (
+            "No GPU found (CUDA or MPS): training falls back to the CPU, where the 'auto' "
+            "recipe trains the small CPU model; give it minutes, not seconds."
+        )
     return DeviceChoices(tuple(names), kind, note)
 
 
@@ -285,8 +291,9 @@ def _measure_busy(window: float) -> float:
     return max(0.0, elsewhere)
 
 
-def torch_thread_count(workers: int = 0, *, cores: int | None = None,
-                       busy: float | None = None) -> int:
+def torch_thread_count(
+    workers: int = 0, *, cores: int | None = None, busy: float | None = None
+) -> int:
     """The thread rule: ``max(1, cores - workers - round(busy))`` (see the module docstring).
 
     Parameters
@@ -402,8 +409,9 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
-def prepare_model_for_device(model: torch.nn.Module, device: torch.device | str, *,
-                             channels_last: bool | None = None) -> torch.nn.Module:
+def prepare_model_for_device(
+    model: torch.nn.Module, device: torch.device | str, *, channels_last: bool | None = None
+) -> torch.nn.Module:
     """Move ``model`` to ``device`` in the memory format that runs fastest there; returns it.
 
     ``channels_last`` None (default) = on for 3D models on CPU and CUDA, off otherwise. Measured

@@ -340,8 +340,11 @@ def evaluate_folder(
     if out is not None:
         json_path, pr_path, roc_path = _output_paths(out)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        result["files"] = {"metrics": str(json_path), "pr_curve": str(pr_path),
-                           "roc_curve": str(roc_path)}
+        result["files"] = {
+            "metrics": str(json_path),
+            "pr_curve": str(pr_path),
+            "roc_curve": str(roc_path),
+        }
         pixel_curve = pooled.curves() if not math.isnan(pixel["ap"]) else None
         curves = {f"pixel ({region})": (pixel_curve, pixel)}
         if any_3d:

@@ -24,8 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["check_output_file", "check_output_folder", "not_a_regular_file", "os_error_message",
-           "read_text", "safe_name", "write_atomic"]
+__all__ = [
+    "check_output_file",
+    "check_output_folder",
+    "not_a_regular_file",
+    "os_error_message",
+    "read_text",
+    "safe_name",
+    "write_atomic",
+]
 
 _REASONS = {
     errno.ENOENT: "no such file or folder",
@@ -71,12 +78,14 @@ def os_error_message(exc: OSError) -> str:
         return " ".join(str(exc).split()) or reason
     path = Path(os.fsdecode(name))
     if exc.errno == errno.EEXIST:
-        reason = ("exists and is not a folder (a folder is needed here)"
-                  if path.exists() and not path.is_dir() else "already exists")
+        reason = (
+            "exists and is not a folder (a folder is needed here)"
+            if path.exists() and not path.is_dir()
+            else "already exists"
+        )
     elif exc.errno == errno.ENOTDIR:
         blocker = _file_in_the_way(path)
-        reason = (f"{blocker} is a file, not a folder" if blocker is not None
-                  else "is not a folder")
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else "is not a folder"
     text = f"{path}: {reason}"
     if exc.filename2 is not None:
         text += f" (while moving it to {os.fsdecode(exc.filename2)})"
@@ -176,8 +185,10 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     if p.is_dir():
         raise ValueError(f"{p}: is a folder; give a file name for the {what}")
     if p.exists() and not p.is_file():
-        raise ValueError(f"{p}: not a regular file (a named pipe, socket or device); give a "
-                         f"plain file name for the {what}")
+        raise ValueError(
+            f"{p}: not a regular file (a named pipe, socket or device); give a "
+            f"plain file name for the {what}"
+        )
     blocker = _file_in_the_way(p)
     if blocker is not None:
         raise ValueError(f"{p}: {blocker} is a file, not a folder")
@@ -239,8 +250,12 @@ def safe_name(name: str, default: str = "layer") -> str:
     return safe or default
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None], *,
-                 durable: bool = False) -> Path:
+def write_atomic(
+    path: str | os.PathLike,
+    content: str | bytes | Callable[[BinaryIO], None],
+    *,
+    durable: bool = False,
+) -> Path:
     r"""Write a file so that readers (and a crash) see the old file or the whole new one.
 
     The content goes to a temporary file beside `path` (named after it, this process and this

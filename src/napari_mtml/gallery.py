@@ -143,19 +143,29 @@ def write_gallery(
         axes[0, 1].set_title("foreground: whole image", fontsize=9)
     axes[0, 2].axis("off")
     axes[0, 2].text(
-        0.0, 0.5,
+        0.0,
+        0.5,
         f"{Path(image_path).name}\nshape {image.shape}\nseed {seed}\n"
         + ("z-scored on the nonzero voxels" if volumetric else "rescaled to [-1, 1]"),
-        fontsize=9, va="center",
+        fontsize=9,
+        va="center",
     )
     for row, res in enumerate(results, start=1):
         index = int(np.argmax(res.label.sum(axis=(1, 2)))) if volumetric else None
         where = f" (slice {index})" if volumetric else ""
         axes[row, 0].imshow(_view(res.image, index), **grey)
-        axes[row, 0].set_title(f"{res.task}: {res.n_anomalies} anomal"
-                               f"{'y' if res.n_anomalies == 1 else 'ies'}{where}", fontsize=9)
-        axes[row, 1].imshow(_view(res.label, index), cmap="magma", vmin=0, vmax=1,
-                            origin=origin, interpolation="nearest")
+        axes[row, 0].set_title(
+            f"{res.task}: {res.n_anomalies} anomal{'y' if res.n_anomalies == 1 else 'ies'}{where}",
+            fontsize=9,
+        )
+        axes[row, 1].imshow(
+            _view(res.label, index),
+            cmap="magma",
+            vmin=0,
+            vmax=1,
+            origin=origin,
+            interpolation="nearest",
+        )
         axes[row, 1].set_title("label", fontsize=9)
         axes[row, 2].imshow(_view(res.image, index), **grey)
         mask = _view(res.mask, index)

@@ -121,8 +121,13 @@ def _read_settings(run_dir: Path) -> tuple[_RunSettings, dict[str, Any]]:
     dims = int(model_kwargs.pop("dims"))
     frame = tuple(int(f) for f in model_kwargs.pop("frame"))
     settings = _RunSettings(
-        dims, frame, kind, config.resample["downsample"], config.spacing, model_kwargs,
-        config.n_folds
+        dims,
+        frame,
+        kind,
+        config.resample["downsample"],
+        config.spacing,
+        model_kwargs,
+        config.n_folds,
     )
     return settings, config.to_dict()
 
@@ -132,8 +137,9 @@ def _present_folds(run_dir: Path, n_folds: int) -> list[int]:
     return [k for k in range(n_folds) if (run_dir / f"fold_{k}" / "best.pt").is_file()]
 
 
-def _find_folds(run_dir: Path, settings: _RunSettings,
-                folds: Sequence[int] | str | None) -> list[int]:
+def _find_folds(
+    run_dir: Path, settings: _RunSettings, folds: Sequence[int] | str | None
+) -> list[int]:
     """The fold indices to load; every one must have its `best.pt` (else a ValueError naming it).
 
     Default: every fold of the split. A run trained one fold per job (`--fold K`) shares one
@@ -142,8 +148,10 @@ def _find_folds(run_dir: Path, settings: _RunSettings,
     """
     if isinstance(folds, str):
         if folds != "available":
-            raise ValueError(f"folds={folds!r}: give fold indices, None (every fold) or "
-                             "'available' (the folds trained so far)")
+            raise ValueError(
+                f"folds={folds!r}: give fold indices, None (every fold) or "
+                "'available' (the folds trained so far)"
+            )
         wanted = None
     elif folds is not None:
         wanted = sorted({int(k) for k in folds})
@@ -193,13 +201,19 @@ def run_stamp(run_dir: str | Path) -> tuple:
 
     folder = resolve_run(run_dir).expanduser()
     files = [folder / "config.json", *sorted(folder.glob("fold_*/best.pt"))]
-    return (str(folder.resolve()),
-            *((f.name if f.name == "config.json" else f.parent.name, f.stat().st_mtime_ns)
-              for f in files if f.is_file()))
+    return (
+        str(folder.resolve()),
+        *(
+            (f.name if f.name == "config.json" else f.parent.name, f.stat().st_mtime_ns)
+            for f in files
+            if f.is_file()
+        ),
+    )
 
 
-def _load_state_dict(path: Path, device: torch.device,
-                     settings: _RunSettings | None = None) -> dict[str, torch.Tensor]:
+def _load_state_dict(
+    path: Path, device: torch.device, settings: _RunSettings | None = None
+) -> dict[str, torch.Tensor]:
     from napari_mtml.training.checkpoint import check_frame
 
     try:
@@ -210,16 +224,19 @@ def _load_state_dict(path: Path, device: torch.device,
         ) from exc
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         if settings is not None:
-            check_frame(path, dict(obj), settings.dims, settings.frame,
-                        path.parent.parent / "config.json")
+            check_frame(
+                path, dict(obj), settings.dims, settings.frame, path.parent.parent / "config.json"
+            )
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a model state dict; re-train this fold")
     bad = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. "
-                         f"{bad[0]}); this fold's training diverged or the file is damaged: "
-                         "re-train this fold")
+        raise ValueError(
+            f"{path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. "
+            f"{bad[0]}); this fold's training diverged or the file is damaged: "
+            "re-train this fold"
+        )
     return dict(obj)
 
 
@@ -288,11 +305,16 @@ class Ensemble:
         self.config = dict(config or {})
         if batch_size is None:
             batch_size = 16 if self.dims == 2 else 1
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch size {batch_size!r} is invalid: give a positive number of "
-                             "frames per forward pass (--batch-size B), or leave it out for "
-                             "the default (16 in 2D, 1 in 3D)")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch size {batch_size!r} is invalid: give a positive number of "
+                "frames per forward pass (--batch-size B), or leave it out for "
+                "the default (16 in 2D, 1 in 3D)"
+            )
         self.batch_size = int(batch_size)
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
@@ -303,8 +325,9 @@ class Ensemble:
     @property
     def n_folds(self) -> int:
         """The number of folds of the run's T/(5-T) split, C(5, T) (`folds` are those loaded)."""
-        return math.comb(5, int(self.config.get("train_tasks", 1))) if self.config \
-            else len(self.folds)
+        return (
+            math.comb(5, int(self.config.get("train_tasks", 1))) if self.config else len(self.folds)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -336,8 +359,10 @@ class Ensemble:
         per_fold = np.empty((len(self.models), *frames.shape), dtype=np.float32)
         x_all = torch.from_numpy(frames).unsqueeze(1)  # (N, 1, *frame): one input channel
         bf16 = self.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=bf16):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
             # each batch goes to the device once and through every fold
             for start in range(0, n, self.batch_size):
                 x = x_all[start : start + self.batch_size].to(self.device)
@@ -437,18 +462,23 @@ class Ensemble:
             if not self.fixed_frame:
                 # a fully convolutional run: a frame at least the training one, grown to hold
                 # this image's content
-                need = fit_frame(content_shape(scan, kind=kind, dims=self.dims,
-                                               foreground=foreground, **resample),
-                                 self.models[0].divisor if hasattr(self.models[0], "divisor")
-                                 else 16)
+                need = fit_frame(
+                    content_shape(
+                        scan, kind=kind, dims=self.dims, foreground=foreground, **resample
+                    ),
+                    self.models[0].divisor if hasattr(self.models[0], "divisor") else 16,
+                )
                 if len(need) == len(frame):
                     frame = tuple(max(a, b) for a, b in zip(frame, need, strict=True))
             frames, frame_fg, transform = to_frame(
                 scan, kind=kind, dims=self.dims, frame=frame, foreground=foreground, **resample
             )
         except FrameFitError as exc:
-            res = (f"{self.spacing:g} mm" if self.spacing is not None
-                   else f"downsample {self.downsample:g}")
+            res = (
+                f"{self.spacing:g} mm"
+                if self.spacing is not None
+                else f"downsample {self.downsample:g}"
+            )
             raise ValueError(
                 f"{name} does not fit the run's {self.dims}D frame {self.frame} at {res}: "
                 f"{exc} (crop the image, or retrain with a larger --frame)"
@@ -496,12 +526,22 @@ class Ensemble:
                 m[~region] = 0.0
         spacing = getattr(scan, "spacing", None)
         scores = all_scores(anomaly, region, spacing=spacing)
-        value = scores[method] if method in scores else sample_score(anomaly, region, method,
-                                                                    spacing=spacing)
+        value = (
+            scores[method]
+            if method in scores
+            else sample_score(anomaly, region, method, spacing=spacing)
+        )
         fold_scores = tuple(sample_score(f, region, method, spacing=spacing) for f in fold_maps)
-        return Prediction(anomaly, disagreement, value, fold_scores,
-                          fold_maps if keep_folds else (),
-                          None if keep_background else region, scores, method)
+        return Prediction(
+            anomaly,
+            disagreement,
+            value,
+            fold_scores,
+            fold_maps if keep_folds else (),
+            None if keep_background else region,
+            scores,
+            method,
+        )
 
     def predict_array(
         self,
@@ -601,8 +641,9 @@ def load_ensemble(
     for k in wanted:
         path = run_dir / f"fold_{k}" / "best.pt"
         state = _load_state_dict(path, dev, settings)
-        model = UNet(dims=settings.dims, frame=settings.frame, **settings.model_kwargs,
-                     initialise=False)
+        model = UNet(
+            dims=settings.dims, frame=settings.frame, **settings.model_kwargs, initialise=False
+        )
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

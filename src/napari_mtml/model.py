@@ -46,10 +46,13 @@ from napari_mtml.config import MODEL_PRESETS
 
 __all__ = ["UNet", "count_parameters", "positional_encoding", "PAPER_PRESETS", "LIGHT_PRESETS"]
 
+
 def _preset(name: str) -> dict[int, dict[str, int]]:
     # One table of presets for the whole package: the run configuration's (torch-free) one.
-    return {dims: {"base_features": base, "depth": depth, "max_features": maxf}
-            for dims, (base, depth, maxf) in MODEL_PRESETS[name].items()}
+    return {
+        dims: {"base_features": base, "depth": depth, "max_features": maxf}
+        for dims, (base, depth, maxf) in MODEL_PRESETS[name].items()
+    }
 
 
 #: Constructor arguments of the paper's models (METHOD.md §5), by number of spatial dims:

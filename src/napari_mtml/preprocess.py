@@ -165,8 +165,13 @@ def _resample(array: np.ndarray, scale, out_shape, order: int, anti_alias: bool)
         return a.copy() if a is array else a
     offset = 0.5 * scale - 0.5
     return ndimage.affine_transform(
-        a, scale, offset=offset, output_shape=tuple(int(s) for s in out_shape), order=order,
-        mode="nearest", prefilter=order > 1,
+        a,
+        scale,
+        offset=offset,
+        output_shape=tuple(int(s) for s in out_shape),
+        order=order,
+        mode="nearest",
+        prefilter=order > 1,
     ).astype(np.float32, copy=False)
 
 
@@ -279,8 +284,9 @@ def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarra
     box = _bbox(largest)
     # Work on the bounding box plus a margin so that the closing can reach past the edge.
     pad = 2
-    sl = tuple(slice(max(0, a - pad), min(s, b + pad)) for (a, b), s in zip(box, arr.shape,
-                                                                           strict=True))
+    sl = tuple(
+        slice(max(0, a - pad), min(s, b + pad)) for (a, b), s in zip(box, arr.shape, strict=True)
+    )
     sub = ndimage.binary_closing(largest[sl], iterations=1)
     sub = _fill_holes(sub | largest[sl])
     out = np.zeros(arr.shape, dtype=bool)
@@ -298,8 +304,11 @@ def _plain_frame(frame, n: int, default: tuple) -> tuple:
         out = tuple(int(f) for f in frame)
     except TypeError:
         raise ValueError(f"frame must be a tuple of {n} positive ints; got {frame!r}.") from None
-    if len(out) != n or any(f <= 0 for f in out) or any(
-            float(f) != float(g) for f, g in zip(out, frame, strict=True)):
+    if (
+        len(out) != n
+        or any(f <= 0 for f in out)
+        or any(float(f) != float(g) for f, g in zip(out, frame, strict=True))
+    ):
         raise ValueError(f"frame must be a tuple of {n} positive ints; got {frame!r}.")
     return out
 
@@ -319,8 +328,9 @@ class FrameFitError(ValueError):
     """The image's content does not fit the frame (the message names the frame that would)."""
 
 
-def _fit_error(content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, what: str,
-               multiple: int) -> ValueError:
+def _fit_error(
+    content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, what: str, multiple: int
+) -> ValueError:
     need = tuple(int(math.ceil(c / multiple) * multiple) for c in content)
     fit = tuple(max(f, n) for f, n in zip(frame, need, strict=True))
     ds = max(math.ceil(max(c / f for c, f in zip(crop_shape, frame, strict=True))), 1)
@@ -331,8 +341,9 @@ def _fit_error(content: tuple, frame: tuple, factors: tuple, crop_shape: tuple, 
     )
 
 
-def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np.ndarray, float,
-                                                                                float]:
+def to_model_units(
+    array: np.ndarray, foreground: np.ndarray | None
+) -> tuple[np.ndarray, float, float]:
     """Affine intensity map into the units the task parameters are defined in.
 
     Volumes (3D): z-score over the foreground (METHOD.md §7, brain); 2D images: [min, max] ->
@@ -368,8 +379,16 @@ def to_model_units(array: np.ndarray, foreground: np.ndarray | None) -> tuple[np
     return ((array - offset) / scale).astype(np.float32), offset, scale
 
 
-def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, downsample=2,
-             foreground=None, spacing: float | None = None, multiple: int = 16):
+def to_frame(
+    scan,
+    kind: str = "auto",
+    dims: int | None = None,
+    frame=None,
+    downsample=2,
+    foreground=None,
+    spacing: float | None = None,
+    multiple: int = 16,
+):
     """Bring a scan into the model's frame (see the module docstring for both pipelines).
 
     Parameters
@@ -439,9 +458,12 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
             raise ValueError(
                 f"{name} is a 3D volume; the X-ray pipeline (kind='cxr') needs a 2D image."
             )
-        return _cxr_to_frame(scan, _plain_frame(None if isinstance(frame, str) else frame, 2,
-                                                CXR_FRAME),
-                             _plain_factors(downsample, 2), name)
+        return _cxr_to_frame(
+            scan,
+            _plain_frame(None if isinstance(frame, str) else frame, 2, CXR_FRAME),
+            _plain_factors(downsample, 2),
+            name,
+        )
     stacked = scan.ndim == 3 and dims == 2
     factors = mri_factors(scan, dims, downsample=downsample, spacing=spacing)
     if isinstance(frame, str):
@@ -455,8 +477,9 @@ def to_frame(scan, kind: str = "auto", dims: int | None = None, frame=None, down
     return _mri_to_frame(scan, frame, factors, stacked, foreground, name)
 
 
-def mri_factors(scan, dims: int | None = None, downsample=2,
-                spacing: float | None = None) -> tuple[float, ...]:
+def mri_factors(
+    scan, dims: int | None = None, downsample=2, spacing: float | None = None
+) -> tuple[float, ...]:
     """Input voxels per frame voxel along the frame's axes (the last `dims` axes of the scan).
 
     Parameters
@@ -512,8 +535,14 @@ def fit_frame(content, multiple: int = 16) -> tuple[int, ...]:
     return tuple(max(m, int(math.ceil(int(c) / m) * m)) for c in content)
 
 
-def content_shape(scan, kind: str = "auto", dims: int | None = None, downsample=2,
-                  spacing: float | None = None, foreground=None) -> tuple[int, ...]:
+def content_shape(
+    scan,
+    kind: str = "auto",
+    dims: int | None = None,
+    downsample=2,
+    spacing: float | None = None,
+    foreground=None,
+) -> tuple[int, ...]:
     """Voxels per frame axis that an MRI scan's foreground crop takes after resampling: what a
     frame must hold (`fit_frame(content_shape(...), multiple)` is the frame `"fit"` gives).
     X-rays fill their fixed frame: their default frame is returned.
@@ -534,8 +563,11 @@ def content_shape(scan, kind: str = "auto", dims: int | None = None, downsample=
     if kind == "cxr":
         return CXR_FRAME
     dims = scan.ndim if dims is None else int(dims)
-    fg = foreground_mask(scan, kind="mri") if foreground is None else np.asarray(foreground,
-                                                                                   dtype=bool)
+    fg = (
+        foreground_mask(scan, kind="mri")
+        if foreground is None
+        else np.asarray(foreground, dtype=bool)
+    )
     _check_foreground(fg, _name(scan))
     stacked = scan.ndim == 3 and dims == 2
     return _content(fg, mri_factors(scan, dims, downsample, spacing), stacked)
@@ -579,13 +611,17 @@ def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
     scaled = tuple(int(math.ceil(n / s)) for n, s in zip(crop_shape, scale, strict=True))
     content = scaled[1:] if stacked else scaled
     if any(c > f for c, f in zip(content, frame, strict=True)):
-        raise _fit_error(content, frame, tuple(factors),
-                         crop_shape[1:] if stacked else crop_shape, name,
-                         64 if len(frame) == 2 else 16)
+        raise _fit_error(
+            content,
+            frame,
+            tuple(factors),
+            crop_shape[1:] if stacked else crop_shape,
+            name,
+            64 if len(frame) == 2 else 16,
+        )
     z = np.where(fg[sl], (arr[sl] - np.float32(mean)) / np.float32(std), np.float32(0.0))
     small = _resample(z, scale, scaled, order=1, anti_alias=True)
-    small_fg = _resample(fg[sl].astype(np.float32), scale, scaled, order=1,
-                         anti_alias=True) >= 0.5
+    small_fg = _resample(fg[sl].astype(np.float32), scale, scaled, order=1, anti_alias=True) >= 0.5
     small[~small_fg] = 0.0
     offset = tuple((f - c) // 2 for f, c in zip(frame, content, strict=True))
     if stacked:
@@ -597,9 +633,17 @@ def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
     out[place] = small
     out_fg[place] = small_fg
     transform = FrameTransform(
-        kind="mri", scan_shape=tuple(arr.shape), frame=tuple(frame), stacked=stacked, crop=crop,
-        scale=tuple(float(s) for s in scale), scaled_shape=scaled, offset=offset, mean=mean,
-        std=std, window=None,
+        kind="mri",
+        scan_shape=tuple(arr.shape),
+        frame=tuple(frame),
+        stacked=stacked,
+        crop=crop,
+        scale=tuple(float(s) for s in scale),
+        scaled_shape=scaled,
+        offset=offset,
+        mean=mean,
+        std=std,
+        window=None,
     )
     return out, out_fg, transform
 
@@ -617,8 +661,9 @@ def _equalise(x: np.ndarray, lo: float, hi: float, bins: int = 256) -> np.ndarra
 def _cxr_to_frame(scan: Scan, frame, factors, name):
     arr = scan.array
     mid = tuple(int(round(f * d)) for f, d in zip(frame, factors, strict=True))
-    x = _resample(arr, [n / m for n, m in zip(arr.shape, mid, strict=True)], mid, order=3,
-                  anti_alias=True)
+    x = _resample(
+        arr, [n / m for n, m in zip(arr.shape, mid, strict=True)], mid, order=3, anti_alias=True
+    )
     window = scan.metadata.get("window")
     if window is not None:
         c, w = float(window[0]), float(window[1])
@@ -632,19 +677,27 @@ def _cxr_to_frame(scan: Scan, frame, factors, name):
             "nothing to equalise. Check the file (or its WindowCenter/WindowWidth)."
         )
     eq = _equalise(x, lo, hi)
-    if (str(scan.metadata.get("photometric", "")).upper() == "MONOCHROME1"
-            and not scan.metadata.get("inverted", False)):
+    if str(scan.metadata.get("photometric", "")).upper() == "MONOCHROME1" and not scan.metadata.get(
+        "inverted", False
+    ):
         eq = 1.0 - eq  # a raw MONOCHROME1 array: bright would mean air otherwise
     mn, mx = float(eq.min()), float(eq.max())
     eq = (2.0 * (eq - mn) / (mx - mn) - 1.0).astype(np.float32)
-    out = _resample(eq, [m / f for m, f in zip(mid, frame, strict=True)], frame, order=1,
-                    anti_alias=True)
+    out = _resample(
+        eq, [m / f for m, f in zip(mid, frame, strict=True)], frame, order=1, anti_alias=True
+    )
     np.clip(out, -1.0, 1.0, out=out)
     scale = tuple(n / f for n, f in zip(arr.shape, frame, strict=True))
     transform = FrameTransform(
-        kind="cxr", scan_shape=tuple(arr.shape), frame=tuple(frame), stacked=False,
-        crop=tuple((0, n) for n in arr.shape), scale=scale, scaled_shape=tuple(frame),
-        offset=(0, 0), window=None if window is None else (lo + (hi - lo) / 2, hi - lo),
+        kind="cxr",
+        scan_shape=tuple(arr.shape),
+        frame=tuple(frame),
+        stacked=False,
+        crop=tuple((0, n) for n in arr.shape),
+        scale=scale,
+        scaled_shape=tuple(frame),
+        offset=(0, 0),
+        window=None if window is None else (lo + (hi - lo) / 2, hi - lo),
     )
     return out, np.ones(frame, dtype=bool), transform
 
@@ -684,11 +737,15 @@ def mask_to_frame(mask, transform: FrameTransform) -> np.ndarray:
             f"the mask has shape {m.shape}; the scan has {tuple(transform.scan_shape)}."
         )
     crop = m[tuple(slice(a, b) for a, b in transform.crop)].astype(np.float32)
-    small = _resample(crop, transform.scale, transform.scaled_shape, order=1,
-                      anti_alias=True) >= 0.5
+    small = (
+        _resample(crop, transform.scale, transform.scaled_shape, order=1, anti_alias=True) >= 0.5
+    )
     out = np.zeros(transform.frame_array_shape, dtype=bool)
-    out[tuple(slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape,
-                                              strict=True))] = small
+    out[
+        tuple(
+            slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape, strict=True)
+        )
+    ] = small
     return out
 
 
@@ -730,12 +787,11 @@ def from_frame(map_in_frame, transform: FrameTransform, fill: float = 0.0) -> np
     m = np.asarray(map_in_frame, dtype=np.float32)
     expected = transform.frame_array_shape
     if m.shape != expected:
-        raise ValueError(
-            f"the map has shape {m.shape}; this transform's frame is {expected}."
-        )
+        raise ValueError(f"the map has shape {m.shape}; this transform's frame is {expected}.")
     _check_finite(m, "the map")
-    place = tuple(slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape,
-                                                    strict=True))
+    place = tuple(
+        slice(o, o + s) for o, s in zip(transform.offset, transform.scaled_shape, strict=True)
+    )
     content = m[place]
     crop_shape = tuple(b - a for a, b in transform.crop)
     inverse = [1.0 / s for s in transform.scale]

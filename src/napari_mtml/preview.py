@@ -357,12 +357,16 @@ class FolderSource:
 
         folder = Path(folder).expanduser()
         if not folder.is_dir():
-            raise ValueError(f"external folder '{folder}' does not exist; choose a folder of "
-                             "NIfTI, DICOM or PNG images.")
+            raise ValueError(
+                f"external folder '{folder}' does not exist; choose a folder of "
+                "NIfTI, DICOM or PNG images."
+            )
         self.files = image_files(folder)
         if not self.files:
-            raise ValueError(f"external folder '{folder}' holds no images (.nii, .nii.gz, .dcm, "
-                             ".png, .tif); choose a folder of images for the blending source.")
+            raise ValueError(
+                f"external folder '{folder}' holds no images (.nii, .nii.gz, .dcm, "
+                ".png, .tif); choose a folder of images for the blending source."
+            )
         self.folder = folder
         self.ndim = ndim
         self._cache: dict[Path, tuple[np.ndarray, np.ndarray | None] | None] = {}
@@ -390,5 +394,7 @@ class FolderSource:
             loaded = self._load(self.files[int(i)])
             if loaded is not None:
                 return loaded
-        raise ValueError(f"no image in external folder '{self.folder}' is {self.ndim}D and "
-                         "readable; choose a folder of images like the one being previewed.")
+        raise ValueError(
+            f"no image in external folder '{self.folder}' is {self.ndim}D and "
+            "readable; choose a folder of images like the one being previewed."
+        )

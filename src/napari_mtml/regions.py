@@ -102,15 +102,22 @@ def regions_above(
     remap[order + 1] = np.arange(1, n + 1, dtype=np.int32)
     voxel_mm = float(np.prod(spacing)) if voxel_size is None else float(voxel_size)
     regions = [
-        Region(int(remap[i + 1]), int(voxels[i]), float(voxels[i] * voxel_mm), float(peaks[i]),
-               float(sums[i] / voxels[i]), tuple(float(c) for c in centroids[i]))
+        Region(
+            int(remap[i + 1]),
+            int(voxels[i]),
+            float(voxels[i] * voxel_mm),
+            float(peaks[i]),
+            float(sums[i] / voxels[i]),
+            tuple(float(c) for c in centroids[i]),
+        )
         for i in order
     ]
     return remap[labels], regions
 
 
-def region_table(regions: Sequence[Region], ndim: int,
-                 to_world: ToWorld | None = None) -> dict[str, list]:
+def region_table(
+    regions: Sequence[Region], ndim: int, to_world: ToWorld | None = None
+) -> dict[str, list]:
     """The regions as columns: `index` (the label), `voxels`, `size_mm` (mm^2 in 2D, mm^3 in
     3D), `peak`, `mean` and `centre_z`/`centre_y`/`centre_x`: each region's centre of mass in
     world mm through `to_world(index_coordinates)` (default: the index coordinates).
@@ -144,8 +151,13 @@ def region_table(regions: Sequence[Region], ndim: int,
     return table
 
 
-def write_regions_csv(path: str | Path, regions: Sequence[Region], threshold: float, ndim: int,
-                      to_world: ToWorld | None = None) -> Path:
+def write_regions_csv(
+    path: str | Path,
+    regions: Sequence[Region],
+    threshold: float,
+    ndim: int,
+    to_world: ToWorld | None = None,
+) -> Path:
     """Write the region table as CSV: a `threshold` line, then `label, voxels, size_mm2|mm3,
     peak, mean, centre_*_mm`, one row per region (numbers to 6 significant digits). Written
     atomically (`napari_mtml.files.write_atomic`); returns the path.
@@ -168,8 +180,16 @@ def write_regions_csv(path: str | Path, regions: Sequence[Region], threshold: fl
     path = check_output_file(path, "region table")
     table = region_table(regions, ndim, to_world)
     unit = "mm2" if ndim == 2 else "mm3"
-    header = ["label" if k == "index" else f"size_{unit}" if k == "size_mm" else
-              f"{k}_mm" if k.startswith("centre_") else k for k in table]
+    header = [
+        "label"
+        if k == "index"
+        else f"size_{unit}"
+        if k == "size_mm"
+        else f"{k}_mm"
+        if k.startswith("centre_")
+        else k
+        for k in table
+    ]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["threshold", f"{threshold:.6g}"])

@@ -20,14 +20,20 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 
 # name -> (file, what it is)
 SAMPLES = {
-    "brain_tumour_image": ("brain1_image.nii.gz",
-                           "clinical axial T1 brain MRI with a tumour (skull on), 25x256x256"),
+    "brain_tumour_image": (
+        "brain1_image.nii.gz",
+        "clinical axial T1 brain MRI with a tumour (skull on), 25x256x256",
+    ),
     "brain_tumour_label": ("brain1_label.nii.gz", "tumour mask of brain_tumour_image (0/1)"),
-    "mni152_t1": ("mni152_t1_1mm.nii.gz",
-                  "healthy MNI152 T1 template, skull-stripped, 1 mm, 189x233x197"),
+    "mni152_t1": (
+        "mni152_t1_1mm.nii.gz",
+        "healthy MNI152 T1 template, skull-stripped, 1 mm, 189x233x197",
+    ),
     "mni152_brain_mask": ("mni152_brain_mask_1mm.nii.gz", "brain mask of mni152_t1 (0/1)"),
-    "chest_xray": ("chest_xray_RG1_UNCR_half.dcm",
-                   "computed radiograph (CR) of the chest, MONOCHROME1, 977x920"),
+    "chest_xray": (
+        "chest_xray_RG1_UNCR_half.dcm",
+        "computed radiograph (CR) of the chest, MONOCHROME1, 977x920",
+    ),
 }
 
 

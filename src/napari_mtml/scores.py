@@ -46,9 +46,14 @@ def _values(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return heat[mask] if mask.any() else heat.ravel()
 
 
-def sample_score(heat: np.ndarray, mask: np.ndarray | None = None,
-                 method: str = DEFAULT_SAMPLE_SCORE, *, threshold: float | None = None,
-                 spacing=None) -> float:
+def sample_score(
+    heat: np.ndarray,
+    mask: np.ndarray | None = None,
+    method: str = DEFAULT_SAMPLE_SCORE,
+    *,
+    threshold: float | None = None,
+    spacing=None,
+) -> float:
     """One sample-level score of an anomaly map (see the module docstring for `method`).
 
     Parameters
@@ -82,15 +87,21 @@ def sample_score(heat: np.ndarray, mask: np.ndarray | None = None,
     values = _values(heat, mask)
     if method == "top1":
         k = min(values.size, max(_TOP_MIN, math.ceil(_TOP_FRACTION * values.size)))
-        return float(np.partition(values, values.size - k)[values.size - k:].mean(
-            dtype=np.float64))
+        return float(
+            np.partition(values, values.size - k)[values.size - k :].mean(dtype=np.float64)
+        )
     if threshold is None or not math.isfinite(threshold):
         raise ValueError("the 'area' sample score needs a threshold calibrated on healthy scans")
     return float(np.mean(values > threshold))
 
 
-def all_scores(heat: np.ndarray, mask: np.ndarray | None = None, *,
-               threshold: float | None = None, spacing=None) -> dict[str, float]:
+def all_scores(
+    heat: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    threshold: float | None = None,
+    spacing=None,
+) -> dict[str, float]:
     """Every sample score of `SAMPLE_SCORES` ("area" only with a threshold).
 
     Parameters

@@ -106,8 +106,9 @@ class SmoothField:
         out = self.lattice
         for axis, pos in enumerate(coords_mm):
             n = self.lattice.shape[axis]
-            idx = np.clip(np.asarray(pos, dtype=np.float64) / self.step + self._PAD, 0.0,
-                          n - 1.000001)
+            idx = np.clip(
+                np.asarray(pos, dtype=np.float64) / self.step + self._PAD, 0.0, n - 1.000001
+            )
             i0 = np.floor(idx).astype(np.intp)
             w = (idx - i0).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
             lo = np.take(out, i0, axis=axis)
@@ -159,8 +160,9 @@ class Template:
         if image.ndim != 3:
             raise ValueError(f"Template: image must be 3D (Z, Y, X), got shape {image.shape}")
         if brain.shape != image.shape:
-            raise ValueError(f"Template: brain mask shape {brain.shape} differs from the "
-                             f"image's {image.shape}")
+            raise ValueError(
+                f"Template: brain mask shape {brain.shape} differs from the image's {image.shape}"
+            )
         if not np.isfinite(image).all():
             raise ValueError("Template: the image holds NaN or infinite values")
         if brain.sum() < 64:
@@ -204,7 +206,8 @@ class Template:
     def envelope_distance(self) -> np.ndarray:
         """Distance in mm from the envelope (0 inside), float32."""
         return ndimage.distance_transform_edt(~self.envelope, sampling=self.spacing).astype(
-            np.float32)
+            np.float32
+        )
 
     @cached_property
     def cranium(self) -> np.ndarray:
@@ -223,7 +226,8 @@ class Template:
     def cranium_distance(self) -> np.ndarray:
         """Distance in mm from the cranium (0 inside), float32."""
         return ndimage.distance_transform_edt(~self.cranium, sampling=self.spacing).astype(
-            np.float32)
+            np.float32
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +315,9 @@ def _log_uniform(rng: np.random.Generator, bounds: Sequence[float]) -> float:
 # --------------------------------------------------------------------------------------------
 # Head
 # --------------------------------------------------------------------------------------------
-def synthesize_head(template: Template, rng: np.random.Generator,
-                    settings: VariantSettings | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                      dict[str, Any]]:
+def synthesize_head(
+    template: Template, rng: np.random.Generator, settings: VariantSettings | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A head with the skull on around the template's brain, on the template's grid.
 
     Returns `(image float32, head bool, params)`: the template inside the brain mask, the layers
@@ -385,7 +389,8 @@ def synthesize_head(template: Template, rng: np.random.Generator,
     far = base & ~near
     patch = np.clip(0.4 + 0.6 * SmoothField(extent, 8.0, rng).on_grid(*grid)[far], 0.0, 1.0)
     outside[far] = (level["inner_table"] + (level["diploe"] - level["inner_table"]) * patch) * (
-        1.0 + np.float32(s.texture) * texture[far])
+        1.0 + np.float32(s.texture) * texture[far]
+    )
     composite = np.where(template.brain, template.image, outside)
     sigma = [0.6 / sp for sp in template.spacing]  # partial volume at the layer boundaries
     soft = ndimage.gaussian_filter(composite, sigma)
@@ -408,9 +413,9 @@ def _rotation(axis_plane: tuple[int, int], angle: float) -> np.ndarray:
     return r
 
 
-def random_affine(rng: np.random.Generator,
-                  settings: VariantSettings | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                    dict[str, Any]]:
+def random_affine(
+    rng: np.random.Generator, settings: VariantSettings | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A random 3x3 matrix (rotation @ scale @ shear, in `(z, y, x)` mm) and a translation (mm).
 
     Rotations: about z (in the axial (y, x) plane), about y (the (z, x) plane) and about x (the
@@ -433,16 +438,15 @@ def random_affine(rng: np.random.Generator,
     """
     s = settings or VariantSettings()
     angles = [math.radians(_uniform(rng, (-a, a))) for a in s.max_rotation_deg]
-    rot = _rotation((1, 2), angles[0]) @ _rotation((0, 2), angles[1]) @ _rotation((0, 1),
-                                                                                    angles[2])
+    rot = _rotation((1, 2), angles[0]) @ _rotation((0, 2), angles[1]) @ _rotation((0, 1), angles[2])
     iso = _uniform(rng, s.scale_range)
-    scale = np.diag([iso * (1.0 + _uniform(rng, (-s.anisotropy, s.anisotropy)))
-                     for _ in range(3)])
+    scale = np.diag([iso * (1.0 + _uniform(rng, (-s.anisotropy, s.anisotropy))) for _ in range(3)])
     shear = np.eye(3)
     for i, j in ((0, 1), (0, 2), (1, 2)):
         shear[i, j] = _uniform(rng, (-s.max_shear, s.max_shear))
-    translation = np.array([_uniform(rng, (-s.max_translation_mm, s.max_translation_mm))
-                            for _ in range(3)])
+    translation = np.array(
+        [_uniform(rng, (-s.max_translation_mm, s.max_translation_mm)) for _ in range(3)]
+    )
     matrix = rot @ scale @ shear
     params = {
         "rotation_deg": [round(math.degrees(a), 2) for a in angles],
@@ -453,10 +457,17 @@ def random_affine(rng: np.random.Generator,
     return matrix, translation, params
 
 
-def _warp(arrays: Sequence[np.ndarray], template: Template, out_shape: tuple[int, ...],
-          out_spacing: tuple[float, ...], thickness: float, matrix: np.ndarray,
-          translation: np.ndarray, elastic: Sequence[SmoothField] | None,
-          elastic_mm: float) -> list[np.ndarray]:
+def _warp(
+    arrays: Sequence[np.ndarray],
+    template: Template,
+    out_shape: tuple[int, ...],
+    out_spacing: tuple[float, ...],
+    thickness: float,
+    matrix: np.ndarray,
+    translation: np.ndarray,
+    elastic: Sequence[SmoothField] | None,
+    elastic_mm: float,
+) -> list[np.ndarray]:
     """Backward-map each template-space array onto the output grid (linear interpolation),
     averaging `thickness` mm along z per output slice (box slice profile)."""
     t_sp = np.asarray(template.spacing)
@@ -464,8 +475,10 @@ def _warp(arrays: Sequence[np.ndarray], template: Template, out_shape: tuple[int
     centre = template.centre_mm
     inv = np.linalg.inv(matrix)
     # Output voxel centres, the output grid centred in the template's field of view.
-    pos = [(np.arange(n) + 0.5) * s + (e - n * s) / 2.0
-           for n, s, e in zip(out_shape, out_spacing, extent, strict=True)]
+    pos = [
+        (np.arange(n) + 0.5) * s + (e - n * s) / 2.0
+        for n, s, e in zip(out_shape, out_spacing, extent, strict=True)
+    ]
     n_sub = max(1, int(math.ceil(thickness / t_sp[0] - 1e-6)))
     offsets = ((np.arange(n_sub) + 0.5) / n_sub - 0.5) * thickness
     ny, nx = out_shape[1], out_shape[2]
@@ -485,8 +498,9 @@ def _warp(arrays: Sequence[np.ndarray], template: Template, out_shape: tuple[int
                 p = p + elastic_mm * elastic[k].on_grid(zs, pos[1], pos[2])
             coords[k] = p / t_sp[k] - 0.5
         for a, out in zip(arrays, outs, strict=True):
-            v = ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0,
-                                        prefilter=False)
+            v = ndimage.map_coordinates(
+                a, coords, order=1, mode="constant", cval=0.0, prefilter=False
+            )
             out[start:stop] = v.reshape(stop - start, n_sub, ny, nx).mean(axis=1)
     return outs
 
@@ -520,10 +534,16 @@ def rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> n
 # --------------------------------------------------------------------------------------------
 # A variant
 # --------------------------------------------------------------------------------------------
-def make_variant(template: Template, rng: np.random.Generator, *,
-                 spacing: Sequence[float] | None = None, thickness: float | None = None,
-                 skull: bool = False, lesion: LesionFunction | None = None,
-                 settings: VariantSettings | None = None) -> Variant:
+def make_variant(
+    template: Template,
+    rng: np.random.Generator,
+    *,
+    spacing: Sequence[float] | None = None,
+    thickness: float | None = None,
+    skull: bool = False,
+    lesion: LesionFunction | None = None,
+    settings: VariantSettings | None = None,
+) -> Variant:
     """One random healthy (or lesioned) variant of `template` (see the module docstring).
 
     Parameters
@@ -550,16 +570,18 @@ def make_variant(template: Template, rng: np.random.Generator, *,
     if not isinstance(rng, np.random.Generator):
         raise ValueError("make_variant: rng must be a numpy.random.Generator")
     s = settings or VariantSettings()
-    out_spacing = tuple(float(v) for v in (spacing if spacing is not None
-                                            else template.spacing))
+    out_spacing = tuple(float(v) for v in (spacing if spacing is not None else template.spacing))
     if len(out_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in out_spacing):
         raise ValueError(f"make_variant: spacing must be 3 positive mm values, got {spacing}")
     thick = float(thickness) if thickness is not None else out_spacing[0]
     if not (math.isfinite(thick) and thick > 0):
         raise ValueError(f"make_variant: thickness must be a positive mm value, got {thickness}")
     streams = [np.random.default_rng(int(v)) for v in rng.integers(0, 2**63 - 1, size=6)]
-    params: dict[str, Any] = {"skull": bool(skull), "spacing": list(out_spacing),
-                              "thickness": thick}
+    params: dict[str, Any] = {
+        "skull": bool(skull),
+        "spacing": list(out_spacing),
+        "thickness": thick,
+    }
 
     # 1. head (template space)
     if skull:
@@ -571,13 +593,14 @@ def make_variant(template: Template, rng: np.random.Generator, *,
     # 2. lesion (template space)
     lesion_mask = None
     if lesion is not None:
-        edited, lesion_mask = lesion(image, template.brain, template.spacing,
-                                     streams[_LESION])
+        edited, lesion_mask = lesion(image, template.brain, template.spacing, streams[_LESION])
         edited = np.asarray(edited, dtype=np.float32)
         lesion_mask = np.asarray(lesion_mask).astype(bool)
         if edited.shape != image.shape or lesion_mask.shape != image.shape:
-            raise ValueError(f"make_variant: the lesion function returned shapes "
-                             f"{edited.shape} / {lesion_mask.shape}, not {image.shape}")
+            raise ValueError(
+                f"make_variant: the lesion function returned shapes "
+                f"{edited.shape} / {lesion_mask.shape}, not {image.shape}"
+            )
         if not np.isfinite(edited).all():
             raise ValueError("make_variant: the lesion function returned NaN or inf values")
         image = edited if skull else np.where(template.brain, edited, np.float32(0.0))
@@ -587,27 +610,31 @@ def make_variant(template: Template, rng: np.random.Generator, *,
     matrix, translation, geo_params = random_affine(g, s)
     params.update(geo_params)
     extent = template.extent_mm
-    out_shape = tuple(max(1, int(round(e / v))) for e, v in zip(extent, out_spacing,
-                                                                 strict=True))
-    elastic = ([SmoothField(extent, s.elastic_scale_mm, g) for _ in range(3)]
-               if s.elastic_mm > 0 else None)
+    out_shape = tuple(max(1, int(round(e / v))) for e, v in zip(extent, out_spacing, strict=True))
+    elastic = (
+        [SmoothField(extent, s.elastic_scale_mm, g) for _ in range(3)] if s.elastic_mm > 0 else None
+    )
     # anti-aliasing for in-plane output spacings coarser than the template's (z: the slab mean)
-    sigma = [0.0] + [max(0.0, (o / t - 1.0) / 2.0)
-                     for o, t in zip(out_spacing[1:], template.spacing[1:], strict=True)]
+    sigma = [0.0] + [
+        max(0.0, (o / t - 1.0) / 2.0)
+        for o, t in zip(out_spacing[1:], template.spacing[1:], strict=True)
+    ]
     arrays = [image, template.brain.astype(np.float32), head.astype(np.float32)]
     if lesion_mask is not None:
         arrays.append(lesion_mask.astype(np.float32))
     if any(v > 0 for v in sigma):
         arrays[0] = ndimage.gaussian_filter(arrays[0], sigma)
-    warped = _warp(arrays, template, out_shape, out_spacing, thick, matrix, translation,
-                   elastic, s.elastic_mm)
+    warped = _warp(
+        arrays, template, out_shape, out_spacing, thick, matrix, translation, elastic, s.elastic_mm
+    )
     image = warped[0]
     brain = warped[1] >= 0.5
     head = (warped[2] >= 0.5) | brain
     lesion_out = (warped[3] >= 0.5) & brain if lesion_mask is not None else None
     if not brain.any():
-        raise ValueError("make_variant: the brain left the field of view (spacing or "
-                         "translation too large)")
+        raise ValueError(
+            "make_variant: the brain left the field of view (spacing or translation too large)"
+        )
 
     # 4. scanner: contrast, bias, noise, gain
     # (levels from the healthy template, so that a lesion does not change the scanner's draws)
@@ -620,15 +647,21 @@ def make_variant(template: Template, rng: np.random.Generator, *,
     if bias_std > 0:
         out_extent = [n * v for n, v in zip(out_shape, out_spacing, strict=True)]
         f = SmoothField(out_extent, s.bias_scale_mm, streams[_BIAS])
-        image *= np.exp(np.float32(bias_std) * f.on_grid(*_grid_positions(out_shape,
-                                                                           out_spacing)))
+        image *= np.exp(np.float32(bias_std) * f.on_grid(*_grid_positions(out_shape, out_spacing)))
     noise = _uniform(streams[_NOISE], s.noise_range)
     image = rician_noise(image, noise * wm_level, streams[_NOISE])
     gain = _log_uniform(streams[_CONTRAST], s.gain_range)
     image *= np.float32(gain / max(wm_level, 1e-6))
     if not skull:
         image[~brain] = 0.0
-    params.update({"gamma": round(gamma, 4), "bias_std": round(bias_std, 4),
-                   "noise": round(noise, 4), "gain": round(gain, 4)})
-    return Variant(image.astype(np.float32, copy=False), brain, head, out_spacing, lesion_out,
-                   params)
+    params.update(
+        {
+            "gamma": round(gamma, 4),
+            "bias_std": round(bias_std, 4),
+            "noise": round(noise, 4),
+            "gain": round(gain, 4),
+        }
+    )
+    return Variant(
+        image.astype(np.float32, copy=False), brain, head, out_spacing, lesion_out, params
+    )

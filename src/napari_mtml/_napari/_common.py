@@ -88,8 +88,9 @@ def _css_colour(value) -> str:
         return hexa[:7]
     text = str(value).strip()
     if text.startswith("rgb"):
-        r, g, b = (int(float(v)) for v in text[text.index("(") + 1:text.index(")")]
-                   .split(",")[:3])
+        r, g, b = (
+            int(float(v)) for v in text[text.index("(") + 1 : text.index(")")].split(",")[:3]
+        )
         return f"#{r:02x}{g:02x}{b:02x}"
     return text
 
@@ -151,8 +152,10 @@ def image_layer_array(layer, what: str = "this widget") -> np.ndarray:
     Raises `ValueError` (for a notification) for no layer, multiscale, RGB or 4D+ data.
     """
     if layer is None:
-        raise ValueError(f"{what} needs an image layer: open a scan (File > Open, or a sample "
-                         "under File > Open Sample > Many Tasks Make Light Work) and pick it.")
+        raise ValueError(
+            f"{what} needs an image layer: open a scan (File > Open, or a sample "
+            "under File > Open Sample > Many Tasks Make Light Work) and pick it."
+        )
     if getattr(layer, "multiscale", False):
         raise ValueError(f"layer '{layer.name}' is multiscale; open a single-resolution image.")
     if getattr(layer, "rgb", False):
@@ -219,12 +222,23 @@ def file_affine_from_layer_matrix(matrix: np.ndarray) -> np.ndarray:
 
 # Scan metadata keys that describe the geometry of the file a Scan was read from; a Scan built
 # from a layer's own geometry must not carry them over (write_image would reorient by them).
-_FILE_GEOMETRY = ("scan", "affine", "spacing", "world_affine", "ornt", "file_shape",
-                  "array_affine", "file_zooms", "qform_code", "sform_code")
+_FILE_GEOMETRY = (
+    "scan",
+    "affine",
+    "spacing",
+    "world_affine",
+    "ornt",
+    "file_shape",
+    "array_affine",
+    "file_zooms",
+    "qform_code",
+    "sform_code",
+)
 
 
-def scan_from_geometry(data: np.ndarray, matrix: np.ndarray, metadata: dict | None = None,
-                       name: str = "the layer"):
+def scan_from_geometry(
+    data: np.ndarray, matrix: np.ndarray, metadata: dict | None = None, name: str = "the layer"
+):
     """A `Scan` of a layer's array given its full data -> world `matrix` and its `metadata`.
 
     While the layer is still where our reader put it (`metadata["world_affine"]` equals
@@ -239,20 +253,31 @@ def scan_from_geometry(data: np.ndarray, matrix: np.ndarray, metadata: dict | No
     matrix = np.asarray(matrix, dtype=float)
     original = meta.get("scan")
     placed = meta.get("world_affine")
-    if (isinstance(original, Scan) and tuple(np.shape(original.array)) == tuple(data.shape)
-            and placed is not None and np.shape(placed) == matrix.shape
-            and np.allclose(placed, matrix, atol=1e-6)):
-        return Scan(array=data, spacing=tuple(original.spacing), affine=original.affine,
-                    metadata=dict(original.metadata))
+    if (
+        isinstance(original, Scan)
+        and tuple(np.shape(original.array)) == tuple(data.shape)
+        and placed is not None
+        and np.shape(placed) == matrix.shape
+        and np.allclose(placed, matrix, atol=1e-6)
+    ):
+        return Scan(
+            array=data,
+            spacing=tuple(original.spacing),
+            affine=original.affine,
+            metadata=dict(original.metadata),
+        )
     spacing = tuple(float(v) for v in np.linalg.norm(matrix[:-1, :-1], axis=0))
     if not all(np.isfinite(v) and v > 0 for v in spacing):
-        raise ValueError(f"{name} has a degenerate transform (an axis of zero length); fix its "
-                         "scale or affine first.")
+        raise ValueError(
+            f"{name} has a degenerate transform (an axis of zero length); fix its "
+            "scale or affine first."
+        )
     inner = {k: v for k, v in meta.items() if k not in _FILE_GEOMETRY}
     inner.setdefault("warnings", [])
     inner["layer_affine"] = matrix
-    return Scan(array=data, spacing=spacing, affine=file_affine_from_layer_matrix(matrix),
-                metadata=inner)
+    return Scan(
+        array=data, spacing=spacing, affine=file_affine_from_layer_matrix(matrix), metadata=inner
+    )
 
 
 def scan_from_layer(layer, what: str = "this widget"):
@@ -263,8 +288,7 @@ def scan_from_layer(layer, what: str = "this widget"):
     sheared one) gets its geometry from `layer_affine` (see `scan_from_geometry`).
     """
     data = image_layer_array(layer, what)
-    return scan_from_geometry(data, layer_affine(layer), layer.metadata,
-                              f"layer '{layer.name}'")
+    return scan_from_geometry(data, layer_affine(layer), layer.metadata, f"layer '{layer.name}'")
 
 
 def geometry_metadata(layer) -> dict[str, Any]:
@@ -306,8 +330,9 @@ def set_or_add_image(viewer, layer, data: np.ndarray, name: str, grid_of, **kwar
     limits given as `contrast_limits` are re-applied each time (the data range may change).
     Returns the layer.
     """
-    return _set_or_add(viewer.add_image, viewer, layer, data, name, grid_of, kwargs,
-                       again=("contrast_limits",))
+    return _set_or_add(
+        viewer.add_image, viewer, layer, data, name, grid_of, kwargs, again=("contrast_limits",)
+    )
 
 
 def set_or_add_labels(viewer, layer, data: np.ndarray, name: str, grid_of, **kwargs):
@@ -531,8 +556,9 @@ class LayerCombo(QComboBox):
         elif keep_extra is not None:
             self.setCurrentIndex(self._extras.index(keep_extra))
         self.blockSignals(False)
-        if self.current_layer() is not keep or (keep is None and self.current_extra() !=
-                                                 keep_extra):
+        if self.current_layer() is not keep or (
+            keep is None and self.current_extra() != keep_extra
+        ):
             self.currentIndexChanged.emit(self.currentIndex())
 
     def current_layer(self):

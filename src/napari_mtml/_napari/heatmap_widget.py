@@ -105,10 +105,21 @@ ANOMALY = " anomaly"
 DISAGREEMENT = " disagreement"
 #: how the maps of a prediction are shown, by their layer name's suffix
 MAP_STYLES = {
-    ANOMALY: {"colormap": "inferno", "blending": "additive", "opacity": 0.6,
-              "contrast_limits": (0.0, 1.0), "rendering": "attenuated_mip", "attenuation": 0.3},
-    DISAGREEMENT: {"colormap": "viridis", "blending": "additive", "contrast_limits": (0.0, 0.5),
-                   "visible": False, "rendering": "attenuated_mip"},
+    ANOMALY: {
+        "colormap": "inferno",
+        "blending": "additive",
+        "opacity": 0.6,
+        "contrast_limits": (0.0, 1.0),
+        "rendering": "attenuated_mip",
+        "attenuation": 0.3,
+    },
+    DISAGREEMENT: {
+        "colormap": "viridis",
+        "blending": "additive",
+        "contrast_limits": (0.0, 0.5),
+        "visible": False,
+        "rendering": "attenuated_mip",
+    },
 }
 SUSPICIOUS = " suspicious"
 MAX_ROWS = 100
@@ -152,8 +163,7 @@ class HeatmapWidget(QWidget):
         self._batch_opened: dict = {}  # input path -> the image layer a click opened
 
         self.run_edit = QLineEdit()
-        self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt) or "
-                                         "builtin:NAME")
+        self.run_edit.setPlaceholderText("run folder (config.json, fold_K/best.pt) or builtin:NAME")
         browse = QPushButton("…")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse)
@@ -161,20 +171,28 @@ class HeatmapWidget(QWidget):
         self.builtin_combo.addItem(BUILTIN_PICK)
         for name, text in builtin_models().items():
             self.builtin_combo.addItem(f"builtin:{name}")
-            self.builtin_combo.setItemData(self.builtin_combo.count() - 1, text,
-                                           Qt.ItemDataRole.ToolTipRole)
-        self.builtin_combo.setToolTip("a trained model that ships with napari-mtml: no training "
-                                      "needed (see its model card in the docs)")
+            self.builtin_combo.setItemData(
+                self.builtin_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole
+            )
+        self.builtin_combo.setToolTip(
+            "a trained model that ships with napari-mtml: no training "
+            "needed (see its model card in the docs)"
+        )
         self.builtin_combo.currentTextChanged.connect(self._builtin_chosen)
         mine = self._is_output
-        self.mask_combo = LayerCombo(napari_viewer, Labels, extras=(MASK_FOREGROUND, MASK_AUTO),
-                                     exclude=mine)
+        self.mask_combo = LayerCombo(
+            napari_viewer, Labels, extras=(MASK_FOREGROUND, MASK_AUTO), exclude=mine
+        )
         self.mask_combo.setToolTip(
             "where the map may be non-zero and the sample score is taken: the image's "
             "foreground (default), an automatic brain mask (brain MRI with the skull on), or a "
-            "Labels layer (its non-zero voxels)")
-        self.mask_note = QLabel("" if brain_available() else
-                                f"automatic brain mask: {INSTALL_HINT} adds {EXTRA_SUMMARY}.")
+            "Labels layer (its non-zero voxels)"
+        )
+        self.mask_note = QLabel(
+            ""
+            if brain_available()
+            else f"automatic brain mask: {INSTALL_HINT} adds {EXTRA_SUMMARY}."
+        )
         self.mask_note.setWordWrap(True)
         self.image_combo = LayerCombo(napari_viewer, Image, exclude=mine, auto_pick=True)
         devices = available_devices()
@@ -198,10 +216,15 @@ class HeatmapWidget(QWidget):
         self.percentile_spin.setValue(99.0)
         self.percentile_spin.setSuffix(" %")
         self.reference_button = push_button("From healthy reference", self.threshold_from_reference)
-        self.reference_button.setToolTip("Predict the reference layer and set the threshold to the "
-                                         "score this percentile of its foreground stays under.")
-        self.table = _table(["region", "size", "peak", "mean"], 140,
-                            "Click a region to centre the view on it and select its label.")
+        self.reference_button.setToolTip(
+            "Predict the reference layer and set the threshold to the "
+            "score this percentile of its foreground stays under."
+        )
+        self.table = _table(
+            ["region", "size", "peak", "mean"],
+            140,
+            "Click a region to centre the view on it and select its label.",
+        )
         self.table.itemSelectionChanged.connect(self._row_selected)
         self.export_button = push_button("Export table (CSV)…", self.export_csv)
         self.save_button = push_button("Save heatmap (NIfTI)…", self.save)
@@ -219,13 +242,17 @@ class HeatmapWidget(QWidget):
         self.batch_button = push_button("Predict batch", self.run_batch)
         self.batch_cancel_button = push_button("Cancel", self.cancel)
         self.batch_cancel_button.setEnabled(False)
-        self.batch_table = _table(["image", "score", "disagreement", "status"], 120,
-                                  "Ranked by sample score; click an image to open it with its "
-                                  "heatmap.")
+        self.batch_table = _table(
+            ["image", "score", "disagreement", "status"],
+            120,
+            "Ranked by sample score; click an image to open it with its heatmap.",
+        )
         self.batch_table.itemSelectionChanged.connect(self._batch_row_selected)
         self.batch_source_combo.currentIndexChanged.connect(
             lambda *_: self.batch_folder_edit.setEnabled(
-                self.batch_source_combo.currentText() == BATCH_FOLDER))
+                self.batch_source_combo.currentText() == BATCH_FOLDER
+            )
+        )
 
         form = QFormLayout()
         run_row = QHBoxLayout()
@@ -250,12 +277,13 @@ class HeatmapWidget(QWidget):
         batch_box = QGroupBox("Batch")
         batch_form = QFormLayout(batch_box)
         batch_form.addRow("images", self.batch_source_combo)
-        batch_form.addRow("folder", _pair(self.batch_folder_edit,
-                                          browse_button(self, self.batch_folder_edit)))
-        batch_form.addRow("output", _pair(self.batch_out_edit,
-                                          browse_button(self, self.batch_out_edit)))
-        batch_form.addRow(_pair(self.batch_png_check, self.batch_button,
-                                self.batch_cancel_button))
+        batch_form.addRow(
+            "folder", _pair(self.batch_folder_edit, browse_button(self, self.batch_folder_edit))
+        )
+        batch_form.addRow(
+            "output", _pair(self.batch_out_edit, browse_button(self, self.batch_out_edit))
+        )
+        batch_form.addRow(_pair(self.batch_png_check, self.batch_button, self.batch_cancel_button))
         batch_form.addRow(self.batch_table)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -284,8 +312,9 @@ class HeatmapWidget(QWidget):
         return wait_until(lambda: self._worker is None, timeout_s)
 
     def _is_output(self, layer) -> bool:
-        return layer in (self.heatmap_layer, self.disagreement_layer) or \
-            layer.name.endswith((ANOMALY, DISAGREEMENT))
+        return layer in (self.heatmap_layer, self.disagreement_layer) or layer.name.endswith(
+            (ANOMALY, DISAGREEMENT)
+        )
 
     def set_run(self, run_dir: str) -> None:
         """Use this run folder (the training widget calls it when a run finishes)."""
@@ -304,8 +333,9 @@ class HeatmapWidget(QWidget):
                 setattr(self, attr, None)
         if layer is self._source_layer:
             self._source_layer = None
-        self._reference_cache = {k: v for k, v in self._reference_cache.items()
-                                 if k[0] != id(layer)}
+        self._reference_cache = {
+            k: v for k, v in self._reference_cache.items() if k[0] != id(layer)
+        }
 
     def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a prediction running
@@ -321,8 +351,10 @@ class HeatmapWidget(QWidget):
 
         folder = resolve_run(run_dir).expanduser()
         if not folder.is_dir():
-            raise ValueError(f"run folder '{folder}' does not exist: choose the folder that "
-                             "training wrote (it holds config.json and fold_K/best.pt).")
+            raise ValueError(
+                f"run folder '{folder}' does not exist: choose the folder that "
+                "training wrote (it holds config.json and fold_K/best.pt)."
+            )
         key = (run_stamp(folder), device)
         if key not in self._ensembles:
             self._ensembles = {key: load_ensemble(folder, device=device, folds="available")}
@@ -351,22 +383,25 @@ class HeatmapWidget(QWidget):
         a Labels layer on the image's grid (ValueError when its shape differs)."""
         if self.mask_combo.current_extra() == MASK_AUTO:
             if not brain_available():
-                raise ValueError(f"the automatic brain mask needs the brain extra: "
-                                 f"{INSTALL_HINT}")
+                raise ValueError(f"the automatic brain mask needs the brain extra: {INSTALL_HINT}")
             return MASK_AUTO
         layer = self.mask_combo.current_layer()
         if layer is None:
             return None
         mask = np.asarray(layer.data) > 0
         if mask.shape != tuple(scan.array.shape):
-            raise ValueError(f"the Labels layer '{layer.name}' has shape {mask.shape}, the image "
-                             f"{tuple(scan.array.shape)}: choose a mask drawn on this image")
+            raise ValueError(
+                f"the Labels layer '{layer.name}' has shape {mask.shape}, the image "
+                f"{tuple(scan.array.shape)}: choose a mask drawn on this image"
+            )
         return mask
 
     def _check_run_chosen(self) -> None:
         if not self.run_edit.text().strip():
-            raise ValueError("no run folder chosen: train one with the Training widget or "
-                             "`mtml train`, then choose its folder.")
+            raise ValueError(
+                "no run folder chosen: train one with the Training widget or "
+                "`mtml train`, then choose its folder."
+            )
 
     def _start(self, job, args: tuple, desc: str, steps: int, on_return) -> None:
         """Run the generator `job(run_dir, device, *args)` (the run folder and the device the
@@ -379,8 +414,14 @@ class HeatmapWidget(QWidget):
         self.progress = cancelable_bar(steps, desc, self.cancel)
         run = (self.run_edit.text().strip(), self.device_combo.currentText())
         self._worker = start_worker(
-            job, *run, *args, on_yield=self._step, on_return=on_return, on_error=self._error,
-            on_finish=self._done, on_abort=self._aborted,
+            job,
+            *run,
+            *args,
+            on_yield=self._step,
+            on_return=on_return,
+            on_error=self._error,
+            on_finish=self._done,
+            on_abort=self._aborted,
         )
 
     def _step(self, event) -> None:
@@ -424,8 +465,10 @@ class HeatmapWidget(QWidget):
     def _aborted(self) -> None:
         if self.batch_items and self._batch_running:
             done = sum(item.error is None for item in self.batch_items)
-            self.status.setText(f"batch cancelled after {len(self.batch_items)} image(s); "
-                                f"scores.csv lists the {done} done.")
+            self.status.setText(
+                f"batch cancelled after {len(self.batch_items)} image(s); "
+                f"scores.csv lists the {done} done."
+            )
         else:
             self.status.setText("cancelled: nothing was changed.")
         notify_info("Heatmap: cancelled")
@@ -433,8 +476,9 @@ class HeatmapWidget(QWidget):
     def _map_layer(self, current, data, source, suffix: str):
         """The layer that shows the map `data` of the image layer `source` (named after it and
         `suffix`, styled by `MAP_STYLES`): `current` updated, or a new one."""
-        return set_or_add_image(self.viewer, current, data, source.name + suffix, source,
-                                **MAP_STYLES[suffix])
+        return set_or_add_image(
+            self.viewer, current, data, source.name + suffix, source, **MAP_STYLES[suffix]
+        )
 
     def _show(self, layer, prediction) -> None:
         if prediction is None or layer not in self.viewer.layers:
@@ -446,7 +490,8 @@ class HeatmapWidget(QWidget):
         self._source_layer = layer
         self.heatmap_layer = self._map_layer(self.heatmap_layer, prediction.anomaly, layer, ANOMALY)
         self.disagreement_layer = self._map_layer(
-            self.disagreement_layer, prediction.disagreement, layer, DISAGREEMENT)
+            self.disagreement_layer, prediction.disagreement, layer, DISAGREEMENT
+        )
         folds = ", ".join(f"{s:.3f}" for s in getattr(prediction, "fold_scores", ()))
         ens = next(iter(self._ensembles.values()), None)
         note = ""
@@ -455,7 +500,8 @@ class HeatmapWidget(QWidget):
         how = SCORE_TEXT.get(getattr(prediction, "score_method", ""), "sample score")
         self.score_label.setText(
             f"sample score ({how}): {prediction.score:.4f}"
-            + (f"\nper fold: {folds}" if folds else "") + note
+            + (f"\nper fold: {folds}" if folds else "")
+            + note
         )
         self.status.setText(f"heatmap of '{layer.name}' ready.")
         self.apply_threshold()
@@ -479,12 +525,15 @@ class HeatmapWidget(QWidget):
     def _batch_inputs(self) -> tuple[list, int]:
         """What the batch predicts: paths (a folder) or in-memory Scans (the open layers)."""
         if self.batch_source_combo.currentText() == BATCH_LAYERS:
-            layers = [ly for ly in self.viewer.layers
-                      if isinstance(ly, Image) and not self._is_output(ly)
-                      and not getattr(ly, "rgb", False)]
+            layers = [
+                ly
+                for ly in self.viewer.layers
+                if isinstance(ly, Image)
+                and not self._is_output(ly)
+                and not getattr(ly, "rgb", False)
+            ]
             if not layers:
-                raise ValueError("no image layers are open: open scans first, or predict a "
-                                 "folder.")
+                raise ValueError("no image layers are open: open scans first, or predict a folder.")
             scans, used = [], set()
             self._batch_sources = {}
             for layer in layers:
@@ -501,8 +550,10 @@ class HeatmapWidget(QWidget):
 
         folder = self.batch_folder_edit.text().strip()
         if not folder:
-            raise ValueError("no input folder chosen: type or browse a folder of images, or "
-                             "predict all open image layers.")
+            raise ValueError(
+                "no input folder chosen: type or browse a folder of images, or "
+                "predict all open image layers."
+            )
         if not Path(folder).expanduser().is_dir():
             raise ValueError(f"input folder '{folder}' does not exist.")
         paths = expand_images([Path(folder).expanduser()])
@@ -517,8 +568,9 @@ class HeatmapWidget(QWidget):
         try:
             self._check_run_chosen()
             if not out_dir:
-                raise ValueError("no output folder chosen: choose where the maps and "
-                                 "scores.csv go.")
+                raise ValueError(
+                    "no output folder chosen: choose where the maps and scores.csv go."
+                )
             inputs, n = self._batch_inputs()
         except (ValueError, OSError) as exc:
             self._error(exc)
@@ -548,9 +600,13 @@ class HeatmapWidget(QWidget):
     def _batch_item(self, item) -> None:
         self.batch_items.append(item)
         # ranked: highest sample score first, failures last
-        self.batch_items.sort(key=lambda it: (it.error is not None,
-                                              -(it.score if it.score is not None else 0.0),
-                                              it.index))
+        self.batch_items.sort(
+            key=lambda it: (
+                it.error is not None,
+                -(it.score if it.score is not None else 0.0),
+                it.index,
+            )
+        )
         self._fill_batch_table()
 
     def _fill_batch_table(self) -> None:
@@ -559,10 +615,17 @@ class HeatmapWidget(QWidget):
         self.batch_table.setRowCount(len(self.batch_items))
         for row, item in enumerate(self.batch_items):
             ok = item.error is None
-            shown = self._batch_sources[item.name][0].name if item.name in \
-                self._batch_sources else item.name  # a layer by its own name
-            cells = (shown, f"{item.score:.4f}" if ok else "-",
-                     f"{item.mean_disagreement:.4f}" if ok else "-", "done" if ok else "failed")
+            shown = (
+                self._batch_sources[item.name][0].name
+                if item.name in self._batch_sources
+                else item.name
+            )  # a layer by its own name
+            cells = (
+                shown,
+                f"{item.score:.4f}" if ok else "-",
+                f"{item.mean_disagreement:.4f}" if ok else "-",
+                "done" if ok else "failed",
+            )
             for col, text in enumerate(cells):
                 cell = QTableWidgetItem(text)
                 cell.setFlags(cell.flags() & ~Qt.ItemFlag.ItemIsEditable)
@@ -576,9 +639,11 @@ class HeatmapWidget(QWidget):
             return
         self.batch_result = result
         failed = len(result.failures)
-        self.status.setText(f"batch done: {len(result.items) - failed} of {len(result.items)} "
-                            f"image(s) predicted; {result.scores_csv}"
-                            + (f"; {failed} failed (hover the table)" if failed else ""))
+        self.status.setText(
+            f"batch done: {len(result.items) - failed} of {len(result.items)} "
+            f"image(s) predicted; {result.scores_csv}"
+            + (f"; {failed} failed (hover the table)" if failed else "")
+        )
         notify_info(f"Heatmap: batch written to {result.out_dir}")
 
     def _batch_row_selected(self) -> None:
@@ -602,15 +667,19 @@ class HeatmapWidget(QWidget):
             return
         layer.visible = True
         self.viewer.layers.selection.active = layer
-        self._show(layer, SimpleNamespace(anomaly=anomaly, disagreement=spread,
-                                          score=item.score, fold_scores=()))
+        self._show(
+            layer,
+            SimpleNamespace(anomaly=anomaly, disagreement=spread, score=item.score, fold_scores=()),
+        )
         for out in (self.heatmap_layer, self.labels_layer):
             if out is not None:
                 out.visible = True
         # show the image where its heatmap peaks
         self._go_to(layer, np.unravel_index(int(np.argmax(anomaly)), anomaly.shape))
-        self.status.setText(f"{layer.name}: sample score {item.score:.4f} (batch rank "
-                            f"{row + 1} of {len(self.batch_items)})")
+        self.status.setText(
+            f"{layer.name}: sample score {item.score:.4f} (batch rank "
+            f"{row + 1} of {len(self.batch_items)})"
+        )
 
     def _load_batch_item(self, item):
         """(image layer, anomaly, disagreement) of a batch item, the maps on the layer's grid."""
@@ -621,10 +690,12 @@ class HeatmapWidget(QWidget):
         if item.name in self._batch_sources:  # a layer input: maps back onto its grid
             layer, metadata, ndim = self._batch_sources[item.name]
             if layer not in self.viewer.layers:
-                raise ValueError(f"layer '{item.name}' was closed; its maps are in "
-                                 f"{item.anomaly_path.parent}.")
-            maps = [read_map(p, metadata, ndim)
-                    for p in (item.anomaly_path, item.disagreement_path)]
+                raise ValueError(
+                    f"layer '{item.name}' was closed; its maps are in {item.anomaly_path.parent}."
+                )
+            maps = [
+                read_map(p, metadata, ndim) for p in (item.anomaly_path, item.disagreement_path)
+            ]
             return layer, maps[0], maps[1]
         layer = self._batch_opened.get(str(item.path))
         scan = read_image(item.path)
@@ -633,8 +704,10 @@ class HeatmapWidget(QWidget):
             layer = self.viewer.add_image(data, **kwargs)
             self._batch_opened[str(item.path)] = layer
         # the maps were written in the input's own geometry: read back on the same grid
-        maps = [read_map(p, scan.metadata, scan.ndim)
-                for p in (item.anomaly_path, item.disagreement_path)]
+        maps = [
+            read_map(p, scan.metadata, scan.ndim)
+            for p in (item.anomaly_path, item.disagreement_path)
+        ]
         return layer, maps[0], maps[1]
 
     # ----------------------------------------------------------------------------- threshold
@@ -646,11 +719,15 @@ class HeatmapWidget(QWidget):
             return
         ndim = self.prediction.anomaly.ndim
         spacing = layer_spacing(layer)[-ndim:]
-        labels, self.regions = regions_above(self.prediction.anomaly,
-                                             self.threshold_slider.value(), spacing,
-                                             voxel_size=voxel_volume(layer))
-        self.labels_layer = set_or_add_labels(self.viewer, self.labels_layer, labels,
-                                              layer.name + SUSPICIOUS, layer, opacity=0.5)
+        labels, self.regions = regions_above(
+            self.prediction.anomaly,
+            self.threshold_slider.value(),
+            spacing,
+            voxel_size=voxel_volume(layer),
+        )
+        self.labels_layer = set_or_add_labels(
+            self.viewer, self.labels_layer, labels, layer.name + SUSPICIOUS, layer, opacity=0.5
+        )
         if self.heatmap_layer is not None:  # for "iso" rendering in 3D: the same surface
             self.heatmap_layer.iso_threshold = float(self.threshold_slider.value())
         self.labels_layer.features = self.region_table()
@@ -660,15 +737,17 @@ class HeatmapWidget(QWidget):
         self.table.clearSelection()
         self.table.setRowCount(len(shown))
         for row, r in enumerate(shown):
-            for col, text in enumerate((str(r.label), f"{r.size_mm:.1f} {unit}", f"{r.peak:.3f}",
-                                        f"{r.mean:.3f}")):
+            for col, text in enumerate(
+                (str(r.label), f"{r.size_mm:.1f} {unit}", f"{r.peak:.3f}", f"{r.mean:.3f}")
+            ):
                 item = QTableWidgetItem(text)
                 item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 self.table.setItem(row, col, item)
         self.table.blockSignals(False)
         more = f" (table shows the {MAX_ROWS} largest)" if len(self.regions) > MAX_ROWS else ""
-        self.status.setText(f"{len(self.regions)} region(s) at threshold "
-                            f"{self.threshold_slider.value():.3f}{more}")
+        self.status.setText(
+            f"{len(self.regions)} region(s) at threshold {self.threshold_slider.value():.3f}{more}"
+        )
 
     def region_table(self) -> dict[str, list]:
         """The regions as columns (also the Labels layer's `features`; `index` = label value).
@@ -718,19 +797,28 @@ class HeatmapWidget(QWidget):
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the region table as CSV (one row per region); returns the path."""
         if not self.regions:
-            notify_error("Heatmap", "no regions to export: Predict an image and set a threshold "
-                                    "with at least one region above it.")
+            notify_error(
+                "Heatmap",
+                "no regions to export: Predict an image and set a threshold "
+                "with at least one region above it.",
+            )
             return None
         if path is None:
             name = self._source_layer.name if self._source_layer is not None else "regions"
-            path, _ = QFileDialog.getSaveFileName(self, "Export regions", f"{name}_regions.csv",
-                                                  "CSV (*.csv)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export regions", f"{name}_regions.csv", "CSV (*.csv)"
+            )
             if not path:
                 return None
         path = Path(path)
         try:
-            write_regions_csv(path, self.regions, self.threshold_slider.value(),
-                              self.prediction.anomaly.ndim, self._to_world())
+            write_regions_csv(
+                path,
+                self.regions,
+                self.threshold_slider.value(),
+                self.prediction.anomaly.ndim,
+                self._to_world(),
+            )
         except ValueError as exc:
             self._error(exc)
             return None
@@ -772,8 +860,10 @@ class HeatmapWidget(QWidget):
         value, name = value_and_name
         self.threshold_slider.setValue(value)
         self.apply_threshold()
-        notify_info(f"Heatmap: threshold {value:.4f} = {self.percentile_spin.value():g}th "
-                    f"percentile of '{name}' foreground scores")
+        notify_info(
+            f"Heatmap: threshold {value:.4f} = {self.percentile_spin.value():g}th "
+            f"percentile of '{name}' foreground scores"
+        )
 
     # ----------------------------------------------------------------------------- save
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -785,9 +875,9 @@ class HeatmapWidget(QWidget):
             notify_error("Heatmap", "nothing to save: Predict an image first.")
             return None
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save heatmap",
-                                                  f"{layer.name}_anomaly.nii.gz",
-                                                  "NIfTI (*.nii.gz *.nii)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save heatmap", f"{layer.name}_anomaly.nii.gz", "NIfTI (*.nii.gz *.nii)"
+            )
             if not path:
                 return None
         path = Path(path)

@@ -65,8 +65,13 @@ from ._common import (
     wait_until,
 )
 
-__all__ = ["AnomalyPreviewWidget", "PreviewInput", "PreviewResult", "compute_preview",
-           "prepare_input"]
+__all__ = [
+    "AnomalyPreviewWidget",
+    "PreviewInput",
+    "PreviewResult",
+    "compute_preview",
+    "prepare_input",
+]
 
 RANDOM_TASK = "random task"
 MODE_VOLUME = "3D volume"
@@ -84,8 +89,10 @@ FOLDER_SOURCE = "(external folder)"
 # --------------------------------------------------------------------------------------------
 SHORTCUTS = {"Shift-N": "new_seed", "Shift-K": "keep"}
 #: the tooltips of the buttons of those actions
-TIPS = {"new_seed": "Another seed for the same task and parameters (Shift+N in the viewer).",
-        "keep": "Copy the current preview and label into new layers (Shift+K in the viewer)."}
+TIPS = {
+    "new_seed": "Another seed for the same task and parameters (Shift+N in the viewer).",
+    "keep": "Copy the current preview and label into new layers (Shift+K in the viewer).",
+}
 # viewer -> [weak reference to the preview widget its shortcuts drive, the keys bound]
 _SHORTCUTS_OF_VIEWER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -102,6 +109,7 @@ def _bind_shortcuts(viewer, widget) -> list[str]:
     entry = [weakref.ref(widget), []]
     _SHORTCUTS_OF_VIEWER[viewer] = entry
     for key, method in SHORTCUTS.items():
+
         def action(v, _method=method):
             target = _SHORTCUTS_OF_VIEWER[v][0]() if v in _SHORTCUTS_OF_VIEWER else None
             if target is not None:
@@ -159,9 +167,11 @@ class AnomalyPreviewWidget(QWidget):
         self.mode_combo.addItems([MODE_VOLUME, MODE_SLICE])
         self.mode_combo.setToolTip(
             "3D images: synthesise in the whole volume, or in 2D on the axial slice shown (as a "
-            "model trained with --dims 2 sees it). Thick-slice scans default to the slice.")
-        self.source_combo = LayerCombo(napari_viewer, Image, extras=(SAME_SOURCE, FOLDER_SOURCE),
-                                       exclude=mine)
+            "model trained with --dims 2 sees it). Thick-slice scans default to the slice."
+        )
+        self.source_combo = LayerCombo(
+            napari_viewer, Image, extras=(SAME_SOURCE, FOLDER_SOURCE), exclude=mine
+        )
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("folder of images (for the external source)")
         browse = push_button("Browse…", self._browse)
@@ -246,8 +256,11 @@ class AnomalyPreviewWidget(QWidget):
         return self._worker is not None or self._pending or self._timer.isActive()
 
     def _is_output(self, layer) -> bool:
-        return layer is self.preview_layer or layer is self.label_layer or \
-            layer.name in (PREVIEW_NAME, LABEL_NAME)
+        return (
+            layer is self.preview_layer
+            or layer is self.label_layer
+            or layer.name in (PREVIEW_NAME, LABEL_NAME)
+        )
 
     def task(self) -> str | None:
         """The chosen task name, or `None` for "random task"."""
@@ -298,8 +311,7 @@ class AnomalyPreviewWidget(QWidget):
     def slice_mode(self) -> bool:
         """True when a 3D image is previewed on its current axial slice only."""
         layer = self.image_combo.current_layer()
-        return (layer is not None and layer.ndim == 3
-                and self.mode_combo.currentText() == MODE_SLICE)
+        return layer is not None and layer.ndim == 3 and self.mode_combo.currentText() == MODE_SLICE
 
     def current_slice(self, layer) -> int:
         """Index (axis 0 of the layer's data) of the axial slice the viewer shows."""
@@ -340,17 +352,24 @@ class AnomalyPreviewWidget(QWidget):
         if extra == FOLDER_SOURCE:
             folder = self.folder_edit.text().strip()
             if not folder:
-                raise ValueError("blend source is an external folder but none is chosen: type "
-                                 "or browse a folder, or pick another source.")
-            if self._folder_source is None or self._folder_source.folder != Path(folder) or \
-                    self._folder_source.ndim != layer.ndim:
+                raise ValueError(
+                    "blend source is an external folder but none is chosen: type "
+                    "or browse a folder, or pick another source."
+                )
+            if (
+                self._folder_source is None
+                or self._folder_source.folder != Path(folder)
+                or self._folder_source.ndim != layer.ndim
+            ):
                 self._folder_source = FolderSource(folder, layer.ndim)
             return self._folder_source
         other = self.source_combo.current_layer()
         data = image_layer_array(other, "the blend source")
         if data.ndim != layer.ndim:
-            raise ValueError(f"blend source '{other.name}' is {data.ndim}D but the image is "
-                             f"{layer.ndim}D; pick a source with the same dimensionality.")
+            raise ValueError(
+                f"blend source '{other.name}' is {data.ndim}D but the image is "
+                f"{layer.ndim}D; pick a source with the same dimensionality."
+            )
         return ("layer", other)
 
     def _foreground_for(self, layer):
@@ -361,8 +380,10 @@ class AnomalyPreviewWidget(QWidget):
             return ("auto", None)
         fg_layer = self.foreground_combo.current_layer()
         if tuple(fg_layer.data.shape) != tuple(layer.data.shape):
-            raise ValueError(f"foreground '{fg_layer.name}' has shape {fg_layer.data.shape} but "
-                             f"the image has {layer.data.shape}; pick a mask of the same grid.")
+            raise ValueError(
+                f"foreground '{fg_layer.name}' has shape {fg_layer.data.shape} but "
+                f"the image has {layer.data.shape}; pick a mask of the same grid."
+            )
         return ("layer", fg_layer)
 
     def _input_for(self, layer, fg_spec) -> PreviewInput:
@@ -403,8 +424,7 @@ class AnomalyPreviewWidget(QWidget):
             self._job, *args, on_return=self._show, on_error=self._fail, on_finish=self._done
         )
 
-    def _job(self, layer, fg_spec, task, seed, params, source, slice_index=None
-             ) -> PreviewResult:
+    def _job(self, layer, fg_spec, task, seed, params, source, slice_index=None) -> PreviewResult:
         inp = self._input_for(layer, fg_spec)
         if isinstance(source, tuple) and source[0] == "layer":
             other = source[1]
@@ -423,12 +443,24 @@ class AnomalyPreviewWidget(QWidget):
         self.n_updates += 1
         lo, hi = (float(v) for v in layer.contrast_limits)
         self.preview_layer = set_or_add_image(
-            self.viewer, self.preview_layer, result.image, PREVIEW_NAME, layer,
-            colormap="gray", contrast_limits=(lo, hi),
+            self.viewer,
+            self.preview_layer,
+            result.image,
+            PREVIEW_NAME,
+            layer,
+            colormap="gray",
+            contrast_limits=(lo, hi),
         )
         self.label_layer = set_or_add_image(
-            self.viewer, self.label_layer, result.label, LABEL_NAME, layer,
-            colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.5,
+            self.viewer,
+            self.label_layer,
+            result.label,
+            LABEL_NAME,
+            layer,
+            colormap="inferno",
+            blending="additive",
+            contrast_limits=(0.0, 1.0),
+            opacity=0.5,
         )
         self.status.setText(
             f"{result.task}: {result.n_anomalies} anomal{'y' if result.n_anomalies == 1 else 'ies'}"
@@ -456,10 +488,21 @@ class AnomalyPreviewWidget(QWidget):
             return None
         tag = f"{layer.name} {result.task} seed {self.seed_spin.value()}"
         grid = {**on_grid_of(layer), "metadata": geometry_metadata(layer)}
-        img = self.viewer.add_image(result.image.copy(), name=tag, colormap="gray",
-                                    contrast_limits=tuple(layer.contrast_limits), **grid)
-        lab = self.viewer.add_image(result.label.copy(), name=f"{tag} label", colormap="inferno",
-                                    blending="additive", contrast_limits=(0.0, 1.0), **grid)
+        img = self.viewer.add_image(
+            result.image.copy(),
+            name=tag,
+            colormap="gray",
+            contrast_limits=tuple(layer.contrast_limits),
+            **grid,
+        )
+        lab = self.viewer.add_image(
+            result.label.copy(),
+            name=f"{tag} label",
+            colormap="inferno",
+            blending="additive",
+            contrast_limits=(0.0, 1.0),
+            **grid,
+        )
         return img, lab
 
     def stop(self, timeout_ms: int = 10000) -> None:

@@ -137,8 +137,11 @@ def _series_layers(folder: Path) -> list[tuple]:
     if not layers:
         raise errors[0][1]
     for info, exc in errors:
-        warnings.warn(f"series '{info.name}' ({info.uid}) was not opened: {exc}",
-                      ImageReadWarning, stacklevel=2)
+        warnings.warn(
+            f"series '{info.name}' ({info.uid}) was not opened: {exc}",
+            ImageReadWarning,
+            stacklevel=2,
+        )
     return layers
 
 

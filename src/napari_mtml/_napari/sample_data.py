@@ -28,8 +28,7 @@ def healthy_brain() -> list[tuple]:
     mask = load_sample("mni152_brain_mask")
     return [
         layer_data_from_scan(image, "MNI152 T1"),
-        layer_data_from_scan(mask, "brain mask", layer_type="labels", opacity=0.3,
-                             visible=False),
+        layer_data_from_scan(mask, "brain mask", layer_type="labels", opacity=0.3, visible=False),
     ]
 
 

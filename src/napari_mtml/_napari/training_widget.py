@@ -71,8 +71,9 @@ FROM_LAYERS = "open image layers"
 #: the colour of a warning in the widget (the device note when training falls back to the CPU)
 WARNING_COLOUR = "#e0a040"
 #: one colour per task (index = task id) in the plot of the held-out tasks' AP
-TASK_COLOURS = dict(zip(TASKS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"),
-                        strict=True))
+TASK_COLOURS = dict(
+    zip(TASKS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"), strict=True)
+)
 
 
 def _write_layers(layers, folder: Path) -> list[str]:
@@ -151,12 +152,15 @@ class TrainingWidget(QWidget):
         self.recipe_combo.setToolTip(
             "model, batch, resolution and schedule together. auto: 'small' on a CPU (a 0.28 M "
             "U-Net on 2 mm axial slices), 'light' on Apple MPS, 'paper' (the published "
-            "recipe) on a CUDA GPU; the fields below override it")
+            "recipe) on a CUDA GPU; the fields below override it"
+        )
         self.time_spin = _spin(0, 100_000, GUI_MINUTES)
         self.time_spin.setSuffix(" min")
         self.time_spin.setSpecialValueText("no time limit (steps)")
-        self.time_spin.setToolTip("train for this long in all: a short measured warm-up plans "
-                                  "the steps of every fold (recorded in config.json)")
+        self.time_spin.setToolTip(
+            "train for this long in all: a short measured warm-up plans "
+            "the steps of every fold (recorded in config.json)"
+        )
         self.steps_spin = _spin(0, 10_000_000, 0)
         self.steps_spin.setSpecialValueText("planned / the recipe's")
         self.steps_spin.setToolTip("optimiser steps per fold (with a time budget: at most)")
@@ -165,16 +169,20 @@ class TrainingWidget(QWidget):
         self.val_size_spin = _field_spin("val_size", 100_000, unset="auto (16 in 3D, 64 in 2D)")
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([PRESET_FROM_RECIPE, "small", "light", "paper"])
-        self.preset_combo.setToolTip("small: 8-64 features (0.28 M, for CPUs); light: half the "
-                                     "paper's widths; paper: the published U-Net "
-                                     "(13.9 M / 29.1 M parameters)")
+        self.preset_combo.setToolTip(
+            "small: 8-64 features (0.28 M, for CPUs); light: half the "
+            "paper's widths; paper: the published U-Net "
+            "(13.9 M / 29.1 M parameters)"
+        )
         self.init_edit = QLineEdit()
         self.init_edit.setPlaceholderText("from scratch (or builtin:brain-t1, or a run folder)")
         self.init_edit.setToolTip("fine-tune: each fold starts from that run's fold")
         self.brain_combo = QComboBox()
         self.brain_combo.addItems([BRAIN_HEAD, BRAIN_AUTO])
-        self.brain_combo.setToolTip("where the synthetic anomalies go in heads with the skull "
-                                    "on: anywhere in the head, or inside an automatic brain mask")
+        self.brain_combo.setToolTip(
+            "where the synthetic anomalies go in heads with the skull "
+            "on: anywhere in the head, or inside an automatic brain mask"
+        )
         if not brain_available():
             self.brain_combo.model().item(1).setEnabled(False)
             self.brain_combo.setToolTip(f"{INSTALL_HINT} adds {EXTRA_SUMMARY}")
@@ -208,8 +216,9 @@ class TrainingWidget(QWidget):
         healthy_row = _row(self.healthy_edit, browse_button(self, self.healthy_edit, files=True))
         external_row = _row(self.external_edit, browse_button(self, self.external_edit))
         validation = _row(self.val_spin, QLabel("steps on"), self.val_size_spin)
-        model = _row(self.preset_combo, QLabel("depth"), self.depth_spin, QLabel("width"),
-                     self.width_spin)
+        model = _row(
+            self.preset_combo, QLabel("depth"), self.depth_spin, QLabel("width"), self.width_spin
+        )
         out_row = _row(self.out_edit, browse_button(self, self.out_edit))
         data = _section(
             "Data",
@@ -281,15 +290,19 @@ class TrainingWidget(QWidget):
         self._refresh_layers()
 
     def _refresh_layers(self, event=None) -> None:
-        checked = {self.layer_list.item(i).text() for i in range(self.layer_list.count())
-                   if self.layer_list.item(i).checkState() == Qt.CheckState.Checked}
+        checked = {
+            self.layer_list.item(i).text()
+            for i in range(self.layer_list.count())
+            if self.layer_list.item(i).checkState() == Qt.CheckState.Checked
+        }
         self.layer_list.clear()
         for layer in self.viewer.layers:
             if isinstance(layer, Image) and not layer.rgb:
                 item = QListWidgetItem(layer.name)
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(Qt.CheckState.Checked if layer.name in checked
-                                   else Qt.CheckState.Unchecked)
+                item.setCheckState(
+                    Qt.CheckState.Checked if layer.name in checked else Qt.CheckState.Unchecked
+                )
                 self.layer_list.addItem(item)
 
     def set_layers(self, names) -> None:
@@ -297,12 +310,16 @@ class TrainingWidget(QWidget):
         self.source_combo.setCurrentText(FROM_LAYERS)
         for i in range(self.layer_list.count()):
             item = self.layer_list.item(i)
-            item.setCheckState(Qt.CheckState.Checked if item.text() in names
-                               else Qt.CheckState.Unchecked)
+            item.setCheckState(
+                Qt.CheckState.Checked if item.text() in names else Qt.CheckState.Unchecked
+            )
 
     def _chosen_layers(self) -> list:
-        names = [self.layer_list.item(i).text() for i in range(self.layer_list.count())
-                 if self.layer_list.item(i).checkState() == Qt.CheckState.Checked]
+        names = [
+            self.layer_list.item(i).text()
+            for i in range(self.layer_list.count())
+            if self.layer_list.item(i).checkState() == Qt.CheckState.Checked
+        ]
         return [self.viewer.layers[n] for n in names if n in self.viewer.layers]
 
     def config(self) -> TrainConfig:
@@ -311,13 +328,17 @@ class TrainingWidget(QWidget):
         if from_layers:
             healthy: tuple[str, ...] = ()
             if not self._chosen_layers():
-                raise ValueError("no healthy image layer is ticked: open healthy scans and tick "
-                                 "them, or choose 'files / folder'.")
+                raise ValueError(
+                    "no healthy image layer is ticked: open healthy scans and tick "
+                    "them, or choose 'files / folder'."
+                )
         else:
             healthy = tuple(p.strip() for p in self.healthy_edit.text().split(";") if p.strip())
             if not healthy:
-                raise ValueError("no healthy data given: type or browse a folder of healthy "
-                                 "scans (NIfTI, DICOM, PNG), or train on open image layers.")
+                raise ValueError(
+                    "no healthy data given: type or browse a folder of healthy "
+                    "scans (NIfTI, DICOM, PNG), or train on open image layers."
+                )
             missing = [p for p in healthy if not Path(p).expanduser().exists()]
             if missing:
                 raise ValueError(f"healthy data not found: {', '.join(missing)}; check the path.")
@@ -325,7 +346,8 @@ class TrainingWidget(QWidget):
         return TrainConfig(
             healthy=healthy,
             out=self.out_edit.text().strip(),
-            dims=None if self.dims_combo.currentText() == "auto"
+            dims=None
+            if self.dims_combo.currentText() == "auto"
             else int(self.dims_combo.currentText()),
             frame=self.frame_edit.text().strip() or None,
             train_tasks=self.tasks_spin.value(),
@@ -339,7 +361,8 @@ class TrainingWidget(QWidget):
             batch_size=self.batch_spin.value() or None,
             val_interval=self.val_spin.value() or None,
             val_size=self.val_size_spin.value() or None,
-            preset=None if self.preset_combo.currentText() == PRESET_FROM_RECIPE
+            preset=None
+            if self.preset_combo.currentText() == PRESET_FROM_RECIPE
             else self.preset_combo.currentText(),
             depth=self.depth_spin.value() or None,
             base_features=self.width_spin.value() or None,
@@ -369,14 +392,16 @@ class TrainingWidget(QWidget):
         self._max_steps = config.max_steps or 1
         self._reset_plot()
         # with a time budget the steps are known once planned (the first FoldStarted)
-        total = self._folds * config.max_steps if config.max_steps and not config.time_budget \
-            else 0
+        total = self._folds * config.max_steps if config.max_steps and not config.time_budget else 0
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(0)
         self._pbar = cancelable_bar(total or None, "mtml training", self.cancel)
-        self.message.setText(f"training into {config.out} …" if not config.time_budget else
-                             f"measuring a step, then training for "
-                             f"{config.time_budget / 60:g} min into {config.out} …")
+        self.message.setText(
+            f"training into {config.out} …"
+            if not config.time_budget
+            else f"measuring a step, then training for "
+            f"{config.time_budget / 60:g} min into {config.out} …"
+        )
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._redraw_timer.start()
@@ -400,9 +425,13 @@ class TrainingWidget(QWidget):
     # ----------------------------------------------------------------------------- events
     def _handlers(self) -> dict:
         """What the widget does on each signal of the training worker."""
-        return {"on_yield": self._on_event, "on_return": self._on_return,
-                "on_error": self._error, "on_finish": self._on_finish,
-                "on_abort": self._on_abort}
+        return {
+            "on_yield": self._on_event,
+            "on_return": self._on_return,
+            "on_error": self._error,
+            "on_finish": self._on_finish,
+            "on_abort": self._on_abort,
+        }
 
     def _on_event(self, event) -> None:
         self.events.append(event)
@@ -432,12 +461,15 @@ class TrainingWidget(QWidget):
                 self._curve(("ap", event.fold, task)).append((event.step, ap))
             self._plot_dirty = True
             if event.best:
-                self._last_best[event.fold] = str(Path(self.run_dir) / f"fold_{event.fold}" /
-                                                  "best.pt")
+                self._last_best[event.fold] = str(
+                    Path(self.run_dir) / f"fold_{event.fold}" / "best.pt"
+                )
             mean_ap = np.mean(list(event.ap.values())) if event.ap else float("nan")
-            self.message.setText(f"fold {event.fold}, step {event.step}: val loss "
-                                 f"{event.val_loss:.4f}, mean AP {mean_ap:.3f}"
-                                 + (" (best so far)" if event.best else ""))
+            self.message.setText(
+                f"fold {event.fold}, step {event.step}: val loss "
+                f"{event.val_loss:.4f}, mean AP {mean_ap:.3f}"
+                + (" (best so far)" if event.best else "")
+            )
         elif isinstance(event, events.FoldFinished):
             self._last_best[event.fold] = event.checkpoint
         elif isinstance(event, events.Notice):
@@ -458,8 +490,10 @@ class TrainingWidget(QWidget):
         if kept:
             text = "cancelled; the last good checkpoint is kept: " + ", ".join(kept)
         else:
-            text = ("cancelled before the first validation: no checkpoint was selected yet "
-                    "(the run folder keeps last.pt for --resume, if one was written)")
+            text = (
+                "cancelled before the first validation: no checkpoint was selected yet "
+                "(the run folder keeps last.pt for --resume, if one was written)"
+            )
         self.message.setText(text)
         notify_info(f"Training {text}")
 
@@ -528,17 +562,34 @@ class TrainingWidget(QWidget):
                 _, fold, task = key
                 label = task if task not in seen_tasks else None
                 seen_tasks.add(task)
-                self.ax_ap.plot(x, y, marker=markers[fold % len(markers)], ms=3, lw=1,
-                                color=TASK_COLOURS.get(task), label=label)
-        legend_style = {"facecolor": colours["background"], "edgecolor": colours["grid"],
-                        "labelcolor": colours["text"]}
+                self.ax_ap.plot(
+                    x,
+                    y,
+                    marker=markers[fold % len(markers)],
+                    ms=3,
+                    lw=1,
+                    color=TASK_COLOURS.get(task),
+                    label=label,
+                )
+        legend_style = {
+            "facecolor": colours["background"],
+            "edgecolor": colours["grid"],
+            "labelcolor": colours["text"],
+        }
         if any(k[0] == "loss" for k in self._curves):
             self.ax_loss.legend(fontsize=6, loc="upper right", ncol=3, **legend_style)
             self.ax_loss.set_yscale("log")
         if seen_tasks:
             # one colour per held-out task; folds differ by marker
-            self.ax_ap.legend(fontsize=6, loc="upper center", ncol=3, framealpha=0.7,
-                              handlelength=1.2, columnspacing=0.8, **legend_style)
+            self.ax_ap.legend(
+                fontsize=6,
+                loc="upper center",
+                ncol=3,
+                framealpha=0.7,
+                handlelength=1.2,
+                columnspacing=0.8,
+                **legend_style,
+            )
         self.canvas.draw_idle()
 
 

@@ -54,15 +54,20 @@ def _checked(path: str, data, meta: dict, what: str) -> tuple[Path, np.ndarray]:
     if not path.name.lower().endswith(SUFFIXES):
         raise ValueError(f"{path}: name the file .nii.gz or .nii to save a {what} as NIfTI.")
     if meta.get("multiscale"):
-        raise ValueError(f"{path}: '{meta.get('name', what)}' is multiscale; NIfTI holds one "
-                         "resolution. Save a single-resolution copy.")
+        raise ValueError(
+            f"{path}: '{meta.get('name', what)}' is multiscale; NIfTI holds one "
+            "resolution. Save a single-resolution copy."
+        )
     if meta.get("rgb"):
-        raise ValueError(f"{path}: '{meta.get('name', what)}' is RGB; NIfTI maps here are "
-                         "greyscale.")
+        raise ValueError(
+            f"{path}: '{meta.get('name', what)}' is RGB; NIfTI maps here are greyscale."
+        )
     array = np.asarray(data)
     if array.ndim not in (2, 3):
-        raise ValueError(f"{path}: '{meta.get('name', what)}' has {array.ndim} dimensions "
-                         f"{array.shape}; only 2D and 3D layers are written as NIfTI.")
+        raise ValueError(
+            f"{path}: '{meta.get('name', what)}' has {array.ndim} dimensions "
+            f"{array.shape}; only 2D and 3D layers are written as NIfTI."
+        )
     if not path.parent.exists():
         raise ValueError(f"{path}: the folder {path.parent} does not exist; create it first.")
     return path, array
@@ -71,8 +76,12 @@ def _checked(path: str, data, meta: dict, what: str) -> tuple[Path, np.ndarray]:
 def _write(path: Path, array: np.ndarray, meta: dict, dtype) -> list[str]:
     from napari_mtml.io import write_image
 
-    scan = scan_from_geometry(array, layer_matrix(meta, array.ndim), meta.get("metadata"),
-                              f"layer '{meta.get('name', path.name)}'")
+    scan = scan_from_geometry(
+        array,
+        layer_matrix(meta, array.ndim),
+        meta.get("metadata"),
+        f"layer '{meta.get('name', path.name)}'",
+    )
     write_image(path, array, like=scan, dtype=dtype)
     return [str(path)]
 
@@ -104,8 +113,10 @@ def write_layers(path: str, layer_data: list[tuple]) -> list[str]:
     """Several image/labels layers into the folder `path`, one `NAME.nii.gz` each."""
     folder = Path(path)
     if folder.name.lower().endswith(SUFFIXES):
-        raise ValueError(f"{folder}: several layers are saved as a folder of NIfTI files; give a "
-                         "name without .nii/.nii.gz.")
+        raise ValueError(
+            f"{folder}: several layers are saved as a folder of NIfTI files; give a "
+            "name without .nii/.nii.gz."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
     for data, meta, layer_type in layer_data:

@@ -134,8 +134,11 @@ def flipped_gaussian_label_of_boxes(
             (lo_a, hi_a, m_a), (lo_b, hi_b, m_b) = groups[a], groups[b]
             sides = zip(lo_a, hi_a, lo_b, hi_b, strict=True)
             if all(la <= hb and lb <= ha for la, ha, lb, hb in sides):
-                groups[a] = (np.minimum(lo_a, lo_b).tolist(), np.maximum(hi_a, hi_b).tolist(),
-                             m_a + m_b)
+                groups[a] = (
+                    np.minimum(lo_a, lo_b).tolist(),
+                    np.maximum(hi_a, hi_b).tolist(),
+                    m_a + m_b,
+                )
                 del groups[b]
                 merged = True
                 break
@@ -207,7 +210,7 @@ def _single_component_2d(mask: np.ndarray) -> tuple[slice, slice] | None:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0 or rows[-1] - rows[0] + 1 != rows.size:
         return None
-    band = mask[rows[0]: rows[-1] + 1]
+    band = mask[rows[0] : rows[-1] + 1]
     first = band.argmax(axis=1)
     last = band.shape[1] - 1 - band[:, ::-1].argmax(axis=1)
     # a row holds at most last - first + 1 voxels, so equal totals mean every row is one run
@@ -381,7 +384,7 @@ def _erosion_step(source: np.ndarray, target: np.ndarray, floor: np.ndarray) -> 
     if not (source.flags.c_contiguous and target.flags.c_contiguous and floor.flags.c_contiguous):
         raise AssertionError("_erosion_step needs C-contiguous arrays (flat views)")
     src, dst, low = source.reshape(-1), target.reshape(-1), floor.reshape(-1)
-    strides = [math.prod(source.shape[d + 1:]) for d in range(n)]
+    strides = [math.prod(source.shape[d + 1 :]) for d in range(n)]
     lo = sum(strides)  # the first interior voxel's flat index; the last is size - 1 - lo
     hi = size - lo
     result = dst[lo:hi]
@@ -390,8 +393,11 @@ def _erosion_step(source: np.ndarray, target: np.ndarray, floor: np.ndarray) -> 
     def min3(array, start, stop, step, out, fold):
         """out[k - start'] = min(array[k - step], array[k], array[k + step]) for k in
         [start, stop), where ``array`` holds flat indices [start - step, stop + step)."""
-        parts = [array[: stop - start], array[step: step + stop - start],
-                 array[2 * step: 2 * step + stop - start]]
+        parts = [
+            array[: stop - start],
+            array[step : step + stop - start],
+            array[2 * step : 2 * step + stop - start],
+        ]
         if not fold:
             calls.append((np.minimum, parts[0], parts[1], out))
             parts = parts[2:]
@@ -406,11 +412,17 @@ def _erosion_step(source: np.ndarray, target: np.ndarray, floor: np.ndarray) -> 
             reach = strides[a + 1]
             first, last = lo - reach, hi + reach
             line = np.empty(last - first, source.dtype)
-            min3(src[first - strides[a]: last + strides[a]], first, last, strides[a], line,
-                 fold=False)
+            min3(
+                src[first - strides[a] : last + strides[a]],
+                first,
+                last,
+                strides[a],
+                line,
+                fold=False,
+            )
             for b in range(a + 1, n):
                 skip = reach - strides[b]  # line starts at `first`; the plane reads from lo - s_b
-                view = line[skip: skip + (hi - lo) + 2 * strides[b]]
+                view = line[skip : skip + (hi - lo) + 2 * strides[b]]
                 min3(view, lo, hi, strides[b], result, fold=started)
                 started = True
     calls.append((np.maximum, result, low[lo:hi], result))

@@ -104,8 +104,9 @@ def poisson_blend(
     if box is None:
         return out
     # NaN/inf are looked for inside the box only: nowhere else can they reach the solve
-    out[box] = _solve_box(target[box], source[box], mask[box], mix_gradients, workers, precision,
-                          "poisson_blend")
+    out[box] = _solve_box(
+        target[box], source[box], mask[box], mix_gradients, workers, precision, "poisson_blend"
+    )
     return out
 
 
@@ -191,8 +192,7 @@ def solve_poisson_box(
         Mismatched shapes, a 0-d array, a floating-point mask, or NaN/inf in target or source.
     """
     target, source, mask = _check_inputs(target, source, mask, "solve_poisson_box")
-    return _solve_box(target, source, mask, mix_gradients, workers, precision,
-                      "solve_poisson_box")
+    return _solve_box(target, source, mask, mix_gradients, workers, precision, "solve_poisson_box")
 
 
 def _solve_box(target, source, mask, mix_gradients, workers, precision, where) -> np.ndarray:

@@ -146,11 +146,13 @@ def _source_provider(source, image, foreground, image_range) -> Callable:
         fixed = SourceImage(image, foreground, *image_range)
         return lambda rng: fixed
     if callable(source):
+
         def call(rng):
             got = source(rng)
             if not (isinstance(got, tuple) and len(got) == 2):
                 raise ValueError("a source callable must return a tuple (array, mask_or_None)")
             return checked(*got)
+
         return call
     if isinstance(source, tuple):
         if len(source) != 2:
@@ -251,7 +253,10 @@ def synthesize(
     # near the patches rather than on the union's bounding box
     label = flipped_gaussian_label_of_boxes(work, original, boxes, masks, sigma=params.sigma)
     return SynthesisResult(
-        image=work, label=np.asarray(label, dtype=np.float32), mask=union, task=name,
+        image=work,
+        label=np.asarray(label, dtype=np.float32),
+        mask=union,
+        task=name,
         n_anomalies=count,
     )
 

@@ -42,8 +42,9 @@ CXR_MAX_PUSH = 10.0
 def _knob(default, label: str, low: float, high: float, decimals: int):
     """A task parameter a user may turn (the preview's sliders): its label, the range offered
     and the decimals shown (0: an integer)."""
-    return field(default=default, metadata={"label": label, "range": (low, high),
-                                            "decimals": decimals})
+    return field(
+        default=default, metadata={"label": label, "range": (low, high), "decimals": decimals}
+    )
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,13 @@ def _shape_in_box(placed: PlacedShape, image_shape, margin: int, lengthen=None):
 # ---------------------------------------------------------------- sink / source (tasks 2 and 3)
 
 
-def push_factor(mean_radius: float, rng: np.random.Generator, kind: str,
-                min_push: float = 0.5, max_push: float = 5.0) -> float:
+def push_factor(
+    mean_radius: float,
+    rng: np.random.Generator,
+    kind: str,
+    min_push: float = 0.5,
+    max_push: float = 5.0,
+) -> float:
     """The deformation factor f from a random push distance (METHOD.md §2).
 
     `mean_radius` is A, the mean distance (voxels) from the centre to the shape's boundary voxels.
@@ -261,10 +267,17 @@ def _warp_sources(points, c, factor, kind, edge_distance, centre_index=None) -> 
 def _cubic_samples(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Cubic spline samples (order 3, mode nearest) of `image` at `coords` (n, m), float32."""
     # the float32 prefilter halves the memory traffic of the float64 one map_coordinates uses
-    coeffs = ndimage.spline_filter(np.asarray(image, dtype=np.float32), order=3,
-                                   output=np.float32, mode="nearest")
-    return ndimage.map_coordinates(coeffs, np.ascontiguousarray(coords), order=3, mode="nearest",
-                                   prefilter=False, output=np.float32)
+    coeffs = ndimage.spline_filter(
+        np.asarray(image, dtype=np.float32), order=3, output=np.float32, mode="nearest"
+    )
+    return ndimage.map_coordinates(
+        coeffs,
+        np.ascontiguousarray(coords),
+        order=3,
+        mode="nearest",
+        prefilter=False,
+        output=np.float32,
+    )
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -319,12 +332,12 @@ class _RadialTask:
             own = inv @ (origin - offset - shape.centre)
             return _ray_to_edge_columns(shape.kind, shape.half_sizes, own, inv @ directions)
 
-        warped = radial_warp(image[outer], padded, centre + offset, factor, self.name, edge,
-                             centre_index=pick)
+        warped = radial_warp(
+            image[outer], padded, centre + offset, factor, self.name, edge, centre_index=pick
+        )
         # the spline can overshoot a little: stay in the image's range like every task
         np.clip(warped, *context.value_range, out=warped)
-        inner = tuple(slice(o, o + n) for o, n in zip(offset.astype(int), mask.shape,
-                                                       strict=True))
+        inner = tuple(slice(o, o + n) for o, n in zip(offset.astype(int), mask.shape, strict=True))
         return Patch(placed.box, warped[inner], mask)
 
 
@@ -340,8 +353,9 @@ def edge_distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(padded)[inner]
 
 
-def smooth_intensity_change(image, mask, amplitude: float, margin: float,
-                            distance: np.ndarray | None = None) -> np.ndarray:
+def smooth_intensity_change(
+    image, mask, amplitude: float, margin: float, distance: np.ndarray | None = None
+) -> np.ndarray:
     """Add `w * amplitude` inside `mask`, `w = min(dist / margin, 1)` (deterministic part).
 
     `dist` is the Euclidean distance transform of the shape (`edge_distance`; 1 on its edge
@@ -394,7 +408,10 @@ def _rotation(ndim: int, rng: np.random.Generator, max_angle: float) -> np.ndarr
 
 
 def sample_source_patch(
-    source: SourceImage, out_shape, rng: np.random.Generator, needed: np.ndarray | None = None,
+    source: SourceImage,
+    out_shape,
+    rng: np.random.Generator,
+    needed: np.ndarray | None = None,
     fill: np.ndarray | None = None,
 ) -> np.ndarray:
     """A randomly rotated and scaled window of the source, resampled to `out_shape` (float32).
@@ -495,8 +512,9 @@ class _BlendTask:
         # the image and the source were checked finite, the patch is clipped to the source's range
         work = _working_dtype("auto", target.ndim)
         blended = np.array(target, dtype=np.float32, copy=True)
-        _blend_into(blended, np.asarray(target, dtype=work), np.asarray(patch, dtype=work), mask,
-                    True, 1)
+        _blend_into(
+            blended, np.asarray(target, dtype=work), np.asarray(patch, dtype=work), mask, True, 1
+        )
         np.clip(blended, *context.value_range, out=blended)
         spill = np.abs(blended - target) > SPILL_THRESHOLD
         changed = mask | spill

@@ -130,8 +130,7 @@ def image_files(folder: str | os.PathLike, *, recursive: bool = False) -> list[P
         entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
     except OSError as exc:
         raise ValueError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
-    return [f for f in entries
-            if not f.name.startswith(".") and is_image_file(f) and f.is_file()]
+    return [f for f in entries if not f.name.startswith(".") and is_image_file(f) and f.is_file()]
 
 
 def _suffix(path: Path) -> str:
@@ -154,8 +153,12 @@ def _sniff(path: Path) -> str | None:
         return "nifti"
     if looks_like_dicom(path):
         return "dicom"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:4] in (b"II*\x00", b"MM\x00*") or \
-            head[:3] == b"\xff\xd8\xff" or head[:2] == b"BM":
+    if (
+        head[:8] == b"\x89PNG\r\n\x1a\n"
+        or head[:4] in (b"II*\x00", b"MM\x00*")
+        or head[:3] == b"\xff\xd8\xff"
+        or head[:2] == b"BM"
+    ):
         return "raster"
     return None
 
@@ -259,8 +262,7 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> Scan:
     )
 
 
-def write_image(path: str | os.PathLike, array, like: Scan | None = None,
-                dtype=np.float32) -> Path:
+def write_image(path: str | os.PathLike, array, like: Scan | None = None, dtype=np.float32) -> Path:
     """Write a map that lies on `like.array`'s grid as a float32 NIfTI in `like`'s file geometry.
 
     The array is put back into the file's own voxel order (undoing the RAS reorientation of
@@ -322,10 +324,13 @@ def write_image(path: str | os.PathLike, array, like: Scan | None = None,
         arr = arr.astype(np.uint8)
     if dtype.kind == "i" or dtype.kind == "u":
         info = np.iinfo(dtype)
-        if arr.size and (arr.min() < info.min or arr.max() > info.max or
-                         not np.array_equal(arr, np.rint(arr))):
-            raise ValueError(f"{path}: the values do not fit {dtype} exactly; write them as "
-                             "float32 or choose a wider integer type.")
+        if arr.size and (
+            arr.min() < info.min or arr.max() > info.max or not np.array_equal(arr, np.rint(arr))
+        ):
+            raise ValueError(
+                f"{path}: the values do not fit {dtype} exactly; write them as "
+                "float32 or choose a wider integer type."
+            )
     elif dtype != np.float32:
         raise ValueError(f"{path}: write_image writes float32 or integer voxels, not {dtype}.")
     if not np.isfinite(arr).all():

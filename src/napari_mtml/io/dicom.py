@@ -34,22 +34,28 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # What to install for each compressed transfer syntax pydicom cannot decode by itself.
 _DECODERS = {
     "jpeg": "pylibjpeg and pylibjpeg-libjpeg (`pip install pylibjpeg pylibjpeg-libjpeg`) or "
-            "python-gdcm",
+    "python-gdcm",
     "jpegls": "pylibjpeg and pylibjpeg-libjpeg (`pip install pylibjpeg pylibjpeg-libjpeg`), "
-              "pyjpegls or python-gdcm",
+    "pyjpegls or python-gdcm",
     "j2k": "pylibjpeg and pylibjpeg-openjpeg (`pip install pylibjpeg pylibjpeg-openjpeg`) or "
-           "python-gdcm",
+    "python-gdcm",
     "rle": "pylibjpeg-rle (`pip install pylibjpeg pylibjpeg-rle`)",
     "other": "pylibjpeg with its plugins (`pip install pylibjpeg pylibjpeg-libjpeg "
-             "pylibjpeg-openjpeg`) or python-gdcm",
+    "pylibjpeg-openjpeg`) or python-gdcm",
 }
 _SYNTAX_FAMILY = {
-    "1.2.840.10008.1.2.4.50": "jpeg", "1.2.840.10008.1.2.4.51": "jpeg",
-    "1.2.840.10008.1.2.4.57": "jpeg", "1.2.840.10008.1.2.4.70": "jpeg",
-    "1.2.840.10008.1.2.4.80": "jpegls", "1.2.840.10008.1.2.4.81": "jpegls",
-    "1.2.840.10008.1.2.4.90": "j2k", "1.2.840.10008.1.2.4.91": "j2k",
-    "1.2.840.10008.1.2.4.201": "j2k", "1.2.840.10008.1.2.4.202": "j2k",
-    "1.2.840.10008.1.2.4.203": "j2k", "1.2.840.10008.1.2.5": "rle",
+    "1.2.840.10008.1.2.4.50": "jpeg",
+    "1.2.840.10008.1.2.4.51": "jpeg",
+    "1.2.840.10008.1.2.4.57": "jpeg",
+    "1.2.840.10008.1.2.4.70": "jpeg",
+    "1.2.840.10008.1.2.4.80": "jpegls",
+    "1.2.840.10008.1.2.4.81": "jpegls",
+    "1.2.840.10008.1.2.4.90": "j2k",
+    "1.2.840.10008.1.2.4.91": "j2k",
+    "1.2.840.10008.1.2.4.201": "j2k",
+    "1.2.840.10008.1.2.4.202": "j2k",
+    "1.2.840.10008.1.2.4.203": "j2k",
+    "1.2.840.10008.1.2.5": "rle",
 }
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # A folder walk stops here: a user pointing at a whole disk gets an error, not a hang.
@@ -81,8 +87,9 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found.") from None
     except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a folder; give the folder itself to read a series.") \
-            from None
+        raise ImageReadError(
+            f"{path}: is a folder; give the folder itself to read a series."
+        ) from None
     except InvalidDicomError:
         if not looks_like_dicom(path):
             raise ImageReadError(
@@ -109,8 +116,13 @@ def _floats(value, n: int | None = None) -> list[float] | None:
     if value is None:
         return None
     try:
-        seq = list(value) if isinstance(value, list | tuple) or hasattr(value, "__iter__") and \
-            not isinstance(value, str | bytes) else [value]
+        seq = (
+            list(value)
+            if isinstance(value, list | tuple)
+            or hasattr(value, "__iter__")
+            and not isinstance(value, str | bytes)
+            else [value]
+        )
         out = [float(v) for v in seq]
     except (TypeError, ValueError):
         return None
@@ -201,15 +213,19 @@ def _window(ds, metadata: dict, path: Path, frame: int | None = None, record: bo
     if not centers or not widths:
         return None
     if record and (len(centers) > 1 or len(widths) > 1):
-        warn(metadata, f"{path}: {max(len(centers), len(widths))} windows are given "
-                       f"(WindowCenter {centers}, WindowWidth {widths}); using the first.")
+        warn(
+            metadata,
+            f"{path}: {max(len(centers), len(widths))} windows are given "
+            f"(WindowCenter {centers}, WindowWidth {widths}); using the first.",
+        )
     if widths[0] <= 0:
         return None
     return centers[0], widths[0]
 
 
-def _intensities(ds, raw: np.ndarray, path: Path, metadata: dict, frame: int | None = None,
-                 record: bool = True):
+def _intensities(
+    ds, raw: np.ndarray, path: Path, metadata: dict, frame: int | None = None, record: bool = True
+):
     """Modality LUT, VOI LUT Sequence, MONOCHROME1 inversion. Returns float64 array."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
@@ -254,11 +270,17 @@ def _spacing_2d(ds, path: Path, metadata: dict, frame: int | None = None):
             if attr == "ImagerPixelSpacing":
                 metadata["spacing_source"] = "ImagerPixelSpacing (at the detector)"
             return value[0], value[1]
-        warn(metadata, f"{path}: {attr} is {value[:2]} (zero or invalid); falling back to "
-                       "1.0 mm per pixel, so sizes in mm are not physical.")
+        warn(
+            metadata,
+            f"{path}: {attr} is {value[:2]} (zero or invalid); falling back to "
+            "1.0 mm per pixel, so sizes in mm are not physical.",
+        )
         return 1.0, 1.0
-    warn(metadata, f"{path}: no PixelSpacing or ImagerPixelSpacing; falling back to 1.0 mm per "
-                   "pixel, so sizes in mm are not physical.")
+    warn(
+        metadata,
+        f"{path}: no PixelSpacing or ImagerPixelSpacing; falling back to 1.0 mm per "
+        "pixel, so sizes in mm are not physical.",
+    )
     return 1.0, 1.0
 
 
@@ -306,8 +328,9 @@ def read_dicom_file(path: Path) -> Scan:
     _check_greyscale(ds, path)
     raw = _decode(ds, path)
     metadata = _base_metadata(ds, path, "dicom")
-    n_frames = int(_floats(ds.get("NumberOfFrames"), 1)[0]) if _floats(
-        ds.get("NumberOfFrames"), 1) else 1
+    n_frames = (
+        int(_floats(ds.get("NumberOfFrames"), 1)[0]) if _floats(ds.get("NumberOfFrames"), 1) else 1
+    )
     if raw.ndim == 2 or n_frames <= 1:
         arr = _intensities(ds, raw.reshape(raw.shape[-2:]), path, metadata)
         row_sp, col_sp = _spacing_2d(ds, path, metadata)
@@ -359,22 +382,24 @@ def _multiframe(ds, raw: np.ndarray, path: Path, metadata: dict) -> Scan:
                 slice_sp = v[0]
                 break
     if slice_sp is None:
-        warn(metadata, f"{path}: no frame positions or slice spacing; using 1.0 mm between "
-                       "frames.")
+        warn(metadata, f"{path}: no frame positions or slice spacing; using 1.0 mm between frames.")
         slice_sp = 1.0
     if dirs is None or origin is None:
-        warn(metadata, f"{path}: no patient orientation/position; the frames are kept in file "
-                       "order as (frame, row, column) and not reoriented.")
+        warn(
+            metadata,
+            f"{path}: no patient orientation/position; the frames are kept in file "
+            "order as (frame, row, column) and not reoriented.",
+        )
         affine = np.diag([col_sp, row_sp, slice_sp, 1.0])
         data_xyz = vol.transpose(2, 1, 0)
         metadata["file_shape"] = tuple(data_xyz.shape)
         metadata["array_affine"] = array_affine_from(affine, None, None, 3)
         check_values(vol, path, metadata)
-        return Scan(array=vol, spacing=(slice_sp, row_sp, col_sp), affine=affine,
-                    metadata=metadata)
+        return Scan(array=vol, spacing=(slice_sp, row_sp, col_sp), affine=affine, metadata=metadata)
     affine = LPS_TO_RAS @ _affine_lps(*dirs, np.array(origin), row_sp, col_sp, slice_sp)
-    array, spacing, geometry = canonicalise(vol.transpose(2, 1, 0), affine,
-                                            (col_sp, row_sp, slice_sp))
+    array, spacing, geometry = canonicalise(
+        vol.transpose(2, 1, 0), affine, (col_sp, row_sp, slice_sp)
+    )
     metadata.update(geometry)
     check_values(array, path, metadata)
     return Scan(array=array, spacing=spacing, affine=affine, metadata=metadata)
@@ -389,9 +414,12 @@ def _slice_spacing(proj: np.ndarray, path, metadata: dict) -> float | None:
     if spacing <= 0:
         return None
     if np.max(np.abs(gaps - spacing)) > max(0.01 * spacing, 1e-3):
-        warn(metadata, f"{path}: slice gaps are not uniform ({gaps.min():.3g} to "
-                       f"{gaps.max():.3g} mm); the volume uses the median gap {spacing:.4g} mm "
-                       "and is not resampled, so positions between unequal gaps are approximate.")
+        warn(
+            metadata,
+            f"{path}: slice gaps are not uniform ({gaps.min():.3g} to "
+            f"{gaps.max():.3g} mm); the volume uses the median gap {spacing:.4g} mm "
+            "and is not resampled, so positions between unequal gaps are approximate.",
+        )
     return spacing
 
 
@@ -422,9 +450,11 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _special_note(folder: Path, special: list[Path]) -> str:
     shown = ", ".join(p.name for p in special[:5]) + (" ..." if len(special) > 5 else "")
-    return (f"{folder}: skipped {len(special)} entr{'y' if len(special) == 1 else 'ies'} that "
-            f"{'is' if len(special) == 1 else 'are'} not a regular file (named pipe, socket, "
-            f"device or broken link): {shown}")
+    return (
+        f"{folder}: skipped {len(special)} entr{'y' if len(special) == 1 else 'ies'} that "
+        f"{'is' if len(special) == 1 else 'are'} not a regular file (named pipe, socket, "
+        f"device or broken link): {shown}"
+    )
 
 
 @dataclass(frozen=True)
@@ -509,6 +539,7 @@ def _describe(uid: str, members: list) -> DicomSeries:
 
 def _ordered(series: dict[str, list]) -> list[tuple[str, list]]:
     """Series in the scanner's order: SeriesNumber, then UID (unnumbered ones last)."""
+
     def key(item):
         number = _series_number(item[1][0][1])
         return (number is None, number if number is not None else 0, item[0])
@@ -559,8 +590,10 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Scan:
     if series is not None:
         uid = str(series)
         if uid not in index:
-            found = "; ".join(f"{s.uid} ({s.name}, {s.n_files} file(s))"
-                              for s in (_describe(u, m) for u, m in _ordered(index)))
+            found = "; ".join(
+                f"{s.uid} ({s.name}, {s.n_files} file(s))"
+                for s in (_describe(u, m) for u, m in _ordered(index))
+            )
             raise ImageReadError(
                 f"{folder}: no series with SeriesInstanceUID {uid}; the folder holds: {found}."
             )
@@ -573,10 +606,13 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Scan:
         if len(ranked) > 1:
             others = ", ".join(f"{u} ({len(m)} file(s))" for u, m in ranked[1:])
             desc = first_meta["series_description"]
-            warn(first_meta, f"{folder}: {len(ranked)} series found; reading the largest, {uid}"
-                             f"{f' ({desc})' if desc else ''} with {len(members)} file(s). "
-                             f"Others: {others}. Choose one with read_image(folder, "
-                             "series=UID) (list_series lists them).")
+            warn(
+                first_meta,
+                f"{folder}: {len(ranked)} series found; reading the largest, {uid}"
+                f"{f' ({desc})' if desc else ''} with {len(members)} file(s). "
+                f"Others: {others}. Choose one with read_image(folder, "
+                "series=UID) (list_series lists them).",
+            )
     if skipped:
         first_meta["skipped_files"] = skipped
     if special:
@@ -623,9 +659,12 @@ def _stack_series(folder: Path, members: list, metadata: dict) -> Scan:
         planes[key].append((f, ds))
     if len(planes) > 1:
         main = max(planes.values(), key=len)
-        warn(metadata, f"{folder}: the series holds slices in {len(planes)} different planes; "
-                       f"kept the {len(main)} slice(s) of the most common plane and ignored "
-                       f"{len(members) - len(main)}.")
+        warn(
+            metadata,
+            f"{folder}: the series holds slices in {len(planes)} different planes; "
+            f"kept the {len(main)} slice(s) of the most common plane and ignored "
+            f"{len(members) - len(main)}.",
+        )
         members = main
         if len(members) == 1:
             scan = read_dicom_file(members[0][0])
@@ -640,8 +679,11 @@ def _stack_series(folder: Path, members: list, metadata: dict) -> Scan:
         order = list(np.argsort(proj, kind="stable"))
         sorted_by = "position"
     else:
-        warn(metadata, f"{folder}: slices lack ImageOrientationPatient/ImagePositionPatient; "
-                       "sorted by InstanceNumber, and the volume is not reoriented.")
+        warn(
+            metadata,
+            f"{folder}: slices lack ImageOrientationPatient/ImagePositionPatient; "
+            "sorted by InstanceNumber, and the volume is not reoriented.",
+        )
         numbers = [float(ds.get("InstanceNumber", i) or i) for i, (_, ds) in enumerate(members)]
         order = list(np.argsort(numbers, kind="stable"))
         proj = None
@@ -655,9 +697,12 @@ def _stack_series(folder: Path, members: list, metadata: dict) -> Scan:
                 seen.add(key)
                 keep.append(i)
         if len(keep) < len(order):
-            warn(metadata, f"{folder}: {len(order) - len(keep)} slice(s) repeat a position "
-                           "already taken (several echoes or time points?); kept the first at "
-                           "each position.")
+            warn(
+                metadata,
+                f"{folder}: {len(order) - len(keep)} slice(s) repeat a position "
+                "already taken (several echoes or time points?); kept the first at "
+                "each position.",
+            )
         order = keep
     slices, shape = [], None
     for i in order:
@@ -682,8 +727,10 @@ def _stack_series(folder: Path, members: list, metadata: dict) -> Scan:
     if slice_sp is None:
         v = _floats(ds0.get("SpacingBetweenSlices"), 1) or _floats(ds0.get("SliceThickness"), 1)
         slice_sp = v[0] if v and v[0] > 0 else 1.0
-        warn(metadata, f"{folder}: slice spacing not derivable from positions; using "
-                       f"{slice_sp:g} mm.")
+        warn(
+            metadata,
+            f"{folder}: slice spacing not derivable from positions; using {slice_sp:g} mm.",
+        )
     metadata["n_slices"] = len(order)
     metadata["sorted_by"] = sorted_by
     if dirs is None or proj is None:
@@ -691,12 +738,12 @@ def _stack_series(folder: Path, members: list, metadata: dict) -> Scan:
         metadata["file_shape"] = tuple(vol.transpose(2, 1, 0).shape)
         metadata["array_affine"] = array_affine_from(affine, None, None, 3)
         check_values(vol, folder, metadata)
-        return Scan(array=vol, spacing=(slice_sp, row_sp, col_sp), affine=affine,
-                    metadata=metadata)
+        return Scan(array=vol, spacing=(slice_sp, row_sp, col_sp), affine=affine, metadata=metadata)
     origin = np.array(positions[order[0]])
     affine = LPS_TO_RAS @ _affine_lps(*dirs, origin, row_sp, col_sp, slice_sp)
-    array, spacing, geometry = canonicalise(vol.transpose(2, 1, 0), affine,
-                                            (col_sp, row_sp, slice_sp))
+    array, spacing, geometry = canonicalise(
+        vol.transpose(2, 1, 0), affine, (col_sp, row_sp, slice_sp)
+    )
     metadata.update(geometry)
     check_values(array, folder, metadata)
     return Scan(array=array, spacing=spacing, affine=affine, metadata=metadata)

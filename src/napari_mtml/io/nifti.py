@@ -97,8 +97,11 @@ def _geometry(path: Path, img, metadata: dict) -> tuple[np.ndarray, list[float]]
         if ok:
             stored = aff
         else:
-            warn(metadata, f"{path}: the header's qform/sform affine is unusable (not finite or "
-                           "singular); placing the image by its voxel sizes only.")
+            warn(
+                metadata,
+                f"{path}: the header's qform/sform affine is unusable (not finite or "
+                "singular); placing the image by its voxel sizes only.",
+            )
     axes = ", ".join("ijk"[ax] for ax in bad)
     values = ", ".join(f"{raw[ax]:g}" for ax in bad)
     if stored is not None:
@@ -106,14 +109,20 @@ def _geometry(path: Path, img, metadata: dict) -> tuple[np.ndarray, list[float]]
         for ax in bad:
             zooms[ax] = float(columns[ax])
         if bad:
-            warn(metadata, f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
-                           "positive numbers; using the affine's "
-                           f"{', '.join(f'{zooms[ax]:g}' for ax in bad)} mm.")
+            warn(
+                metadata,
+                f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
+                "positive numbers; using the affine's "
+                f"{', '.join(f'{zooms[ax]:g}' for ax in bad)} mm.",
+            )
         return stored, zooms
     if bad:
-        warn(metadata, f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
-                       "positive numbers and there is no usable qform/sform; using 1 mm for "
-                       f"axis {axes}.")
+        warn(
+            metadata,
+            f"{path}: voxel size(s) {values} (axis {axes}) in the header are not "
+            "positive numbers and there is no usable qform/sform; using 1 mm for "
+            f"axis {axes}.",
+        )
     shape = tuple(int(s) for s in img.shape[:3]) + (1,) * (3 - n_spatial)
     return shape_zoom_affine(shape, zooms, x_flip=True), zooms
 
@@ -127,8 +136,13 @@ def read_nifti(path: Path) -> Scan:
     hdr = img.header
     shape = tuple(int(s) for s in img.shape)
     dtype = hdr.get_data_dtype()
-    metadata: dict = {"path": str(path), "format": "nifti", "modality": "", "window": None,
-                      "warnings": []}
+    metadata: dict = {
+        "path": str(path),
+        "format": "nifti",
+        "modality": "",
+        "window": None,
+        "warnings": [],
+    }
     if dtype.names is not None or dtype.kind == "c":
         raise ImageReadError(
             f"{path}: voxel type {dtype} (RGB or complex) is not a greyscale intensity; save one "
@@ -158,8 +172,10 @@ def read_nifti(path: Path) -> Scan:
         if len(shape) >= 4:
             index = (slice(None),) * 3 + (0,) * (len(shape) - 3)
             if shape[3] > 1:
-                warn(metadata, f"{path}: 4D image with {shape[3]} volumes; using the first "
-                               "volume only.")
+                warn(
+                    metadata,
+                    f"{path}: 4D image with {shape[3]} volumes; using the first volume only.",
+                )
             data = np.asarray(proxy[index], dtype=np.float32)
         else:
             data = np.asarray(proxy, dtype=np.float32)

@@ -29,8 +29,14 @@ def read_raster(path: Path) -> Scan:
 
     require_regular_file(path)
 
-    metadata: dict = {"path": str(path), "format": "raster", "modality": "", "orientation": None,
-                      "window": None, "warnings": []}
+    metadata: dict = {
+        "path": str(path),
+        "format": "raster",
+        "modality": "",
+        "orientation": None,
+        "window": None,
+        "warnings": [],
+    }
     try:
         with Image.open(path) as img:
             n_frames = int(getattr(img, "n_frames", 1) or 1)

@@ -107,8 +107,9 @@ class Scan:
             aff = np.asarray(stored, dtype=float)
             if aff.shape == (4, 4):
                 return aff
-        return array_affine_from(self.affine, self.metadata.get("ornt"), self.metadata.get(
-            "file_shape"), self.ndim)
+        return array_affine_from(
+            self.affine, self.metadata.get("ornt"), self.metadata.get("file_shape"), self.ndim
+        )
 
 
 def display_grid(scan: Scan) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -258,5 +259,8 @@ def check_values(array: np.ndarray, path: Path | str, metadata: dict) -> None:
         )
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
-        warn(metadata, f"{path}: the image is constant (every voxel is {lo:g}); it carries no "
-                       "anatomy to learn from or to find anomalies in.")
+        warn(
+            metadata,
+            f"{path}: the image is constant (every voxel is {lo:g}); it carries no "
+            "anatomy to learn from or to find anomalies in.",
+        )

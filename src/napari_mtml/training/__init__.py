@@ -13,5 +13,11 @@ from napari_mtml.training.crossval import FoldSplit, task_folds
 from napari_mtml.training.events import *  # noqa: F403 - every event is part of this API
 from napari_mtml.training.trainer import TrainingOutOfMemory, WarmupExponentialLR, train
 
-__all__ = ["train", "task_folds", "FoldSplit", *events.__all__, "TrainingOutOfMemory",
-           "WarmupExponentialLR"]
+__all__ = [
+    "train",
+    "task_folds",
+    "FoldSplit",
+    *events.__all__,
+    "TrainingOutOfMemory",
+    "WarmupExponentialLR",
+]

@@ -46,8 +46,18 @@ class StepCosts:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, external=None,
-                  min_steps: int = 4, max_steps: int = 12, min_seconds: float = 4.0) -> StepCosts:
+def measure_costs(
+    cfg,
+    samples,
+    tasks,
+    model_factory,
+    device: torch.device,
+    *,
+    external=None,
+    min_steps: int = 4,
+    max_steps: int = 12,
+    min_seconds: float = 4.0,
+) -> StepCosts:
     """Time a few real training steps and validation pieces of `cfg` (resolved, any
     `max_steps`) on `samples` (a fold's training data) with the fold's `tasks`.
 
@@ -84,10 +94,12 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
     model = model_factory(cfg, 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
     task_params = cfg.task_params()
-    dataset = SyntheticDataset(samples, tasks, seed=0x71AE, flip=bool(cfg.flip),
-                               task_params=task_params, external=external)
-    loader = make_loader(dataset, int(cfg.batch_size), workers=int(cfg.workers),
-                         pin_memory=device.type == "cuda")
+    dataset = SyntheticDataset(
+        samples, tasks, seed=0x71AE, flip=bool(cfg.flip), task_params=task_params, external=external
+    )
+    loader = make_loader(
+        dataset, int(cfg.batch_size), workers=int(cfg.workers), pin_memory=device.type == "cuda"
+    )
     batches = iter(loader)
     setup_s = time.perf_counter() - t0
     amp = autocast_dtype(device)
@@ -106,13 +118,16 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
                     break
         n_val = max(1, min(4, int(cfg.val_size)))
         t = time.perf_counter()
-        val = make_validation_set(samples, tasks, n_val, seed=0x71AE, task_params=task_params,
-                                  external=external)
+        val = make_validation_set(
+            samples, tasks, n_val, seed=0x71AE, task_params=task_params, external=external
+        )
         draw_s = (time.perf_counter() - t) / n_val
         model.eval()
         x = torch.from_numpy(np.concatenate([val.healthy, val.augmented])).unsqueeze(1)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.bfloat16,
-                                                    enabled=amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
+        ):
             model(x.to(device))  # untimed: first call of a new batch size
             t = time.perf_counter()
             model(x.to(device))
@@ -125,9 +140,16 @@ def measure_costs(cfg, samples, tasks, model_factory, device: torch.device, *, e
     return StepCosts(float(np.median(times)), forward_s, draw_s, setup_s, len(times))
 
 
-def plan_steps(budget_s: float, elapsed_s: float, n_folds: int, costs: StepCosts,
-               val_size: int, *, n_val: int = VALIDATIONS_PER_FOLD, cap: int | None = None,
-               ) -> int:
+def plan_steps(
+    budget_s: float,
+    elapsed_s: float,
+    n_folds: int,
+    costs: StepCosts,
+    val_size: int,
+    *,
+    n_val: int = VALIDATIONS_PER_FOLD,
+    cap: int | None = None,
+) -> int:
     """Optimiser steps per fold so that `n_folds` folds end within `budget_s` seconds of which
     `elapsed_s` are spent.
 
@@ -155,7 +177,7 @@ def plan_steps(budget_s: float, elapsed_s: float, n_folds: int, costs: StepCosts
     """
     left = budget_s * (1.0 - SAFETY) - elapsed_s
     per_fold = left / max(1, n_folds)
-    fixed = (n_val * val_size * 2 * costs.forward_s + val_size * costs.draw_s + costs.setup_s)
+    fixed = n_val * val_size * 2 * costs.forward_s + val_size * costs.draw_s + costs.setup_s
     steps = math.floor((per_fold - fixed) / costs.step_s) if costs.step_s > 0 else 0
     if steps < 10:
         need = elapsed_s + n_folds * (fixed + 10 * costs.step_s)
@@ -163,5 +185,6 @@ def plan_steps(budget_s: float, elapsed_s: float, n_folds: int, costs: StepCosts
             f"a time budget of {budget_s:.0f} s is too short: {elapsed_s:.0f} s went on reading "
             f"the data and measuring, and one step takes {costs.step_s:.2f} s, so fewer than 10 "
             f"steps per fold would fit in {n_folds} fold(s); give at least "
-            f"{math.ceil(need / 60)} min, fewer folds (--fold K), or a smaller --batch-size")
+            f"{math.ceil(need / 60)} min, fewer folds (--fold K), or a smaller --batch-size"
+        )
     return min(steps, cap) if cap else steps

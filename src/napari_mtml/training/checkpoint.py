@@ -25,8 +25,14 @@ import torch
 
 from napari_mtml.files import write_atomic
 
-__all__ = ["save_atomic", "load_checkpoint", "FORMAT_VERSION", "frame_record", "check_frame",
-           "model_checkpoint"]
+__all__ = [
+    "save_atomic",
+    "load_checkpoint",
+    "FORMAT_VERSION",
+    "frame_record",
+    "check_frame",
+    "model_checkpoint",
+]
 
 FORMAT_VERSION = 1
 
@@ -67,13 +73,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found; was this fold trained (see the run's "
-                         "folds.json)?")
+        raise ValueError(
+            f"{path}: checkpoint not found; was this fold trained (see the run's folds.json)?"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc}); "
-                         "retrain this fold or restore the file") from None
+        raise ValueError(
+            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc}); "
+            "retrain this fold or restore the file"
+        ) from None
 
 
 def frame_record(dims: int, frame) -> dict[str, Any]:
@@ -107,8 +116,13 @@ def model_checkpoint(state_dict: dict[str, torch.Tensor], dims: int, frame) -> d
     return {"format": FORMAT_VERSION, "model": state_dict, **frame_record(dims, frame)}
 
 
-def check_frame(path: str | Path, checkpoint: Any, dims: int, frame, config_path: str | Path,
-                ) -> None:
+def check_frame(
+    path: str | Path,
+    checkpoint: Any,
+    dims: int,
+    frame,
+    config_path: str | Path,
+) -> None:
     """`ValueError` naming both files when the frame a checkpoint was trained on differs from the
     run's config.json (edited after training); checkpoints that record no frame pass.
 
@@ -130,11 +144,14 @@ def check_frame(path: str | Path, checkpoint: Any, dims: int, frame, config_path
     """
     if not isinstance(checkpoint, dict) or "frame" not in checkpoint:
         return
-    saved = (int(checkpoint.get("dims", len(checkpoint["frame"]))),
-             tuple(int(f) for f in checkpoint["frame"]))
+    saved = (
+        int(checkpoint.get("dims", len(checkpoint["frame"]))),
+        tuple(int(f) for f in checkpoint["frame"]),
+    )
     now = (int(dims), tuple(int(f) for f in frame))
     if saved != now:
         raise ValueError(
             f"{path} was trained on the {saved[0]}D frame {saved[1]} but {config_path} says "
             f"the {now[0]}D frame {now[1]}; was config.json edited? restore frame = "
-            f"{list(saved[1])} there (a model only works on the frame it was trained on)")
+            f"{list(saved[1])} there (a model only works on the frame it was trained on)"
+        )

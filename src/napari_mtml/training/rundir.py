@@ -22,12 +22,29 @@ from napari_mtml.data import HealthyCollection
 from napari_mtml.files import write_atomic
 from napari_mtml.training.crossval import FoldSplit, task_folds
 
-__all__ = ["FoldPaths", "RESUMABLE_CHANGES", "check_resumable", "prepare_run_dir",
-           "task_names", "truncate_log"]
+__all__ = [
+    "FoldPaths",
+    "RESUMABLE_CHANGES",
+    "check_resumable",
+    "prepare_run_dir",
+    "task_names",
+    "truncate_log",
+]
 
 #: Settings that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = frozenset({"resume", "device", "workers", "max_steps", "fold", "patience",
-                               "val_interval", "time_budget", "plan"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "device",
+        "workers",
+        "max_steps",
+        "fold",
+        "patience",
+        "val_interval",
+        "time_budget",
+        "plan",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +61,14 @@ class FoldPaths:
     @classmethod
     def of(cls, run_dir: Path, index: int) -> FoldPaths:
         folder = Path(run_dir) / f"fold_{index}"
-        return cls(index, folder, last=folder / "last.pt", best=folder / "best.pt",
-                   log=folder / "log.jsonl", config=Path(run_dir) / "config.json")
+        return cls(
+            index,
+            folder,
+            last=folder / "last.pt",
+            best=folder / "best.pt",
+            log=folder / "log.jsonl",
+            config=Path(run_dir) / "config.json",
+        )
 
 
 def task_names(ids) -> tuple[str, ...]:
@@ -67,8 +90,9 @@ def task_names(ids) -> tuple[str, ...]:
     return tuple(TASKS[int(t)] for t in ids)
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
-                    collection: HealthyCollection) -> None:
+def prepare_run_dir(
+    run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit], collection: HealthyCollection
+) -> None:
     """Create `run_dir` and write `config.json` and `folds.json`, after checking that the
     folder may be trained in: a resumed run must keep its settings (but `RESUMABLE_CHANGES`)
     and every fold's `last.pt` (`check_resumable`); a new run must not overwrite a fold's
@@ -96,15 +120,19 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         now = cfg.to_dict()
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
-            raise ValueError(f"{cfg_path}: cannot resume, these settings differ from the saved "
-                             f"run: {', '.join(changed)}; use the same settings or a new --out")
+            raise ValueError(
+                f"{cfg_path}: cannot resume, these settings differ from the saved "
+                f"run: {', '.join(changed)}; use the same settings or a new --out"
+            )
     if cfg.resume:
         check_resumable(run_dir, splits)
     if not cfg.resume:
         for s in splits:
             if FoldPaths.of(run_dir, s.index).last.exists():
-                raise ValueError(f"{run_dir / f'fold_{s.index}'}: already holds a training; pass "
-                                 "--resume to continue it or choose another --out")
+                raise ValueError(
+                    f"{run_dir / f'fold_{s.index}'}: already holds a training; pass "
+                    "--resume to continue it or choose another --out"
+                )
     cfg.to_json(cfg_path)
     folds = []
     for s in task_folds(cfg.train_tasks):
@@ -114,8 +142,13 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, splits: list[FoldSplit],
         d["train_data"] = collection.names(s.train_data)
         d["val_data"] = collection.names(s.val_data)
         folds.append(d)
-    doc = {"train_tasks": cfg.train_tasks, "n_folds": cfg.n_folds, "split_by": collection.split_by,
-           "data_folds": {str(k): collection.names([k]) for k in range(5)}, "folds": folds}
+    doc = {
+        "train_tasks": cfg.train_tasks,
+        "n_folds": cfg.n_folds,
+        "split_by": collection.split_by,
+        "data_folds": {str(k): collection.names([k]) for k in range(5)},
+        "folds": folds,
+    }
     write_atomic(run_dir / "folds.json", json.dumps(doc, indent=2) + "\n")
 
 
@@ -139,9 +172,11 @@ def check_resumable(run_dir: Path, splits: list[FoldSplit]) -> None:
     for s in splits:
         paths = FoldPaths.of(run_dir, s.index)
         if paths.best.exists() and not paths.last.is_file():
-            raise ValueError(f"{paths.last}: missing, but the fold has a best.pt; "
-                             "cannot resume this fold (restore last.pt, or move the fold's "
-                             "folder away to train it again from scratch)")
+            raise ValueError(
+                f"{paths.last}: missing, but the fold has a best.pt; "
+                "cannot resume this fold (restore last.pt, or move the fold's "
+                "folder away to train it again from scratch)"
+            )
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -22,8 +22,13 @@ import math
 
 import torch
 
-__all__ = ["WarmupExponentialLR", "WarmupCosineLR", "make_schedule", "make_scheduler",
-           "WeightAverage"]
+__all__ = [
+    "WarmupExponentialLR",
+    "WarmupCosineLR",
+    "make_schedule",
+    "make_scheduler",
+    "WeightAverage",
+]
 
 
 class _Warmup:
@@ -57,8 +62,13 @@ class WarmupExponentialLR(_Warmup):
 
     kind = "paper"
 
-    def __init__(self, warmup_steps: int = 100, start: float = 0.01, decay: float = 0.9997122,
-                 floor: float = 0.05):
+    def __init__(
+        self,
+        warmup_steps: int = 100,
+        start: float = 0.01,
+        decay: float = 0.9997122,
+        floor: float = 0.05,
+    ):
         self.warmup_steps, self.start, self.decay, self.floor = warmup_steps, start, decay, floor
 
     def after_warmup(self, step: int) -> float:
@@ -72,8 +82,9 @@ class WarmupCosineLR(_Warmup):
 
     kind = "cosine"
 
-    def __init__(self, total_steps: int, warmup_steps: int = 100, start: float = 0.01,
-                 floor: float = 0.05):
+    def __init__(
+        self, total_steps: int, warmup_steps: int = 100, start: float = 0.01, floor: float = 0.05
+    ):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
@@ -97,14 +108,17 @@ def make_schedule(cfg) -> WarmupExponentialLR | WarmupCosineLR:
     WarmupExponentialLR or WarmupCosineLR
     """
     if cfg.lr_schedule == "cosine":
-        return WarmupCosineLR(int(cfg.max_steps), int(cfg.warmup_steps), cfg.warmup_start,
-                              cfg.final_lr_fraction)
-    return WarmupExponentialLR(int(cfg.warmup_steps), cfg.warmup_start, cfg.lr_decay,
-                               cfg.final_lr_fraction)
+        return WarmupCosineLR(
+            int(cfg.max_steps), int(cfg.warmup_steps), cfg.warmup_start, cfg.final_lr_fraction
+        )
+    return WarmupExponentialLR(
+        int(cfg.warmup_steps), cfg.warmup_start, cfg.lr_decay, cfg.final_lr_fraction
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule, peak_lr: float,
-                   step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule, peak_lr: float, step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """`LambdaLR` over `schedule`'s factors from the peak rate, positioned at `step` (the number
     of optimiser steps already taken: the next step uses `peak_lr * schedule(step)`).
 

@@ -7,8 +7,13 @@ import torch
 __all__ = ["train_step"]
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
     """The forward pass (under autocast to `amp` when it is a dtype, else in float32), the MSE
     against the soft labels (in float32), backward and the optimiser's step.
 

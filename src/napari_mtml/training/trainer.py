@@ -71,8 +71,14 @@ from napari_mtml.training.schedule import (
 )
 from napari_mtml.training.step import train_step
 
-__all__ = ["train", "WarmupExponentialLR", "WarmupCosineLR", "pick_device", "TrainingOutOfMemory",
-           "TASK_NAMES"]
+__all__ = [
+    "train",
+    "WarmupExponentialLR",
+    "WarmupCosineLR",
+    "pick_device",
+    "TrainingOutOfMemory",
+    "TASK_NAMES",
+]
 
 TASK_NAMES = TASKS  # the task names, index = task id (napari_mtml.anomalies)
 
@@ -117,9 +123,13 @@ def _fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
 
 
-def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
-          external: HealthyCollection | None = None,
-          model_factory: ModelFactory | None = None) -> Generator[Event, None, RunResult]:
+def train(
+    config: TrainConfig,
+    *,
+    collection: HealthyCollection | None = None,
+    external: HealthyCollection | None = None,
+    model_factory: ModelFactory | None = None,
+) -> Generator[Event, None, RunResult]:
     """Train the task cross-validation ensemble; a generator of events returning a `RunResult`.
 
     config: the run's `TrainConfig` (its `healthy` paths are read unless `collection` is given).
@@ -137,12 +147,16 @@ def train(config: TrainConfig, *, collection: HealthyCollection | None = None,
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend, rank=dist.rank,
-                                             world_size=dist.world_size)
+        torch.distributed.init_process_group(
+            backend=backend, rank=dist.rank, world_size=dist.world_size
+        )
         dist.owns_group = True
     try:
-        return (yield from _train_run(config, collection, external, model_factory, dist,
-                                      device, cpu_notice))
+        return (
+            yield from _train_run(
+                config, collection, external, model_factory, dist, device, cpu_notice
+            )
+        )
     finally:
         if dist.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -160,30 +174,45 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         if not config.healthy:
             raise ValueError("no healthy scans given: pass files or folders of healthy images")
         collection = HealthyCollection.from_paths(
-            config.healthy, dims=config.read_dims, kind=config.kind, frame=_frame_arg(config),
-            min_foreground=config.min_foreground, multiple=_multiple(config),
+            config.healthy,
+            dims=config.read_dims,
+            kind=config.kind,
+            frame=_frame_arg(config),
+            min_foreground=config.min_foreground,
+            multiple=_multiple(config),
             brain_mask=config.brain_mask if config.brain_mask != "none" else None,
-            **config.resample)
+            **config.resample,
+        )
     if config.dims is not None and collection.dims != config.dims:
         raise ValueError(f"the healthy data is {collection.dims}D but dims = {config.dims}")
     if config.frame is not None and tuple(config.frame) != collection.frame:
-        raise ValueError(f"frame {tuple(config.frame)} differs from the data's frame "
-                         f"{collection.frame}")
+        raise ValueError(
+            f"frame {tuple(config.frame)} differs from the data's frame {collection.frame}"
+        )
     kind = config.kind if config.kind in ("mri", "cxr") else collection.kind
     if config.resume and config.time_budget is not None:
         config = _saved_plan(config)
     cfg = config.resolve(collection.dims, kind, collection.frame, device.type)
     if external is None and cfg.external:
         external = HealthyCollection.from_paths(
-            cfg.external, dims=cfg.dims, kind=kind,
-            frame="fit" if cfg.fit_frame else cfg.frame, min_foreground=cfg.min_foreground,
-            multiple=_multiple(cfg), **cfg.resample)
+            cfg.external,
+            dims=cfg.dims,
+            kind=kind,
+            frame="fit" if cfg.fit_frame else cfg.frame,
+            min_foreground=cfg.min_foreground,
+            multiple=_multiple(cfg),
+            **cfg.resample,
+        )
     if external is not None and external.dims != collection.dims:
-        raise ValueError(f"the external dataset is {external.dims}D but the healthy data is "
-                         f"{collection.dims}D; give both as 2D images or both as volumes")
+        raise ValueError(
+            f"the external dataset is {external.dims}D but the healthy data is "
+            f"{collection.dims}D; give both as 2D images or both as volumes"
+        )
     if cfg.batch_size % dist.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} does not split over {dist.world_size} "
-                         "ranks; use a multiple of the number of processes")
+        raise ValueError(
+            f"batch size {cfg.batch_size} does not split over {dist.world_size} "
+            "ranks; use a multiple of the number of processes"
+        )
     notices += collection.notes
     splits = [s for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
     _check_batch_size(cfg, collection, splits)
@@ -191,8 +220,9 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         notices.append(NO_EXTERNAL_NOTICE)
     factory = model_factory or _build_unet
     if cfg.time_budget is not None and cfg.plan is None:  # measure, plan every fold's steps
-        cfg, plan_notice = _plan(config, cfg, collection, external, splits, factory, dist,
-                                 device, kind, t_start)
+        cfg, plan_notice = _plan(
+            config, cfg, collection, external, splits, factory, dist, device, kind, t_start
+        )
         notices.append(plan_notice)
 
     run_dir = Path(cfg.out)
@@ -205,8 +235,9 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
 
     finished: list[FoldFinished] = []
     for split in splits:
-        result = yield from _train_fold(cfg, split, collection, external, factory, dist, device,
-                                        run_dir)
+        result = yield from _train_fold(
+            cfg, split, collection, external, factory, dist, device, run_dir
+        )
         finished.append(result)
     if dist.main:
         yield RunFinished(str(run_dir), finished)
@@ -215,8 +246,19 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
 
 #: Settings a fine-tuned run takes from the run it starts from, unless given: the model must
 #: be the same network, and the data must arrive at the same scale and dimensionality.
-_INIT_SETTINGS = ("preset", "base_features", "depth", "max_features", "pos_encoding", "dims",
-                  "spacing", "downsample", "fit_frame", "kind", "resolved_recipe")
+_INIT_SETTINGS = (
+    "preset",
+    "base_features",
+    "depth",
+    "max_features",
+    "pos_encoding",
+    "dims",
+    "spacing",
+    "downsample",
+    "fit_frame",
+    "kind",
+    "resolved_recipe",
+)
 
 
 def _with_init(config: TrainConfig) -> TrainConfig:
@@ -233,8 +275,9 @@ def _with_init(config: TrainConfig) -> TrainConfig:
         mine, theirs = getattr(config, key), getattr(saved, key)
         if key == "kind" and mine == "auto":
             mine = None
-        if key in ("spacing", "downsample") and (config.spacing is not None
-                                                  or config.downsample is not None):
+        if key in ("spacing", "downsample") and (
+            config.spacing is not None or config.downsample is not None
+        ):
             continue
         if key == "kind":
             theirs = saved.resolved_kind or theirs
@@ -266,19 +309,24 @@ def _recipe_notice(cfg: TrainConfig, device: torch.device) -> str:
     name = cfg.resolved_recipe
     base, depth, maxf = MODEL_PRESETS[cfg.preset][cfg.read_dims or 3]
     how = "chosen for the device" if cfg.recipe == "auto" else "as asked"
-    res = (f"{cfg.spacing:g} mm voxels" if cfg.spacing is not None
-           else f"downsampled x{cfg.downsample:g}")
+    res = (
+        f"{cfg.spacing:g} mm voxels"
+        if cfg.spacing is not None
+        else f"downsampled x{cfg.downsample:g}"
+    )
     dims = {None: "the data's own dimensions", 2: "2D (volumes as axial slices)", 3: "3D"}
     from napari_mtml.devices import autocast_dtype
 
     precision = "bf16 autocast" if autocast_dtype(device) is not None else "float32"
-    return (f"recipe '{name}' ({how}, {device.type}): {cfg.preset} U-Net "
-            f"{cfg.base_features or base}-{cfg.max_features or maxf} wide, depth "
-            f"{cfg.depth or depth}, positional encoding {'on' if cfg.pos_encoding else 'off'}, "
-            f"{dims.get(cfg.read_dims, cfg.read_dims)}, {res}, {cfg.lr_schedule} learning-rate "
-            f"schedule, best checkpoint by the held-out tasks' "
-            f"{'pixel AP' if cfg.selection == 'ap' else 'validation loss'}, {precision}"
-            + (f", batch {cfg.batch_size}" if cfg.batch_size else ""))
+    return (
+        f"recipe '{name}' ({how}, {device.type}): {cfg.preset} U-Net "
+        f"{cfg.base_features or base}-{cfg.max_features or maxf} wide, depth "
+        f"{cfg.depth or depth}, positional encoding {'on' if cfg.pos_encoding else 'off'}, "
+        f"{dims.get(cfg.read_dims, cfg.read_dims)}, {res}, {cfg.lr_schedule} learning-rate "
+        f"schedule, best checkpoint by the held-out tasks' "
+        f"{'pixel AP' if cfg.selection == 'ap' else 'validation loss'}, {precision}"
+        + (f", batch {cfg.batch_size}" if cfg.batch_size else "")
+    )
 
 
 def _saved_plan(config: TrainConfig) -> TrainConfig:
@@ -301,11 +349,23 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
     if dist.main:
         split = splits[0]
         ext = external.samples if external is not None else None
-        costs = measure_costs(cfg, collection.subset(split.train_data), split.train_tasks,
-                              factory, device, external=ext)
+        costs = measure_costs(
+            cfg,
+            collection.subset(split.train_data),
+            split.train_tasks,
+            factory,
+            device,
+            external=ext,
+        )
         elapsed = time.perf_counter() - t_start
-        steps = plan_steps(float(cfg.time_budget), elapsed, len(splits), costs,
-                           int(cfg.val_size), cap=config.max_steps)
+        steps = plan_steps(
+            float(cfg.time_budget),
+            elapsed,
+            len(splits),
+            costs,
+            int(cfg.val_size),
+            cap=config.max_steps,
+        )
     if dist.active:
         t = torch.tensor([steps], dtype=torch.int64, device=device)
         torch.distributed.broadcast(t, src=0)
@@ -315,15 +375,19 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
         plan.update(costs.to_dict())
         plan["elapsed_before_training_s"] = round(elapsed, 3)
     planned = config.replace(max_steps=steps, plan=plan).resolve(
-        collection.dims, kind, collection.frame, device.type)
-    notice = (f"time budget {cfg.time_budget / 60:.1f} min: a step takes "
-              f"{plan.get('step_s', float('nan')):.3f} s here, so {steps} steps for each of "
-              f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)")
+        collection.dims, kind, collection.frame, device.type
+    )
+    notice = (
+        f"time budget {cfg.time_budget / 60:.1f} min: a step takes "
+        f"{plan.get('step_s', float('nan')):.3f} s here, so {steps} steps for each of "
+        f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)"
+    )
     return planned, notice
 
 
-def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
-                      splits: list[FoldSplit]) -> None:
+def _check_batch_size(
+    cfg: TrainConfig, collection: HealthyCollection, splits: list[FoldSplit]
+) -> None:
     """Refuse a batch far larger than the data: each step would repeat every training image
     many times over (and try to hold them all in memory at once)."""
     # the paper's batch for this kind of data (50 in 2D, 8 in 3D): the largest any recipe uses
@@ -331,9 +395,11 @@ def _check_batch_size(cfg: TrainConfig, collection: HealthyCollection,
     n_train = min(len(collection.indices(s.train_data)) for s in splits)
     limit = max(default, n_train)
     if cfg.batch_size > limit:
-        raise ValueError(f"batch size {cfg.batch_size} is far larger than the data: a fold "
-                         f"trains on {n_train} image(s); use --batch-size {limit} or less "
-                         "(each image is drawn with fresh anomalies every epoch anyway)")
+        raise ValueError(
+            f"batch size {cfg.batch_size} is far larger than the data: a fold "
+            f"trains on {n_train} image(s); use --batch-size {limit} or less "
+            "(each image is drawn with fresh anomalies every epoch anyway)"
+        )
 
 
 @dataclass
@@ -367,9 +433,16 @@ class _Progress:
     stopped_early: bool = False
 
 
-def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
-                external: HealthyCollection | None, model_factory: ModelFactory, dist: _Dist,
-                device: torch.device, run_dir: Path):
+def _train_fold(
+    cfg: TrainConfig,
+    split: FoldSplit,
+    collection: HealthyCollection,
+    external: HealthyCollection | None,
+    model_factory: ModelFactory,
+    dist: _Dist,
+    device: torch.device,
+    run_dir: Path,
+):
     paths = FoldPaths.of(run_dir, split.index)
     fold = _new_fold(cfg, split.index, model_factory, dist, device)
     progress = _restore(cfg, fold, paths)
@@ -379,13 +452,27 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     net = fold.model
     if dist.active:
         net = torch.nn.parallel.DistributedDataParallel(
-            fold.model, device_ids=[device.index] if device.type == "cuda" else None)
+            fold.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     dataset, val_set = _fold_data(cfg, split, collection, external, fold)
     if dist.main:
-        yield FoldStarted(split.index, cfg.n_folds, task_names(split.train_tasks),
-                          task_names(split.val_tasks), cfg.max_steps, progress.step)
-    batches = iter(make_loader(dataset, fold.local_batch, start_step=progress.step,
-                               workers=cfg.workers, pin_memory=device.type == "cuda"))
+        yield FoldStarted(
+            split.index,
+            cfg.n_folds,
+            task_names(split.train_tasks),
+            task_names(split.val_tasks),
+            cfg.max_steps,
+            progress.step,
+        )
+    batches = iter(
+        make_loader(
+            dataset,
+            fold.local_batch,
+            start_step=progress.step,
+            workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
     log = open(paths.log, "a") if dist.main else None  # closed in the finally below
     amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
@@ -405,7 +492,8 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
                 raise TrainingOutOfMemory(
                     f"out of {device.type} memory at batch size {cfg.batch_size} with the "
                     f"'{cfg.preset}' model ({exc.__class__.__name__}); use a smaller "
-                    "--batch-size or --preset light") from None
+                    "--batch-size or --preset light"
+                ) from None
             progress.step += 1
             loss_value = _mean_loss(loss, dist, progress.step, split.index, cfg.lr)
             if dist.main:
@@ -415,8 +503,14 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
             if progress.step % cfg.val_interval == 0 or progress.step == cfg.max_steps:
                 event = _validate_and_save(cfg, fold, progress, val_set, paths)
                 if dist.main:
-                    _log(log, type="validation", step=event.step, val_loss=event.val_loss,
-                         ap=event.ap, best=event.best)
+                    _log(
+                        log,
+                        type="validation",
+                        step=event.step,
+                        val_loss=event.val_loss,
+                        ap=event.ap,
+                        best=event.best,
+                    )
                     yield event
                 if progress.stopped_early:
                     break
@@ -429,8 +523,9 @@ def _train_fold(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollectio
     return (yield from _fold_finished(split, progress, paths, dist))
 
 
-def _new_fold(cfg: TrainConfig, index: int, model_factory: ModelFactory, dist: _Dist,
-              device: torch.device) -> _Fold:
+def _new_fold(
+    cfg: TrainConfig, index: int, model_factory: ModelFactory, dist: _Dist, device: torch.device
+) -> _Fold:
     """The fold's model (from its seed, or the `init` run's fold), optimiser and schedule."""
     seed = _fold_seed(cfg.seed, index)
     apply_thread_rule(cfg.workers, device)  # per fold: follows the machine's load (devices.py)
@@ -438,10 +533,16 @@ def _new_fold(cfg: TrainConfig, index: int, model_factory: ModelFactory, dist: _
     if cfg.init:
         model.load_state_dict(_init_weights(cfg.init, index))
     model.to(device)
-    return _Fold(model=model, ema=WeightAverage(model, cfg.ema) if cfg.ema else None,
-                 optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
-                 schedule=make_schedule(cfg), device=device, dist=dist, seed=seed,
-                 local_batch=cfg.batch_size // dist.world_size)
+    return _Fold(
+        model=model,
+        ema=WeightAverage(model, cfg.ema) if cfg.ema else None,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+        schedule=make_schedule(cfg),
+        device=device,
+        dist=dist,
+        seed=seed,
+        local_batch=cfg.batch_size // dist.world_size,
+    )
 
 
 def _restore(cfg: TrainConfig, fold: _Fold, paths: FoldPaths) -> _Progress:
@@ -462,9 +563,13 @@ def _restore(cfg: TrainConfig, fold: _Fold, paths: FoldPaths) -> _Progress:
     best_val = float(state["best_val_loss"])
     # A fold that stopped early is done; one that reached max_steps continues when the resumed
     # run allows more steps.
-    progress = _Progress(step=int(state["step"]), best_step=int(state["best_step"]),
-                         best_val=best_val, best_score=float(state.get("best_score", best_val)),
-                         stopped_early=bool(state.get("stopped_early", False)))
+    progress = _Progress(
+        step=int(state["step"]),
+        best_step=int(state["best_step"]),
+        best_val=best_val,
+        best_score=float(state.get("best_score", best_val)),
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
     torch.set_rng_state(state["rng"]["torch_cpu"])
     if fold.device.type == "cuda" and state["rng"].get("torch_cuda"):
         torch.cuda.set_rng_state_all(state["rng"]["torch_cuda"])
@@ -473,21 +578,37 @@ def _restore(cfg: TrainConfig, fold: _Fold, paths: FoldPaths) -> _Progress:
     return progress
 
 
-def _fold_data(cfg: TrainConfig, split: FoldSplit, collection: HealthyCollection,
-               external: HealthyCollection | None, fold: _Fold):
+def _fold_data(
+    cfg: TrainConfig,
+    split: FoldSplit,
+    collection: HealthyCollection,
+    external: HealthyCollection | None,
+    fold: _Fold,
+):
     """The fold's endless training stream (this rank's items) and, on rank 0, its fixed
     validation set of the held-out tasks and data."""
     ext = external.samples if external is not None else None
     task_params = cfg.task_params()
-    dataset = SyntheticDataset(collection.subset(split.train_data), split.train_tasks,
-                               seed=fold.seed, rank=fold.dist.rank,
-                               world_size=fold.dist.world_size, flip=bool(cfg.flip),
-                               task_params=task_params, external=ext)
+    dataset = SyntheticDataset(
+        collection.subset(split.train_data),
+        split.train_tasks,
+        seed=fold.seed,
+        rank=fold.dist.rank,
+        world_size=fold.dist.world_size,
+        flip=bool(cfg.flip),
+        task_params=task_params,
+        external=ext,
+    )
     val_set = None
     if fold.dist.main:
-        val_set = make_validation_set(collection.subset(split.val_data), split.val_tasks,
-                                      int(cfg.val_size), fold.seed, task_params=task_params,
-                                      external=ext)
+        val_set = make_validation_set(
+            collection.subset(split.val_data),
+            split.val_tasks,
+            int(cfg.val_size),
+            fold.seed,
+            task_params=task_params,
+            external=ext,
+        )
     return dataset, val_set
 
 
@@ -500,13 +621,20 @@ def _mean_loss(loss: torch.Tensor, dist: _Dist, step: int, fold: int, lr: float)
         value = value / dist.world_size
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"training diverged at step {step} of fold {fold} (loss {value}); "
-                         f"lower the learning rate (lr = {lr:g}) and resume or restart")
+        raise ValueError(
+            f"training diverged at step {step} of fold {fold} (loss {value}); "
+            f"lower the learning rate (lr = {lr:g}) and resume or restart"
+        )
     return value
 
 
-def _validate_and_save(cfg: TrainConfig, fold: _Fold, progress: _Progress,
-                       val_set: ValidationSet | None, paths: FoldPaths) -> ValidationEvent:
+def _validate_and_save(
+    cfg: TrainConfig,
+    fold: _Fold,
+    progress: _Progress,
+    val_set: ValidationSet | None,
+    paths: FoldPaths,
+) -> ValidationEvent:
     """Validate (rank 0; the result is broadcast), update the best step and the early stop,
     and save best.pt (when best) and last.pt. Returns the validation's event."""
     val_loss, ap = math.nan, {}
@@ -525,17 +653,20 @@ def _validate_and_save(cfg: TrainConfig, fold: _Fold, progress: _Progress,
     progress.stopped_early = progress.step - progress.best_step >= cfg.patience
     if fold.dist.main:
         if best:
-            save_atomic(model_checkpoint(_cpu_state_dict(fold.evaluated), cfg.dims, cfg.frame),
-                        paths.best)
+            save_atomic(
+                model_checkpoint(_cpu_state_dict(fold.evaluated), cfg.dims, cfg.frame), paths.best
+            )
         finished = progress.stopped_early or progress.step >= cfg.max_steps
-        save_atomic(_last_state(fold, progress, finished) | frame_record(cfg.dims, cfg.frame),
-                    paths.last)
+        save_atomic(
+            _last_state(fold, progress, finished) | frame_record(cfg.dims, cfg.frame), paths.last
+        )
     return ValidationEvent(paths.index, progress.step, val_loss, ap, best)
 
 
 def _fold_finished(split: FoldSplit, progress: _Progress, paths: FoldPaths, dist: _Dist):
-    result = FoldFinished(split.index, progress.best_step, progress.best_val, str(paths.best),
-                          progress.stopped_early)
+    result = FoldFinished(
+        split.index, progress.best_step, progress.best_val, str(paths.best), progress.stopped_early
+    )
     if dist.main:
         yield result
     return result
@@ -573,24 +704,41 @@ def _last_state(fold: _Fold, progress: _Progress, finished: bool) -> dict:
     """last.pt's content (checkpoint.py): weights, optimiser, schedule, progress and the RNG
     states with the data stream's position, so that a resumed fold goes on as if never
     stopped."""
-    rng = {"torch_cpu": torch.get_rng_state(),
-           "torch_cuda": torch.cuda.get_rng_state_all() if fold.device.type == "cuda" else [],
-           "data": {"seed": int(fold.seed), "rank": fold.dist.rank,
-                    "world_size": fold.dist.world_size,
-                    "next_item": int(progress.step * fold.local_batch)}}
-    state = {"format": FORMAT_VERSION, "model": _cpu_state_dict(fold.model),
-             "optimizer": fold.optimizer.state_dict(), "scheduler": fold.schedule.state_dict(),
-             "step": int(progress.step), "best_step": int(progress.best_step),
-             "best_val_loss": float(progress.best_val), "finished": bool(finished),
-             "stopped_early": bool(progress.stopped_early), "rng": rng,
-             "best_score": float(progress.best_score)}
+    rng = {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if fold.device.type == "cuda" else [],
+        "data": {
+            "seed": int(fold.seed),
+            "rank": fold.dist.rank,
+            "world_size": fold.dist.world_size,
+            "next_item": int(progress.step * fold.local_batch),
+        },
+    }
+    state = {
+        "format": FORMAT_VERSION,
+        "model": _cpu_state_dict(fold.model),
+        "optimizer": fold.optimizer.state_dict(),
+        "scheduler": fold.schedule.state_dict(),
+        "step": int(progress.step),
+        "best_step": int(progress.best_step),
+        "best_val_loss": float(progress.best_val),
+        "finished": bool(finished),
+        "stopped_early": bool(progress.stopped_early),
+        "rng": rng,
+        "best_score": float(progress.best_score),
+    }
     if fold.ema is not None:
         state["ema"] = _cpu_state_dict(fold.ema.module)
     return state
 
 
-def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: torch.device,
-              amp: torch.dtype | bool | None) -> tuple[float, dict[str, float]]:
+def _validate(
+    model: torch.nn.Module,
+    val: ValidationSet,
+    batch: int,
+    device: torch.device,
+    amp: torch.dtype | bool | None,
+) -> tuple[float, dict[str, float]]:
     """(val loss, AP per held-out task name): MSE(healthy, 0) + MSE(augmented, label) averaged
     over voxels; AP pooled over each task's items (healthy and augmented) inside the
     foreground, predictions clipped to [0, 1].
@@ -611,21 +759,24 @@ def _validate(model: torch.nn.Module, val: ValidationSet, batch: int, device: to
             hi = min(lo + batch, n)
             both = np.concatenate([val.healthy[lo:hi], val.augmented[lo:hi]])
             x = torch.from_numpy(both).unsqueeze(1).to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16,
-                                enabled=dtype is not None):
+            with torch.autocast(
+                device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+            ):
                 y = model(x)
             y = y.float().squeeze(1).cpu().numpy()
-            pred_h[lo:hi], pred_a[lo:hi] = y[: hi - lo], y[hi - lo:]
+            pred_h[lo:hi], pred_a[lo:hi] = y[: hi - lo], y[hi - lo :]
     model.train(was_training)
-    val_loss = float(np.mean(pred_h.astype(np.float64) ** 2)
-                     + np.mean((pred_a.astype(np.float64) - val.label) ** 2))
+    val_loss = float(
+        np.mean(pred_h.astype(np.float64) ** 2)
+        + np.mean((pred_a.astype(np.float64) - val.label) ** 2)
+    )
     ap: dict[str, float] = {}
     for task in np.unique(val.tasks):
         sel = val.tasks == task
         fg = val.foreground[sel]
         scores = np.concatenate([np.clip(pred_a[sel][fg], 0, 1), np.clip(pred_h[sel][fg], 0, 1)])
         labels = np.concatenate([val.mask[sel][fg], np.zeros(int(fg.sum()), bool)])
-        ap[TASK_NAMES[int(task)]] = (float(average_precision(scores, labels)) if labels.any()
-                                     else math.nan)
+        ap[TASK_NAMES[int(task)]] = (
+            float(average_precision(scores, labels)) if labels.any() else math.nan
+        )
     return val_loss, ap
-
