@@ -233,12 +233,10 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     if dist.active:
         torch.distributed.barrier()
 
+    run = _Run(cfg, collection, external, factory, dist, device, run_dir)
     finished: list[FoldFinished] = []
     for split in splits:
-        result = yield from _train_fold(
-            cfg, split, collection, external, factory, dist, device, run_dir
-        )
-        finished.append(result)
+        finished.append((yield from _train_fold(run, split)))
     if dist.main:
         yield RunFinished(str(run_dir), finished)
     return RunResult(str(run_dir), finished)
@@ -433,18 +431,10 @@ class _Progress:
     stopped_early: bool = False
 
 
-def _train_fold(
-    cfg: TrainConfig,
-    split: FoldSplit,
-    collection: HealthyCollection,
-    external: HealthyCollection | None,
-    model_factory: ModelFactory,
-    dist: _Dist,
-    device: torch.device,
-    run_dir: Path,
-):
-    paths = FoldPaths.of(run_dir, split.index)
-    fold = _new_fold(cfg, split.index, model_factory, dist, device)
+def _train_fold(run: _Run, split: FoldSplit):
+    cfg, dist, device = run.cfg, run.dist, run.device
+    paths = FoldPaths.of(run.run_dir, split.index)
+    fold = _new_fold(cfg, split.index, run.model_factory, dist, device)
     progress = _restore(cfg, fold, paths)
     if progress.stopped_early or progress.step >= cfg.max_steps:
         return (yield from _fold_finished(split, progress, paths, dist))
@@ -454,25 +444,10 @@ def _train_fold(
         net = torch.nn.parallel.DistributedDataParallel(
             fold.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    dataset, val_set = _fold_data(cfg, split, collection, external, fold)
+    loader, val_set = _fold_data(run, split, fold, progress.step)
     if dist.main:
-        yield FoldStarted(
-            split.index,
-            cfg.n_folds,
-            task_names(split.train_tasks),
-            task_names(split.val_tasks),
-            cfg.max_steps,
-            progress.step,
-        )
-    batches = iter(
-        make_loader(
-            dataset,
-            fold.local_batch,
-            start_step=progress.step,
-            workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-        )
-    )
+        yield _fold_started(cfg, split, progress.step)
+    batches = iter(loader)
     log = open(paths.log, "a") if dist.main else None  # closed in the finally below
     amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
@@ -489,11 +464,7 @@ def _train_fold(
                 if fold.ema is not None:
                     fold.ema.update(fold.model, progress.step)
             except torch.OutOfMemoryError as exc:
-                raise TrainingOutOfMemory(
-                    f"out of {device.type} memory at batch size {cfg.batch_size} with the "
-                    f"'{cfg.preset}' model ({exc.__class__.__name__}); use a smaller "
-                    "--batch-size or --preset light"
-                ) from None
+                raise _out_of_memory(cfg, device, exc) from None
             progress.step += 1
             loss_value = _mean_loss(loss, dist, progress.step, split.index, cfg.lr)
             if dist.main:
@@ -501,16 +472,8 @@ def _train_fold(
                 yield StepEvent(split.index, progress.step, cfg.max_steps, loss_value, lr)
 
             if progress.step % cfg.val_interval == 0 or progress.step == cfg.max_steps:
-                event = _validate_and_save(cfg, fold, progress, val_set, paths)
+                event = _validate_and_save(cfg, fold, progress, val_set, paths, log)
                 if dist.main:
-                    _log(
-                        log,
-                        type="validation",
-                        step=event.step,
-                        val_loss=event.val_loss,
-                        ap=event.ap,
-                        best=event.best,
-                    )
                     yield event
                 if progress.stopped_early:
                     break
@@ -521,6 +484,32 @@ def _train_fold(
     if dist.active:
         torch.distributed.barrier()
     return (yield from _fold_finished(split, progress, paths, dist))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every fold of a run shares."""
+
+    cfg: TrainConfig
+    collection: HealthyCollection
+    external: HealthyCollection | None
+    model_factory: ModelFactory
+    dist: _Dist
+    device: torch.device
+    run_dir: Path
+
+
+def _fold_started(cfg: TrainConfig, split: FoldSplit, step: int) -> FoldStarted:
+    train, val = task_names(split.train_tasks), task_names(split.val_tasks)
+    return FoldStarted(split.index, cfg.n_folds, train, val, cfg.max_steps, step)
+
+
+def _out_of_memory(cfg: TrainConfig, device: torch.device, exc: BaseException):
+    return TrainingOutOfMemory(
+        f"out of {device.type} memory at batch size {cfg.batch_size} with the "
+        f"'{cfg.preset}' model ({exc.__class__.__name__}); use a smaller "
+        "--batch-size or --preset light"
+    )
 
 
 def _new_fold(
@@ -578,16 +567,12 @@ def _restore(cfg: TrainConfig, fold: _Fold, paths: FoldPaths) -> _Progress:
     return progress
 
 
-def _fold_data(
-    cfg: TrainConfig,
-    split: FoldSplit,
-    collection: HealthyCollection,
-    external: HealthyCollection | None,
-    fold: _Fold,
-):
-    """The fold's endless training stream (this rank's items) and, on rank 0, its fixed
-    validation set of the held-out tasks and data."""
-    ext = external.samples if external is not None else None
+def _fold_data(run: _Run, split: FoldSplit, fold: _Fold, start_step: int):
+    """The fold's endless training stream (this rank's items from `start_step` on; the
+    loader's workers start when it is iterated) and, on rank 0, its fixed validation set of
+    the held-out tasks and data."""
+    cfg, collection = run.cfg, run.collection
+    ext = run.external.samples if run.external is not None else None
     task_params = cfg.task_params()
     dataset = SyntheticDataset(
         collection.subset(split.train_data),
@@ -609,7 +594,9 @@ def _fold_data(
             task_params=task_params,
             external=ext,
         )
-    return dataset, val_set
+    pin = fold.device.type == "cuda"
+    loader = make_loader(dataset, fold.local_batch, start_step, cfg.workers, pin_memory=pin)
+    return loader, val_set
 
 
 def _mean_loss(loss: torch.Tensor, dist: _Dist, step: int, fold: int, lr: float) -> float:
@@ -634,9 +621,10 @@ def _validate_and_save(
     progress: _Progress,
     val_set: ValidationSet | None,
     paths: FoldPaths,
+    log,
 ) -> ValidationEvent:
     """Validate (rank 0; the result is broadcast), update the best step and the early stop,
-    and save best.pt (when best) and last.pt. Returns the validation's event."""
+    and save best.pt (when best), last.pt and the log line. Returns the validation's event."""
     val_loss, ap = math.nan, {}
     amp = autocast_dtype(fold.device)
     if fold.dist.main:
@@ -660,6 +648,7 @@ def _validate_and_save(
         save_atomic(
             _last_state(fold, progress, finished) | frame_record(cfg.dims, cfg.frame), paths.last
         )
+        _log(log, type="validation", step=progress.step, val_loss=val_loss, ap=ap, best=best)
     return ValidationEvent(paths.index, progress.step, val_loss, ap, best)
 
 
