@@ -1,6 +1,6 @@
 """Rebuild the built-in brain T1 model (`builtin:brain-t1`), deterministically per seed.
 
-    python benchmarks/build_builtin_model.py --work /tmp/brain-t1 --max-steps 2400 --install
+    python benchmarks/build_builtin_model.py --work /tmp/brain-t1 --max-steps 2000 --install
 
 1. Healthy training heads and brains from the packaged MNI152 T1 (`napari_mtml.variants`: random
    affine and elastic warps, bias fields, Rician noise, contrast and gain changes), half with a
@@ -66,6 +66,19 @@ def make_data(work: Path, n: int, seed: int) -> tuple[Path, Path]:
     return data, masks
 
 
+NOTICE = """# builtin:brain-t1
+
+Weights of napari-mtml's built-in brain T1 model (BSD-3-Clause, with the project); the model card
+is docs/model_card_brain-t1.md in the project's repository. They were trained on images derived
+from the MNI ICBM152 2009a template, whose notice travels with them:
+
+Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
+Institute, McGill University. Permission to use, copy, modify, and distribute this data and its
+documentation for any purpose and without fee is granted, provided that the copyright notice
+appears in all copies; provided "as is" without express or implied warranty.
+"""
+
+
 def install(run: Path, dest: Path = INSTALL_DIR) -> Path:
     """Copy a trained run into the package: float16 weights-only fold files, config.json
     without machine paths."""
@@ -83,6 +96,7 @@ def install(run: Path, dest: Path = INSTALL_DIR) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (dest / "NOTICE.md").write_text(NOTICE)
     for k in range(5):
         state = load_fold_weights(run, k)
         half = {n: (t.half() if t.is_floating_point() else t) for n, t in state.items()}

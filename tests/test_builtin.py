@@ -1,0 +1,116 @@
+"""The built-in brain T1 model shipped in the package: its files, loading, prediction, the CLI
+and fine-tuning from it."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mtml.builtin import MODELS_DIR, builtin_models, is_builtin, resolve_run
+from napari_mtml.cli import main
+from napari_mtml.config import TrainConfig
+from napari_mtml.inference import load_ensemble, load_fold_weights
+from napari_mtml.io import Scan
+from napari_mtml.samples import load_sample, sample_data_path
+
+FOLDER = MODELS_DIR / "brain-t1"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_brain_model_ships_with_the_package():
+    assert "brain-t1" in builtin_models()
+    assert is_builtin("builtin:brain-t1") and not is_builtin("runs/brain-t1")
+    assert resolve_run("builtin:brain-t1") == FOLDER
+    with pytest.raises(ValueError, match="no such built-in model.*builtin:brain-t1"):
+        resolve_run("builtin:brain-t2")
+
+
+def test_shipped_files_are_small_weights_only_and_free_of_machine_paths():
+    files = [f for f in FOLDER.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 6e6
+    text = (FOLDER / "config.json").read_text()
+    cfg = json.loads(text)
+    assert cfg["healthy"] == [] and cfg["external"] is None and cfg["brain_mask"] is None
+    assert "/tmp" not in text and "/home" not in text and "/work" not in text
+    saved = TrainConfig.from_json(FOLDER / "config.json")
+    assert saved.preset == "small" and saved.dims == 2 and saved.pos_encoding is False
+    for k in range(5):
+        blob = torch.load(FOLDER / f"fold_{k}" / "best.pt", weights_only=True)  # no pickle
+        assert all(t.dtype == torch.float16 for t in blob["model"].values()
+                   if t.is_floating_point())
+        weights = load_fold_weights(FOLDER, k)
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_builtin_model_predicts_a_real_scan_deterministically():
+    scan = load_sample("brain_tumour_image")
+    ens = load_ensemble("builtin:brain-t1", device="cpu")
+    assert len(ens.folds) == 5
+    for model in ens.models:  # float16 on disk, float32 in the model
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    first = ens.predict(scan)
+    again = ens.predict(scan)
+    assert first.anomaly.shape == scan.array.shape
+    assert np.isfinite(first.anomaly).all()
+    assert first.anomaly.min() >= 0 and first.anomaly.max() <= 1
+    assert first.anomaly.max() > 0  # not a blank map
+    np.testing.assert_array_equal(first.anomaly, again.anomaly)
+
+
+def test_builtin_model_predicts_any_voxel_size():
+    """The model works at 2 mm whatever the input's spacing: a thin-slice volume and a
+    thick-slice one of the same brain give maps on their own grids."""
+    t1 = load_sample("mni152_t1")
+    ens = load_ensemble("builtin:brain-t1", device="cpu")
+    for step in (3, 6):
+        arr = np.ascontiguousarray(t1.array[::step, ::2, ::2])
+        scan = Scan(array=arr, spacing=(t1.spacing[0] * step, t1.spacing[1] * 2,
+                                        t1.spacing[2] * 2))
+        heat = ens.predict(scan).anomaly
+        assert heat.shape == arr.shape and np.isfinite(heat).all()
+        assert heat[arr == 0].max() == 0  # 0 outside the foreground by default
+
+
+def test_cli_predict_takes_a_builtin_name(tmp_path, capsys):
+    image = sample_data_path("brain_tumour_image")
+    rc = main(["predict", "builtin:brain-t1", str(image), "--out", str(tmp_path / "p"),
+               "--no-png", "--device", "cpu"])
+    assert rc == 0
+    assert (tmp_path / "p" / "brain1_image_anomaly.nii.gz").is_file()
+    rows = list(csv.DictReader((tmp_path / "p" / "scores.csv").open()))
+    assert len(rows) == 1 and 0 <= float(rows[0]["score"]) <= 1
+    assert main(["predict", "builtin:nope", str(image), "--out", str(tmp_path / "q")]) == 2
+    assert "no such built-in model" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_the_builtin_model_takes_its_settings(tmp_path):
+    from napari_mtml.data import HealthyCollection
+    from napari_mtml.training import train
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    fg = (yy - 32) ** 2 + (xx - 32) ** 2 < 26 ** 2
+    col = HealthyCollection.from_arrays(
+        [(rng.normal(size=fg.shape) * fg).astype(np.float32) for _ in range(8)], [fg] * 8)
+    cfg = TrainConfig(out=str(tmp_path / "tuned"), fold=0, max_steps=1, batch_size=2,
+                      init="builtin:brain-t1", lr=1e-12, warmup_start=1.0, val_size=4,
+                      device="cpu", seed=2)
+    for _ in train(cfg, collection=col):
+        pass
+    saved = TrainConfig.from_json(tmp_path / "tuned" / "config.json")
+    assert saved.init == "builtin:brain-t1" and saved.preset == "small"
+    tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
+    base = load_fold_weights(FOLDER, 0)
+    for k in base:  # one step at a vanishing rate: still the built-in weights
+        torch.testing.assert_close(tuned[k].float(), base[k].float(), atol=1e-5, rtol=0)
