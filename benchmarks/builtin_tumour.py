@@ -84,19 +84,25 @@ def main(argv=None) -> int:
         loads.append(t1 - t0)
         preds.append(t2 - t1)
     print(f"{args.run}: {ens}")
-    print(f"threads {torch.get_num_threads()}; load {statistics.median(loads):.2f} s, predict "
-          f"{statistics.median(preds):.2f} s (median of {args.repeats}); brain mask "
-          + (f"{t_mask:.2f} s" if t_mask is not None else "-"))
+    print(
+        f"threads {torch.get_num_threads()}; load {statistics.median(loads):.2f} s, predict "
+        f"{statistics.median(preds):.2f} s (median of {args.repeats}); brain mask "
+        + (f"{t_mask:.2f} s" if t_mask is not None else "-")
+    )
     ref = ens.predict(healthy).anomaly
     ref_values = ref[foreground_mask(healthy, kind="mri")]
     rng = np.random.default_rng(0)
     setups = [("head", head, pred.anomaly)]
     if brain is not None:
         setups.append(("brain", brain, ens.predict(scan, mask=brain).anomaly))
-    print(f"\ntumour slices {slices.min()}-{slices.max()}; tumour kept by the brain mask: "
-          + (f"{tumour[brain].sum() / tumour.sum():.0%}" if brain is not None else "-"))
-    print(f"{'inside':<7}{'AP':>7}{'AUROC':>7}{'rand AP':>9}  region table: threshold -> "
-          "regions, rank of the first touching the tumour")
+    print(
+        f"\ntumour slices {slices.min()}-{slices.max()}; tumour kept by the brain mask: "
+        + (f"{tumour[brain].sum() / tumour.sum():.0%}" if brain is not None else "-")
+    )
+    print(
+        f"{'inside':<7}{'AP':>7}{'AUROC':>7}{'rand AP':>9}  region table: threshold -> "
+        "regions, rank of the first touching the tumour"
+    )
     for name, mask, heat in setups:
         sel = np.zeros_like(mask)
         sel[slices] = mask[slices]
@@ -104,8 +110,11 @@ def main(argv=None) -> int:
         ap, auc = average_precision(s, y), roc_auc(s, y)
         rap = average_precision(rng.random(y.size), y)
         cells = []
-        for label, thr in (("0.5", 0.5), ("p99", float(np.percentile(ref_values, 99))),
-                           ("p99.9", float(np.percentile(ref_values, 99.9)))):
+        for label, thr in (
+            ("0.5", 0.5),
+            ("p99", float(np.percentile(ref_values, 99))),
+            ("p99.9", float(np.percentile(ref_values, 99.9))),
+        ):
             labels, regions = _regions(heat, thr, scan.spacing)
             rank = _tumour_rank(labels, regions, tumour)
             cells.append(f"{label}={thr:.3f}: {len(regions)}, rank {rank or '-'}")

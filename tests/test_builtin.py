@@ -47,8 +47,9 @@ def test_shipped_files_are_small_weights_only_and_free_of_machine_paths():
     assert saved.preset == "small" and saved.dims == 2 and saved.pos_encoding is False
     for k in range(5):
         blob = torch.load(FOLDER / f"fold_{k}" / "best.pt", weights_only=True)  # no pickle
-        assert all(t.dtype == torch.float16 for t in blob["model"].values()
-                   if t.is_floating_point())
+        assert all(
+            t.dtype == torch.float16 for t in blob["model"].values() if t.is_floating_point()
+        )
         weights = load_fold_weights(FOLDER, k)
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
@@ -75,8 +76,7 @@ def test_builtin_model_predicts_any_voxel_size():
     ens = load_ensemble("builtin:brain-t1", device="cpu")
     for step in (3, 6):
         arr = np.ascontiguousarray(t1.array[::step, ::2, ::2])
-        scan = Scan(array=arr, spacing=(t1.spacing[0] * step, t1.spacing[1] * 2,
-                                        t1.spacing[2] * 2))
+        scan = Scan(array=arr, spacing=(t1.spacing[0] * step, t1.spacing[1] * 2, t1.spacing[2] * 2))
         heat = ens.predict(scan).anomaly
         assert heat.shape == arr.shape and np.isfinite(heat).all()
         assert heat[arr == 0].max() == 0  # 0 outside the foreground by default
@@ -84,8 +84,18 @@ def test_builtin_model_predicts_any_voxel_size():
 
 def test_cli_predict_takes_a_builtin_name(tmp_path, capsys):
     image = sample_data_path("brain_tumour_image")
-    rc = main(["predict", "builtin:brain-t1", str(image), "--out", str(tmp_path / "p"),
-               "--no-png", "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            "builtin:brain-t1",
+            str(image),
+            "--out",
+            str(tmp_path / "p"),
+            "--no-png",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "p" / "brain1_image_anomaly.nii.gz").is_file()
     rows = list(csv.DictReader((tmp_path / "p" / "scores.csv").open()))
@@ -100,12 +110,22 @@ def test_fine_tuning_from_the_builtin_model_takes_its_settings(tmp_path):
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :64]
-    fg = (yy - 32) ** 2 + (xx - 32) ** 2 < 26 ** 2
+    fg = (yy - 32) ** 2 + (xx - 32) ** 2 < 26**2
     col = HealthyCollection.from_arrays(
-        [(rng.normal(size=fg.shape) * fg).astype(np.float32) for _ in range(8)], [fg] * 8)
-    cfg = TrainConfig(out=str(tmp_path / "tuned"), fold=0, max_steps=1, batch_size=2,
-                      init="builtin:brain-t1", lr=1e-12, warmup_start=1.0, val_size=4,
-                      device="cpu", seed=2)
+        [(rng.normal(size=fg.shape) * fg).astype(np.float32) for _ in range(8)], [fg] * 8
+    )
+    cfg = TrainConfig(
+        out=str(tmp_path / "tuned"),
+        fold=0,
+        max_steps=1,
+        batch_size=2,
+        init="builtin:brain-t1",
+        lr=1e-12,
+        warmup_start=1.0,
+        val_size=4,
+        device="cpu",
+        seed=2,
+    )
     for _ in train(cfg, collection=col):
         pass
     saved = TrainConfig.from_json(tmp_path / "tuned" / "config.json")
