@@ -418,11 +418,11 @@ class Ensemble:
 
         Examples
         --------
-        >>> prediction = load_ensemble("run").predict(scan, tta=True)  # doctest: +SKIP
-        >>> float(prediction.anomaly.max()) <= 1.0, prediction.score_method  # doctest: +SKIP
-        (True, 'top1')
-        >>> len(prediction.fold_scores) == len(load_ensemble("run").folds)  # doctest: +SKIP
-        True
+        >>> from napari_mtml.samples import load_sample
+        >>> ensemble = load_ensemble("builtin:brain-t1", device="cpu")
+        >>> prediction = ensemble.predict(load_sample("brain_tumour_image"), keep_folds=True)
+        >>> len(prediction.fold_maps) == len(ensemble.folds), float(prediction.anomaly.max()) <= 1
+        (True, True)
         """
         from napari_mtml.preprocess import (
             FrameFitError,
@@ -615,14 +615,14 @@ def load_ensemble(
     Examples
     --------
     >>> from napari_mtml.inference import load_ensemble
-    >>> from napari_mtml.io import read_image
-    >>> ensemble = load_ensemble("run", device="cpu")  # doctest: +SKIP
-    >>> ensemble.folds  # doctest: +SKIP
+    >>> from napari_mtml.samples import load_sample
+    >>> ensemble = load_ensemble("builtin:brain-t1", device="cpu")  # or RUN of mtml train
+    >>> ensemble.folds
     (0, 1, 2, 3, 4)
-    >>> scan = read_image("case1.nii.gz")  # doctest: +SKIP
-    >>> prediction = ensemble.predict(scan)  # doctest: +SKIP
-    >>> prediction.anomaly.shape == scan.array.shape  # doctest: +SKIP
-    True
+    >>> scan = load_sample("brain_tumour_image")
+    >>> prediction = ensemble.predict(scan)
+    >>> prediction.anomaly.shape == scan.array.shape, prediction.score_method
+    (True, 'top1')
 
     `folds="available"` loads the folds trained so far (a run still training), and a built-in
     model goes wherever a run folder does: ``load_ensemble("builtin:brain-t1")``.
