@@ -510,7 +510,7 @@ def test_heatmap_keeps_the_map_inside_a_labels_mask(
     _predict(qtbot, widget)
     heat = widget.heatmap_layer.data
     assert np.all(heat[:, 24:] == 0) and np.any(heat[:, :24] > 0)
-    assert "highest 1 %" in widget.score_label.text()
+    assert "smoothed by 2 mm" in widget.score_label.text()
     # a mask of another shape is refused with the layer named
     viewer.add_labels(np.ones((10, 10), np.uint8), name="tiny labels")
     widget.mask_combo.set_layer(viewer.layers["tiny labels"])

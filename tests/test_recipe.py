@@ -133,7 +133,6 @@ def _bad_inputs():
         ("unknown task parameter", dict(image=image, foreground=fg, radius=3)),
         ("min_size", dict(image=image, foreground=fg, min_size=0.9, max_size=0.5)),
         ("rng", dict(image=image, foreground=fg, rng=42)),
-        ("rng", dict(image=image, foreground=fg, rng=None)),
         ("dimensions", dict(image=image, foreground=fg, task=0, source=image[None])),
         ("NaN", dict(image=image, foreground=fg, task=1, source=nan_image)),
     ]
@@ -148,11 +147,15 @@ def test_bad_input_raises_a_clear_value_error_quickly(match, kwargs):
         synthesize(**kwargs)
 
 
-def test_rng_is_required_and_keyword_only():
-    """No default generator (no unseeded randomness): `rng` must be passed, by name."""
+def test_rng_by_position_or_name_and_none_is_a_fresh_generator():
+    """`rng` positional or by name gives the same result per seed; None draws a fresh
+    `default_rng()` (never numpy's global state)."""
     image, fg = _phantom((32, 32))
-    with pytest.raises(TypeError, match="rng"):
-        synthesize(image, fg, "sink")
-    with pytest.raises(TypeError):
-        synthesize(image, fg, "sink", np.random.default_rng(0))
-    assert synthesize(image, fg, "sink", rng=np.random.default_rng(0)).n_anomalies >= 1
+    a = synthesize(image, fg, "sink", np.random.default_rng(0))
+    b = synthesize(image, fg, "sink", rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.random.seed(0)  # noqa: NPY002
+    state = np.random.get_state()[1].copy()  # noqa: NPY002
+    assert synthesize(image, fg, "sink").n_anomalies >= 1
+    assert synthesize(image, fg, "sink", None).n_anomalies >= 1
+    np.testing.assert_array_equal(np.random.get_state()[1], state)  # noqa: NPY002

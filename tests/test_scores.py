@@ -58,3 +58,19 @@ def test_lesion_ranks_above_healthy_with_top1_not_always_with_mean():
     assert set(all_scores(healthy[0], threshold=0.5)) == set(SAMPLE_SCORES)
     # the evaluation's summary carries the same top1
     assert summary_scores(lesion[0].ravel())["top1"] == pytest.approx(top_l[0])
+
+
+def test_max_is_the_default_and_smooths_by_two_millimetres():
+    from napari_mtml.scores import DEFAULT_SAMPLE_SCORE
+
+    assert DEFAULT_SAMPLE_SCORE == "max"
+    spike = np.zeros((24, 40, 40), np.float32)
+    spike[12, 20, 20] = 1.0  # one noisy voxel hardly counts
+    assert sample_score(spike, None, spacing=(1.0, 1.0, 1.0)) < 0.05
+    # 6 mm slices: 2 mm is a third of a slice, so the spike keeps more of its value
+    assert sample_score(spike, None, spacing=(6.0, 1.0, 1.0)) > 3 * sample_score(
+        spike, None, spacing=(1.0, 1.0, 1.0)
+    )
+    blob = np.zeros_like(spike)
+    blob[6:18, 14:26, 14:26] = 0.9  # a 12 mm lesion keeps its peak
+    assert sample_score(blob, None, spacing=(1.0, 1.0, 1.0)) == pytest.approx(0.9, abs=0.01)

@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score",
         choices=("mean", "max", "top1"),
-        help="the sample score of scores.csv (default top1: the mean of the map's highest 1 %%; "
+        help="the sample score of scores.csv (default max: the peak of the map smoothed by 2 mm; "
         "every score is written as its own column too)",
     )
     p.add_argument(

@@ -48,7 +48,7 @@ class Prediction:
     disagreement : float32 array, the input's shape; standard deviation over folds (ddof=0), in
         [0, 0.5].
     score : float; sample-level anomaly score of the ensemble map inside `mask`, by the method
-        `score_method` (`napari_mtml.scores`; default "top1": the mean of its highest 1 %).
+        `score_method` (`napari_mtml.scores`; default "max": its peak after a 2 mm smoothing).
     fold_scores : tuple of float; the same score for each fold model on its own.
     fold_maps : tuple of float32 arrays of the input's shape, each fold's own clipped map
         (only with `predict(..., keep_folds=True)`; empty otherwise).
@@ -65,7 +65,7 @@ class Prediction:
     fold_maps: tuple[np.ndarray, ...] = field(default=())
     mask: np.ndarray | None = None
     scores: dict = field(default_factory=dict)
-    score_method: str = "top1"
+    score_method: str = "max"
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ def load_ensemble(
     >>> scan = load_sample("brain_tumour_image")
     >>> prediction = ensemble.predict(scan)
     >>> prediction.anomaly.shape == scan.array.shape, prediction.score_method
-    (True, 'top1')
+    (True, 'max')
 
     `folds="available"` loads the folds trained so far (a run still training), and a built-in
     model goes wherever a run folder does: ``load_ensemble("builtin:brain-t1")``.

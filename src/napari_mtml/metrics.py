@@ -332,7 +332,7 @@ class PooledMetrics:
 def summary_scores(values) -> dict:
     """The scores of a set of values: ``mean``, ``p75`` (75th percentile, linear
     interpolation), ``top25_mean`` (mean of the ``ceil(N / 4)`` largest values) and ``top1``
-    (mean of the highest 1 %, at least 10 values: `napari_mtml.scores`' default sample score).
+    (mean of the highest 1 %, at least 10 values, as `napari_mtml.scores`' "top1").
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 ```python
 from napari_mtml.scores import sample_score, SAMPLE_SCORES
-sample_score(heat, mask, "top1")         # mean of the highest 1 % of the map inside mask
+sample_score(heat, mask, "max", spacing=(6.5, 0.8, 0.8))   # peak of the map smoothed by 2 mm
 all_scores(heat, mask, threshold=0.3)    # {"mean": ..., "max": ..., "top1": ..., "area": ...}
 ```
 
@@ -10,15 +10,19 @@ Methods (each over the voxels of `mask`; the whole map without one):
 
 - ``"mean"``: the mean of the map (METHOD.md section 8; dominated by the many normal voxels, so a
   small lesion hardly moves it).
-- ``"max"``: the maximum of the map after a light Gaussian smoothing (sigma 1 voxel, per
-  slice for thick-slice volumes), so that a single noisy voxel does not decide.
+- ``"max"`` (the default): the maximum of the map after a Gaussian smoothing of 2 mm (sigma
+  `SMOOTH_MM / spacing` voxels per axis; 1 voxel without a spacing), so that a single noisy
+  voxel does not decide.
 - ``"top1"``: the mean of the highest 1 % of the map (at least 10 voxels): a lesion of a
   percent of the organ fills it; normal scans keep it low.
 - ``"area"``: the fraction of the voxels above `threshold` (a value calibrated on healthy scans,
   e.g. the run's `calibration.json`); needs the threshold.
 
 The default (`DEFAULT_SAMPLE_SCORE`) was chosen by measurement on held-out lesions unlike the
-training tasks (benchmarks/quality_unseen.py; the figures are in the README).
+training tasks (benchmarks/quality_unseen.py, where it is `max_smooth`; the figures are in the
+README): it ranked lesioned volumes and slices above healthy ones better than the others on
+every run measured (volume AUROC 0.64 against 0.56 for top1 with the built-in model), and the
+tumour sample's slices too (slice AUROC 0.96 against 0.94).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from scipy import ndimage
 __all__ = ["SAMPLE_SCORES", "DEFAULT_SAMPLE_SCORE", "sample_score", "all_scores"]
 
 SAMPLE_SCORES = ("mean", "max", "top1", "area")
-DEFAULT_SAMPLE_SCORE = "top1"
+DEFAULT_SAMPLE_SCORE = "max"
+#: mm of the Gaussian smoothing of the "max" score
+SMOOTH_MM = 2.0
 _TOP_FRACTION = 0.01
 _TOP_MIN = 10
 
@@ -67,8 +73,7 @@ def sample_score(
     threshold : float, optional
         For "area".
     spacing : sequence of float, optional
-        mm per axis, so that "max" smooths within slices only when the slices are more than
-        twice as thick as the pixels.
+        mm per axis: "max" smooths by `SMOOTH_MM` mm along each axis (1 voxel without it).
 
     Returns
     -------
@@ -81,8 +86,8 @@ def sample_score(
         return float(_values(heat, mask).mean(dtype=np.float64))
     if method == "max":
         sigma = [1.0] * heat.ndim
-        if spacing is not None and heat.ndim == 3 and spacing[0] > 2 * min(spacing[1:]):
-            sigma[0] = 0.0
+        if spacing is not None:
+            sigma = [SMOOTH_MM / float(s) if s and math.isfinite(s) else 1.0 for s in spacing]
         return float(_values(ndimage.gaussian_filter(heat, sigma, mode="nearest"), mask).max())
     values = _values(heat, mask)
     if method == "top1":

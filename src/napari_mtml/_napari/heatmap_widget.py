@@ -96,7 +96,7 @@ MASK_AUTO = "automatic brain mask"
 SCORE_TEXT = {
     "top1": "mean of the map's highest 1 % inside the mask",
     "mean": "mean of the map inside the mask",
-    "max": "peak of the lightly smoothed map inside the mask",
+    "max": "peak of the map smoothed by 2 mm inside the mask",
 }
 BATCH_FOLDER = "a folder of images"
 BATCH_LAYERS = "all open image layers"

@@ -169,8 +169,7 @@ def synthesize(
     image,
     foreground=None,
     task="sink",
-    *,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     source=None,
     **task_params,
 ) -> SynthesisResult:
@@ -183,8 +182,9 @@ def synthesize(
     foreground : bool array of the image's shape, or None (= the whole image). Every anomaly has at
         least half of its voxels on it.
     task : a name from `TASKS` or its id 0..4.
-    rng : numpy.random.Generator, keyword-only and required (no global random state: pass
-        ``np.random.default_rng(seed)``).
+    rng : numpy.random.Generator, or None for a fresh ``np.random.default_rng()`` (as
+        scikit-image does; pass ``np.random.default_rng(seed)`` to repeat a result). numpy's
+        global random state is never used.
     source : blending tasks only: None (= the image itself with its foreground), an array, an
         (array, mask_or_None) tuple, or a callable `source(rng) -> (array, mask_or_None)` called
         once per blended anomaly. Same number of dimensions as the image; any size.
@@ -214,6 +214,8 @@ def synthesize(
     """
     from napari_mtml.anomalies.labelling import flipped_gaussian_label_of_boxes
 
+    if rng is None:
+        rng = np.random.default_rng()
     if not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator: pass np.random.default_rng(seed)")
     unknown = sorted(set(task_params) - set(_PARAM_NAMES))
