@@ -26,34 +26,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli_fixtures import FAST, TINY_TOML
 from napari_mtml.cli import main
 
-TINY_TOML = """
-[model]
-base_features = 4
-depth = 2
-max_features = 8
-[training]
-val_size = 4
-val_interval = 2
-warmup_steps = 1
-"""
-FAST = [
-    "--dims",
-    "2",
-    "--kind",
-    "mri",
-    "--frame",
-    "16,16",
-    "--max-steps",
-    "2",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-    "--seed",
-    "0",
-]
 HANG_GUARD_S = 120  # far above any row's time; only a hang (a blocking open) reaches it
 
 

@@ -9,35 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cli_fixtures import FAST, TINY_TOML
 from napari_mtml.cli import main
-
-# A tiny U-Net and a tiny validation set, so that a 5-fold run takes seconds.
-TINY_TOML = """
-[model]
-base_features = 4
-depth = 2
-max_features = 8
-[training]
-val_size = 4
-val_interval = 2
-warmup_steps = 1
-"""
-FAST = [
-    "--dims",
-    "2",
-    "--kind",
-    "mri",
-    "--frame",
-    "16,16",
-    "--max-steps",
-    "2",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-    "--seed",
-    "0",
-]
 
 
 def _disc(shape, rng, radius):

@@ -11,19 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cli_fixtures import TINY_TOML
 from napari_mtml.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TOML = """
-[model]
-base_features = 4
-depth = 2
-max_features = 8
-[training]
-val_size = 4
-val_interval = 2
-warmup_steps = 1
-"""
 
 
 def _disc(shape, rng, radius):
