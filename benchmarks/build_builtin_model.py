@@ -11,7 +11,8 @@
    encoding, cosine schedule), the 1/4 split, anomalies placed inside the brain masks, the
    MNI152 template as the external dataset of the inter-dataset blending task, `--seed`.
 3. With `--install`: the five folds' weights (float16, weights-only torch files) and the run's
-   config.json (paths removed) are copied into `src/napari_mtml/models/brain-t1/`.
+   config.json (paths removed) are copied into `src/napari_mtml/models/brain-t1/`, and its
+   calibration.json is measured on 8 fresh healthy variants (another seed stream).
 
 Everything random is seeded from `--seed`; with the same seed, number of threads and torch build
 the weights are the same. The model card (docs/model_card_brain-t1.md) records the command and
@@ -110,6 +111,20 @@ def install(run: Path, dest: Path = INSTALL_DIR) -> Path:
     return dest
 
 
+def calibrate_installed(work: Path, seed: int, n: int = 8, dest: Path = INSTALL_DIR) -> dict:
+    """The installed model's healthy calibration (`napari_mtml.calibration`, calibration.json):
+    `n` fresh healthy variants from another seed stream than the training data (`seed + 1000`),
+    the map's percentiles inside their foreground (what the Heatmap widget shows by default)."""
+    from napari_mtml.calibration import calibrate
+    from napari_mtml.io import read_image
+
+    data, _ = make_data(work / "calibration", n, seed + 1000)
+    scans = [read_image(p) for p in sorted(data.glob("*.nii.gz"))]
+    cal = calibrate(dest, scans, device="cpu")
+    print(f"calibration on {n} fresh healthy volumes: {cal['thresholds']}")
+    return cal
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for data and the run")
@@ -174,6 +189,7 @@ def main(argv=None) -> int:
     )
     if args.install:
         install(run)
+        calibrate_installed(args.work, args.seed)
     return 0
 
 

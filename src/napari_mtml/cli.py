@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -180,7 +181,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         mask_for = auto_brain_mask
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
     predict_kwargs = {"keep_background": args.keep_background, "score": args.score, "tta": args.tta}
-    regions_at = (0.5 if args.threshold is None else args.threshold) if args.regions else None
+    regions_at = None
+    if args.regions:
+        from napari_mtml.calibration import calibration_threshold
+
+        regions_at = args.threshold
+        if regions_at is None:  # the run's healthy 99th percentile, else 0.5
+            healthy = calibration_threshold(args.run)
+            regions_at = 0.5 if healthy is None else healthy
     gen = predict_batch(
         ensemble,
         paths,
@@ -212,6 +220,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for item in failures:
         print(f"mtml predict: error: {item.error}", file=sys.stderr)
     return 2 if failures else 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """Record how high a run's map goes on healthy scans.
+
+    Predicts the healthy scans with the run's ensemble and writes RUN/calibration.json: the
+    95th, 99th and 99.9th percentiles of the map inside their foreground (or --mask-dir /
+    --brain-mask auto). The Heatmap widget then starts its region threshold at the 99th, and
+    `mtml predict --regions` uses it when --threshold is left out.
+    """
+    from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup
+    from napari_mtml.builtin import is_builtin
+    from napari_mtml.calibration import calibrate
+    from napari_mtml.io import read_image
+
+    if is_builtin(args.run):
+        raise ValueError(f"{args.run}: a built-in model ships its own calibration")
+    if args.mask_dir and args.brain_mask:
+        raise ValueError("give either --mask-dir or --brain-mask, not both")
+    mask_for = None
+    if args.mask_dir:
+        mask_for = mask_dir_lookup(args.mask_dir)
+    elif args.brain_mask == "auto":
+        from napari_mtml.brainmask import INSTALL_HINT, available
+
+        if not available():
+            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
+        mask_for = auto_brain_mask
+    paths = expand_images(args.healthy)
+    scans, masks = [], []
+    for path in paths:
+        scan = read_image(path)
+        scans.append(scan)
+        masks.append(mask_for(path, scan) if mask_for is not None else None)
+
+    def show(i: int, n: int) -> None:
+        print(f"[{i}/{n}] {paths[i - 1].name}")
+
+    cal = calibrate(args.run, scans, masks, device=args.device, progress=show)
+    levels = ", ".join(f"{k}th {v:.4f}" for k, v in cal["thresholds"].items())
+    print(f"healthy percentiles over {cal['voxels']} voxels of {cal['images']} image(s): {levels}")
+    print(f"wrote {Path(args.run) / 'calibration.json'}")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -403,7 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         metavar="T",
-        help="the threshold of --regions, in (0, 1] (default 0.5)",
+        help="the threshold of --regions, in (0, 1] (default: the 99th percentile of the "
+        "run's healthy calibration, `mtml calibrate`; 0.5 without one)",
+    )
+
+    p = _command(sub, _cmd_calibrate)
+    p.add_argument("run", metavar="RUN", help="a run folder written by `mtml train`")
+    p.add_argument(
+        "healthy",
+        nargs="+",
+        metavar="HEALTHY",
+        help="healthy scans: files, DICOM series folders, or folders of NIfTI/PNG files",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--mask-dir",
+        metavar="DIR",
+        help="masks to take the values inside, one per scan: DIR/NAME[_mask].nii.gz",
+    )
+    p.add_argument(
+        "--brain-mask",
+        choices=("auto",),
+        help="auto: take the values inside an automatic brain mask (needs the brain extra)",
     )
 
     p = _command(sub, _cmd_evaluate)

@@ -303,6 +303,8 @@ class Ensemble:
         self.device = resolve_device(device)
         self.run_dir = run_dir
         self.config = dict(config or {})
+        #: the run's healthy calibration (`napari_mtml.calibration`), set by `load_ensemble`
+        self.calibration: dict | None = None
         if batch_size is None:
             batch_size = 16 if self.dims == 2 else 1
         if (
@@ -653,7 +655,9 @@ def load_ensemble(
                 f"({first}); was the config edited? re-train this fold"
             ) from exc
         models.append(prepare_model_for_device(model, dev).eval())
-    return Ensemble(
+    from napari_mtml.calibration import read_calibration
+
+    ensemble = Ensemble(
         models,
         **settings.geometry(),
         fixed_frame=bool(settings.model_kwargs.get("pos_encoding", True)),
@@ -664,3 +668,5 @@ def load_ensemble(
         batch_size=batch_size,
         precision=precision,
     )
+    ensemble.calibration = read_calibration(run_dir)
+    return ensemble

@@ -155,6 +155,7 @@ class HeatmapWidget(QWidget):
         self._worker = None
         self._cancelled = False
         self._ensembles: dict = {}
+        self._calibrated_run = None  # the run whose healthy threshold the slider last took
         self._reference_cache: dict = {}
         self.batch_items: list = []
         self.batch_result = None
@@ -503,8 +504,22 @@ class HeatmapWidget(QWidget):
             + (f"\nper fold: {folds}" if folds else "")
             + note
         )
-        self.status.setText(f"heatmap of '{layer.name}' ready.")
+        ready = f"heatmap of '{layer.name}' ready."
+        healthy = self._calibrated_threshold(ens)
+        if healthy is not None:
+            self.threshold_slider.setValue(healthy)
+            ready += f" Threshold {healthy:.3f}: 99 % of healthy voxels stay under it."
+        self.status.setText(ready)
         self.apply_threshold()
+
+    def _calibrated_threshold(self, ens) -> float | None:
+        """The run's healthy 99th percentile (`napari_mtml.calibration`) the first time a run
+        with a calibration predicts; None afterwards (the user's threshold stays) or without."""
+        cal = getattr(ens, "calibration", None)
+        if not cal or self._calibrated_run == ens.run_dir:
+            return None
+        self._calibrated_run = ens.run_dir
+        return cal["thresholds"].get("99")
 
     def _error(self, exc) -> None:
         self.status.setText(f"error: {exc}")
