@@ -172,30 +172,26 @@ def rasterise(kind: str, half_sizes: np.ndarray, matrix: np.ndarray) -> Shape:
     box = np.maximum(np.ceil(extent).astype(np.int64), 1)
     centre = (box - 1) / 2.0
     inv = np.linalg.inv(matrix)
-    # separable broadcasting: x_own = sum_j inv[:, j] * grid_j, without building an (N, n) array
-    grids = [
-        np.arange(b, dtype=np.float64) - c
-        for b, c in zip(box.tolist(), centre.tolist(), strict=True)
-    ]
+    # separable broadcasting: x_own = sum_j inv[:, j] / h * grid_j, every own coordinate at
+    # once as an (n, *box) array; the sum runs over j left to right, as the sum of the
+    # n (n, *box) broadcast terms would
     ndim = len(box)
-    own = []
-    for i in range(ndim):
-        acc = 0.0
-        for j in range(ndim):
-            shape = [1] * ndim
-            shape[j] = box[j]
-            acc = acc + (inv[i, j] / h[i]) * grids[j].reshape(shape)
-        own.append(acc)
+    coef = inv / h[:, None]
+    own = None
+    for j, (b, c) in enumerate(zip(box.tolist(), centre.tolist(), strict=True)):
+        shape = [ndim] + [1] * ndim
+        shape[j + 1] = b
+        term = (coef[:, j : j + 1] * (np.arange(b, dtype=np.float64) - c)).reshape(shape)
+        own = term if own is None else own + term
     if kind == "ellipse":
-        # the same left-to-right sum as sum(x * x for x in own), without the leading 0 +
-        squares = own[0] * own[0]
+        # the same left-to-right sum of the squares as sum(x * x for x in own)
+        np.multiply(own, own, out=own)
+        squares = own[0]
         for x in own[1:]:
-            squares += x * x
+            squares += x
         mask = squares <= 1.0
     elif kind == "rectangle":
-        mask = np.abs(own[0]) <= 1.0
-        for x in own[1:]:
-            mask &= np.abs(x) <= 1.0
+        mask = (np.abs(own, out=own) <= 1.0).all(axis=0)
     else:
         raise ValueError(f"unknown shape kind {kind!r}: use one of {KINDS}")
     if mask.shape != tuple(box):

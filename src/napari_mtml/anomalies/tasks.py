@@ -189,15 +189,22 @@ def _radial_profile(ratio: np.ndarray, factor: float, kind: str) -> np.ndarray:
     raise ValueError(f"kind must be 'sink' or 'source', got {kind!r}")
 
 
-def warped_radius(r: np.ndarray, edge: np.ndarray, factor: float, kind: str) -> np.ndarray:
+def warped_radius(
+    r: np.ndarray, edge: np.ndarray, factor: float, kind: str, *, edge_beyond: bool = False
+) -> np.ndarray:
     """Paper Eqs. 1-2: where the value landing at radius `r` is read from.
 
     source `r' = R (r / R)^f`, sink `r' = R - (R - r)^f / R^(f-1)`, with R = `edge`, the distance
     from the centre to the shape's edge along the ray. Both keep r' = r at 0 and at R.
+    `edge_beyond=True` promises `edge >= r > 0` (no voxel past the edge, none at the centre)
+    and skips the guards for those cases; the values are the same.
     """
-    edge = np.maximum(edge, r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(edge > 0, r / edge, 0.0)
+    if edge_beyond:
+        ratio = r / edge
+    else:
+        edge = np.maximum(edge, r)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(edge > 0, r / edge, 0.0)
     return edge * _radial_profile(ratio, factor, kind)
 
 
@@ -256,8 +263,8 @@ def _warp_sources(points, c, factor, kind, edge_distance, centre_index=None) -> 
     t = np.ones(delta.shape[1])
     t[moving] = np.maximum(edge_distance(c, delta[:, moving]), 1.0)
     # Eqs. 1-2 are scale-free: a voxel at r on a ray whose edge lies at t r reads from
-    # r * warped_radius(1, t)
-    scale = warped_radius(np.ones_like(t), t, factor, kind)
+    # r * warped_radius(1, t) (t >= 1: no guards needed)
+    scale = warped_radius(1.0, t, factor, kind, edge_beyond=True)
     scale[~moving] = 0.0
     delta *= scale
     delta += c[:, None]
