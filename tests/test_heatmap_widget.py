@@ -522,3 +522,32 @@ def test_heatmap_keeps_the_map_inside_a_labels_mask(
     assert widget.mask_combo.current_extra() == hw.MASK_AUTO
     widget.predict()
     assert "napari-mtml[brain]" in napari_errors()[-1]
+
+
+def test_heatmap_starts_at_the_runs_healthy_threshold(
+    make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors
+):
+    """A run with a healthy calibration sets the region threshold on its first prediction;
+    the user's threshold is kept afterwards; a run without one keeps the slider as it is."""
+    import json
+    import shutil
+
+    from napari_mtml.calibration import CALIBRATION_FILE, weights_digest
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    cal = {"format": 1, "thresholds": {"95": 0.1, "99": 0.123, "99.9": 0.2}, "images": 1,
+           "voxels": 10, "weights": weights_digest(run, [0])}  # fmt: skip
+    (run / CALIBRATION_FILE).write_text(json.dumps(cal))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(run))
+    widget.image_combo.set_layer(viewer.add_image(_disc((48, 48), 3), name="img"))
+    _predict(qtbot, widget)
+    assert widget.threshold_slider.value() == pytest.approx(0.123, abs=1e-3)
+    assert "healthy" in widget.status.text()
+    widget.threshold_slider.setValue(0.7)
+    _predict(qtbot, widget)
+    assert widget.threshold_slider.value() == pytest.approx(0.7, abs=1e-3)
+    widget.set_run(str(tiny_run))  # no calibration: the slider stays
+    _predict(qtbot, widget)
+    assert widget.threshold_slider.value() == pytest.approx(0.7, abs=1e-3)

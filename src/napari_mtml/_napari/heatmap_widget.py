@@ -504,13 +504,16 @@ class HeatmapWidget(QWidget):
             + (f"\nper fold: {folds}" if folds else "")
             + note
         )
-        ready = f"heatmap of '{layer.name}' ready."
+        self.status.setText(f"heatmap of '{layer.name}' ready.")
         healthy = self._calibrated_threshold(ens)
         if healthy is not None:
             self.threshold_slider.setValue(healthy)
-            ready += f" Threshold {healthy:.3f}: 99 % of healthy voxels stay under it."
-        self.status.setText(ready)
         self.apply_threshold()
+        if healthy is not None:
+            self.status.setText(
+                f"{self.status.text()}; the run's healthy threshold: 99 % of healthy "
+                "voxels stay under it"
+            )
 
     def _calibrated_threshold(self, ens) -> float | None:
         """The run's healthy 99th percentile (`napari_mtml.calibration`) the first time a run
