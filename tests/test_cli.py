@@ -540,3 +540,21 @@ def test_validate_checks_every_declared_rule():
             continue
         with pytest.raises(ValueError, match=rf"^{name} = "):
             TrainConfig(**{name: bad})
+
+
+def test_resume_alone_continues_a_run_with_its_saved_settings(tiny, tmp_path):
+    """`mtml train --out RUN --resume` needs neither the data nor the flags again: the run's
+    config.json supplies them (here: fold 0 trained first, then fold 1 from the saved settings)."""
+    import json
+
+    run = tmp_path / "run"
+    argv = ["train", str(tiny["healthy"]), "--out", str(run), "--config", str(tiny["toml"])]
+    assert main([*argv, *FAST, "--fold", "0", "--spacing", "1.5"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert main(["train", "--out", str(run), "--resume", "--fold", "1"]) == 0
+    assert (run / "fold_1" / "best.pt").is_file()
+    again = json.loads((run / "config.json").read_text())
+    for key in ("healthy", "spacing", "max_steps", "frame", "base_features", "seed"):
+        assert again[key] == saved[key], key
+    # a flag that contradicts the saved run is still refused
+    assert main(["train", "--out", str(run), "--resume", "--fold", "1", "--seed", "5"]) == 2

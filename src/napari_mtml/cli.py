@@ -125,7 +125,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train the task cross-validation ensemble on healthy scans.
 
     Train the T/(5-T) cross-validation over the five synthetic tasks on healthy scans. Flags
-    left out keep the values of --config (a TOML file of TrainConfig fields), else the defaults.
+    left out keep the values of --config (a TOML file of TrainConfig fields), else the defaults;
+    with --resume, those of the run's own config.json (`mtml train --out RUN --resume` alone
+    continues a stopped run).
     """
     from napari_mtml.config import TrainConfig
     from napari_mtml.files import check_output_folder
@@ -134,7 +136,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # argparse defaults are None, so a flag left out keeps the --config TOML value or the default.
     if not args.healthy:  # argparse gives [] for no HEALTHY; let a --config value stand
         args.healthy = None
-    config = TrainConfig.from_args(args)
+    base = None
+    saved = Path(args.out) / "config.json" if args.out else None
+    if args.resume and not args.config and saved is not None and saved.is_file():
+        # `mtml train --out RUN --resume` alone continues the run with its saved settings
+        # (data included); flags given still override them
+        base = TrainConfig.from_json(saved).replace(resume=True)
+    config = TrainConfig.from_args(args, base=base)
     if not config.healthy:
         raise ValueError(
             "no healthy scans given: pass files or folders (HEALTHY...) or set "
