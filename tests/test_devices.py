@@ -88,7 +88,9 @@ def test_channels_last_3d_same_function():
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = net(x)
-    devices.prepare_model_for_device(net, "cpu")
+    devices.prepare_model_for_device(net, "cpu")  # the CPU keeps the default layout
+    assert net.encoder[1][0].conv.weight.is_contiguous()
+    devices.prepare_model_for_device(net, "cpu", channels_last=True)
     assert net.encoder[1][0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         got = net(x)

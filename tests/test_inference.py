@@ -58,7 +58,7 @@ def test_2d_prediction_on_the_input_grid(tmp_path, rng):
     assert ens.dims == 2 and ens.frame == (16, 16) and len(ens.models) == 5
     img = disc_image((30, 26), rng)
     before = img.copy()
-    pred = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), keep_folds=True)
+    pred = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), keep_folds=True, fold_scores=True)
     np.testing.assert_array_equal(img, before)  # input untouched
     for m in (pred.anomaly, pred.disagreement):
         assert m.shape == img.shape and m.dtype == np.float32
@@ -70,10 +70,13 @@ def test_2d_prediction_on_the_input_grid(tmp_path, rng):
     assert np.all(pred.disagreement <= 0.5 + 1e-6)
     assert 0 <= pred.score <= 1 and len(pred.fold_scores) == 5
     # the mean is linear: the ensemble's mean score is the mean of the folds' mean scores
-    by_mean = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), score="mean")
+    by_mean = ens.predict(Scan(array=img, spacing=(0.5, 0.5)), score="mean", fold_scores=True)
     assert by_mean.score == pytest.approx(np.mean(by_mean.fold_scores), abs=1e-5)
     assert pred.score == pred.scores[pred.score_method] and pred.score_method == "max"
     assert pred.scores["top1"] >= pred.scores["mean"]
+    plain = ens.predict(Scan(array=img, spacing=(0.5, 0.5)))  # no per-fold work unless asked
+    assert plain.fold_scores == () and plain.fold_maps == ()
+    np.testing.assert_array_equal(plain.anomaly, pred.anomaly)
     # Outside the foreground crop nothing was predicted.
     assert pred.anomaly[0, 0] == 0 and pred.disagreement[0, 0] == 0
 

@@ -414,12 +414,13 @@ def prepare_model_for_device(
 ) -> torch.nn.Module:
     """Move ``model`` to ``device`` in the memory format that runs fastest there; returns it.
 
-    ``channels_last`` None (default) = on for 3D models on CPU and CUDA, off otherwise. Measured
-    on CPU (oneDNN): channels-last-3d forward passes of the 3D U-Nets ran ~1.2x faster
-    (benchmarks/bench_inference.py); for the 2D training step it made no difference
-    (bench_training.py --variants: 0.98x), so 2D models keep the default layout. Inputs need
-    not be converted: a convolution whose weights are channels-last gives channels-last
-    activations.
+    ``channels_last`` None (default) = on for 3D models on CUDA, off otherwise. Measured on a
+    quiet 2-core CPU (oneDNN, `python benchmarks/bench_inference.py --threads 2`, interleaved):
+    5-fold 3D prediction took 21.0 s channels-last against 16.2 s in the default layout with
+    the paper U-Net, 7.7 s against 7.3 s with the light one (an earlier ~1.2x gain was measured
+    on a loaded machine and did not hold), and for the 2D training step it made no difference
+    (bench_training.py --variants: 0.98x); so CPUs keep the default layout. Inputs need not be
+    converted: a convolution whose weights are channels-last gives channels-last activations.
 
     Parameters
     ----------
@@ -434,7 +435,7 @@ def prepare_model_for_device(
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if channels_last is None:
-        channels_last = dev.type in ("cpu", "cuda") and _spatial_dims(model) == 3
+        channels_last = dev.type == "cuda" and _spatial_dims(model) == 3
     model.to(dev)
     if channels_last:
         dims = _spatial_dims(model)

@@ -49,7 +49,8 @@ class Prediction:
         [0, 0.5].
     score : float; sample-level anomaly score of the ensemble map inside `mask`, by the method
         `score_method` (`napari_mtml.scores`; default "max": its peak after a 2 mm smoothing).
-    fold_scores : tuple of float; the same score for each fold model on its own.
+    fold_scores : tuple of float; the same score for each fold model on its own (only with
+        `predict(..., fold_scores=True)`, as the Heatmap widget asks; empty otherwise).
     fold_maps : tuple of float32 arrays of the input's shape, each fold's own clipped map
         (only with `predict(..., keep_folds=True)`; empty otherwise).
     mask : bool array of the input's shape: where the map may be non-zero (the foreground, or
@@ -386,6 +387,7 @@ class Ensemble:
         keep_background: bool = False,
         score: str | None = None,
         tta: bool = False,
+        fold_scores: bool = False,
     ) -> Prediction:
         """Ensemble heatmaps for one scan, on the scan's own grid.
 
@@ -394,6 +396,8 @@ class Ensemble:
         scan : `napari_mtml.io.Scan` (2D `(Y, X)` or 3D `(Z, Y, X)` float32 array with spacing
             in mm). A 3D scan given to a 2D run is predicted slice by slice along axis 0.
         keep_folds : also map each fold's output back (`Prediction.fold_maps`).
+        fold_scores : also score each fold's map on its own (`Prediction.fold_scores`; it
+            maps every fold's output back, which costs about a quarter of a 3D prediction).
         mask : bool array of the scan's shape (e.g. a brain mask): the maps are 0 outside it
             and the sample score is taken inside it. Default: the scan's foreground
             (`preprocess.foreground_mask`: the head, or the non-zero voxels of a skull-stripped
@@ -521,7 +525,7 @@ class Ensemble:
             )
         fold_maps = tuple(
             np.clip(np.asarray(from_frame(p, transform), dtype=np.float32), 0.0, 1.0)
-            for p in per_fold
+            for p in (per_fold if keep_folds or fold_scores else ())
         )
         if not keep_background:
             for m in (anomaly, disagreement, *fold_maps):
@@ -533,12 +537,16 @@ class Ensemble:
             if method in scores
             else sample_score(anomaly, region, method, spacing=spacing)
         )
-        fold_scores = tuple(sample_score(f, region, method, spacing=spacing) for f in fold_maps)
+        per_fold_scores = (
+            tuple(sample_score(f, region, method, spacing=spacing) for f in fold_maps)
+            if fold_scores
+            else ()
+        )
         return Prediction(
             anomaly,
             disagreement,
             value,
-            fold_scores,
+            per_fold_scores,
             fold_maps if keep_folds else (),
             None if keep_background else region,
             scores,

@@ -373,7 +373,7 @@ class HeatmapWidget(QWidget):
             yield "finding the brain"
             mask = auto_brain_mask(None, scan)  # 2D images keep their foreground
         yield f"predicting with {len(ensemble.folds)} fold model(s)"
-        return ensemble.predict(scan, mask=mask)
+        return ensemble.predict(scan, mask=mask, fold_scores=True)
 
     def _builtin_chosen(self, text: str) -> None:
         if text and text != BUILTIN_PICK:
