@@ -160,6 +160,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_for(args: argparse.Namespace):
+    """The `mask_for(path, scan)` of --mask-dir / --brain-mask auto (None: the foreground)."""
+    from napari_mtml.batch import auto_brain_mask, mask_dir_lookup
+
+    if args.mask_dir and args.brain_mask:
+        raise ValueError("give either --mask-dir or --brain-mask, not both")
+    if args.mask_dir:
+        return mask_dir_lookup(args.mask_dir)
+    if args.brain_mask == "auto":
+        from napari_mtml.brainmask import INSTALL_HINT, available
+
+        if not available():
+            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
+        return auto_brain_mask
+    return None
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     """Ensemble anomaly heatmaps for images.
 
@@ -169,24 +186,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup, predict_batch
+    from napari_mtml.batch import expand_images, predict_batch
     from napari_mtml.generators import drive
     from napari_mtml.inference import load_ensemble
 
     paths = expand_images(args.images)
-    if args.mask_dir and args.brain_mask:
-        raise ValueError("give either --mask-dir or --brain-mask, not both")
+    mask_for = _mask_for(args)
     if args.threshold is not None and not args.regions:
         raise ValueError("--threshold sets the threshold of the region tables: add --regions")
-    mask_for = None
-    if args.mask_dir:
-        mask_for = mask_dir_lookup(args.mask_dir)
-    elif args.brain_mask == "auto":
-        from napari_mtml.brainmask import INSTALL_HINT, available
-
-        if not available():
-            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
-        mask_for = auto_brain_mask
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
     predict_kwargs = {"keep_background": args.keep_background, "score": args.score, "tta": args.tta}
     regions_at = None
@@ -238,24 +245,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     --brain-mask auto). The Heatmap widget then starts its region threshold at the 99th, and
     `mtml predict --regions` uses it when --threshold is left out.
     """
-    from napari_mtml.batch import auto_brain_mask, expand_images, mask_dir_lookup
+    from napari_mtml.batch import expand_images
     from napari_mtml.builtin import is_builtin
     from napari_mtml.calibration import calibrate
     from napari_mtml.io import read_image
 
     if is_builtin(args.run):
         raise ValueError(f"{args.run}: a built-in model ships its own calibration")
-    if args.mask_dir and args.brain_mask:
-        raise ValueError("give either --mask-dir or --brain-mask, not both")
-    mask_for = None
-    if args.mask_dir:
-        mask_for = mask_dir_lookup(args.mask_dir)
-    elif args.brain_mask == "auto":
-        from napari_mtml.brainmask import INSTALL_HINT, available
-
-        if not available():
-            raise ValueError(f"--brain-mask auto needs the brain extra: {INSTALL_HINT}")
-        mask_for = auto_brain_mask
+    mask_for = _mask_for(args)
     paths = expand_images(args.healthy)
     scans, masks = [], []
     for path in paths:
