@@ -20,13 +20,9 @@ from napari_mtml.calibration import (
 )
 from napari_mtml.cli import main
 from napari_mtml.io import Scan, read_image
+from phantoms import noisy_disc
 
-
-def _disc(shape, seed, radius=0.8):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    inside = sum(g**2 for g in grids) < radius**2
-    return ((50 + 10 * rng.standard_normal(shape)) * inside).astype(np.float32)
+_disc = noisy_disc
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from phantoms import noisy_disc
+
 pytest.importorskip("napari")
 pytestmark = pytest.mark.qt
 
 PLUGIN = "napari-mtml"
 
 
-def _disc(shape, seed, radius=0.8):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    inside = sum(g**2 for g in grids) < radius**2
-    return ((50 + 10 * rng.standard_normal(shape)) * inside).astype(np.float32)
+_disc = noisy_disc
 
 
 @pytest.fixture(scope="module")
