@@ -184,3 +184,31 @@ def test_png_labels_pair_with_2d_predictions(tmp_path):
     out = evaluate_folder(pred_dir, label_dir)
     assert out["pixel"]["n"] == label.size and out["pixel"]["n_pos"] == 15
     assert out["pixel"]["ap"] == 1.0 and out["slice"] is None
+
+
+def test_max_score_is_the_smoothed_peak_with_the_file_spacing(tmp_path):
+    """`mtml evaluate` reports `mtml predict`'s default sample score ("max": the peak of the map
+    smoothed by 2 mm), using each prediction file's voxel spacing: the same spike is smoothed
+    less on a 5 mm-slice grid (the healthy scan here) than on a 1 mm grid (the lesioned one),
+    so the healthy scan ranks first; ignoring the spacing would tie them."""
+    from napari_mtml.io import Scan, write_image
+
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    pred_dir.mkdir()
+    label_dir.mkdir()
+    shape = (7, 16, 16)
+    for name, spacing, lesion in (("healthy", (5.0, 1.0, 1.0), False), ("ill", (1.0,) * 3, True)):
+        heat = np.full(shape, 0.1, np.float32)
+        heat[3, 8, 8] = 1.0
+        label = np.zeros(shape, np.uint8)
+        label[3, 7:10, 7:10] = lesion
+        like = Scan(array=heat, spacing=spacing)
+        write_image(pred_dir / f"{name}_anomaly.nii.gz", heat, like=like)
+        write_image(label_dir / f"{name}.nii.gz", label, like=like)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = evaluate_folder(pred_dir, label_dir, out=tmp_path / "metrics.json")
+    assert out["sample"]["n"] == 2 and out["sample"]["n_pos"] == 1
+    assert out["sample"]["max"]["auroc"] == 0.0  # the healthy 5 mm scan peaks higher
+    assert out["sample"]["mean"]["auroc"] == 0.5  # the raw values are the same
+    assert "max" in out["slice"]

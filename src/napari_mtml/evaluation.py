@@ -35,9 +35,12 @@ from napari_mtml.metrics import (
     sample_scores,
     slice_scores,
 )
+from napari_mtml.scores import DEFAULT_SAMPLE_SCORE
 
 __all__ = ["evaluate_folder", "pair_files"]
 
+# the slice and sample curves plot the default sample score (the one `mtml predict` writes)
+_CURVE_SCORE = DEFAULT_SAMPLE_SCORE
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 # Labels and foregrounds of 2D images may also be PNG/TIFF masks.
 _MASK_FILE = re.compile(r"^(?P<stem>.+?)(\.nii(\.gz)?|\.png|\.tiff?)$", re.IGNORECASE)
@@ -227,8 +230,11 @@ def evaluate_folder(
         binned computation's ``ap_error_bound`` / ``auroc_error_bound`` (see
         ``PooledMetrics``); ``per_image``: ``{NAME: {"ap", "auroc", "n_pos"}}`` (exact, ``nan``
         without anomaly) and ``mean_per_image_ap`` over images with an anomaly; ``slice``
-        (``None`` when no image is 3D): ``n``, ``n_pos`` and for each score in ``mean``,
-        ``p75``, ``top25_mean`` an ``{"ap", "auroc"}``; ``sample``: the same over images;
+        (``None`` when no image is 3D): ``n``, ``n_pos`` and for each score of
+        ``metrics.SCORE_NAMES`` (``mean``, ``p75``, ``top25_mean``, ``top1`` and ``max``, the
+        peak of the map smoothed by 2 mm using the prediction file's voxel spacing: the
+        default sample score of ``mtml predict``) an ``{"ap", "auroc"}``; ``sample``: the same
+        over images; the PR/ROC plots show the ``max`` score;
         ``unmatched_predictions``, ``unmatched_labels``; ``files`` (paths written, when ``out``).
         Undefined values (one class only) are ``nan`` here and ``null`` in the JSON file.
 
@@ -267,7 +273,9 @@ def evaluate_folder(
     sample_labels = []
     any_3d = False
     for name, pred_path, label_path, fg_path in pairs:
-        pred = _squeeze_2d(read_image(pred_path).array)
+        pred_scan = read_image(pred_path)
+        pred = _squeeze_2d(pred_scan.array)
+        spacing = getattr(pred_scan, "spacing", None)
         label = _squeeze_2d(read_image(label_path).array)
         if pred.shape != label.shape:
             raise ValueError(
@@ -299,12 +307,16 @@ def evaluate_folder(
 
         if pred.ndim == 3:
             any_3d = True
-            s_scores, s_labels = slice_scores(pred, truth, foreground=fg, clip=False)
+            s_scores, s_labels = slice_scores(
+                pred, truth, foreground=fg, clip=False, spacing=spacing
+            )
             for k in SCORE_NAMES:
                 slice_parts[k].append(s_scores[k])
             slice_labels.append(s_labels)
         if fg is None or fg.any():
-            scores, is_anomalous = sample_scores(pred, truth, foreground=fg, clip=False)
+            scores, is_anomalous = sample_scores(
+                pred, truth, foreground=fg, clip=False, spacing=spacing
+            )
             for k in SCORE_NAMES:
                 sample[k].append(scores[k])
             sample_labels.append(is_anomalous)
@@ -348,13 +360,13 @@ def evaluate_folder(
         pixel_curve = pooled.curves() if not math.isnan(pixel["ap"]) else None
         curves = {f"pixel ({region})": (pixel_curve, pixel)}
         if any_3d:
-            curves["slice (mean)"] = (
-                _curve_of(slice_scores_all["mean"], slice_truth),
-                result["slice"]["mean"],
+            curves[f"slice ({_CURVE_SCORE})"] = (
+                _curve_of(slice_scores_all[_CURVE_SCORE], slice_truth),
+                result["slice"][_CURVE_SCORE],
             )
-        curves["sample (mean)"] = (
-            _curve_of(np.asarray(sample["mean"]), sample_truth),
-            result["sample"]["mean"],
+        curves[f"sample ({_CURVE_SCORE})"] = (
+            _curve_of(np.asarray(sample[_CURVE_SCORE]), sample_truth),
+            result["sample"][_CURVE_SCORE],
         )
         _plot_curves(pr_path, roc_path, curves)
         from napari_mtml.files import write_atomic

@@ -9,7 +9,8 @@
   bin, and :meth:`PooledMetrics.compute` also returns a guaranteed bound on the difference from
   the exact values of the clipped scores.
 - :func:`slice_scores` and :func:`sample_scores` turn maps into per-slice / per-image scores and
-  labels.
+  labels; their ``"max"`` is the peak of the map smoothed by 2 mm (`napari_mtml.scores`' default
+  sample score, the one `mtml predict` writes), the others summarise the raw values.
 
 Labels: ``bool``, or numbers binarised as ``label > 0.5`` (integer masks and soft labels alike).
 When only one class is present AP and AUROC are undefined: they are returned as ``nan`` (no
@@ -35,8 +36,9 @@ __all__ = [
     "SLICE_ANOMALY_FRACTION",
 ]
 
-#: Names of the per-slice / per-sample scores: mean, 75th percentile, mean of the top 25%.
-SCORE_NAMES = ("mean", "p75", "top25_mean", "top1")
+#: Names of the per-slice / per-sample scores: mean, 75th percentile, mean of the top 25 %, mean
+#: of the top 1 %, and "max", the peak of the map smoothed by 2 mm (the default sample score).
+SCORE_NAMES = ("mean", "p75", "top25_mean", "top1", "max")
 #: A slice is anomalous if more than this fraction of its pixels is (5 pixels of a 128x128 slice).
 SLICE_ANOMALY_FRACTION = 5 / 128**2
 
@@ -387,6 +389,7 @@ def slice_scores(
     axis: int = 0,
     min_fraction: float = SLICE_ANOMALY_FRACTION,
     clip: bool = True,
+    spacing=None,
 ) -> tuple[dict, np.ndarray]:
     """Per-slice scores and labels of a 3D map (slice-wise evaluation, METHOD.md §8).
 
@@ -403,6 +406,10 @@ def slice_scores(
         The slicing axis; 0 is axial for arrays read by ``napari_mtml.io`` (``(z, y, x)``).
     min_fraction : float
         A slice is anomalous if more than this fraction of all its pixels is (default 5/128^2).
+    clip : bool
+        Clip the prediction to ``[0, 1]`` first.
+    spacing : sequence of 3 float, optional
+        mm per axis, for the 3D smoothing of the ``"max"`` score (1 voxel without it).
 
     Returns
     -------
@@ -414,6 +421,9 @@ def slice_scores(
     prediction, label, foreground = _prepare_map(prediction, label, foreground, clip)
     if prediction.ndim != 3:
         raise ValueError(f"slice_scores needs a 3D map, got shape {prediction.shape}.")
+    from napari_mtml.scores import smoothed_map
+
+    peak = np.moveaxis(smoothed_map(prediction, spacing), axis, 0)
     prediction = np.moveaxis(prediction, axis, 0)
     label = np.moveaxis(label, axis, 0)
     if foreground is not None:
@@ -427,6 +437,9 @@ def slice_scores(
             continue
         for name, value in summary_scores(values).items():
             scores[name].append(value)
+        scores["max"].append(
+            float((peak[z] if foreground is None else peak[z][foreground[z]]).max())
+        )
         labels.append(label[z].sum() > min_fraction * area)
     return (
         {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()},
@@ -434,7 +447,9 @@ def slice_scores(
     )
 
 
-def sample_scores(prediction, label, foreground=None, clip: bool = True) -> tuple[dict, bool]:
+def sample_scores(
+    prediction, label, foreground=None, clip: bool = True, spacing=None
+) -> tuple[dict, bool]:
     """Scores and label of one image (sample-wise evaluation, METHOD.md §8).
 
     Parameters
@@ -446,6 +461,9 @@ def sample_scores(prediction, label, foreground=None, clip: bool = True) -> tupl
     foreground : ndarray of bool, optional
         Restricts the scores (not the label) to its voxels.
     clip : bool
+        Clip the prediction to ``[0, 1]`` first.
+    spacing : sequence of float, optional
+        mm per axis, for the smoothing of the ``"max"`` score (1 voxel without it).
 
     Returns
     -------
@@ -457,4 +475,8 @@ def sample_scores(prediction, label, foreground=None, clip: bool = True) -> tupl
     values = prediction if foreground is None else prediction[foreground]
     if values.size == 0:
         raise ValueError("sample_scores: the foreground mask is empty; nothing to score.")
-    return summary_scores(values), bool(label.any())
+    from napari_mtml.scores import smoothed_map
+
+    peak = smoothed_map(prediction, spacing)
+    peak_max = float((peak if foreground is None else peak[foreground]).max())
+    return {**summary_scores(values), "max": peak_max}, bool(label.any())

@@ -32,7 +32,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["SAMPLE_SCORES", "DEFAULT_SAMPLE_SCORE", "sample_score", "all_scores"]
+__all__ = ["SAMPLE_SCORES", "DEFAULT_SAMPLE_SCORE", "sample_score", "all_scores", "smoothed_map"]
 
 SAMPLE_SCORES = ("mean", "max", "top1", "area")
 DEFAULT_SAMPLE_SCORE = "max"
@@ -50,6 +50,40 @@ def _values(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask.shape != heat.shape:
         raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
     return heat[mask] if mask.any() else heat.ravel()
+
+
+def smoothed_map(heat: np.ndarray, spacing=None) -> np.ndarray:
+    """The map the "max" score takes its peak of: a Gaussian smoothing of `SMOOTH_MM` mm.
+
+    Parameters
+    ----------
+    heat : ndarray of float, 2D or 3D
+    spacing : sequence of float, optional
+        mm per axis (sigma `SMOOTH_MM / spacing` voxels); 1 voxel per axis without it (or for an
+        axis whose spacing is missing, zero or not finite). A longer spacing (a 2D map of a
+        ``(1, y, x)`` scan) uses its last entries.
+
+    Returns
+    -------
+    ndarray of float32, the shape of `heat`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> heat = np.zeros((9, 9), np.float32); heat[4, 4] = 1.0
+    >>> smooth = smoothed_map(heat, spacing=(1.0, 1.0))
+    >>> bool(smooth.max() < 1.0), int(smooth.argmax())
+    (True, 40)
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    sigma = [1.0] * heat.ndim
+    if spacing is not None:
+        spacing = tuple(spacing)
+        if len(spacing) < heat.ndim:
+            raise ValueError(f"spacing {spacing} does not match a {heat.ndim}D map")
+        spacing = spacing[len(spacing) - heat.ndim :]
+        sigma = [SMOOTH_MM / float(s) if s and math.isfinite(s) and s > 0 else 1.0 for s in spacing]
+    return ndimage.gaussian_filter(heat, sigma, mode="nearest")
 
 
 def sample_score(
@@ -85,10 +119,7 @@ def sample_score(
     if method == "mean":
         return float(_values(heat, mask).mean(dtype=np.float64))
     if method == "max":
-        sigma = [1.0] * heat.ndim
-        if spacing is not None:
-            sigma = [SMOOTH_MM / float(s) if s and math.isfinite(s) else 1.0 for s in spacing]
-        return float(_values(ndimage.gaussian_filter(heat, sigma, mode="nearest"), mask).max())
+        return float(_values(smoothed_map(heat, spacing), mask).max())
     values = _values(heat, mask)
     if method == "top1":
         k = min(values.size, max(_TOP_MIN, math.ceil(_TOP_FRACTION * values.size)))
