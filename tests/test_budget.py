@@ -13,7 +13,7 @@ from napari_mtml.cli import build_parser
 from napari_mtml.config import RECIPES, TrainConfig, parse_duration, recipe_for_device
 from napari_mtml.data import HealthyCollection
 from napari_mtml.training import FoldStarted, Notice, train
-from napari_mtml.training.budget import SAFETY, StepCosts, plan_steps
+from napari_mtml.training.budget import SAFETY, StepCosts, plan_steps, replan_steps
 from napari_mtml.training.schedule import (
     WarmupCosineLR,
     WarmupExponentialLR,
@@ -190,6 +190,59 @@ def test_time_budget_records_its_plan_and_max_steps_replays_it(tmp_path):
     _drain(train(_tiny(tmp_path, "replay", max_steps=n), collection=col))
     a = torch.load(tmp_path / "timed" / "fold_0" / "best.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "replay" / "fold_0" / "best.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replan_follows_the_pace_and_keeps_a_steady_plan():
+    costs = StepCosts(step_s=0.5, forward_s=0.0, draw_s=0.0, setup_s=0.0, measured_steps=8)
+    # planned: 10 s of reading, then 5 folds of 100 steps (50 s each) fill the budget
+    budget = 260.0 / (1 - SAFETY)
+    assert plan_steps(budget, 10.0, 5, costs, 4) == 100
+    kw = dict(last_steps=100, last_validations=8, current=100)
+    # fold 0 on pace (or 2 % off): the plan stands
+    assert replan_steps(budget, 60.0, 4, costs, 4, last_fold_s=50.0, **kw) == (100, 1.0)
+    assert replan_steps(budget, 61.0, 4, costs, 4, last_fold_s=51.0, **kw)[0] == 100
+    # twice as slow: the 4 folds left share 260 - 110 s at 1 s a step
+    steps, pace = replan_steps(budget, 110.0, 4, costs, 4, last_fold_s=100.0, **kw)
+    assert pace == 2.0 and steps == 37
+    # faster: more steps, within the cap
+    assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, **kw)[0] > 100
+    assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, cap=120, **kw)[0] == 120
+    # already late: the fewest steps, no error in the middle of a run
+    assert replan_steps(budget, 259.0, 4, costs, 4, last_fold_s=249.0, **kw)[0] == 10
+
+
+def test_a_run_slowed_down_replans_the_folds_left_and_records_them(tmp_path, monkeypatch):
+    """Fold 0 appears to take 3 s longer than it did (the trainer's clock jumps when it ends,
+    as when another job takes the CPU): the folds after it are planned again from the time
+    left, the steps go to config.json's fold_steps, and they replay the fold exactly."""
+    import time as real_time
+    import types
+
+    from napari_mtml.training import FoldFinished, trainer
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
+    monkeypatch.setattr(trainer, "time", clock)
+    col = _collection()
+    gen = train(_tiny(tmp_path, "timed", fold="all", time_budget=12.0), collection=col)
+    events = []
+    for event in gen:
+        events.append(event)
+        if isinstance(event, FoldFinished) and event.fold == 0:
+            offset[0] += 3.0
+    saved = json.loads((tmp_path / "timed" / "config.json").read_text())
+    n, fold_steps = saved["max_steps"], saved["fold_steps"]
+    started = {e.fold: e.max_steps for e in events if isinstance(e, FoldStarted)}
+    assert started[0] == n and "0" not in fold_steps
+    assert started[1] == fold_steps["1"] < n
+    assert all(started[k] == fold_steps.get(str(k), n) for k in started)
+    assert any(isinstance(e, Notice) and "fold 0 took" in e.text for e in events)
+    monkeypatch.undo()
+    replay = _tiny(tmp_path, "replay", fold=1, max_steps=n, fold_steps=fold_steps)
+    _drain(train(replay, collection=col))
+    a = torch.load(tmp_path / "timed" / "fold_1" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "replay" / "fold_1" / "best.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

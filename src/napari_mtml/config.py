@@ -393,6 +393,10 @@ class TrainConfig:
         None = 5 for MRI, 10 for CXR; sigma: the label's).
     flip
         left-right flips of the training images; None = yes for MRI, no for CXR.
+    fold_steps
+        per fold index (str), the steps of that fold instead of `max_steps`: a time budget
+        records here the folds it planned again because the machine's pace changed
+        (`napari_mtml.training.budget.replan_steps`); given back, they replay the run.
 
     Notes
     -----
@@ -541,6 +545,8 @@ class TrainConfig:
     resolved_recipe: str | None = field(default=None)
     # filled when a time budget planned the steps: the measured costs behind `max_steps`
     plan: dict | None = field(default=None)
+    # the folds re-planned from a time budget (or given to replay them): index -> steps
+    fold_steps: dict | None = field(default=None)
 
     def __post_init__(self) -> None:
         # Normalise the container types that JSON/TOML/argparse hand over as lists or strings.
@@ -556,6 +562,14 @@ class TrainConfig:
             self.frame = tuple(int(v) for v in self.frame)
         if isinstance(self.fold, str):
             self.fold = parse_fold(self.fold)
+        if self.fold_steps is not None:
+            try:
+                self.fold_steps = {str(int(k)): int(v) for k, v in dict(self.fold_steps).items()}
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"fold_steps = {self.fold_steps!r} is invalid: map fold indices to steps, "
+                    "e.g. {0: 300, 1: 250}"
+                ) from None
         self.validate()
 
     # ----------------------------------------------------------------------------- validation
@@ -618,6 +632,10 @@ class TrainConfig:
             )
         if not self.out:
             raise bad("out", "give a run folder")
+        if self.fold_steps is not None and any(
+            not 0 <= int(k) < n_folds or v < 1 for k, v in self.fold_steps.items()
+        ):
+            raise bad("fold_steps", f"map fold indices 0..{n_folds - 1} to at least 1 step")
 
     # ----------------------------------------------------------------------------- overrides
     def replace(self, **overrides: Any) -> TrainConfig:
@@ -843,6 +861,12 @@ class TrainConfig:
             lr_schedule=cfg.lr_schedule or "paper",
             selection=cfg.selection or "loss",
         )
+
+    def steps_of(self, index: int) -> int | None:
+        """The steps fold `index` trains: its `fold_steps` entry, else `max_steps`."""
+        if self.fold_steps and str(index) in self.fold_steps:
+            return self.fold_steps[str(index)]
+        return self.max_steps
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `napari_mtml.model.UNet` for this (resolved) config:

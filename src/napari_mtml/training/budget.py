@@ -11,6 +11,12 @@ is left of the budget over the folds to train:
 (`n_val` validations per fold, each feeding every validation item healthy and augmented). The
 throw-away model never touches the run: its weights, its data stream and the global RNG state
 are discarded, so a run planned to N steps is the very run that `max_steps = N` replays.
+
+The machine may get slower or faster while the run trains (another job starts or ends): after
+each fold `replan_steps` compares what the fold took with what the plan predicted and plans the
+folds left again from the time left, with the costs scaled by that ratio. A fold re-planned by
+more than `REPLAN_TOLERANCE` gets its own step count, recorded in config.json's `fold_steps`
+(which replays it); on a steady machine every fold keeps the first plan.
 """
 
 from __future__ import annotations
@@ -22,12 +28,24 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-__all__ = ["StepCosts", "measure_costs", "plan_steps", "VALIDATIONS_PER_FOLD"]
+__all__ = [
+    "StepCosts",
+    "measure_costs",
+    "plan_steps",
+    "replan_steps",
+    "fold_seconds",
+    "VALIDATIONS_PER_FOLD",
+    "REPLAN_TOLERANCE",
+]
 
 #: A schedule spanning the run validates this many times per fold (TrainConfig.resolve).
 VALIDATIONS_PER_FOLD = 8
 #: Fraction of the budget kept back for what is not modelled (checkpoints, logs, jitter).
 SAFETY = 0.03
+#: A re-plan changing a fold's steps by less than this fraction keeps the steps planned before.
+REPLAN_TOLERANCE = 0.05
+#: The fewest steps a re-planned fold gets, however late the run is.
+MIN_REPLANNED_STEPS = 10
 
 
 @dataclass
@@ -44,6 +62,27 @@ class StepCosts:
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    def scaled(self, factor: float) -> StepCosts:
+        """Every cost times `factor` (a machine that runs `factor` times slower)."""
+        return StepCosts(
+            self.step_s * factor,
+            self.forward_s * factor,
+            self.draw_s * factor,
+            self.setup_s * factor,
+            self.measured_steps,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepCosts:
+        """The costs recorded in a run's `plan` (`to_dict` plus other keys, ignored)."""
+        return cls(
+            float(d["step_s"]),
+            float(d["forward_s"]),
+            float(d["draw_s"]),
+            float(d["setup_s"]),
+            int(d.get("measured_steps", 0)),
+        )
 
 
 def measure_costs(
@@ -177,7 +216,7 @@ def plan_steps(
     """
     left = budget_s * (1.0 - SAFETY) - elapsed_s
     per_fold = left / max(1, n_folds)
-    fixed = n_val * val_size * 2 * costs.forward_s + val_size * costs.draw_s + costs.setup_s
+    fixed = fold_seconds(costs, 0, val_size, n_val)
     steps = math.floor((per_fold - fixed) / costs.step_s) if costs.step_s > 0 else 0
     if steps < 10:
         need = elapsed_s + n_folds * (fixed + 10 * costs.step_s)
@@ -188,3 +227,86 @@ def plan_steps(
             f"{math.ceil(need / 60)} min, fewer folds (--fold K), or a smaller --batch-size"
         )
     return min(steps, cap) if cap else steps
+
+
+def fold_seconds(costs: StepCosts, steps: int, val_size: int, n_val: int) -> float:
+    """The seconds a fold of `steps` steps and `n_val` validations is planned to take.
+
+    Parameters
+    ----------
+    costs : StepCosts
+    steps, val_size, n_val : int
+
+    Returns
+    -------
+    float
+    """
+    return (
+        steps * costs.step_s
+        + n_val * val_size * 2 * costs.forward_s
+        + val_size * costs.draw_s
+        + costs.setup_s
+    )
+
+
+def replan_steps(
+    budget_s: float,
+    elapsed_s: float,
+    n_folds: int,
+    costs: StepCosts,
+    val_size: int,
+    *,
+    last_fold_s: float,
+    last_steps: int,
+    last_validations: int,
+    current: int,
+    cap: int | None = None,
+) -> tuple[int, float]:
+    """Steps for each of the `n_folds` folds still to train, planned again after a fold.
+
+    The fold just trained (`last_steps` steps, `last_validations` validations, `last_fold_s`
+    seconds) says how much slower (or faster) the machine is now than when `costs` were
+    measured; the folds left share what is left of the budget at that pace. A change of less
+    than `REPLAN_TOLERANCE` keeps `current`; a run already late gets `MIN_REPLANNED_STEPS`
+    (it never stops training a fold for lack of time).
+
+    Parameters
+    ----------
+    budget_s, elapsed_s : float
+        The whole budget, and the seconds spent so far.
+    n_folds : int
+        Folds left to train.
+    costs : StepCosts
+        As measured before the first fold.
+    val_size : int
+    last_fold_s : float
+    last_steps, last_validations : int
+    current : int
+        The steps planned so far.
+    cap : int, optional
+        At most this many steps.
+
+    Returns
+    -------
+    steps : int
+    pace : float
+        Seconds the last fold took per second planned.
+
+    Examples
+    --------
+    >>> costs = StepCosts(step_s=0.5, forward_s=0.0, draw_s=0.0, setup_s=0.0, measured_steps=8)
+    >>> # 100 steps planned at 50 s took 100 s: the 2 folds left share 400 x 0.97 - 150 s
+    >>> # at 1 s a step
+    >>> replan_steps(400.0, 150.0, 2, costs, 4, last_fold_s=100.0, last_steps=100,
+    ...              last_validations=8, current=100)
+    (119, 2.0)
+    """
+    planned = fold_seconds(costs, last_steps, val_size, last_validations)
+    pace = last_fold_s / planned if planned > 0 and last_fold_s > 0 else 1.0
+    try:
+        steps = plan_steps(budget_s, elapsed_s, n_folds, costs.scaled(pace), val_size, cap=cap)
+    except ValueError:  # already too late for 10 steps per fold: train the fewest
+        steps = MIN_REPLANNED_STEPS
+    if current and abs(steps - current) < REPLAN_TOLERANCE * current:
+        steps = current
+    return steps, pace

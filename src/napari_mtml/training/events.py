@@ -57,13 +57,15 @@ class ValidationEvent:
 
 @dataclass
 class FoldFinished:
-    """A fold ended (max steps or early stop); `checkpoint` is the path of its best.pt."""
+    """A fold ended (max steps or early stop); `checkpoint` is the path of its best.pt;
+    `steps` the steps it trained in all."""
 
     fold: int
     best_step: int
     best_val_loss: float
     checkpoint: str
     stopped_early: bool = False
+    steps: int = 0
 
 
 @dataclass

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "val_interval",
         "time_budget",
         "plan",
+        "fold_steps",
     }
 )
 

@@ -20,6 +20,7 @@ and logs, and broadcasts the validation loss so all ranks stop together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -234,9 +235,26 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         torch.distributed.barrier()
 
     run = _Run(cfg, collection, external, factory, dist, device, run_dir)
+    replanning = (
+        cfg.time_budget is not None and cfg.plan is not None and "step_s" in cfg.plan
+    ) and not cfg.resume
     finished: list[FoldFinished] = []
-    for split in splits:
-        finished.append((yield from _train_fold(run, split)))
+    fold_s = 0.0  # seconds the last fold took
+    for i, split in enumerate(splits):
+        if replanning and i:
+            run, text = _replan(config, run, kind, t_start, fold_s, finished[-1], len(splits) - i)
+            if text and dist.main:
+                yield Notice(text)
+        steps = run.cfg.steps_of(split.index)
+        fold_run = run
+        if steps != run.cfg.max_steps:  # a fold of its own length: its own schedule
+            fold_cfg = config.replace(
+                max_steps=steps, plan=run.cfg.plan, fold_steps=run.cfg.fold_steps
+            ).resolve(collection.dims, kind, collection.frame, device.type)
+            fold_run = dataclasses.replace(run, cfg=fold_cfg)
+        t_fold = time.perf_counter()
+        finished.append((yield from _train_fold(fold_run, split)))
+        fold_s = time.perf_counter() - t_fold
     if dist.main:
         yield RunFinished(str(run_dir), finished)
     return RunResult(str(run_dir), finished)
@@ -335,7 +353,7 @@ def _saved_plan(config: TrainConfig) -> TrainConfig:
     saved = TrainConfig.from_json(path)
     if saved.plan is None or saved.max_steps is None:
         return config
-    return config.replace(max_steps=saved.max_steps, plan=saved.plan)
+    return config.replace(max_steps=saved.max_steps, plan=saved.plan, fold_steps=saved.fold_steps)
 
 
 def _plan(config, cfg, collection, external, splits, factory, dist, device, kind, t_start):
@@ -381,6 +399,50 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
         f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)"
     )
     return planned, notice
+
+
+def _replan(config, run, kind, t_start, fold_s, last: FoldFinished, folds_left: int):
+    """After a fold of a time-budgeted run: the folds left planned again at the pace the last
+    one ran (`budget.replan_steps`); the run (its config recording the new steps in
+    `fold_steps`, config.json rewritten) and a notice, None when the plan stands."""
+    from napari_mtml.training.budget import StepCosts, replan_steps
+
+    cfg, dist = run.cfg, run.dist
+    steps = current = int(cfg.steps_of(last.fold))
+    pace = 1.0
+    if dist.main:
+        validations = math.ceil(last.steps / cfg.val_interval) if last.steps else 0
+        steps, pace = replan_steps(
+            float(cfg.time_budget),
+            time.perf_counter() - t_start,
+            folds_left,
+            StepCosts.from_dict(cfg.plan),
+            int(cfg.val_size),
+            last_fold_s=fold_s,
+            last_steps=last.steps,
+            last_validations=validations,
+            current=current,
+            cap=config.max_steps,
+        )
+    if dist.active:
+        t = torch.tensor([steps], dtype=torch.int64, device=run.device)
+        torch.distributed.broadcast(t, src=0)
+        steps = int(t.item())
+    if steps == current:
+        return run, None
+    later = [s.index for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
+    later = later[later.index(last.fold) + 1 :]
+    fold_steps = dict(cfg.fold_steps or {})
+    fold_steps.update({str(k): steps for k in later})
+    cfg = cfg.replace(fold_steps=fold_steps)
+    if dist.main:
+        cfg.to_json(run.run_dir / "config.json")
+    text = (
+        f"time budget: fold {last.fold} took {fold_s:.0f} s, x{pace:.2f} the planned pace; "
+        f"{steps} steps (was {current}) for each of the {folds_left} fold(s) left "
+        f"(recorded in config.json's fold_steps, which replays them)"
+    )
+    return dataclasses.replace(run, cfg=cfg), text
 
 
 def _check_batch_size(
@@ -654,7 +716,12 @@ def _validate_and_save(
 
 def _fold_finished(split: FoldSplit, progress: _Progress, paths: FoldPaths, dist: _Dist):
     result = FoldFinished(
-        split.index, progress.best_step, progress.best_val, str(paths.best), progress.stopped_early
+        split.index,
+        progress.best_step,
+        progress.best_val,
+        str(paths.best),
+        progress.stopped_early,
+        progress.step,
     )
     if dist.main:
         yield result
