@@ -38,18 +38,18 @@ def poisson_blend(
     mask: np.ndarray,
     mix_gradients: bool = True,
     *,
-    fast_box: bool = True,
+    fast_box: bool = False,
     workers: int = 1,
     precision: str = "auto",
 ) -> np.ndarray:
     """Blend ``source`` into ``target`` where ``mask`` is set, by Poisson image editing.
 
     The solve runs on the bounding box of ``mask`` only, grown by the one voxel of target that
-    the Dirichlet condition needs, clipped to the image (see `blend_box`); with ``fast_box``
-    each side is then lengthened by a few voxels at most, where the image allows, to a length
-    whose sine transform is fast. Everything outside that box, and the box's own border voxels,
-    keep the target's values. The result is not clipped to the target's range: the blending
-    tasks do that themselves.
+    the Dirichlet condition needs, clipped to the image (see `blend_box`: METHOD.md's box);
+    with ``fast_box`` each side is then lengthened by a few voxels at most, where the image
+    allows, to a length whose sine transform is fast. Everything outside that box, and the
+    box's own border voxels, keep the target's values. The result is not clipped to the
+    target's range: the blending tasks do that themselves.
 
     Parameters
     ----------
@@ -63,13 +63,15 @@ def poisson_blend(
         True: per axis keep the larger-magnitude gradient of target and source inside the mask
         (the paper's setting). False: the source's gradient everywhere inside the mask.
     fast_box : bool
-        True (default): lengthen each side of the box to the next length ``L`` with a 5-smooth
-        ``L - 1`` (see `fast_box_length`), centred on the mask and clipped to the image. The
-        sine transform of an awkward length (a box side of 38 needs a 74 = 2 x 37 point FFT)
-        costs up to 3x that of a nearby smooth one, so this makes the solve's cost steady.
-        Outside the mask the guidance is the target's own gradient, so the larger box is the
-        same blend with its fixed border moved out by a few voxels. False: the minimal box,
-        exactly as METHOD.md states it.
+        False (default): the minimal box, exactly as METHOD.md states it. True: lengthen each
+        side of the box to the next length ``L`` with a 5-smooth ``L - 1`` (see
+        `fast_box_length`), centred on the mask and clipped to the image. The sine transform
+        of an awkward length (a box side of 38 needs a 74 = 2 x 37 point FFT) costs up to 3x
+        that of a nearby smooth one, so this makes one solve's cost steady; outside the mask
+        the guidance is the target's own gradient, so the larger box is a blend with its fixed
+        border moved out by a few voxels (10-14 % different inside the mask). Over whole
+        labelled samples it buys no speed (benchmarks/bench_anomalies.py, README), so it is
+        off by default.
     workers : int
         Threads for ``scipy.fft`` (default 1: data loaders already run one process per core).
     precision : {"auto", "float32", "float64"}
