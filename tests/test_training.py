@@ -296,6 +296,15 @@ def test_config_from_toml_and_args(tmp_path):
     )
     merged = TrainConfig.from_args(ns)
     assert (merged.max_steps, merged.lr, merged.resume) == (5, 2e-3, False)
+    # the task parameters go from the file to the synthesis, fold_steps too
+    (tmp_path / "tasks.toml").write_text(
+        "min_size = 0.02\nmax_anomalies = 2\n[fold_steps]\n3 = 40\n"
+    )
+    tasks = TrainConfig.from_toml(tmp_path / "tasks.toml")
+    assert tasks.task_params()["min_size"] == 0.02 and tasks.task_params()["max_anomalies"] == 2
+    assert tasks.steps_of(3) == 40 and tasks.steps_of(0) is None
+    with pytest.raises(ValueError, match="min_size"):
+        TrainConfig(min_size=0.9)
     (tmp_path / "bad.toml").write_text("learning_rate = 1\n")
     with pytest.raises(ValueError, match=r"bad\.toml.*unknown setting.*learning_rate"):
         TrainConfig.from_toml(tmp_path / "bad.toml")

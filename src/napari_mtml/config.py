@@ -287,6 +287,10 @@ class Setting:
         return None
 
 
+#: Settings whose value is a table (a TOML table of these is the value, not a section).
+_TABLE_SETTINGS = frozenset({"fold_steps", "plan"})
+
+
 def _setting(default: Any, help: str, **spec: Any) -> Any:
     """A dataclass field with its `Setting` in the field's metadata."""
     return field(default=default, metadata={"setting": Setting(help, **spec)})
@@ -388,7 +392,7 @@ class TrainConfig:
         healthy validation images' voxels counted as negatives). Short CPU runs: the loss
         is lowest early, when the model still predicts little anywhere, so "loss" keeps
         an under-trained model; measured in the README.
-    min_push, max_push, intensity_scale, sigma, max_anomalies
+    min_push, max_push, intensity_scale, sigma, max_anomalies, min_size
         the task parameters of `napari_mtml.anomalies.synthesize` (`TaskParams`; max_push
         None = 5 for MRI, 10 for CXR; sigma: the label's).
     flip
@@ -537,6 +541,9 @@ class TrainConfig:
     sigma: float = _setting(_TaskParams.sigma, "the width of the label's Gaussian", kind=float)
     max_anomalies: int = _setting(
         _TaskParams.max_anomalies, "anomalies per image at most", kind=int, minimum=1)
+    min_size: float = _setting(
+        _TaskParams.min_size, "the smallest anomaly, per axis, as a fraction of the image",
+        kind=float, minimum=0.01, maximum=0.8)
     flip: bool | None = _setting(None, "left-right flips of the training images", kind=bool,
                                  allowed=_BOOL_OR_UNSET)
     # fmt: on
@@ -691,7 +698,9 @@ class TrainConfig:
             raise ValueError(f"{path}: not valid TOML ({exc}); fix the file") from None
         flat: dict[str, Any] = {}
         for key, value in raw.items():
-            items = value.items() if isinstance(value, dict) else [(key, value)]
+            # a table is a section of settings, but for the settings that are tables themselves
+            is_section = isinstance(value, dict) and key.replace("-", "_") not in _TABLE_SETTINGS
+            items = value.items() if is_section else [(key, value)]
             for k, v in items:
                 flat[k.replace("-", "_")] = v
         _check_names(flat, str(path))
@@ -895,6 +904,7 @@ class TrainConfig:
             "intensity_scale": self.intensity_scale,
             "sigma": self.sigma,
             "max_anomalies": self.max_anomalies,
+            "min_size": self.min_size,
         }
 
     @property
