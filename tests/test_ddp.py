@@ -107,3 +107,41 @@ def test_two_gloo_ranks_match_single_process_steps_and_agree(tmp_path, monkeypat
     assert single["step"] == last["step"] == STEPS
     # both runs saw the same global batch size per step: different draws, same schedule
     assert single["scheduler"] == last["scheduler"]
+
+
+def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    cfg = _config(os.path.join(out, "budget")).replace(
+        fold="all", max_steps=None, time_budget=12.0, warmup_steps=None, val_interval=None
+    )
+    events = list(train(cfg, collection=_collection()))
+    started = [e.max_steps for e in events if type(e).__name__ == "FoldStarted"]
+    torch.save({"started": started}, os.path.join(out, f"budget{rank}.pt"))
+
+
+def test_a_time_budget_plans_and_replans_alike_on_every_rank(tmp_path):
+    """The plan and each fold's re-plan are made on rank 0 and broadcast: both ranks train
+    every fold to the same steps (a rank deciding alone would hang the other)."""
+    ctx = mp.spawn(_budget_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    for _ in range(180):  # at most 3 minutes; a hang fails instead of blocking the suite
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("distributed training with a time budget did not finish (a rank hung)")
+    started = torch.load(tmp_path / "budget0.pt", weights_only=True)["started"]
+    assert len(started) == 5 and all(n >= 1 for n in started)
+    assert torch.load(tmp_path / "budget1.pt", weights_only=True)["started"] == []
+    saved = TrainConfig.from_json(tmp_path / "budget" / "config.json")
+    assert started == [saved.steps_of(k) for k in range(5)]
+    for k in range(5):
+        last = torch.load(tmp_path / "budget" / f"fold_{k}" / "last.pt", weights_only=True)
+        assert last["step"] == started[k]

@@ -235,9 +235,8 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         torch.distributed.barrier()
 
     run = _Run(cfg, collection, external, factory, dist, device, run_dir)
-    replanning = (
-        cfg.time_budget is not None and cfg.plan is not None and "step_s" in cfg.plan
-    ) and not cfg.resume
+    # the same decision on every rank (only the main one holds the measured costs)
+    replanning = cfg.time_budget is not None and cfg.plan is not None and not cfg.resume
     finished: list[FoldFinished] = []
     fold_s = 0.0  # seconds the last fold took
     for i, split in enumerate(splits):
@@ -410,7 +409,7 @@ def _replan(config, run, kind, t_start, fold_s, last: FoldFinished, folds_left: 
     cfg, dist = run.cfg, run.dist
     steps = current = int(cfg.steps_of(last.fold))
     pace = 1.0
-    if dist.main:
+    if dist.main and "step_s" in cfg.plan:
         validations = math.ceil(last.steps / cfg.val_interval) if last.steps else 0
         steps, pace = replan_steps(
             float(cfg.time_budget),
