@@ -17,6 +17,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): tiny convolutions are many times
+    slower with 2 threads on a loaded 2-core machine. Modules of training tests use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def napari_errors():
     """A function returning the messages of the error notifications napari has shown so far."""
 

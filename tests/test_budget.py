@@ -21,13 +21,7 @@ from napari_mtml.training.schedule import (
     make_scheduler,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _collection(n=10, shape=(32, 32)):

@@ -20,12 +20,7 @@ from napari_mtml.samples import load_sample, sample_data_path
 FOLDER = MODELS_DIR / "brain-t1"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_brain_model_ships_with_the_package():

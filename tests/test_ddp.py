@@ -50,7 +50,8 @@ def _config(out) -> TrainConfig:
     )
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _as_rank(rank: int, world: int, port: int) -> None:
+    """This process as rank `rank` of `world` (what torchrun sets), on one thread."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -59,6 +60,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    _as_rank(rank, world, port)
     models = []
 
     def factory(cfg, seed):
@@ -110,14 +115,7 @@ def test_two_gloo_ranks_match_single_process_steps_and_agree(tmp_path, monkeypat
 
 
 def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _as_rank(rank, world, port)
     cfg = _config(os.path.join(out, "budget")).replace(
         fold="all", max_steps=None, time_budget=12.0, warmup_steps=None, val_interval=None
     )

@@ -23,14 +23,7 @@ from napari_mtml.training import (
     train,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions are many times slower with 2 threads on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _collection(shape=(32, 32), n=10, seed=0):
