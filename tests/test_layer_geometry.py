@@ -107,6 +107,14 @@ def test_widget_outputs_carry_the_whole_transform(make_napari_viewer):
     again = set_or_add_image(viewer, heat, np.ones(src.data.shape, np.float32), "heat", src)
     assert again is heat
     np.testing.assert_allclose(layer_affine(heat), layer_affine(src), atol=1e-9)
+    # in place on an unchanged grid: the data changes, no transform is set again (each set
+    # re-draws the layer; the preview updates its layers this way many times a second)
+    moved = []
+    for name in ("scale", "translate", "rotate", "shear", "affine"):
+        getattr(heat.events, name).connect(lambda event, name=name: moved.append(name))
+    twice = set_or_add_image(viewer, heat, np.full(src.data.shape, 2.0, np.float32), "heat", src)
+    assert twice is heat and moved == [] and float(heat.data.max()) == 2.0
+    np.testing.assert_allclose(layer_affine(heat), layer_affine(src), atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------

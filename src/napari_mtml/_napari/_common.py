@@ -311,8 +311,17 @@ def on_grid_of(layer) -> dict[str, Any]:
 
 
 def _place(target, grid: dict) -> None:
+    """Put `target` on the grid of `on_grid_of`; only what differs is set (each set transform
+    re-draws the layer: a preview updating its layers in place kept the same grid and spent
+    ~20 ms per update re-setting it)."""
     for key, value in grid.items():
-        setattr(target, key, value)
+        if key == "affine":
+            current = np.asarray(target.affine.affine_matrix, dtype=float)
+        else:
+            current = np.asarray(getattr(target, key), dtype=float)
+        wanted = np.asarray(value, dtype=float)
+        if current.shape != wanted.shape or not np.array_equal(current, wanted):
+            setattr(target, key, value)
 
 
 # --------------------------------------------------------------------------------------------
