@@ -202,6 +202,16 @@ def test_replan_follows_the_pace_and_keeps_a_steady_plan():
     # faster: more steps, within the cap
     assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, **kw)[0] > 100
     assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, cap=120, **kw)[0] == 120
+    # one quick fold after a steady one: the run's overall pace, not the quick fold's, and a
+    # sudden slowdown counts at once whatever came before
+    quick = dict(kw, earlier_s=50.0, earlier_planned_s=50.0)
+    overall = replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **quick)
+    assert (
+        overall[1] == 0.75
+        and overall[0] < replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **kw)[0]
+    )
+    slow = replan_steps(budget, 160.0, 3, costs, 4, last_fold_s=100.0, **quick)
+    assert slow[1] == 2.0
     # already late: the fewest steps, no error in the middle of a run
     assert replan_steps(budget, 259.0, 4, costs, 4, last_fold_s=249.0, **kw)[0] == 10
 
@@ -219,7 +229,7 @@ def test_a_run_slowed_down_replans_the_folds_left_and_records_them(tmp_path, mon
     clock = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0])
     monkeypatch.setattr(trainer, "time", clock)
     col = _collection()
-    gen = train(_tiny(tmp_path, "timed", fold="all", time_budget=12.0), collection=col)
+    gen = train(_tiny(tmp_path, "timed", fold="all", time_budget=20.0), collection=col)
     events = []
     for event in gen:
         events.append(event)

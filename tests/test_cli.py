@@ -420,6 +420,7 @@ def test_run_demo_tiny(tmp_path, capsys):
     m = result.metrics
     assert m["tumour_voxels"] > 1000 and 0 < m["prevalence"] < 0.2
     assert 0 <= m["ensemble"]["ap"] <= 1 and len(m["folds"]) == 5
+    assert m["steps_per_fold"] == [2] * 5 and m["max_steps_per_fold"] == 2
     # The random baseline's AP is about the prevalence: a sanity check of the scoring.
     assert m["random"]["ap"] == pytest.approx(m["prevalence"], abs=0.02)
     # A run folder the demo did not write is never replaced.

@@ -348,7 +348,13 @@ def run_demo(
     )
     result = (render or _quiet)(train(config))
     t_train = time.perf_counter() - t0
-    steps = int(json.loads((run_dir / "config.json").read_text())["max_steps"])
+    trained = TrainConfig.from_json(run_dir / "config.json")
+    fold_steps = [int(trained.steps_of(k)) for k in trained.fold_indices()]
+    steps = (
+        str(fold_steps[0])
+        if len(set(fold_steps)) == 1
+        else f"{min(fold_steps)}-{max(fold_steps)}"  # a budget re-planned some folds
+    )
 
     ensemble = load_ensemble(run_dir, device=device)
     head = foreground_mask(scan, kind="mri")
@@ -386,7 +392,8 @@ def run_demo(
         "(which were the training data)",
         **in_head,
         "slice_level": _slice_auroc(pred.anomaly, head, tumour, pred.score_method),
-        "max_steps_per_fold": steps,
+        "max_steps_per_fold": int(trained.max_steps),
+        "steps_per_fold": fold_steps,
         "train_seconds": round(t_train, 1),
         "time_budget_seconds": time_budget,
     }

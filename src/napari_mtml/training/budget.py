@@ -261,14 +261,19 @@ def replan_steps(
     last_validations: int,
     current: int,
     cap: int | None = None,
+    earlier_s: float = 0.0,
+    earlier_planned_s: float = 0.0,
 ) -> tuple[int, float]:
     """Steps for each of the `n_folds` folds still to train, planned again after a fold.
 
-    The fold just trained (`last_steps` steps, `last_validations` validations, `last_fold_s`
-    seconds) says how much slower (or faster) the machine is now than when `costs` were
-    measured; the folds left share what is left of the budget at that pace. A change of less
-    than `REPLAN_TOLERANCE` keeps `current`; a run already late gets `MIN_REPLANNED_STEPS`
-    (it never stops training a fold for lack of time).
+    The pace is the seconds taken per second planned: the larger of the fold just trained
+    (`last_steps` steps, `last_validations` validations, `last_fold_s` seconds) and of all the
+    folds trained so far (`earlier_s` taken for `earlier_planned_s` planned before it). A
+    sudden slowdown counts at once; a run faster than its warm-up said (the warm-up's steps
+    are the slowest) gains steps at the steadier overall pace, so that one quick fold does not
+    swing the plan. The folds left share what is left of the budget at that pace. A change of
+    less than `REPLAN_TOLERANCE` keeps `current`; a run already late gets
+    `MIN_REPLANNED_STEPS` (it never stops training a fold for lack of time).
 
     Parameters
     ----------
@@ -285,12 +290,14 @@ def replan_steps(
         The steps planned so far.
     cap : int, optional
         At most this many steps.
+    earlier_s, earlier_planned_s : float
+        Seconds the folds before the last one took, and were planned to take.
 
     Returns
     -------
     steps : int
     pace : float
-        Seconds the last fold took per second planned.
+        Seconds taken per second planned, as used.
 
     Examples
     --------
@@ -303,6 +310,8 @@ def replan_steps(
     """
     planned = fold_seconds(costs, last_steps, val_size, last_validations)
     pace = last_fold_s / planned if planned > 0 and last_fold_s > 0 else 1.0
+    if earlier_planned_s > 0 and planned > 0:
+        pace = max(pace, (earlier_s + last_fold_s) / (earlier_planned_s + planned))
     try:
         steps = plan_steps(budget_s, elapsed_s, n_folds, costs.scaled(pace), val_size, cap=cap)
     except ValueError:  # already too late for 10 steps per fold: train the fewest

@@ -238,10 +238,10 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     # the same decision on every rank (only the main one holds the measured costs)
     replanning = cfg.time_budget is not None and cfg.plan is not None and not cfg.resume
     finished: list[FoldFinished] = []
-    fold_s = 0.0  # seconds the last fold took
+    pace = _Pace()  # seconds the folds took, and were planned to take
     for i, split in enumerate(splits):
         if replanning and i:
-            run, text = _replan(config, run, kind, t_start, fold_s, finished[-1], len(splits) - i)
+            run, text = _replan(config, run, t_start, pace, finished[-1], len(splits) - i)
             if text and dist.main:
                 yield Notice(text)
         steps = run.cfg.steps_of(split.index)
@@ -253,7 +253,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
             fold_run = dataclasses.replace(run, cfg=fold_cfg)
         t_fold = time.perf_counter()
         finished.append((yield from _train_fold(fold_run, split)))
-        fold_s = time.perf_counter() - t_fold
+        pace.last_s = time.perf_counter() - t_fold
     if dist.main:
         yield RunFinished(str(run_dir), finished)
     return RunResult(str(run_dir), finished)
@@ -400,29 +400,44 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
     return planned, notice
 
 
-def _replan(config, run, kind, t_start, fold_s, last: FoldFinished, folds_left: int):
-    """After a fold of a time-budgeted run: the folds left planned again at the pace the last
-    one ran (`budget.replan_steps`); the run (its config recording the new steps in
+@dataclass
+class _Pace:
+    """Seconds the folds of a budgeted run took (`earlier_s` before the last one, `last_s` the
+    last one) and were planned to take (`earlier_planned_s`)."""
+
+    earlier_s: float = 0.0
+    earlier_planned_s: float = 0.0
+    last_s: float = 0.0
+
+
+def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, folds_left: int):
+    """After a fold of a time-budgeted run: the folds left planned again at the pace the run
+    goes (`budget.replan_steps`); the run (its config recording the new steps in
     `fold_steps`, config.json rewritten) and a notice, None when the plan stands."""
-    from napari_mtml.training.budget import StepCosts, replan_steps
+    from napari_mtml.training.budget import StepCosts, fold_seconds, replan_steps
 
     cfg, dist = run.cfg, run.dist
     steps = current = int(cfg.steps_of(last.fold))
-    pace = 1.0
+    ratio = 1.0
     if dist.main and "step_s" in cfg.plan:
+        costs = StepCosts.from_dict(cfg.plan)
         validations = math.ceil(last.steps / cfg.val_interval) if last.steps else 0
-        steps, pace = replan_steps(
+        steps, ratio = replan_steps(
             float(cfg.time_budget),
             time.perf_counter() - t_start,
             folds_left,
-            StepCosts.from_dict(cfg.plan),
+            costs,
             int(cfg.val_size),
-            last_fold_s=fold_s,
+            last_fold_s=pace.last_s,
             last_steps=last.steps,
             last_validations=validations,
             current=current,
             cap=config.max_steps,
+            earlier_s=pace.earlier_s,
+            earlier_planned_s=pace.earlier_planned_s,
         )
+        pace.earlier_s += pace.last_s
+        pace.earlier_planned_s += fold_seconds(costs, last.steps, int(cfg.val_size), validations)
     if dist.active:
         t = torch.tensor([steps], dtype=torch.int64, device=run.device)
         torch.distributed.broadcast(t, src=0)
@@ -437,8 +452,8 @@ def _replan(config, run, kind, t_start, fold_s, last: FoldFinished, folds_left: 
     if dist.main:
         cfg.to_json(run.run_dir / "config.json")
     text = (
-        f"time budget: fold {last.fold} took {fold_s:.0f} s, x{pace:.2f} the planned pace; "
-        f"{steps} steps (was {current}) for each of the {folds_left} fold(s) left "
+        f"time budget: fold {last.fold} took {pace.last_s:.0f} s; at x{ratio:.2f} the planned "
+        f"pace, {steps} steps (was {current}) for each of the {folds_left} fold(s) left "
         f"(recorded in config.json's fold_steps, which replays them)"
     )
     return dataclasses.replace(run, cfg=cfg), text
