@@ -247,9 +247,12 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
         steps = run.cfg.steps_of(split.index)
         fold_run = run
         if steps != run.cfg.max_steps:  # a fold of its own length: its own schedule
-            fold_cfg = config.replace(
-                max_steps=steps, plan=run.cfg.plan, fold_steps=run.cfg.fold_steps
-            ).resolve(collection.dims, kind, collection.frame, device.type)
+            own = {"max_steps": steps, "plan": run.cfg.plan, "fold_steps": run.cfg.fold_steps}
+            if config.val_interval is None and steps < SHORT_FOLD_STEPS:
+                own["val_interval"] = steps  # validated once, at its end (see SHORT_FOLD_STEPS)
+            fold_cfg = config.replace(**own).resolve(
+                collection.dims, kind, collection.frame, device.type
+            )
             fold_run = dataclasses.replace(run, cfg=fold_cfg)
         t_fold = time.perf_counter()
         finished.append((yield from _train_fold(fold_run, split)))
@@ -398,6 +401,12 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
         f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)"
     )
     return planned, notice
+
+
+#: A fold given fewer steps than this of its own (a budget cut short by a slowdown) validates
+#: once, at its end, unless `val_interval` is set: eight validations, each over every
+#: validation image, would cost more than its steps, and it has no use for eight checkpoints.
+SHORT_FOLD_STEPS = 80
 
 
 @dataclass
