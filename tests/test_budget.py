@@ -202,13 +202,13 @@ def test_replan_follows_the_pace_and_keeps_a_steady_plan():
     # faster: more steps, within the cap
     assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, **kw)[0] > 100
     assert replan_steps(budget, 35.0, 4, costs, 4, last_fold_s=25.0, cap=120, **kw)[0] == 120
-    # one quick fold after a steady one: the run's overall pace, not the quick fold's, and a
+    # one quick fold (x0.5) after a steady one (x1.0; overall x0.75): halfway, x0.625; a
     # sudden slowdown counts at once whatever came before
     quick = dict(kw, earlier_s=50.0, earlier_planned_s=50.0)
-    overall = replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **quick)
+    damped = replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **quick)
     assert (
-        overall[1] == 0.75
-        and overall[0] < replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **kw)[0]
+        damped[1] == 0.625
+        and damped[0] < replan_steps(budget, 85.0, 3, costs, 4, last_fold_s=25.0, **kw)[0]
     )
     slow = replan_steps(budget, 160.0, 3, costs, 4, last_fold_s=100.0, **quick)
     assert slow[1] == 2.0

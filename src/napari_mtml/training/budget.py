@@ -266,14 +266,15 @@ def replan_steps(
 ) -> tuple[int, float]:
     """Steps for each of the `n_folds` folds still to train, planned again after a fold.
 
-    The pace is the seconds taken per second planned: the larger of the fold just trained
-    (`last_steps` steps, `last_validations` validations, `last_fold_s` seconds) and of all the
-    folds trained so far (`earlier_s` taken for `earlier_planned_s` planned before it). A
-    sudden slowdown counts at once; a run faster than its warm-up said (the warm-up's steps
-    are the slowest) gains steps at the steadier overall pace, so that one quick fold does not
-    swing the plan. The folds left share what is left of the budget at that pace. A change of
-    less than `REPLAN_TOLERANCE` keeps `current`; a run already late gets
-    `MIN_REPLANNED_STEPS` (it never stops training a fold for lack of time).
+    The pace is the seconds taken per second planned by the fold just trained (`last_steps`
+    steps, `last_validations` validations, `last_fold_s` seconds) when it is slower than all
+    the folds so far (`earlier_s` taken for `earlier_planned_s` planned before it): a
+    slowdown counts at once. When it is faster (the load went away, or the warm-up's steps
+    were the slowest), the pace is halfway between it and the overall one, so that one quick
+    fold does not swing the plan and a past slowdown does not hold the run back for good.
+    The folds left share what is left of the budget at that pace. A change of less than
+    `REPLAN_TOLERANCE` keeps `current`; a run already late gets `MIN_REPLANNED_STEPS` (it
+    never stops training a fold for lack of time).
 
     Parameters
     ----------
@@ -311,7 +312,9 @@ def replan_steps(
     planned = fold_seconds(costs, last_steps, val_size, last_validations)
     pace = last_fold_s / planned if planned > 0 and last_fold_s > 0 else 1.0
     if earlier_planned_s > 0 and planned > 0:
-        pace = max(pace, (earlier_s + last_fold_s) / (earlier_planned_s + planned))
+        overall = (earlier_s + last_fold_s) / (earlier_planned_s + planned)
+        if pace < overall:  # faster than the run so far: half of the speed-up counts
+            pace = 0.5 * (pace + overall)
     try:
         steps = plan_steps(budget_s, elapsed_s, n_folds, costs.scaled(pace), val_size, cap=cap)
     except ValueError:  # already too late for 10 steps per fold: train the fewest
