@@ -57,6 +57,40 @@ def test_apply_thread_rule_precedence(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_thread_watch_follows_the_load_without_sleeping(monkeypatch):
+    """Another job taking both cores mid-fold drops torch to 1 thread; when it ends, back to
+    every core. The load comes from /proc/stat differences between checks (faked here)."""
+    for var in ("MTML_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    clock, machine, own = [0.0], [(0, 0)], [0.0]
+    monkeypatch.setattr(devices.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(devices, "_cpu_times", lambda: machine[0])
+    monkeypatch.setattr(devices, "_own_cpu_seconds", lambda: own[0])
+    monkeypatch.setattr(devices, "available_cores", lambda: 2)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices.time, "sleep", lambda s: pytest.fail("ThreadWatch slept"))
+    before = torch.get_num_threads()
+    try:
+        watch = devices.ThreadWatch(workers=0, every_s=5.0)
+        assert watch.active
+        clock[0] = 1.0
+        assert watch.check() is None  # not due yet
+        # 5 s: the machine fully busy (2 cores x 5 s = 1000 of 1000 jiffies), this process 1
+        # core of it: another process keeps one core busy -> 2 - 1 = 1 thread
+        clock[0], machine[0], own[0] = 5.0, (1000, 1000), 5.0
+        assert watch.check() == 1 and torch.get_num_threads() == 1
+        # 5 s more, only this process busy (one core): nothing elsewhere -> 2 threads
+        clock[0], machine[0], own[0] = 10.0, (1500, 2000), 10.0
+        assert watch.check() == 2 and torch.get_num_threads() == 2
+        # a pinned count stays pinned
+        monkeypatch.setenv("MTML_THREADS", "1")
+        assert not devices.ThreadWatch(workers=0).active
+        monkeypatch.delenv("MTML_THREADS")
+        assert not devices.ThreadWatch(workers=2).active  # workers: the fold-start rule stands
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_old_import_paths_still_work():
     from napari_mtml.inference import resolve_device
     from napari_mtml.training.trainer import pick_device

@@ -43,7 +43,7 @@ from napari_mtml.data import (
     make_loader,
     make_validation_set,
 )
-from napari_mtml.devices import apply_thread_rule, autocast_dtype, pick_device
+from napari_mtml.devices import ThreadWatch, apply_thread_rule, autocast_dtype, pick_device
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -536,6 +536,8 @@ def _train_fold(run: _Run, split: FoldSplit):
     log = open(paths.log, "a") if dist.main else None  # closed in the finally below
     amp = autocast_dtype(device)  # bf16 on CUDA (CPU: opt-in, devices.py), else None
     scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
+    # the thread rule again while the fold trains: a job starting meanwhile gets its core back
+    watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
     try:
         net.train()
         while progress.step < cfg.max_steps:
@@ -551,6 +553,8 @@ def _train_fold(run: _Run, split: FoldSplit):
             except torch.OutOfMemoryError as exc:
                 raise _out_of_memory(cfg, device, exc) from None
             progress.step += 1
+            if watch is not None:
+                watch.check()
             loss_value = _mean_loss(loss, dist, progress.step, split.index, cfg.lr)
             if dist.main:
                 _log(log, type="step", step=progress.step, loss=loss_value, lr=lr)
