@@ -117,7 +117,7 @@ def test_two_gloo_ranks_match_single_process_steps_and_agree(tmp_path, monkeypat
 def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
     _as_rank(rank, world, port)
     cfg = _config(os.path.join(out, "budget")).replace(
-        fold="all", max_steps=None, time_budget=12.0, warmup_steps=None, val_interval=None
+        fold="all", max_steps=None, time_budget=20.0, warmup_steps=None, val_interval=None
     )
     events = list(train(cfg, collection=_collection()))
     started = [e.max_steps for e in events if type(e).__name__ == "FoldStarted"]
@@ -143,3 +143,29 @@ def test_a_time_budget_plans_and_replans_alike_on_every_rank(tmp_path):
     for k in range(5):
         last = torch.load(tmp_path / "budget" / f"fold_{k}" / "last.pt", weights_only=True)
         assert last["step"] == started[k]
+
+
+def _short_budget_worker(rank: int, world: int, port: int, out: str) -> None:
+    _as_rank(rank, world, port)
+    cfg = _config(os.path.join(out, "short")).replace(
+        fold="all", max_steps=None, time_budget=1.0, warmup_steps=None, val_interval=None
+    )
+    try:
+        list(train(cfg, collection=_collection()))
+    except ValueError as exc:
+        torch.save({"error": str(exc)}, os.path.join(out, f"short{rank}.pt"))
+
+
+def test_a_budget_too_short_stops_every_rank_with_the_reason(tmp_path):
+    ctx = mp.spawn(
+        _short_budget_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False
+    )
+    for _ in range(120):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("a rank waited for a plan that rank 0 could not make")
+    errors = [torch.load(tmp_path / f"short{r}.pt", weights_only=True)["error"] for r in (0, 1)]
+    assert "too short" in errors[0] and "rank 0" in errors[1]

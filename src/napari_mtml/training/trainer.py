@@ -376,18 +376,27 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
             external=ext,
         )
         elapsed = time.perf_counter() - t_start
-        steps = plan_steps(
-            float(cfg.time_budget),
-            elapsed,
-            len(splits),
-            costs,
-            int(cfg.val_size),
-            cap=config.max_steps,
-        )
+        try:
+            steps = plan_steps(
+                float(cfg.time_budget),
+                elapsed,
+                len(splits),
+                costs,
+                int(cfg.val_size),
+                cap=config.max_steps,
+            )
+        except ValueError as exc:
+            if not dist.active:
+                raise
+            failure, steps = exc, -1  # the other ranks must hear it, not wait for a plan
     if dist.active:
         t = torch.tensor([steps], dtype=torch.int64, device=device)
         torch.distributed.broadcast(t, src=0)
         steps = int(t.item())
+        if steps < 0:
+            if dist.main:
+                raise failure
+            raise ValueError("the time budget is too short (rank 0 says why)")
     plan = {"time_budget_s": float(cfg.time_budget), "folds": len(splits), "planned_steps": steps}
     if dist.main:
         plan.update(costs.to_dict())
