@@ -114,6 +114,18 @@ def test_two_gloo_ranks_match_single_process_steps_and_agree(tmp_path, monkeypat
     assert single["scheduler"] == last["scheduler"]
 
 
+def _spawn_two(worker, tmp_path, seconds: int, hung: str) -> None:
+    """Run `worker(rank, 2, port, tmp_path)` on two ranks; fail (killing them) after `seconds`
+    instead of blocking the suite when a rank hangs."""
+    ctx = mp.spawn(worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    for _ in range(seconds):
+        if ctx.join(timeout=1):
+            return
+    for p in ctx.processes:
+        p.kill()
+    pytest.fail(hung)
+
+
 def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
     _as_rank(rank, world, port)
     cfg = _config(os.path.join(out, "budget")).replace(
@@ -127,14 +139,7 @@ def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_a_time_budget_plans_and_replans_alike_on_every_rank(tmp_path):
     """The plan and each fold's re-plan are made on rank 0 and broadcast: both ranks train
     every fold to the same steps (a rank deciding alone would hang the other)."""
-    ctx = mp.spawn(_budget_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    for _ in range(180):  # at most 3 minutes; a hang fails instead of blocking the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("distributed training with a time budget did not finish (a rank hung)")
+    _spawn_two(_budget_worker, tmp_path, 180, "a time-budgeted run did not finish: a rank hung")
     started = torch.load(tmp_path / "budget0.pt", weights_only=True)["started"]
     assert len(started) == 5 and all(n >= 1 for n in started)
     assert torch.load(tmp_path / "budget1.pt", weights_only=True)["started"] == []
@@ -157,15 +162,6 @@ def _short_budget_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_a_budget_too_short_stops_every_rank_with_the_reason(tmp_path):
-    ctx = mp.spawn(
-        _short_budget_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False
-    )
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("a rank waited for a plan that rank 0 could not make")
+    _spawn_two(_short_budget_worker, tmp_path, 120, "a rank waited for a plan rank 0 never made")
     errors = [torch.load(tmp_path / f"short{r}.pt", weights_only=True)["error"] for r in (0, 1)]
     assert "too short" in errors[0] and "rank 0" in errors[1]
