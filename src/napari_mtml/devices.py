@@ -284,8 +284,15 @@ def _measure_busy(window: float) -> float:
     time.sleep(window)
     second = _cpu_times()
     own1, t1 = _own_cpu_seconds(), time.monotonic()
-    if second is None or second[1] <= first[1]:
-        return 0.0
+    busy = _busy_between(first, own0, t0, second, own1, t1)
+    return 0.0 if busy is None else busy
+
+
+def _busy_between(first, own0: float, t0: float, second, own1: float, t1: float) -> float | None:
+    """Cores other processes kept busy between two samples of (`_cpu_times()`,
+    `_own_cpu_seconds()`, `time.monotonic()`); None when the machine's counters say nothing."""
+    if first is None or second is None or second[1] <= first[1]:
+        return None
     ncpu = os.cpu_count() or 1
     busy_fraction = (second[0] - first[0]) / (second[1] - first[1])
     elsewhere = busy_fraction * ncpu - (own1 - own0) / max(t1 - t0, 1e-6)
@@ -403,11 +410,9 @@ class ThreadWatch:
             return None
         second, own1 = _cpu_times(), _own_cpu_seconds()
         self._mark = (second, own1, now)
-        if first is None or second is None or second[1] <= first[1]:
+        busy = _busy_between(first, own0, t0, second, own1, now)
+        if busy is None:
             return None
-        ncpu = os.cpu_count() or 1
-        fraction = (second[0] - first[0]) / (second[1] - first[1])
-        busy = max(0.0, fraction * ncpu - (own1 - own0) / (now - t0))
         n = torch_thread_count(self.workers, busy=busy)
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)

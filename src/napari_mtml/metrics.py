@@ -475,8 +475,7 @@ def sample_scores(
     values = prediction if foreground is None else prediction[foreground]
     if values.size == 0:
         raise ValueError("sample_scores: the foreground mask is empty; nothing to score.")
-    from napari_mtml.scores import smoothed_map
+    from napari_mtml.scores import sample_score
 
-    peak = smoothed_map(prediction, spacing)
-    peak_max = float((peak if foreground is None else peak[foreground]).max())
-    return {**summary_scores(values), "max": peak_max}, bool(label.any())
+    peak = sample_score(prediction, foreground, "max", spacing=spacing)
+    return {**summary_scores(values), "max": peak}, bool(label.any())
