@@ -13,8 +13,8 @@ throw-away model never touches the run: its weights, its data stream and the glo
 are discarded, so a run planned to N steps is the very run that `max_steps = N` replays.
 
 The machine may get slower or faster while the run trains (another job starts or ends): after
-each fold `replan_steps` compares what the fold took with what the plan predicted and plans the
-folds left again from the time left, with the costs scaled by that ratio. A fold re-planned by
+each fold `replan_steps` compares what the folds took with what the plan predicted and plans
+the folds left again from the time left, with the costs scaled by that pace. A fold re-planned by
 more than `REPLAN_TOLERANCE` gets its own step count, recorded in config.json's `fold_steps`
 (which replays it); on a steady machine every fold keeps the first plan.
 """

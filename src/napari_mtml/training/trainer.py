@@ -241,7 +241,8 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     pace = _Pace()  # seconds the folds took, and were planned to take
     for i, split in enumerate(splits):
         if replanning and i:
-            run, text = _replan(config, run, t_start, pace, finished[-1], len(splits) - i)
+            left = [s.index for s in splits[i:]]
+            run, text = _replan(config, run, t_start, pace, finished[-1], left)
             if text and dist.main:
                 yield Notice(text)
         steps = run.cfg.steps_of(split.index)
@@ -428,9 +429,9 @@ class _Pace:
     last_s: float = 0.0
 
 
-def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, folds_left: int):
-    """After a fold of a time-budgeted run: the folds left planned again at the pace the run
-    goes (`budget.replan_steps`); the run (its config recording the new steps in
+def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, left: list[int]):
+    """After a fold of a time-budgeted run: the folds `left` (their indices) planned again at
+    the pace the run goes (`budget.replan_steps`); the run (its config recording the new steps in
     `fold_steps`, config.json rewritten) and a notice, None when the plan stands."""
     from napari_mtml.training.budget import StepCosts, fold_seconds, replan_steps
 
@@ -443,7 +444,7 @@ def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, folds_left: i
         steps, ratio = replan_steps(
             float(cfg.time_budget),
             time.perf_counter() - t_start,
-            folds_left,
+            len(left),
             costs,
             int(cfg.val_size),
             last_fold_s=pace.last_s,
@@ -462,16 +463,14 @@ def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, folds_left: i
         steps = int(t.item())
     if steps == current:
         return run, None
-    later = [s.index for s in task_folds(cfg.train_tasks) if s.index in cfg.fold_indices()]
-    later = later[later.index(last.fold) + 1 :]
     fold_steps = dict(cfg.fold_steps or {})
-    fold_steps.update({str(k): steps for k in later})
+    fold_steps.update({str(k): steps for k in left})
     cfg = cfg.replace(fold_steps=fold_steps)
     if dist.main:
         cfg.to_json(run.run_dir / "config.json")
     text = (
         f"time budget: fold {last.fold} took {pace.last_s:.0f} s; at x{ratio:.2f} the planned "
-        f"pace, {steps} steps (was {current}) for each of the {folds_left} fold(s) left "
+        f"pace, {steps} steps (was {current}) for each of the {len(left)} fold(s) left "
         f"(recorded in config.json's fold_steps, which replays them)"
     )
     return dataclasses.replace(run, cfg=cfg), text
