@@ -543,7 +543,7 @@ class TrainConfig:
         _TaskParams.max_anomalies, "anomalies per image at most", kind=int, minimum=1)
     min_size: float = _setting(
         _TaskParams.min_size, "the smallest anomaly, per axis, as a fraction of the image",
-        kind=float, minimum=0.01, maximum=0.8)
+        kind=float, maximum=0.8)
     flip: bool | None = _setting(None, "left-right flips of the training images", kind=bool,
                                  allowed=_BOOL_OR_UNSET)
     # fmt: on
