@@ -33,6 +33,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from napari_mtml.metrics import roc_auc
+from napari_mtml.scores import smoothed_map
 from quality_unseen import SLICE_MIN_LESION_MM2, _load_masks, _read
 
 
@@ -47,14 +48,23 @@ def peak_scores(smooth: np.ndarray, region: np.ndarray) -> dict[str, float]:
     }
 
 
-def volume_scores(anomaly: np.ndarray, region: np.ndarray, spacing) -> dict[str, float]:
+def smoothings(anomaly: np.ndarray, spacing) -> dict[str, np.ndarray]:
+    """The map smoothed by 2 mm (`napari_mtml.scores.smoothed_map`, the "max" score's), by 4 mm,
+    and the 15 mm background of the top-hat: once per volume, for every region."""
     sp = np.asarray(spacing, dtype=float)
-    s2 = ndimage.gaussian_filter(anomaly, 2.0 / sp, mode="nearest")
+    return {
+        "s2": smoothed_map(anomaly, sp),
+        "s4": ndimage.gaussian_filter(anomaly, 4.0 / sp, mode="nearest"),
+        "background": ndimage.gaussian_filter(anomaly, 15.0 / sp, mode="nearest"),
+    }
+
+
+def volume_scores(smooth: dict[str, np.ndarray], region: np.ndarray, spacing) -> dict[str, float]:
+    s2 = smooth["s2"]
     out = peak_scores(s2, region)
-    out["max4"] = float(ndimage.gaussian_filter(anomaly, 4.0 / sp, mode="nearest")[region].max())
-    background = ndimage.gaussian_filter(anomaly, 15.0 / sp, mode="nearest")
-    out["tophat"] = float((s2 - background)[region].max())
-    depth = ndimage.distance_transform_edt(region, sampling=sp)
+    out["max4"] = float(smooth["s4"][region].max())
+    out["tophat"] = float((s2 - smooth["background"])[region].max())
+    depth = ndimage.distance_transform_edt(region, sampling=np.asarray(spacing, dtype=float))
     for mm in (5, 10):
         inner = depth > mm
         out[f"ero{mm}"] = float(s2[inner].max()) if inner.any() else out["max2"]
@@ -75,14 +85,14 @@ def run_volumes(data: Path, pred: Path) -> None:
         anomaly = _read(pred / f"{name}_anomaly.nii.gz").array.astype(np.float32)
         brain = masks["brain"]
         fg = anomaly > 0
+        smooth = smoothings(anomaly, scan.spacing)
         scores = {}
         for region_name, region in (("brain", brain), ("fg", fg if fg.any() else brain)):
-            for k, v in volume_scores(anomaly, region, scan.spacing).items():
+            for k, v in volume_scores(smooth, region, scan.spacing).items():
                 scores[f"{region_name}:{k}"] = v
         rows.append((name, name.startswith("lesion_"), scores))
         # axial slices of the brain, as quality_unseen's slice table
-        sp = scan.spacing
-        s2 = ndimage.gaussian_filter(anomaly, [2.0 / s for s in sp], mode="nearest")
+        sp, s2 = scan.spacing, smooth["s2"]
         area = brain.reshape(len(brain), -1).sum(axis=1)
         lesion = masks.get("lesion")
         lesion_mm2 = (
@@ -126,7 +136,7 @@ def run_tumour(pred: Path) -> None:
     has = tumour.reshape(len(tumour), -1).any(axis=1)
     brain, how = tumour_brain_mask(scan)
     anomaly = _read(pred / "brain1_image_anomaly.nii.gz").array.astype(np.float32)
-    s2 = ndimage.gaussian_filter(anomaly, [2.0 / s for s in scan.spacing], mode="nearest")
+    s2 = smoothed_map(anomaly, scan.spacing)
     rows, labels = [], []
     for z in range(len(anomaly)):
         if brain[z].any():
