@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -20,7 +19,7 @@ from napari_mtml.calibration import (
 )
 from napari_mtml.cli import main
 from napari_mtml.io import Scan, read_image
-from phantoms import noisy_disc
+from phantoms import healthy_disc_folder, noisy_disc
 
 _disc = noisy_disc
 
@@ -31,10 +30,7 @@ def run_and_healthy(tmp_path_factory):
     from napari_mtml.training import train
 
     root = tmp_path_factory.mktemp("cal")
-    healthy = root / "healthy"
-    healthy.mkdir()
-    for i in range(6):
-        nib.save(nib.Nifti1Image(_disc((64, 64), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
+    healthy = healthy_disc_folder(root / "healthy", (64, 64))
     cfg = TrainConfig(
         healthy=(str(healthy),), out=str(root / "run"), fold="all", max_steps=2, dims=2,
         batch_size=2, val_interval=2, val_size=4, preset="small", depth=3, device="cpu",

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from phantoms import noisy_disc
+from phantoms import healthy_disc_folder, noisy_disc
 
 pytest.importorskip("napari")
 pytestmark = pytest.mark.qt
@@ -25,10 +25,7 @@ def tiny_run(tmp_path_factory):
     from napari_mtml.training import train
 
     root = tmp_path_factory.mktemp("heatmap")
-    healthy = root / "healthy"
-    healthy.mkdir()
-    for i in range(6):
-        nib.save(nib.Nifti1Image(_disc((96, 96), i).T, np.eye(4)), healthy / f"h{i}.nii.gz")
+    healthy = healthy_disc_folder(root / "healthy", (96, 96))
     config = TrainConfig(
         healthy=(str(healthy),),
         out=str(root / "run"),
