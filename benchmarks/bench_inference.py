@@ -16,14 +16,20 @@ set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the
   ensemble map from the float32 one (`max |diff|`; on random weights, which move more than
   trained ones).
 
+- previous (with `--previous OTHER_CHECKOUT/src`): `load_ensemble(run)` of another checkout
+  (e.g. the last release), run in a child process with that `src` first on `PYTHONPATH`, in the
+  same rounds as the others, with the largest difference of its map from this float32 one.
+
 Goals (issue 11, 2 threads): 3D paper <= 6 s, 3D light <= 2.5 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +89,36 @@ def _before(run, device):
     )
 
 
+def _child(run: str, dims: int, out: str) -> int:
+    """Time one set-up in this process (the `--previous` checkout's package)."""
+    import numpy as np
+
+    from napari_mtml.inference import load_ensemble
+    from napari_mtml.samples import load_sample
+
+    scan = load_sample("chest_xray" if dims == 2 else "mni152_t1")
+    t = time.perf_counter()
+    ens = load_ensemble(Path(run), device="cpu")
+    load = time.perf_counter() - t
+    ens.predict(scan)  # warm-up, as for the others
+    t = time.perf_counter()
+    pred = ens.predict(scan)
+    predict = time.perf_counter() - t
+    np.save(out, pred.anomaly)
+    print(json.dumps({"load": load, "predict": predict}))
+    return 0
+
+
+def _previous(src: str, run: Path, dims: int, out: Path):
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+    cmd = [sys.executable, __file__, "--child", str(run), str(dims), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"--previous {src}: the child failed:\n{done.stderr[-2000:]}")
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    return times["load"], times["predict"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds per case")
@@ -94,7 +130,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cases", default="2d-paper,2d-light,3d-paper,3d-light")
     parser.add_argument("--setups", default="before,float32,bfloat16")
+    parser.add_argument(
+        "--previous", default=None, help="another checkout's src folder, timed side by side"
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return _child(args.child[0], int(args.child[1]), args.child[2])
 
     import numpy as np
     import torch
@@ -114,6 +156,8 @@ def main(argv=None) -> int:
         "bfloat16": lambda run: load_ensemble(run, device="cpu", precision="bfloat16"),
     }
     names = args.setups.split(",")
+    if args.previous:
+        names = ["previous", *names]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
@@ -126,6 +170,13 @@ def main(argv=None) -> int:
             maps = {}
             for _ in range(args.repeats):
                 for name in names:
+                    if name == "previous":
+                        out = Path(tmp) / "previous.npy"
+                        load_s, predict_s = _previous(args.previous, run, dims, out)
+                        loads[name].append(load_s)
+                        predicts[name].append(predict_s)
+                        maps[name] = np.load(out)
+                        continue
                     t = time.perf_counter()
                     ens = makers[name](run)
                     loads[name].append(time.perf_counter() - t)
@@ -137,7 +188,7 @@ def main(argv=None) -> int:
                     del ens
             for name in names:
                 diff = ""
-                if name == "bfloat16" and "float32" in maps:
+                if name in ("bfloat16", "previous") and "float32" in maps:
                     diff = f"{float(np.abs(maps[name] - maps['float32']).max()):.3f}"
                 rows.append(
                     (

@@ -264,3 +264,39 @@ def test_models_of_one_frame_share_one_encoding():
     np.testing.assert_array_equal(a.encoding[0].numpy(), positional_encoding((32, 32)))
     c = UNet(2, (64, 32), base_features=4, max_features=8, depth=3)
     assert tuple(c.encoding.shape) == (1, 66, 64, 32)
+
+
+@pytest.mark.parametrize("dims, frame", [(2, (32, 48)), (3, (16, 16, 24))])
+def test_forward_without_a_graph_equals_the_graph_forward(dims, frame):
+    # Without gradients the norm and GELU run in place and the head is one matrix product:
+    # the same function as the autograd path (which keeps torch's own modules) to rounding.
+    net = _tiny(dims, frame)
+    x = torch.randn(3, 1, *frame, generator=torch.Generator().manual_seed(4))
+    with_graph = net(x)
+    assert with_graph.requires_grad
+    with torch.inference_mode():
+        without = net(x)
+    torch.testing.assert_close(without, with_graph.detach(), rtol=1e-4, atol=1e-4)
+    h = torch.randn(2, net.widths[0], *frame)
+    torch.testing.assert_close(net._head(h), net.head(h), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_norm_matches_instance_norm_and_gelu():
+    from napari_mtml.model import _instance_norm_gelu_
+
+    gen = torch.Generator().manual_seed(2)
+    norm = torch.nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(5, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(5, generator=gen))
+    h = torch.randn(2, 5, 6, 7, 8, generator=gen) * 3.0 + 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(_instance_norm_gelu_(h.clone(), norm), F.gelu(norm(h)))
+        # an offset far above the spread (a one-pass variance would lose it to cancellation):
+        # as close to the float64 result as torch's own instance norm
+        h = torch.randn(2, 5, 6, 7, 8, generator=gen) * 0.01 + 300.0
+        truth = F.gelu(norm.double()(h.double()))
+        norm.float()
+        ours = (_instance_norm_gelu_(h.clone(), norm).double() - truth).abs().max()
+        torchs = (F.gelu(norm(h)).double() - truth).abs().max()
+    assert ours <= 3 * torchs + 1e-6  # a one-pass variance: 2000x worse here

@@ -362,3 +362,26 @@ def test_model_units_z_score_volumes_scale_2d_and_invert():
     np.testing.assert_allclose(u * scale + offset, img, rtol=1e-6)
     flat, _, scale = to_model_units(np.full((4, 4), 3.0, np.float32), None)  # constant: no NaN
     assert scale == 1.0 and np.isfinite(flat).all()
+
+
+@pytest.mark.parametrize(
+    "shape, scale, out_shape",
+    [
+        ((20, 28, 20), (0.42, 0.41, 0.405), (47, 68, 49)),  # a map back on a scan
+        ((33, 40), (2.0, 1.6), (16, 25)),  # downsampling
+        ((1, 6), (0.5, 1.0), (2, 6)),  # an axis of one voxel
+        ((7, 9, 5), (1.0, 0.5, 1.0), (7, 18, 5)),  # one axis only
+    ],
+)
+def test_linear_resampling_equals_scipy_order_1(shape, scale, out_shape):
+    from napari_mtml.preprocess import _linear_resample
+
+    a = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    scale = np.asarray(scale)
+    expected = ndimage.affine_transform(
+        a, scale, offset=0.5 * scale - 0.5, output_shape=out_shape, order=1, mode="nearest"
+    )
+    got = _linear_resample(a, scale, out_shape)
+    assert got.dtype == np.float32 and got.shape == tuple(out_shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got is not a

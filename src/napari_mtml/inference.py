@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from napari_mtml.devices import apply_thread_rule, prepare_model_for_device, resolve_device
+from napari_mtml.heap import keep_freed_memory
 
 __all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device", "run_stamp"]
 
@@ -363,6 +364,7 @@ class Ensemble:
         x_all = torch.from_numpy(frames).unsqueeze(1)  # (N, 1, *frame): one input channel
         bf16 = self.precision == "bfloat16"
         with (
+            keep_freed_memory(),
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
@@ -430,6 +432,18 @@ class Ensemble:
         >>> len(prediction.fold_maps) == len(ensemble.folds), float(prediction.anomaly.max()) <= 1
         (True, True)
         """
+        with keep_freed_memory():  # big arrays reuse pages instead of faulting new ones in
+            return self._predict(
+                scan,
+                keep_folds=keep_folds,
+                mask=mask,
+                keep_background=keep_background,
+                score=score,
+                tta=tta,
+                fold_scores=fold_scores,
+            )
+
+    def _predict(self, scan, *, keep_folds, mask, keep_background, score, tta, fold_scores):
         from napari_mtml.preprocess import (
             FrameFitError,
             content_shape,

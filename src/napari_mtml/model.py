@@ -145,6 +145,28 @@ class _ConvNormAct(nn.Sequential):
         )
         super().__init__(OrderedDict(conv=conv, norm=norm, act=nn.GELU()))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.requires_grad or h.dtype != torch.float32:
+            return self.act(self.norm(h))
+        return _instance_norm_gelu_(h, self.norm)
+
+
+def _instance_norm_gelu_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``GELU(InstanceNorm(h))`` in place on a float32 tensor no graph needs (inference,
+    validation): two passes over `h` for the statistics and two in place, where the norm and the
+    activation each wrote a new tensor (a 3D forward of the light model spent 0.6 s in them).
+    The same function to float32 rounding: mean first, then the biased variance of the centred
+    values, as `torch.instance_norm` computes them."""
+    spatial = tuple(range(2, h.ndim))
+    shape = (1, -1) + (1,) * (h.ndim - 2)
+    h.sub_(h.mean(spatial, keepdim=True))
+    n = math.prod(h.shape[2:])
+    var = torch.linalg.vector_norm(h, dim=spatial, keepdim=True).square_().div_(n)
+    scale = torch.rsqrt(var.add_(norm.eps)).mul_(norm.weight.view(shape))
+    h.mul_(scale).add_(norm.bias.view(shape))
+    return torch.ops.aten.gelu_(h)
+
 
 class UNet(nn.Module):
     """nnU-Net-style U-Net with one output channel and no final activation.
@@ -390,6 +412,15 @@ class UNet(nn.Module):
         image_term = self._conv_fn(x, conv.weight[:, :1], conv.bias, stride=1, padding=1)
         return image_term + self._encoding_term(conv.weight)
 
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The 1x1 head as one matrix product over the voxels (the same sums: oneDNN's 1x1
+        conv to one channel ran at 0.5 GFLOPS, 45 ms of a 3D light forward against 5)."""
+        weight = self.head.weight
+        b, c = h.shape[:2]
+        flat = h.reshape(b, c, -1)
+        out = torch.matmul(weight.reshape(1, c).to(flat.dtype), flat)
+        return out.reshape(b, 1, *h.shape[2:])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *frame)`` -> ``(B, 1, *frame)`` anomaly map (unbounded regression output)."""
         self._check_input(x)
@@ -408,7 +439,7 @@ class UNet(nn.Module):
             skip = skips.pop()
             h = F.interpolate(h, size=skip.shape[2:], mode=self._upsample_mode, align_corners=False)
             h = stage(torch.cat([h, skip], dim=1))
-        return self.head(h)
+        return self._head(h)
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,7 @@ and logs, and broadcasts the validation loss so all ranks stop together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,6 +45,7 @@ from napari_mtml.data import (
     make_validation_set,
 )
 from napari_mtml.devices import ThreadWatch, apply_thread_rule, autocast_dtype, pick_device
+from napari_mtml.heap import keep_freed_memory
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -546,6 +548,9 @@ def _train_fold(run: _Run, split: FoldSplit):
     scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
     # the thread rule again while the fold trains: a job starting meanwhile gets its core back
     watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
+    # on the CPU, activations reuse freed pages instead of faulting new ones in (heap.py)
+    heap = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    heap.__enter__()
     try:
         net.train()
         while progress.step < cfg.max_steps:
@@ -575,6 +580,7 @@ def _train_fold(run: _Run, split: FoldSplit):
                 if progress.stopped_early:
                     break
     finally:
+        heap.__exit__(None, None, None)
         del batches  # shuts loader workers down, also when the generator is closed
         if log is not None:
             log.close()
