@@ -96,3 +96,9 @@ def test_the_real_allocator_gives_the_same_arrays():
             got = expected * 2.0
             np.testing.assert_array_equal(got / 2.0, expected)
     assert heap._depth == 0
+
+
+def test_disabled_by_the_caller_it_does_nothing(fake_libc):
+    with heap.keep_freed_memory(False) as on:
+        assert on is False
+    assert fake_libc.calls == []

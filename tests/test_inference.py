@@ -226,3 +226,29 @@ def test_slices_with_less_foreground_than_training_kept_get_no_map(tmp_path, rng
     pred = ens.predict(Scan(array=vol, spacing=(1.0, 1.0, 1.0)), keep_background=True)
     assert np.all(pred.anomaly[0] == 0)  # a tip of a head: never seen in training
     assert all(np.any(pred.anomaly[z] > 0) for z in (1, 2, 3))
+
+
+def test_3d_predictions_keep_freed_memory_and_2d_ones_do_not(tmp_path, rng, monkeypatch):
+    from napari_mtml import heap
+
+    calls = []
+
+    class Lib:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(heap, "_libc_cache", [Lib()])
+    monkeypatch.delenv("MTML_KEEP_FREED", raising=False)
+    vol = np.stack([disc_image((28, 28), rng, radius=r) for r in (0.1, 0.25, 0.3, 0.3, 0.25, 0.1)])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_run(tmp_path / "b", dims=2)
+    load_ensemble(tmp_path / "b" / "run", device="cpu").predict(Scan(vol, (1.0, 1.0, 1.0)))
+    assert calls == []
+    make_run(tmp_path / "a", dims=3, frame=(8, 16, 16))
+    load_ensemble(tmp_path / "a" / "run", device="cpu").predict(Scan(vol, (1.0, 1.0, 1.0)))
+    assert calls[:2] == [(heap._M_MMAP_MAX, 0), (heap._M_TRIM_THRESHOLD, heap._KEEP_TRIM_THRESHOLD)]
+    assert calls[-1] == ("trim", 0) and heap._depth == 0

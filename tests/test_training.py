@@ -389,3 +389,33 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path):
                 model_factory=lambda c, s: _OutOfMemory(),
             )
         )
+
+
+def test_a_3d_cpu_fold_keeps_freed_memory_while_it_trains(tmp_path, monkeypatch):
+    from napari_mtml import heap
+
+    seen = []
+
+    class Lib:
+        def mallopt(self, param, value):
+            seen.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            seen.append(("trim", pad))
+
+    monkeypatch.setattr(heap, "_libc_cache", [Lib()])
+    monkeypatch.delenv("MTML_KEEP_FREED", raising=False)
+    cfg = _config(tmp_path, max_steps=2, val_interval=2, batch_size=2)
+    gen = train(cfg, collection=_collection((16, 16, 16), n=10))
+    inside = []
+    for event in gen:
+        if isinstance(event, StepEvent):
+            inside.append(heap._depth)
+    assert inside == [1, 1]  # on during every step
+    assert seen[0] == ("mallopt", heap._M_MMAP_MAX, 0) and seen[-1] == ("trim", 0)
+    assert heap._depth == 0
+    # a 2D fold leaves the allocator alone
+    seen.clear()
+    cfg2 = _config(tmp_path / "2d", max_steps=2, val_interval=2, batch_size=2)
+    _run(train(cfg2, collection=_collection((32, 32), n=10)))
+    assert seen == []

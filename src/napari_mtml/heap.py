@@ -18,7 +18,11 @@ What `keep_freed_memory` does
     uses count: the settings change when the first one enters and are restored when the last
     one leaves.
 
-    The outputs are bit for bit the same: only where the memory comes from changes.
+    The outputs are bit for bit the same: only where the memory comes from changes. The price
+    is memory: what the heap holds is its high-water mark plus fragmentation, measured at 2.6 GB
+    for a 3D light-model training step at batch 2 where the transient peak had been 1.9 GB.
+    The package uses it for 3D models only (training folds on the CPU, predictions): 2D
+    activations stay under glibc's mmap threshold and gained nothing measurable (1.06x).
 
 Where it does nothing
     Other C libraries (macOS, Windows, musl) have no ``mallopt``: the context is a no-op there.
@@ -76,13 +80,14 @@ def heap_control_available() -> bool:
 
 
 @contextmanager
-def keep_freed_memory() -> Iterator[bool]:
+def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Reuse freed memory for big arrays while inside (see the module docstring).
 
+    `enabled=False` makes it a plain no-op context (for callers that use it only for 3D work).
     Yields whether the allocator's settings are in effect (``False`` where it cannot act).
     """
     global _depth
-    lib = _libc() if heap_control_available() else None
+    lib = _libc() if enabled and heap_control_available() else None
     if lib is None:
         yield False
         return

@@ -364,7 +364,7 @@ class Ensemble:
         x_all = torch.from_numpy(frames).unsqueeze(1)  # (N, 1, *frame): one input channel
         bf16 = self.precision == "bfloat16"
         with (
-            keep_freed_memory(),
+            keep_freed_memory(self.dims == 3),
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
@@ -432,7 +432,8 @@ class Ensemble:
         >>> len(prediction.fold_maps) == len(ensemble.folds), float(prediction.anomaly.max()) <= 1
         (True, True)
         """
-        with keep_freed_memory():  # big arrays reuse pages instead of faulting new ones in
+        # 3D: big arrays reuse pages instead of faulting new ones in (heap.py)
+        with keep_freed_memory(self.dims == 3):
             return self._predict(
                 scan,
                 keep_folds=keep_folds,

@@ -20,7 +20,6 @@ and logs, and broadcasts the validation loss so all ranks stop together.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -549,7 +548,7 @@ def _train_fold(run: _Run, split: FoldSplit):
     # the thread rule again while the fold trains: a job starting meanwhile gets its core back
     watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
     # on the CPU, activations reuse freed pages instead of faulting new ones in (heap.py)
-    heap = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    heap = keep_freed_memory(device.type == "cpu" and cfg.dims == 3)
     heap.__enter__()
     try:
         net.train()
