@@ -30,7 +30,8 @@ def _child(args) -> int:
     from napari_mtml.config import TrainConfig
     from napari_mtml.training import StepEvent, train
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         healthy=(args.child[0],),
         out=args.child[1],
@@ -41,7 +42,7 @@ def _child(args) -> int:
         preset=args.model,
         recipe="paper" if args.model != "small" else "small",
         device="cpu",
-        workers=0,
+        workers=args.workers,
         val_interval=10 * args.steps,
         seed=0,
     )
@@ -78,30 +79,37 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="steps per fold (the first 2 untimed)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads; 0: the thread rule")
+    p.add_argument("--workers", default="0", help="loader workers; a list (0,1) compares them")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        args.workers = int(args.workers)
         return _child(args)
 
-    setups = {"this checkout": None}
+    workers = [int(w) for w in str(args.workers).split(",")]
+    setups = {f"this checkout, {w} worker(s)": (None, w) for w in workers}
     if args.previous:
-        setups = {"previous": os.path.abspath(args.previous), **setups}
+        setups = {"previous": (os.path.abspath(args.previous), workers[0]), **setups}
+    if len(setups) == 1:
+        setups = {"this checkout": (None, workers[0])}
     times = {name: [] for name in setups}
     with tempfile.TemporaryDirectory() as tmp:
         healthy = Path(tmp) / "healthy"
         healthy.mkdir()
         _write_healthy(healthy)
         for r in range(args.rounds):
-            for name, src in setups.items():
-                env = dict(os.environ, MTML_THREADS=str(args.threads))
+            for name, (src, n_workers) in setups.items():
+                env = dict(os.environ)
+                if args.threads:
+                    env["MTML_THREADS"] = str(args.threads)
                 if src:
                     env["PYTHONPATH"] = src
-                out = Path(tmp) / f"run_{r}_{len(times[name])}_{name.replace(' ', '_')}"
+                out = Path(tmp) / f"run_{r}_{len(times)}_{n_workers}_{src is None}"
                 cmd = [sys.executable, __file__, "--child", str(healthy), str(out)]
                 cmd += ["--dims", str(args.dims), "--model", args.model]
                 cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-                cmd += ["--threads", str(args.threads)]
+                cmd += ["--threads", str(args.threads), "--workers", str(n_workers)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise SystemExit(f"{name}: the training child failed:\n{done.stderr[-3000:]}")

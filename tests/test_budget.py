@@ -353,3 +353,41 @@ def test_ap_selection_keeps_the_checkpoint_with_the_best_held_out_ap(tmp_path):
     last = torch.load(tmp_path / "sel" / "fold_0" / "last.pt", weights_only=True)
     assert last["best_step"] == best["step"]
     assert last["best_score"] == pytest.approx(-max(means))
+
+
+@pytest.mark.parametrize("dims, shape, expected", [(3, (16, 16, 16), 1), (2, (32, 32), 0)])
+def test_the_warm_up_measures_with_the_folds_allocator_set_up(
+    dims, shape, expected, monkeypatch, tmp_path
+):
+    # a 3D CPU fold keeps freed memory (heap.py), which makes its steps faster: the warm-up that
+    # plans the budget must time its steps the same way, a 2D one without it
+    from napari_mtml import heap
+    from napari_mtml.model import UNet
+    from napari_mtml.training.budget import measure_costs
+
+    class Lib:
+        def mallopt(self, param, value):
+            pass
+
+        def malloc_trim(self, pad):
+            pass
+
+    monkeypatch.setattr(heap, "_libc_cache", [Lib()])
+    monkeypatch.delenv("MTML_KEEP_FREED", raising=False)
+    rng = np.random.default_rng(0)
+    fg = np.zeros(shape, bool)
+    fg[tuple(slice(s // 8, s - s // 8) for s in shape)] = True
+    col = HealthyCollection.from_arrays(
+        [(rng.normal(size=shape) * fg).astype(np.float32) for _ in range(5)], [fg] * 5
+    )
+    cfg = _tiny(tmp_path, max_steps=4).resolve(dims, "mri", shape)
+    depths = []
+
+    def factory(c, seed):
+        net = UNet(**c.model_kwargs(), init_seed=seed)
+        net.register_forward_pre_hook(lambda *_: depths.append(heap._depth))
+        return net
+
+    costs = measure_costs(cfg, col.samples, (0,), factory, torch.device("cpu"), min_seconds=0)
+    assert costs.step_s > 0 and depths and set(depths[:4]) == {expected}
+    assert heap._depth == 0

@@ -125,6 +125,7 @@ def measure_costs(
     """
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
     from napari_mtml.devices import apply_thread_rule, autocast_dtype
+    from napari_mtml.heap import keep_freed_memory
     from napari_mtml.training.step import train_step
 
     apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
@@ -143,6 +144,9 @@ def measure_costs(
     setup_s = time.perf_counter() - t0
     amp = autocast_dtype(device)
     times: list[float] = []
+    # the fold's allocator set-up too (3D on the CPU): it makes those steps ~1.4x faster
+    heap = keep_freed_memory(device.type == "cpu" and cfg.dims == 3)
+    heap.__enter__()
     try:
         model.train()
         for i in range(max_steps + 2):
@@ -174,6 +178,7 @@ def measure_costs(
                 torch.cuda.synchronize(device)
         forward_s = (time.perf_counter() - t) / len(x)
     finally:
+        heap.__exit__(None, None, None)
         del batches
         torch.set_rng_state(rng_state)
     return StepCosts(float(np.median(times)), forward_s, draw_s, setup_s, len(times))
