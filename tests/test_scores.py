@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_mtml.metrics import summary_scores
-from napari_mtml.scores import SAMPLE_SCORES, all_scores, sample_score
+from napari_mtml.scores import SAMPLE_SCORES, all_scores, sample_score, smoothed_map
 
 
 def _map_with_lesion(value=0.9, size=5, shape=(40, 40)):
@@ -74,3 +74,20 @@ def test_max_is_the_default_and_smooths_by_two_millimetres():
     blob = np.zeros_like(spike)
     blob[6:18, 14:26, 14:26] = 0.9  # a 12 mm lesion keeps its peak
     assert sample_score(blob, None, spacing=(1.0, 1.0, 1.0)) == pytest.approx(0.9, abs=0.01)
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 0.5, 2.0), (3.0, 1.0, 1.0)])
+def test_the_max_score_smoothing_a_box_equals_smoothing_the_whole_map(spacing):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    heat = ndi.gaussian_filter(rng.random((30, 40, 36)), 1.5).astype(np.float32)
+    heat[2, 3, 4] = 1.0  # a peak near the edge, outside the mask's box
+    mask = np.zeros(heat.shape, bool)
+    mask[8:20, 5:30, 0:12] = True  # touches one edge of the map
+    mask[10, 12, 20] = True
+    whole = float(smoothed_map(heat, spacing)[mask].max())
+    assert sample_score(heat, mask, "max", spacing=spacing) == whole
+    assert sample_score(heat, None, "max", spacing=spacing) == float(
+        smoothed_map(heat, spacing).max()
+    )

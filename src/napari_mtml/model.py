@@ -146,7 +146,10 @@ class _ConvNormAct(nn.Sequential):
         super().__init__(OrderedDict(conv=conv, norm=norm, act=nn.GELU()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
+        return self.norm_act(self.conv(x))
+
+    def norm_act(self, h: torch.Tensor) -> torch.Tensor:
+        """``act(norm(h))`` of a conv output; in place on `h` when no graph needs it."""
         if h.requires_grad or h.dtype != torch.float32:
             return self.act(self.norm(h))
         return _instance_norm_gelu_(h, self.norm)
@@ -429,7 +432,7 @@ class UNet(nn.Module):
         for s, stage in enumerate(self.encoder):
             if s == 0:
                 first = stage[0]
-                h = first.act(first.norm(self._first_conv(x)))
+                h = first.norm_act(self._first_conv(x))
                 h = stage[1](h)
             else:
                 h = stage(h)

@@ -76,14 +76,40 @@ def smoothed_map(heat: np.ndarray, spacing=None) -> np.ndarray:
     (True, 40)
     """
     heat = np.asarray(heat, dtype=np.float32)
-    sigma = [1.0] * heat.ndim
-    if spacing is not None:
-        spacing = tuple(spacing)
-        if len(spacing) < heat.ndim:
-            raise ValueError(f"spacing {spacing} does not match a {heat.ndim}D map")
-        spacing = spacing[len(spacing) - heat.ndim :]
-        sigma = [SMOOTH_MM / float(s) if s and math.isfinite(s) and s > 0 else 1.0 for s in spacing]
-    return ndimage.gaussian_filter(heat, sigma, mode="nearest")
+    return ndimage.gaussian_filter(heat, _sigmas(heat.ndim, spacing), mode="nearest")
+
+
+def _sigmas(ndim: int, spacing) -> list[float]:
+    """`smoothed_map`'s sigma per axis, in voxels."""
+    if spacing is None:
+        return [1.0] * ndim
+    spacing = tuple(spacing)
+    if len(spacing) < ndim:
+        raise ValueError(f"spacing {spacing} does not match a {ndim}D map")
+    spacing = spacing[len(spacing) - ndim :]
+    return [SMOOTH_MM / float(s) if s and math.isfinite(s) and s > 0 else 1.0 for s in spacing]
+
+
+def _smoothed_peak(heat: np.ndarray, mask: np.ndarray | None, spacing) -> float:
+    """The peak of `smoothed_map` inside `mask`, smoothing only the mask's bounding box grown by
+    the Gaussian's reach (scipy's: 4 sigma): every value inside the box sees the same
+    neighbours as on the whole map, or the same edge of the map, so the peak is the same; a
+    brain inside a head volume is a fraction of it."""
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != heat.shape:
+            raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
+    if mask is None or not mask.any():
+        return float(smoothed_map(heat, spacing).max())
+    sigma = _sigmas(heat.ndim, spacing)
+    box = []
+    for axis, sd in enumerate(sigma):
+        reach = int(4.0 * sd + 0.5)
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, hit[0] - reach), min(mask.shape[axis], hit[-1] + 1 + reach)))
+    box = tuple(box)
+    smooth = ndimage.gaussian_filter(heat[box], sigma, mode="nearest")
+    return float(smooth[mask[box]].max())
 
 
 def sample_score(
@@ -119,7 +145,7 @@ def sample_score(
     if method == "mean":
         return float(_values(heat, mask).mean(dtype=np.float64))
     if method == "max":
-        return float(_values(smoothed_map(heat, spacing), mask).max())
+        return _smoothed_peak(heat, mask, spacing)
     values = _values(heat, mask)
     if method == "top1":
         k = min(values.size, max(_TOP_MIN, math.ceil(_TOP_FRACTION * values.size)))
