@@ -434,17 +434,10 @@ class Ensemble:
         """
         # 3D: big arrays reuse pages instead of faulting new ones in (heap.py)
         with keep_freed_memory(self.dims == 3):
-            return self._predict(
-                scan,
-                keep_folds=keep_folds,
-                mask=mask,
-                keep_background=keep_background,
-                score=score,
-                tta=tta,
-                fold_scores=fold_scores,
-            )
+            options = (keep_folds, mask, keep_background, score, tta, fold_scores)
+            return self._predict(scan, *options)
 
-    def _predict(self, scan, *, keep_folds, mask, keep_background, score, tta, fold_scores):
+    def _predict(self, scan, keep_folds, mask, keep_background, score, tta, fold_scores):
         from napari_mtml.preprocess import (
             FrameFitError,
             content_shape,

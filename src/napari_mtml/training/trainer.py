@@ -257,7 +257,9 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
             )
             fold_run = dataclasses.replace(run, cfg=fold_cfg)
         t_fold = time.perf_counter()
-        finished.append((yield from _train_fold(fold_run, split)))
+        # 3D on the CPU: activations reuse freed pages instead of faulting new ones in (heap.py)
+        with keep_freed_memory(device.type == "cpu" and fold_run.cfg.dims == 3):
+            finished.append((yield from _train_fold(fold_run, split)))
         pace.last_s = time.perf_counter() - t_fold
     if dist.main:
         yield RunFinished(str(run_dir), finished)
@@ -547,9 +549,6 @@ def _train_fold(run: _Run, split: FoldSplit):
     scheduler = make_scheduler(fold.optimizer, fold.schedule, cfg.lr, progress.step)
     # the thread rule again while the fold trains: a job starting meanwhile gets its core back
     watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
-    # on the CPU, activations reuse freed pages instead of faulting new ones in (heap.py)
-    heap = keep_freed_memory(device.type == "cpu" and cfg.dims == 3)
-    heap.__enter__()
     try:
         net.train()
         while progress.step < cfg.max_steps:
@@ -579,7 +578,6 @@ def _train_fold(run: _Run, split: FoldSplit):
                 if progress.stopped_early:
                     break
     finally:
-        heap.__exit__(None, None, None)
         del batches  # shuts loader workers down, also when the generator is closed
         if log is not None:
             log.close()
