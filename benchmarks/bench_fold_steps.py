@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                 print(f"round {r + 1} {name}: {times[name][-1]:.3f} s/step", file=sys.stderr)
     first = statistics.median(next(iter(times.values())))
     print(
-        f"{args.dims}D {args.model} model, batch {args.batch_size}, {args.threads} thread(s), "
+        f"{args.dims}D {args.model} model, batch {args.batch_size}, "
+        f"{args.threads or 'thread-rule'} thread(s), "
         f"{args.steps} steps per fold, {args.rounds} alternating rounds; load average "
         f"{os.getloadavg()[0]:.1f}"
     )
