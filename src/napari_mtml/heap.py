@@ -6,8 +6,9 @@ Why
     such blocks (16 channels of an 80x112x80 frame are 46 MB), so every convolution, norm and
     activation of a forward or backward pass asked the kernel for new pages and took a page fault
     on every 4 KiB of its output before writing it. Measured on 2 cores
-    (``python benchmarks/bench_inference.py --threads 2`` and ``benchmarks/bench_training.py``):
-    that was a third of a 3D light-model forward pass and of a 3D training step.
+    (``python benchmarks/bench_inference.py --threads 2 --previous ...`` and
+    ``benchmarks/bench_fold_steps.py --previous ...``): that was a third of a 3D light-model
+    forward pass and of a 3D training step.
 
 What `keep_freed_memory` does
     While it is entered, glibc takes big blocks from its heap instead of ``mmap``

@@ -158,7 +158,7 @@ class _ConvNormAct(nn.Sequential):
 def _instance_norm_gelu_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """``GELU(InstanceNorm(h))`` in place on a float32 tensor no graph needs (inference,
     validation): two passes over `h` for the statistics and two in place, where the norm and the
-    activation each wrote a new tensor (a 3D forward of the light model spent 0.6 s in them).
+    activation each wrote a new tensor (a 5-fold 3D light prediction spent 0.6 s in them).
     The same function to float32 rounding: mean first, then the biased variance of the centred
     values, as `torch.instance_norm` computes them."""
     spatial = tuple(range(2, h.ndim))

@@ -32,6 +32,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from napari_mtml.anomalies.boxes import bounding_box
+
 __all__ = ["SAMPLE_SCORES", "DEFAULT_SAMPLE_SCORE", "sample_score", "all_scores", "smoothed_map"]
 
 SAMPLE_SCORES = ("mean", "max", "top1", "area")
@@ -99,15 +101,15 @@ def _smoothed_peak(heat: np.ndarray, mask: np.ndarray | None, spacing) -> float:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != heat.shape:
             raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
-    if mask is None or not mask.any():
+    tight = None if mask is None else bounding_box(mask)
+    if tight is None:  # no mask, or an empty one: the whole map
         return float(smoothed_map(heat, spacing).max())
     sigma = _sigmas(heat.ndim, spacing)
-    box = []
-    for axis, sd in enumerate(sigma):
-        reach = int(4.0 * sd + 0.5)
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(0, hit[0] - reach), min(mask.shape[axis], hit[-1] + 1 + reach)))
-    box = tuple(box)
+    reaches = [int(4.0 * sd + 0.5) for sd in sigma]
+    box = tuple(
+        slice(max(0, s.start - reach), min(n, s.stop + reach))
+        for s, n, reach in zip(tight, mask.shape, reaches, strict=True)
+    )
     smooth = ndimage.gaussian_filter(heat[box], sigma, mode="nearest")
     return float(smooth[mask[box]].max())
 
