@@ -5,7 +5,10 @@
 
 Cases: a 2D X-ray in the 256x256 frame (the built-in chest radiograph) and a 3D brain in the
 80x112x80 frame (the built-in MNI152 template), each with the paper's and the light U-Net
-preset. For every case a run folder with 5 folds is built in a temporary directory, then three
+preset (`2d-paper`, `2d-light`, `3d-paper`, `3d-light`); and the packaged 2D model
+`builtin:brain-t1` (trained weights) on the MNI152 volume (`builtin-mni`, 189 slices) and on the
+tumour sample (`builtin-tumour`), where "before" does not apply. For every random-weight case a
+run folder with 5 folds is built in a temporary directory, then three
 set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the scan end to end
 (`predict`: preprocessing, 5 forward passes, mapping back):
 
@@ -89,16 +92,16 @@ def _before(run, device):
     )
 
 
-def _child(run: str, dims: int, out: str) -> int:
+def _child(run: str, scan_name: str, out: str) -> int:
     """Time one set-up in this process (the `--previous` checkout's package)."""
     import numpy as np
 
     from napari_mtml.inference import load_ensemble
     from napari_mtml.samples import load_sample
 
-    scan = load_sample("chest_xray" if dims == 2 else "mni152_t1")
+    scan = load_sample(scan_name)
     t = time.perf_counter()
-    ens = load_ensemble(Path(run), device="cpu")
+    ens = load_ensemble(run, device="cpu")
     load = time.perf_counter() - t
     ens.predict(scan)  # warm-up, as for the others
     t = time.perf_counter()
@@ -109,9 +112,9 @@ def _child(run: str, dims: int, out: str) -> int:
     return 0
 
 
-def _previous(src: str, run: Path, dims: int, out: Path):
+def _previous(src: str, run, scan_name: str, out: Path):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
-    cmd = [sys.executable, __file__, "--child", str(run), str(dims), str(out)]
+    cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"--previous {src}: the child failed:\n{done.stderr[-2000:]}")
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return _child(args.child[0], int(args.child[1]), args.child[2])
+        return _child(*args.child)
 
     import numpy as np
     import torch
@@ -148,8 +151,9 @@ def main(argv=None) -> int:
     if threads:
         os.environ["MTML_THREADS"] = str(threads)  # load_ensemble applies the thread rule
         torch.set_num_threads(threads)
-    scans = {2: load_sample("chest_xray"), 3: load_sample("mni152_t1")}
+    scan_names = {2: "chest_xray", 3: "mni152_t1"}
     setups = {2: ("cxr", (256, 256)), 3: ("mri", (80, 112, 80))}
+    builtin_scans = {"builtin-mni": "mni152_t1", "builtin-tumour": "brain_tumour_image"}
     makers = {
         "before": lambda run: _before(run, "cpu"),
         "float32": lambda run: load_ensemble(run, device="cpu"),
@@ -161,18 +165,27 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
-            dims, preset = int(case[0]), case.split("-")[1]
-            kind, frame = setups[dims]
-            run, n_params = _build_run(Path(tmp), dims, kind, frame, preset)
-            scan = scans[dims]
-            loads = {k: [] for k in names}
-            predicts = {k: [] for k in names}
+            if case in builtin_scans:
+                # the packaged 2D model on a whole volume (trained weights, slice by slice)
+                run, scan_name, preset = "builtin:brain-t1", builtin_scans[case], "builtin"
+                n_params = sum(p.numel() for p in load_ensemble(run).models[0].parameters())
+                label = f"2D builtin on {case.split('-')[1]}"
+            else:
+                dims, preset = int(case[0]), case.split("-")[1]
+                kind, frame = setups[dims]
+                run, n_params = _build_run(Path(tmp), dims, kind, frame, preset)
+                scan_name = scan_names[dims]
+                label = f"{dims}D {'x'.join(map(str, frame))}"
+            scan = load_sample(scan_name)
+            case_names = [n for n in names if not (n == "before" and preset == "builtin")]
+            loads = {k: [] for k in case_names}
+            predicts = {k: [] for k in case_names}
             maps = {}
             for _ in range(args.repeats):
-                for name in names:
+                for name in case_names:
                     if name == "previous":
                         out = Path(tmp) / "previous.npy"
-                        load_s, predict_s = _previous(args.previous, run, dims, out)
+                        load_s, predict_s = _previous(args.previous, run, scan_name, out)
                         loads[name].append(load_s)
                         predicts[name].append(predict_s)
                         maps[name] = np.load(out)
@@ -186,13 +199,13 @@ def main(argv=None) -> int:
                     predicts[name].append(time.perf_counter() - t)
                     maps[name] = pred.anomaly
                     del ens
-            for name in names:
+            for name in case_names:
                 diff = ""
                 if name in ("bfloat16", "previous") and "float32" in maps:
                     diff = f"{float(np.abs(maps[name] - maps['float32']).max()):.3f}"
                 rows.append(
                     (
-                        f"{dims}D {'x'.join(map(str, frame))}",
+                        label,
                         preset,
                         n_params / 1e6,
                         name,
