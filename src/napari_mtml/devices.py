@@ -395,10 +395,10 @@ class ThreadWatch:
 
     def __init__(self, workers: int = 0, every_s: float = 5.0) -> None:
         pinned = _env_threads() is not None or bool(os.environ.get("OMP_NUM_THREADS", "").strip())
-        self.active = workers == 0 and not pinned and _cpu_times() is not None
+        self._mark = (_cpu_times(), _own_cpu_seconds(), time.monotonic())
+        self.active = workers == 0 and not pinned and self._mark[0] is not None
         self.workers = int(workers)
         self.every_s = float(every_s)
-        self._mark = (_cpu_times(), _own_cpu_seconds(), time.monotonic())
 
     def check(self) -> int | None:
         """The thread count set when a measurement was due (else None)."""

@@ -43,7 +43,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["keep_freed_memory", "heap_control_available"]
+__all__ = ["keep_freed_memory", "keep_freed_memory_while_training", "heap_control_available"]
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -108,3 +108,10 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
                 lib.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
                 lib.malloc_trim(0)
+
+
+def keep_freed_memory_while_training(device_type: str, dims: int | None):
+    """`keep_freed_memory` as training uses it, for a fold and for the budget's warm-up that
+    times its steps alike: on the CPU and for 3D models only (2D activations stay under
+    glibc's mmap threshold, see the module docstring)."""
+    return keep_freed_memory(device_type == "cpu" and dims == 3)

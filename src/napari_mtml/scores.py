@@ -44,13 +44,21 @@ _TOP_FRACTION = 0.01
 _TOP_MIN = 10
 
 
-def _values(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    heat = np.asarray(heat, dtype=np.float32)
+def _mask_for(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """`mask` as bool of `heat`'s shape (ValueError otherwise), None for none."""
     if mask is None:
-        return heat.ravel()
+        return None
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != heat.shape:
         raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
+    return mask
+
+
+def _values(heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float32)
+    mask = _mask_for(heat, mask)
+    if mask is None:
+        return heat.ravel()
     return heat[mask] if mask.any() else heat.ravel()
 
 
@@ -97,10 +105,7 @@ def _smoothed_peak(heat: np.ndarray, mask: np.ndarray | None, spacing) -> float:
     the Gaussian's reach (scipy's: 4 sigma): every value inside the box sees the same
     neighbours as on the whole map, or the same edge of the map, so the peak is the same; a
     brain inside a head volume is a fraction of it."""
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != heat.shape:
-            raise ValueError(f"mask of shape {mask.shape} does not match the map's {heat.shape}")
+    mask = _mask_for(heat, mask)
     tight = None if mask is None else bounding_box(mask)
     if tight is None:  # no mask, or an empty one: the whole map
         return float(smoothed_map(heat, spacing).max())

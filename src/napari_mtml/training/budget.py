@@ -125,7 +125,7 @@ def measure_costs(
     """
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
     from napari_mtml.devices import apply_thread_rule, autocast_dtype
-    from napari_mtml.heap import keep_freed_memory
+    from napari_mtml.heap import keep_freed_memory_while_training
     from napari_mtml.training.step import train_step
 
     apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
@@ -144,8 +144,8 @@ def measure_costs(
     setup_s = time.perf_counter() - t0
     amp = autocast_dtype(device)
     times: list[float] = []
-    # the fold's allocator set-up too (3D on the CPU): it makes those steps ~1.4x faster
-    with keep_freed_memory(device.type == "cpu" and cfg.dims == 3):
+    # the fold's allocator set-up too: it makes 3D CPU steps ~1.4x faster
+    with keep_freed_memory_while_training(device.type, cfg.dims):
         try:
             model.train()
             for i in range(max_steps + 2):

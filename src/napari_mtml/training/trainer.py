@@ -44,7 +44,7 @@ from napari_mtml.data import (
     make_validation_set,
 )
 from napari_mtml.devices import ThreadWatch, apply_thread_rule, autocast_dtype, pick_device
-from napari_mtml.heap import keep_freed_memory
+from napari_mtml.heap import keep_freed_memory_while_training
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
     check_frame,
@@ -258,7 +258,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
             fold_run = dataclasses.replace(run, cfg=fold_cfg)
         t_fold = time.perf_counter()
         # 3D on the CPU: activations reuse freed pages instead of faulting new ones in (heap.py)
-        with keep_freed_memory(device.type == "cpu" and fold_run.cfg.dims == 3):
+        with keep_freed_memory_while_training(device.type, fold_run.cfg.dims):
             finished.append((yield from _train_fold(fold_run, split)))
         pace.last_s = time.perf_counter() - t_fold
     if dist.main:
