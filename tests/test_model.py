@@ -300,3 +300,65 @@ def test_in_place_norm_matches_instance_norm_and_gelu():
         ours = (_instance_norm_gelu_(h.clone(), norm).double() - truth).abs().max()
         torchs = (F.gelu(norm(h)).double() - truth).abs().max()
     assert ours <= 3 * torchs + 1e-6  # a one-pass variance: 2000x worse here
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 5, 7, 4), (2, 2, 1, 3, 2), (3, 4, 6, 5), (1, 1, 1, 1)],
+)
+def test_upsample2_cat_equals_interpolate_then_cat(shape):
+    # the decoder's joined input without a graph: x2 (bi|tri)linear upsampling, align_corners
+    # False, then the skip; sizes of one included (the edge repeated)
+    from napari_mtml.model import _upsample2_cat
+
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(*shape, generator=gen)
+    skip = torch.randn(shape[0], 5, *(2 * s for s in shape[2:]), generator=gen)
+    mode = "trilinear" if len(shape) == 5 else "bilinear"
+    want = torch.cat(
+        [F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False), skip], dim=1
+    )
+    got = _upsample2_cat(h, skip)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_direct_onednn_only_for_3d_float32_without_a_graph():
+    from napari_mtml.model import _conv_nd, _direct_onednn
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 1, 3, 3, 3, generator=gen)
+    b = torch.randn(6, generator=gen)
+    # a batch of one with one channel: torch's own choice is its reference convolution
+    x = torch.randn(1, 1, 8, 10, 6, generator=gen)
+    with torch.inference_mode():
+        assert torch.backends.mkldnn.is_available() == _direct_onednn(x, w)
+        torch.testing.assert_close(
+            _conv_nd(x, w, b), F.conv3d(x, w, b, padding=1), rtol=1e-5, atol=1e-5
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _direct_onednn(x, w)  # autocast keeps torch's dispatch
+        assert not _direct_onednn(x[:, :, 0], w[:, :, 0])  # 2D: torch's choice
+        assert not _direct_onednn(x.double(), w.double())
+    wg = w.clone().requires_grad_(True)
+    assert not _direct_onednn(x, wg)  # training
+    # strided (the first conv of a stage) too
+    x4 = torch.randn(1, 4, 8, 10, 6, generator=gen)
+    w4 = torch.randn(5, 4, 3, 3, 3, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _conv_nd(x4, w4, None, stride=2),
+            F.conv3d(x4, w4, None, stride=2, padding=1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_3d_batch_of_one_without_a_graph_equals_the_graph_forward():
+    # a batch of one is where torch's dispatch and the direct oneDNN call differ
+    net = _tiny(3, (16, 24, 16), depth=4, max_features=32)
+    x = torch.randn(1, 1, 16, 24, 16, generator=torch.Generator().manual_seed(5))
+    with_graph = net(x)
+    with torch.inference_mode():
+        without = net(x)
+    torch.testing.assert_close(without, with_graph.detach(), rtol=1e-4, atol=1e-4)
