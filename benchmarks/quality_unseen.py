@@ -271,6 +271,8 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
         "kinds": list(args.kinds),
         "severities": list(args.severities),
         "source": _source_hash(),
+        # only when asked, so that the T1 data keep their cache key
+        **({"contrast": args.contrast} if args.contrast != "t1" else {}),
     }
 
 
@@ -354,6 +356,8 @@ def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict
         items = json.loads(manifest.read_text())["items"]
         print(f"  reusing the data in {folder} ({len(items)} volumes)")
         return folder, items
+    if settings.get("contrast", "t1") != "t1":
+        return _other_contrast(work, settings, folder)
     tmp = work / f".data-{key}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -407,6 +411,35 @@ def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict
         )
         if (n + 1) % 10 == 0 or n + 1 == len(items):
             print(f"  {n + 1}/{len(items)} volumes ({time.perf_counter() - t0:.0f} s)", flush=True)
+    (tmp / "manifest.json").write_text(
+        json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder, items
+
+
+def _other_contrast(work: Path, settings: dict[str, Any], folder: Path):
+    """The T1 data set of `settings` with every head's contrast inverted (`contrast =
+    "inverted"`): inside the head mask `p - v` for the head's 99.5th percentile `p` (clipped at
+    0), 0 outside. CSF, cavities and the stroke turn bright and white matter dark, as in a T2
+    image: a contrast the built-in T1 model never saw. Masks and lesions are the T1 set's."""
+    base = {k: v for k, v in settings.items() if k != "contrast"}
+    t1_folder, items = generate_data(work, base)
+    tmp = work / f".{folder.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for item in items:
+        name = item["name"]
+        scan = _read(t1_folder / f"{name}.nii.gz")
+        head = _load_masks(t1_folder / f"{name}_masks.npz")["head"]
+        image = np.asarray(scan.array, dtype=np.float32)
+        top = float(np.percentile(image[head], 99.5))
+        inverted = np.where(head, np.clip(top - image, 0.0, None), 0.0).astype(np.float32)
+        _write_volume(tmp / f"{name}.nii.gz", inverted, scan.spacing)
+        shutil.copy2(t1_folder / f"{name}_masks.npz", tmp / f"{name}_masks.npz")
     (tmp / "manifest.json").write_text(
         json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
     )
@@ -1233,6 +1266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="a tiny version end to end (2 mm data, a few steps): checks the harness",
+    )
+    p.add_argument(
+        "--contrast",
+        choices=("t1", "inverted"),
+        default="t1",
+        help="'inverted': every head's contrast inverted (T2-like; the built-in model is T1)",
     )
     p.add_argument("--skip-tumour", action="store_true")
     p.add_argument("--only-tumour", action="store_true")

@@ -129,3 +129,70 @@ def test_fine_tuning_from_the_builtin_model_takes_its_settings(tmp_path):
     base = load_fold_weights(FOLDER, 0)
     for k in base:  # one step at a vanishing rate: still the built-in weights
         torch.testing.assert_close(tuned[k].float(), base[k].float(), atol=1e-5, rtol=0)
+
+
+def _disc_slices(n=8, size=64):
+    from napari_mtml.data import HealthyCollection
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    fg = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < (size * 0.4) ** 2
+    return HealthyCollection.from_arrays(
+        [(rng.normal(size=fg.shape) * fg).astype(np.float32) for _ in range(n)], [fg] * n
+    )
+
+
+def _one_step(tmp_path, name, **kwargs):
+    from napari_mtml.training import train
+    from napari_mtml.training.events import Notice
+
+    cfg = TrainConfig(
+        out=str(tmp_path / name),
+        fold=0,
+        max_steps=1,
+        batch_size=2,
+        lr=1e-12,
+        warmup_start=1.0,
+        val_size=4,
+        device="cpu",
+        seed=2,
+        **kwargs,
+    )
+    notices = [e.text for e in train(cfg, collection=_disc_slices()) if isinstance(e, Notice)]
+    return cfg, TrainConfig.from_json(tmp_path / name / "config.json"), notices
+
+
+def test_auto_init_starts_mri_slices_with_the_small_recipe_from_the_builtin_model(tmp_path):
+    # init="auto" is the default: MRI read as 2D slices with the CPU's small recipe is the
+    # built-in model's own network, so every fold starts from it, and the run says so
+    cfg, saved, notices = _one_step(tmp_path, "auto", kind="mri")
+    assert cfg.init == "auto"
+    assert saved.init == "builtin:brain-t1"
+    assert any("builtin:brain-t1" in t and "--init none" in t for t in notices)
+    tuned = torch.load(tmp_path / "auto" / "fold_0" / "best.pt", weights_only=True)["model"]
+    base = load_fold_weights(FOLDER, 0)
+    for k in base:
+        torch.testing.assert_close(tuned[k].float(), base[k].float(), atol=1e-5, rtol=0)
+    # resuming keeps the choice the run made (a changed init would refuse to resume)
+    _, again, notices = _one_step(tmp_path, "auto", kind="mri", resume=True)
+    assert again.init == "builtin:brain-t1" and not any("builtin:" in t for t in notices)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"kind": "mri", "init": "none"},  # asked for scratch
+        {"kind": "mri", "base_features": 4},  # another network
+        {"kind": "cxr"},  # not a brain
+    ],
+)
+def test_auto_init_trains_from_scratch_otherwise(tmp_path, settings):
+    _, saved, notices = _one_step(tmp_path, "scratch", **settings)
+    assert saved.init is None
+    assert not any("builtin:" in t for t in notices)
+    if settings.get("base_features") is None:
+        # the same network, not started from the built-in weights
+        tuned = torch.load(tmp_path / "scratch" / "fold_0" / "best.pt", weights_only=True)
+        base = load_fold_weights(FOLDER, 0)
+        k = next(iter(base))
+        assert not torch.allclose(tuned["model"][k].float(), base[k].float(), atol=1e-3)

@@ -195,6 +195,7 @@ def test_defaults_train_the_recipe_for_the_device_to_a_time_budget(make_napari_v
     config = widget.config()
     assert (config.recipe, config.time_budget, config.max_steps) == ("auto", 900.0, None)
     assert config.preset is None and config.batch_size is None and config.val_interval is None
+    assert config.init == "auto"  # the built-in model where it fits, decided with the data
     widget.init_edit.setText("builtin:brain-t1")
     widget.preset_combo.setCurrentText("small")
     config = widget.config()

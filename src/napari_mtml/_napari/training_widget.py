@@ -175,8 +175,12 @@ class TrainingWidget(QWidget):
             "(13.9 M / 29.1 M parameters)"
         )
         self.init_edit = QLineEdit()
-        self.init_edit.setPlaceholderText("from scratch (or builtin:brain-t1, or a run folder)")
-        self.init_edit.setToolTip("fine-tune: each fold starts from that run's fold")
+        self.init_edit.setPlaceholderText("auto (or builtin:brain-t1, a run folder, none)")
+        self.init_edit.setToolTip(
+            "fine-tune: each fold starts from that run's fold. auto: from the built-in brain "
+            "model for MRI with the small recipe (a CPU's), else from scratch; none: from "
+            "scratch"
+        )
         self.brain_combo = QComboBox()
         self.brain_combo.addItems([BRAIN_HEAD, BRAIN_AUTO])
         self.brain_combo.setToolTip(
@@ -356,7 +360,7 @@ class TrainingWidget(QWidget):
             max_steps=self.steps_spin.value() or None,
             time_budget=60.0 * self.time_spin.value() or None,
             recipe=self.recipe_combo.currentText(),
-            init=self.init_edit.text().strip() or None,
+            init=self.init_edit.text().strip() or "auto",
             brain_mask="auto" if self.brain_combo.currentText() == BRAIN_AUTO else None,
             batch_size=self.batch_spin.value() or None,
             val_interval=self.val_spin.value() or None,

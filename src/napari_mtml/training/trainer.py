@@ -195,6 +195,9 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
     if config.resume and config.time_budget is not None:
         config = _saved_plan(config)
     cfg = config.resolve(collection.dims, kind, collection.frame, device.type)
+    config, cfg, init_notice = _auto_init(config, cfg, collection, kind, model_factory is not None)
+    if init_notice:
+        notices.append(init_notice)
     if external is None and cfg.external:
         external = HealthyCollection.from_paths(
             cfg.external,
@@ -283,10 +286,64 @@ _INIT_SETTINGS = (
 )
 
 
+def _explicit_init(config: TrainConfig) -> str | None:
+    """`config.init` as a run to load now: None for scratch, "none" and "auto" (decided
+    once the data is read, `_auto_init`)."""
+    init = config.init
+    if init is None or str(init).strip().lower() in ("none", "auto"):
+        return None
+    return init
+
+
+def _auto_init(
+    config: TrainConfig,
+    cfg: TrainConfig,
+    collection: HealthyCollection,
+    kind: str,
+    custom_factory: bool,
+) -> tuple[TrainConfig, TrainConfig, str | None]:
+    """Resolve `init="auto"` once the data is read: the built-in brain model (`AUTO_INIT`)
+    when it is the very network this run would train (MRI read as 2D slices, the same U-Net
+    settings: the small recipe a CPU gets), else from scratch. Returns both configs with
+    `init` set (the run's config.json records the choice, so `--max-steps` replays it) and a
+    notice, or None when nothing was chosen."""
+    from napari_mtml.config import AUTO_INIT
+
+    choice = None if config.init is None else str(config.init).strip().lower()
+    if choice == "none":
+        return config.replace(init=None), cfg.replace(init=None), None
+    if choice != "auto":
+        return config, cfg, None
+    saved_path = Path(config.out) / "config.json"
+    if config.resume and saved_path.is_file():  # what the run chose when it started
+        chosen = TrainConfig.from_json(saved_path).init
+        return config.replace(init=chosen), cfg.replace(init=chosen), None
+    chosen = None
+    if not custom_factory and kind == "mri" and collection.dims == 2:
+        from napari_mtml.builtin import resolve_run
+
+        saved = TrainConfig.from_json(resolve_run(AUTO_INIT) / "config.json")
+        theirs = saved.resolve(2, "mri", tuple(saved.frame), "cpu").model_kwargs()
+        mine = cfg.model_kwargs()
+        keys = ("dims", "base_features", "max_features", "depth", "pos_encoding")
+        if all(mine[k] == theirs[k] for k in keys):
+            chosen = AUTO_INIT
+    config, cfg = config.replace(init=chosen), cfg.replace(init=chosen)
+    if chosen is None:
+        return config, cfg, None
+    return (
+        config,
+        cfg,
+        f"note: every fold starts from the built-in model {chosen} (--init auto, the default "
+        "for MRI with this recipe; minutes of fine-tuning beat a longer run from scratch, "
+        "on T1 and on other contrasts); --init none trains from scratch",
+    )
+
+
 def _with_init(config: TrainConfig) -> TrainConfig:
     """A config fine-tuning from `config.init` (a run folder or builtin:NAME) takes that run's
     model and preprocessing settings where it leaves them unset."""
-    if not config.init:
+    if not _explicit_init(config):
         return config
     from napari_mtml.builtin import resolve_run
 
