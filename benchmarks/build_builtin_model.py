@@ -166,6 +166,8 @@ def main(argv=None) -> int:
         str(run),
         "--recipe",
         "small",
+        "--init",
+        "none",  # from scratch, not from the model this rebuilds
         "--brain-mask",
         str(masks),
         "--external",

@@ -101,6 +101,7 @@ def main(argv=None) -> int:
             frame=frame,
             kind="mri",
             recipe="paper",
+            init=None,
             preset="light",
             base_features=args.base_features,
             depth=args.depth,

@@ -334,7 +334,7 @@ def _auto_init(
     return (
         config,
         cfg,
-        f"note: every fold starts from the built-in model {chosen} (--init auto, the default "
+        f"every fold starts from the built-in model {chosen} (--init auto, the default "
         "for MRI with this recipe; minutes of fine-tuning beat a longer run from scratch, "
         "on T1 and on other contrasts); --init none trains from scratch",
     )
