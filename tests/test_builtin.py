@@ -196,3 +196,13 @@ def test_auto_init_trains_from_scratch_otherwise(tmp_path, settings):
         base = load_fold_weights(FOLDER, 0)
         k = next(iter(base))
         assert not torch.allclose(tuned["model"][k].float(), base[k].float(), atol=1e-3)
+
+
+def test_auto_init_without_the_builtin_model_trains_from_scratch_and_says_so(tmp_path, monkeypatch):
+    # an installation that lacks the model's files still trains
+    import napari_mtml.config
+
+    monkeypatch.setattr(napari_mtml.config, "AUTO_INIT", "builtin:not-installed")
+    _, saved, notices = _one_step(tmp_path, "missing", kind="mri")
+    assert saved.init is None
+    assert any("builtin:not-installed is unavailable" in t for t in notices)

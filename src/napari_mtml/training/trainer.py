@@ -322,8 +322,13 @@ def _auto_init(
     if not custom_factory and kind == "mri" and collection.dims == 2:
         from napari_mtml.builtin import resolve_run
 
-        saved = TrainConfig.from_json(resolve_run(AUTO_INIT) / "config.json")
-        theirs = saved.resolve(2, "mri", tuple(saved.frame), "cpu").model_kwargs()
+        try:
+            saved = TrainConfig.from_json(resolve_run(AUTO_INIT) / "config.json")
+            theirs = saved.resolve(2, "mri", tuple(saved.frame), "cpu").model_kwargs()
+        except (OSError, ValueError) as exc:  # an installation without the model's files
+            config, cfg = config.replace(init=None), cfg.replace(init=None)
+            notice = f"the built-in model {AUTO_INIT} is unavailable ({exc}): training from scratch"
+            return config, cfg, notice
         mine = cfg.model_kwargs()
         keys = ("dims", "base_features", "max_features", "depth", "pos_encoding")
         if all(mine[k] == theirs[k] for k in keys):
