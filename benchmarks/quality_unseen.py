@@ -345,6 +345,27 @@ def plan_items(settings: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
+def _partial(folder: Path) -> Path:
+    """An empty folder beside `folder` to write a data set into (`_publish` moves it)."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, folder: Path, settings: dict[str, Any], items: list[dict[str, Any]]):
+    """Write the manifest into the finished `tmp` and move it to `folder` (a data set exists
+    only once complete); returns (folder, items)."""
+    (tmp / "manifest.json").write_text(
+        json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder, items
+
+
 def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     """Generate (or reuse) the data set of `settings` under `work`; returns (folder, items)."""
     from napari_mtml.variants import make_variant
@@ -358,10 +379,7 @@ def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict
         return folder, items
     if settings.get("contrast", "t1") != "t1":
         return _other_contrast(work, settings, folder)
-    tmp = work / f".data-{key}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _partial(folder)
     template = _template(settings["quick"])
     items = plan_items(settings)
     t0 = time.perf_counter()
@@ -411,13 +429,7 @@ def generate_data(work: Path, settings: dict[str, Any]) -> tuple[Path, list[dict
         )
         if (n + 1) % 10 == 0 or n + 1 == len(items):
             print(f"  {n + 1}/{len(items)} volumes ({time.perf_counter() - t0:.0f} s)", flush=True)
-    (tmp / "manifest.json").write_text(
-        json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
-    )
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder, items
+    return _publish(tmp, folder, settings, items)
 
 
 def _other_contrast(work: Path, settings: dict[str, Any], folder: Path):
@@ -427,10 +439,7 @@ def _other_contrast(work: Path, settings: dict[str, Any], folder: Path):
     image: a contrast the built-in T1 model never saw. Masks and lesions are the T1 set's."""
     base = {k: v for k, v in settings.items() if k != "contrast"}
     t1_folder, items = generate_data(work, base)
-    tmp = work / f".{folder.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _partial(folder)
     for item in items:
         name = item["name"]
         scan = _read(t1_folder / f"{name}.nii.gz")
@@ -440,13 +449,7 @@ def _other_contrast(work: Path, settings: dict[str, Any], folder: Path):
         inverted = np.where(head, np.clip(top - image, 0.0, None), 0.0).astype(np.float32)
         _write_volume(tmp / f"{name}.nii.gz", inverted, scan.spacing)
         shutil.copy2(t1_folder / f"{name}_masks.npz", tmp / f"{name}_masks.npz")
-    (tmp / "manifest.json").write_text(
-        json.dumps({"settings": settings, "items": items}, indent=1) + "\n"
-    )
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder, items
+    return _publish(tmp, folder, settings, items)
 
 
 # --------------------------------------------------------------------------------------------

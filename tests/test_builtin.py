@@ -100,30 +100,7 @@ def test_cli_predict_takes_a_builtin_name(tmp_path, capsys):
 
 
 def test_fine_tuning_from_the_builtin_model_takes_its_settings(tmp_path):
-    from napari_mtml.data import HealthyCollection
-    from napari_mtml.training import train
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:64, :64]
-    fg = (yy - 32) ** 2 + (xx - 32) ** 2 < 26**2
-    col = HealthyCollection.from_arrays(
-        [(rng.normal(size=fg.shape) * fg).astype(np.float32) for _ in range(8)], [fg] * 8
-    )
-    cfg = TrainConfig(
-        out=str(tmp_path / "tuned"),
-        fold=0,
-        max_steps=1,
-        batch_size=2,
-        init="builtin:brain-t1",
-        lr=1e-12,
-        warmup_start=1.0,
-        val_size=4,
-        device="cpu",
-        seed=2,
-    )
-    for _ in train(cfg, collection=col):
-        pass
-    saved = TrainConfig.from_json(tmp_path / "tuned" / "config.json")
+    _, saved, _ = _one_step(tmp_path, "tuned", init="builtin:brain-t1")
     assert saved.init == "builtin:brain-t1" and saved.preset == "small"
     tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
     base = load_fold_weights(FOLDER, 0)
