@@ -481,7 +481,7 @@ class TrainConfig:
         "auto", "fine-tune from a trained run folder or a built-in model (builtin:brain-t1); "
         "auto (default): from builtin:brain-t1 for MRI with the small recipe (a CPU's), else "
         "from scratch; none: from scratch",
-        flag="--init", metavar="RUN")
+        flag="--init", metavar="auto|none|RUN")
     # model
     preset: str | None = _setting(
         None, "U-Net preset: the paper's widths, light (half), or small (8-64, for CPUs)",
