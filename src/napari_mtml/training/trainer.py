@@ -286,13 +286,16 @@ _INIT_SETTINGS = (
 )
 
 
+def _init_keyword(config: TrainConfig) -> str | None:
+    """The keyword `config.init` is ("auto" or "none", any case), else None."""
+    word = None if config.init is None else str(config.init).strip().lower()
+    return word if word in ("auto", "none") else None
+
+
 def _explicit_init(config: TrainConfig) -> str | None:
     """`config.init` as a run to load now: None for scratch, "none" and "auto" (decided
     once the data is read, `_auto_init`)."""
-    init = config.init
-    if init is None or str(init).strip().lower() in ("none", "auto"):
-        return None
-    return init
+    return None if _init_keyword(config) else config.init
 
 
 def _auto_init(
@@ -309,7 +312,7 @@ def _auto_init(
     notice, or None when nothing was chosen."""
     from napari_mtml.config import AUTO_INIT
 
-    choice = None if config.init is None else str(config.init).strip().lower()
+    choice = _init_keyword(config)
     if choice == "none":
         return config.replace(init=None), cfg.replace(init=None), None
     if choice != "auto":
