@@ -23,19 +23,12 @@ set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the
   (e.g. the last release), run in a child process with that `src` first on `PYTHONPATH`, in the
   same rounds as the others, with the largest difference of its map from this float32 one.
 
-`--in-batch`: every set-up predicts the scan twice inside one `heap.keep_freed_memory()` (as
-`mtml predict RUN A B ...` and the widget's batch prediction do since issue 11's last changes:
-the heap is kept from one input to the next) and the second is timed: the time of every input
-after the first of a batch. Without it each prediction hands its memory back on return (one
-scan at a time), so the next one faults its pages in again.
-
 Goals (issue 11, 2 threads): 3D paper <= 6 s, 3D light <= 2.5 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -99,16 +92,7 @@ def _before(run, device):
     )
 
 
-def _protocol(in_batch: bool):
-    """The context the warm-up and the timed prediction run in (see `--in-batch`)."""
-    if not in_batch:
-        return contextlib.nullcontext()
-    from napari_mtml.heap import keep_freed_memory
-
-    return keep_freed_memory()
-
-
-def _child(run: str, scan_name: str, out: str, in_batch: str = "0") -> int:
+def _child(run: str, scan_name: str, out: str) -> int:
     """Time one set-up in this process (the `--previous` checkout's package)."""
     import numpy as np
 
@@ -119,19 +103,18 @@ def _child(run: str, scan_name: str, out: str, in_batch: str = "0") -> int:
     t = time.perf_counter()
     ens = load_ensemble(run, device="cpu")
     load = time.perf_counter() - t
-    with _protocol(in_batch == "1"):
-        ens.predict(scan)  # warm-up, as for the others
-        t = time.perf_counter()
-        pred = ens.predict(scan)
-        predict = time.perf_counter() - t
+    ens.predict(scan)  # warm-up, as for the others
+    t = time.perf_counter()
+    pred = ens.predict(scan)
+    predict = time.perf_counter() - t
     np.save(out, pred.anomaly)
     print(json.dumps({"load": load, "predict": predict}))
     return 0
 
 
-def _previous(src: str, run, scan_name: str, out: Path, in_batch: bool):
+def _previous(src: str, run, scan_name: str, out: Path):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
-    cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out), str(int(in_batch))]
+    cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"--previous {src}: the child failed:\n{done.stderr[-2000:]}")
@@ -153,12 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--previous", default=None, help="another checkout's src folder, timed side by side"
     )
-    parser.add_argument(
-        "--in-batch",
-        action="store_true",
-        help="time an input after the first of a batch (the heap kept between inputs)",
-    )
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(*args.child)
@@ -207,9 +185,7 @@ def main(argv=None) -> int:
                 for name in case_names:
                     if name == "previous":
                         out = Path(tmp) / "previous.npy"
-                        load_s, predict_s = _previous(
-                            args.previous, run, scan_name, out, args.in_batch
-                        )
+                        load_s, predict_s = _previous(args.previous, run, scan_name, out)
                         loads[name].append(load_s)
                         predicts[name].append(predict_s)
                         maps[name] = np.load(out)
@@ -217,11 +193,10 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     ens = makers[name](run)
                     loads[name].append(time.perf_counter() - t)
-                    with _protocol(args.in_batch):
-                        ens.predict(scan)  # warm-up (allocator, oneDNN kernels)
-                        t = time.perf_counter()
-                        pred = ens.predict(scan)
-                        predicts[name].append(time.perf_counter() - t)
+                    ens.predict(scan)  # warm-up (allocator, oneDNN kernels)
+                    t = time.perf_counter()
+                    pred = ens.predict(scan)
+                    predicts[name].append(time.perf_counter() - t)
                     maps[name] = pred.anomaly
                     del ens
             for name in case_names:
@@ -245,8 +220,7 @@ def main(argv=None) -> int:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
-        f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}; "
-        + ("an input after the first of a batch" if args.in_batch else "one scan at a time")
+        f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
     )
     print("| frame | preset | M params | set-up | load s | predict s (min-max) | max abs diff |")
     print("|---|---|---|---|---|---|---|")

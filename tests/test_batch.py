@@ -103,30 +103,6 @@ def test_closing_early_writes_the_scores_of_what_is_done(ensemble, tmp_path):
     assert not (out / "s1_anomaly.nii.gz").exists()
 
 
-def test_the_heap_is_kept_between_inputs_and_handed_back(ensemble, tmp_path, monkeypatch):
-    # a batch keeps glibc's freed memory from one input to the next (the next 3D prediction
-    # reuses the pages of the last) and restores the allocator when it ends or is closed
-    from napari_mtml import heap
-
-    if not heap.heap_control_available():
-        pytest.skip("no glibc heap control here")
-    paths = [_disc(tmp_path / f"s{i}.nii.gz", i) for i in range(3)]
-    assert heap._depth == 0
-    gen = predict_batch(ensemble, paths, tmp_path / "a", png=False)
-    next(gen)
-    assert heap._depth == 1  # held between the inputs (predict's own has returned)
-    assert len(list(gen)) == 2
-    assert heap._depth == 0
-    gen = predict_batch(ensemble, paths, tmp_path / "b", png=False)
-    next(gen)
-    gen.close()  # cancelled
-    assert heap._depth == 0
-    single = predict_batch(ensemble, paths[:1], tmp_path / "c", png=False)
-    next(single)
-    assert heap._depth == 0  # one input: nothing to keep
-    single.close()
-
-
 def test_refusals_before_any_input_is_read(ensemble, tmp_path):
     a = _disc(tmp_path / "x.nii.gz", 0)
     (tmp_path / "sub").mkdir()

@@ -24,7 +24,6 @@ closed early, so no half-written table is ever left.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io as _io
 import os
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from napari_mtml.files import check_output_folder, safe_name, write_atomic
-from napari_mtml.heap import keep_freed_memory
 from napari_mtml.io import IMAGE_SUFFIXES, image_files, image_name
 
 __all__ = [
@@ -277,12 +275,7 @@ def _run(
     errors = _input_errors()
     total = len(paths)
     result = BatchResult(out_dir=out, items=[], scores_csv=out / "scores.csv")
-    # The heap is kept from one input to the next (napari_mtml.heap): the next prediction
-    # reuses the pages of the last instead of faulting them in again; handed back at the end.
-    held = contextlib.ExitStack()
     try:
-        if total > 1:
-            held.enter_context(keep_freed_memory())
         for index, (source, name) in enumerate(zip(paths, names, strict=True)):
             path = Path(name) if _in_memory(source) else source  # what the item names
             anomaly_path = out / f"{name}_anomaly.nii.gz"
@@ -342,7 +335,6 @@ def _run(
             result.items.append(item)
             yield item
     finally:
-        held.close()
         # Also on gen.close() (cancel) and on an unexpected error: the table of what succeeded.
         _write_scores(result.scores_csv, result.items)
     return result
