@@ -302,58 +302,6 @@ def test_in_place_norm_matches_instance_norm_and_gelu():
     assert ours <= 3 * torchs + 1e-6  # a one-pass variance: 2000x worse here
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 3, 20, 30, 41)])
-def test_channels_last_norm_matches_instance_norm_and_gelu(shape):
-    # 3D inference runs channels-last; the second shape spans several of the norm's chunks
-    from napari_mtml.model import _NORM_CHUNK, _instance_norm_gelu_, _layout
-
-    if shape[0] == 1:
-        assert shape[2] * shape[3] * shape[4] > _NORM_CHUNK
-    gen = torch.Generator().manual_seed(12)
-    c = shape[1]
-    norm = torch.nn.InstanceNorm3d(c, affine=True)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        norm.bias.copy_(torch.randn(c, generator=gen))
-        h = torch.randn(*shape, generator=gen) * 2.0 + 0.7
-        last = h.contiguous(memory_format=torch.channels_last_3d)
-        assert _layout(last) is torch.channels_last_3d
-        got = _instance_norm_gelu_(last, norm)
-        assert got.data_ptr() == last.data_ptr()  # in place, the layout kept
-        assert _layout(got) is torch.channels_last_3d
-        torch.testing.assert_close(got, F.gelu(norm(h)), rtol=1e-5, atol=1e-5)
-
-
-def test_layout_of_one_channel_and_2d_tensors_is_plain():
-    from napari_mtml.model import _layout
-
-    assert _layout(torch.zeros(1, 1, 4, 5, 6)) is torch.contiguous_format
-    one = torch.zeros(1, 1, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
-    assert _layout(one) is torch.contiguous_format  # the same memory either way
-    assert _layout(torch.zeros(2, 3, 4, 5)) is torch.contiguous_format
-
-
-def test_head_of_a_channels_last_tensor():
-    net = _tiny(3, (16, 16, 24))
-    h = torch.randn(2, net.widths[0], 16, 16, 24, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        last = h.contiguous(memory_format=torch.channels_last_3d)
-        torch.testing.assert_close(net._head(last), net.head(h), rtol=1e-5, atol=1e-5)
-
-
-def test_3d_inference_runs_channels_last_and_training_does_not():
-    net = _tiny(3, (16, 16, 24))
-    x = torch.randn(1, 1, 16, 16, 24)
-    assert not net._channels_last(x)  # a graph: torch's own dispatch
-    with torch.inference_mode():
-        assert net._channels_last(x) == torch.backends.mkldnn.is_available()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not net._channels_last(x)
-    net2 = _tiny(2, (32, 48))
-    with torch.inference_mode():
-        assert not net2._channels_last(torch.randn(1, 1, 32, 48))
-
-
 @pytest.mark.parametrize(
     "shape",
     [(1, 3, 5, 7, 4), (2, 2, 1, 3, 2), (3, 4, 6, 5), (1, 1, 1, 1)],
@@ -373,13 +321,6 @@ def test_upsample2_cat_equals_interpolate_then_cat(shape):
     got = _upsample2_cat(h, skip)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    if len(shape) == 5 and shape[1] > 1:  # channels-last in, channels-last out
-        last = _upsample2_cat(
-            h.contiguous(memory_format=torch.channels_last_3d),
-            skip.contiguous(memory_format=torch.channels_last_3d),
-        )
-        assert last.is_contiguous(memory_format=torch.channels_last_3d)
-        torch.testing.assert_close(last, want, rtol=1e-6, atol=1e-6)
 
 
 def test_direct_onednn_only_for_3d_float32_without_a_graph():

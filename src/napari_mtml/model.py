@@ -145,11 +145,6 @@ class _ConvNormAct(nn.Sequential):
         )
         super().__init__(OrderedDict(conv=conv, norm=norm, act=nn.GELU()))
 
-    def _channels_last(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs channels-last (3D float32 inference on oneDNN: its
-        convolutions run 1.1-2.4x faster on channels-last tensors than on plain ones)."""
-        return self.dims == 3 and _direct_onednn(x, self.encoder[0][0].conv.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         return self.norm_act(_conv_nd(x, conv.weight, conv.bias, conv.stride[0]))
@@ -199,12 +194,8 @@ def _upsample2_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     written straight into the joined tensor (torch's trilinear kernel and the separate copy of
     `cat` took 0.3 s of a 5-fold 3D light prediction). Float rounding apart, the same values."""
     c = h.shape[1]
-    layout = _layout(h)
     joined = torch.empty(
-        (h.shape[0], c + skip.shape[1], *skip.shape[2:]),
-        dtype=h.dtype,
-        device=h.device,
-        memory_format=layout,
+        (h.shape[0], c + skip.shape[1], *skip.shape[2:]), dtype=h.dtype, device=h.device
     )
     joined[:, c:].copy_(skip)
     x = h
@@ -216,7 +207,7 @@ def _upsample2_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         else:
             shape = list(x.shape)
             shape[axis] = 2 * n
-            out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
         pairs = out.unflatten(axis, (n, 2))
         even, odd = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
         if n > 1:
@@ -244,8 +235,6 @@ def _instance_norm_gelu_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     activation each wrote a new tensor (a 5-fold 3D light prediction spent 0.6 s in them).
     The same function to float32 rounding: mean first, then the biased variance of the centred
     values, as `torch.instance_norm` computes them."""
-    if _layout(h) is not torch.contiguous_format:
-        return _instance_norm_gelu_last_(h, norm)
     spatial = tuple(range(2, h.ndim))
     shape = (1, -1) + (1,) * (h.ndim - 2)
     h.sub_(h.mean(spatial, keepdim=True))
@@ -254,45 +243,6 @@ def _instance_norm_gelu_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     scale = torch.rsqrt(var.add_(norm.eps)).mul_(norm.weight.view(shape))
     h.mul_(scale).add_(norm.bias.view(shape))
     return torch.ops.aten.gelu_(h)
-
-
-_NORM_CHUNK = 16384
-
-
-def _layout(h: torch.Tensor) -> torch.memory_format:
-    """``torch.channels_last_3d`` for a 5-D tensor stored channels-last (and not also plain
-    contiguous, as one channel is), else ``torch.contiguous_format``."""
-    if (
-        h.ndim == 5
-        and not h.is_contiguous()
-        and h.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _channels_minor(h: torch.Tensor) -> torch.Tensor:
-    """A channels-last 5-D tensor as the ``(batch, voxels, channels)`` view of its memory."""
-    return h.permute(0, 2, 3, 4, 1).reshape(h.shape[0], -1, h.shape[1])
-
-
-def _instance_norm_gelu_last_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """`_instance_norm_gelu_` for a channels-last tensor, on the ``(batch, voxels, channels)``
-    view of its memory: torch's reductions over the spatial axes of a channels-last tensor are
-    up to 15x slower than over a plain one, so the mean is a matrix product with ones and the
-    sum of squares is taken over chunks of voxels (each chunk's squares stay in cache)."""
-    v = _channels_minor(h)
-    b, n, c = v.shape
-    ones = torch.ones((1, 1, n), dtype=v.dtype, device=v.device)
-    v.sub_(torch.matmul(ones, v).div_(n))
-    squares = torch.zeros((b, 1, c), dtype=v.dtype, device=v.device)
-    for start in range(0, n, _NORM_CHUNK):
-        part = v[:, start : start + _NORM_CHUNK]
-        squares.add_(part.square().sum(1, keepdim=True))
-    scale = torch.rsqrt(squares.div_(n).add_(norm.eps)).mul_(norm.weight.view(1, 1, -1))
-    v.mul_(scale).add_(norm.bias.view(1, 1, -1))
-    torch.ops.aten.gelu_(v)
-    return h
 
 
 class UNet(nn.Module):
@@ -540,10 +490,6 @@ class UNet(nn.Module):
         term = self._encoding_term(conv.weight)
         if image_term.requires_grad or image_term.dtype != term.dtype:
             return image_term + term
-        if self._channels_last(x):
-            # the sum written channels-last: the next convolution's layout, in the same pass
-            out = torch.empty_like(image_term, memory_format=torch.channels_last_3d)
-            return torch.add(image_term, term, out=out)
         return image_term.add_(term)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -551,17 +497,9 @@ class UNet(nn.Module):
         conv to one channel ran at 0.5 GFLOPS, 45 ms of a 3D light forward against 5)."""
         weight = self.head.weight
         b, c = h.shape[:2]
-        if _layout(h) is not torch.contiguous_format:
-            out = torch.matmul(_channels_minor(h), weight.reshape(c, 1).to(h.dtype))
-            return out.reshape(b, 1, *h.shape[2:])
         flat = h.reshape(b, c, -1)
         out = torch.matmul(weight.reshape(1, c).to(flat.dtype), flat)
         return out.reshape(b, 1, *h.shape[2:])
-
-    def _channels_last(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs channels-last (3D float32 inference on oneDNN: its
-        convolutions run 1.1-2.4x faster on channels-last tensors than on plain ones)."""
-        return self.dims == 3 and _direct_onednn(x, self.encoder[0][0].conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *frame)`` -> ``(B, 1, *frame)`` anomaly map (unbounded regression output)."""
@@ -571,10 +509,7 @@ class UNet(nn.Module):
         for s, stage in enumerate(self.encoder):
             if s == 0:
                 first = stage[0]
-                h = self._first_conv(x)
-                if self._channels_last(x) and _layout(h) is torch.contiguous_format:
-                    h = h.contiguous(memory_format=torch.channels_last_3d)
-                h = first.norm_act(h)
+                h = first.norm_act(self._first_conv(x))
                 h = stage[1](h)
             else:
                 h = stage(h)
