@@ -1094,6 +1094,16 @@ def print_synthetic(res: dict[str, Any]) -> None:
             )
             cells.append(f"{s} {vals}")
         print(f"  {m:<8}" + " | ".join(cells))
+    protocols = [p for p in PROTOCOLS if f"volume:{p}" in res["sample"]["model"]["brain"]["mean"]]
+    print("volume AUROC (brain) per protocol (" + ", ".join(protocols) + "), within it:")
+    for m in METHODS:
+        cells = []
+        for s in SCORES:
+            vals = " ".join(
+                _f(res["sample"][m]["brain"][s][f"volume:{p}"].get("auroc"), 5) for p in protocols
+            )
+            cells.append(f"{s} {vals}")
+        print(f"  {m:<8}" + " | ".join(cells))
     n_pos = res["sample"]["model"]["brain"]["mean"]["volume"]["n_pos"]
     n = res["sample"]["model"]["brain"]["mean"]["volume"]["n"]
     sl = res["sample"]["model"]["brain"]["mean"]["slice"]
