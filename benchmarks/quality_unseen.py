@@ -1085,25 +1085,10 @@ def print_synthetic(res: dict[str, Any]) -> None:
                 + "".join(f"{c:>16}" for c in cells[2:])
             )
     print("volume AUROC (brain) per severity, lesioned of that severity vs healthy:")
-    for m in METHODS:
-        cells = []
-        for s in SCORES:
-            vals = " ".join(
-                _f(res["sample"][m]["brain"][s].get(f"volume:{sv}", {}).get("auroc"), 5)
-                for sv in sevs
-            )
-            cells.append(f"{s} {vals}")
-        print(f"  {m:<8}" + " | ".join(cells))
+    _print_volume_aurocs(res, sevs)
     protocols = [p for p in PROTOCOLS if f"volume:{p}" in res["sample"]["model"]["brain"]["mean"]]
     print("volume AUROC (brain) per protocol (" + ", ".join(protocols) + "), within it:")
-    for m in METHODS:
-        cells = []
-        for s in SCORES:
-            vals = " ".join(
-                _f(res["sample"][m]["brain"][s][f"volume:{p}"].get("auroc"), 5) for p in protocols
-            )
-            cells.append(f"{s} {vals}")
-        print(f"  {m:<8}" + " | ".join(cells))
+    _print_volume_aurocs(res, protocols)
     n_pos = res["sample"]["model"]["brain"]["mean"]["volume"]["n_pos"]
     n = res["sample"]["model"]["brain"]["mean"]["volume"]["n"]
     sl = res["sample"]["model"]["brain"]["mean"]["slice"]
@@ -1111,6 +1096,19 @@ def print_synthetic(res: dict[str, Any]) -> None:
         f"({n_pos} lesioned and {n - n_pos} healthy volumes; {sl['n_pos']} lesioned and "
         f"{sl['n'] - sl['n_pos']} healthy slices)"
     )
+
+
+def _print_volume_aurocs(res: dict[str, Any], groups: list[str]) -> None:
+    """One line per method: every score's volume AUROC (brain) within each of `groups`."""
+    for m in METHODS:
+        cells = []
+        for s in SCORES:
+            vals = " ".join(
+                _f(res["sample"][m]["brain"][s].get(f"volume:{g}", {}).get("auroc"), 5)
+                for g in groups
+            )
+            cells.append(f"{s} {vals}")
+        print(f"  {m:<8}" + " | ".join(cells))
 
 
 def _yes(flag: bool) -> str:
