@@ -67,6 +67,13 @@ def main(argv=None) -> int:
         if args.names
         else [n for n, it in items.items() if it["role"] == "healthy"]
     )
+    for name in names:
+        if name not in items:
+            raise SystemExit(f"{name}: no such volume in {folder}")
+        if items[name]["kind"] is not None:
+            raise SystemExit(
+                f"{name}: a lesioned volume; give healthy, calibration or training volumes"
+            )
     template = qu._template(settings["quick"])
     seed = settings["seed"]
     rows = []
