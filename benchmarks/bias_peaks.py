@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,11 +41,6 @@ def _data_folder(work: Path, data: str | None) -> Path:
         if manifest.is_file() and "contrast" not in json.loads(manifest.read_text())["settings"]:
             return folder
     raise SystemExit(f"no quality_unseen data set in {work}: run quality_unseen.py --work first")
-
-
-def _brain_peak(anomaly: np.ndarray, brain: np.ndarray, spacing) -> float:
-    smooth = ndimage.gaussian_filter(anomaly.astype(np.float32), [2.0 / s for s in spacing])
-    return float(smooth[brain].max())
 
 
 def main(argv=None) -> int:
@@ -81,16 +75,17 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for label in ("with", "without"):
             (tmp / label).mkdir()
-        spreads = {}
+        spreads, spacings = {}, {}
         for name in names:
             item = items[name]
             spacing, thickness, skull = qu._protocol_geometry(
                 item["protocol"], qu._rng(seed, *item["keys"], 0), settings["quick"]
             )
             images = {}
-            for label, scanner in (("with", VariantSettings()), ("without", None)):
-                if scanner is None:
-                    scanner = VariantSettings(bias_range=(0.0, 0.0))
+            for label, scanner in (
+                ("with", VariantSettings()),
+                ("without", VariantSettings(bias_range=(0.0, 0.0))),
+            ):
                 v = make_variant(
                     template,
                     qu._rng(seed, *item["keys"], 1, item["attempt"]),
@@ -107,6 +102,7 @@ def main(argv=None) -> int:
             brain = images["without"].brain
             ratio = images["with"].image[brain] / np.maximum(images["without"].image[brain], 1e-3)
             spreads[name] = np.percentile(ratio, [1, 99])
+            spacings[name] = images["with"].spacing
         for label in ("with", "without"):
             qu.predict(
                 args.run,
@@ -115,13 +111,14 @@ def main(argv=None) -> int:
                 [],
             )
         for name in names:
-            masks = qu._load_masks(folder / f"{name}_masks.npz")
-            spacing = qu._read(folder / f"{name}.nii.gz").spacing
+            brain = qu._load_masks(folder / f"{name}_masks.npz")["brain"]
             peaks = [
-                _brain_peak(
-                    qu._read(tmp / f"pred-{label}" / f"{name}_anomaly.nii.gz").array,
-                    masks["brain"],
-                    spacing,
+                # quality_unseen's max_smooth score inside the brain
+                float(
+                    qu.smoothed(
+                        qu._read(tmp / f"pred-{label}" / f"{name}_anomaly.nii.gz").array,
+                        spacings[name],
+                    )[brain].max()
                 )
                 for label in ("with", "without")
             ]
