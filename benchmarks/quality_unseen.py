@@ -506,6 +506,7 @@ def run_steps(run: Path) -> dict[str, Any]:
             "lr",
             "dims",
             "preset",
+            "bias_correction",
         ):
             if k in cfg:
                 out[k] = cfg[k]

@@ -447,6 +447,7 @@ TRAIN_FLAGS = {
     "--spacing": "spacing",
     "--downsample": "downsample",
     "--brain-mask": "brain_mask",
+    "--bias-correction": "bias_correction",
     "--lr": "lr",
     "--lr-schedule": "lr_schedule",
     "--ema": "ema",

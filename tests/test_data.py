@@ -126,7 +126,16 @@ def _fake_io(monkeypatch, shapes):
         return SimpleNamespace(array=np.ones(shapes[path.name], np.float32))
 
     def frame(
-        scan, path, kind, dims, frame, downsample, spacing=None, foreground=None, placement=None
+        scan,
+        path,
+        kind,
+        dims,
+        frame,
+        downsample,
+        spacing=None,
+        foreground=None,
+        placement=None,
+        bias_correction="none",
     ):
         arr = scan.array
         if arr.ndim == 3 and dims == 2:

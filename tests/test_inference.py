@@ -255,3 +255,27 @@ def test_predictions_keep_freed_memory_while_they_run(tmp_path, rng, monkeypatch
         ]
         assert calls[-1] == ("trim", 0) and calls.count(("trim", 0)) == 1  # nested: once
         assert heap._depth == 0
+
+
+def test_a_run_trained_with_bias_correction_predicts_with_it(tmp_path, rng, monkeypatch):
+    """The run's `bias_correction` is applied to every scan it predicts, as in training."""
+    import napari_mtml.preprocess as preprocess
+
+    calls = []
+    real = preprocess.correct_bias
+
+    def spy(array, foreground, spacing, **options):
+        calls.append(array.shape)
+        return real(array, foreground, spacing, **options)
+
+    monkeypatch.setattr(preprocess, "correct_bias", spy)
+    img = disc_image((40, 36), rng)
+    plain = load_ensemble(make_run(tmp_path, bias_correction="none"), device="cpu")
+    assert plain.bias_correction == "none"
+    plain.predict_array(img)
+    assert calls == []
+    (tmp_path / "b").mkdir()
+    corrected = load_ensemble(make_run(tmp_path / "b", bias_correction="poly"), device="cpu")
+    assert corrected.bias_correction == "poly"
+    corrected.predict_array(img)
+    assert calls == [img.shape]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_mtml.anomalies.tasks import TaskParams as _TaskParams
+from napari_mtml.bias import BIAS_CORRECTIONS
 
 __all__ = [
     "TrainConfig",
@@ -373,6 +374,11 @@ class TrainConfig:
         where the synthetic anomalies go in heads with the skull on: "auto" = an
         automatic brain mask (`napari_mtml.brainmask`, the `brain` extra), or a folder of
         masks named like the scans (NAME[_mask].nii.gz); unset = the head.
+    bias_correction
+        MRI: "poly" divides every scan (trained on and predicted) by its estimated bias
+        field before the z-score (`napari_mtml.bias`); "auto" (default) skull-stripped scans
+        only (with the skull on, the estimator takes skull and scalp for a field); "none"
+        leaves intensities as read (and runs saved before the setting existed).
     lr
         peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
     warmup_steps, warmup_start
@@ -514,6 +520,11 @@ class TrainConfig:
         "= an automatic brain mask (needs the brain extra: pip install 'napari-mtml[brain]'), "
         "or a folder of masks named like the scans (NAME[_mask].nii.gz)",
         flag="--brain-mask", metavar="auto|DIR")
+    bias_correction: str = _setting(
+        "auto", "MRI: divide every scan by its estimated scanner bias field before the "
+        "z-score: auto (default) on skull-stripped scans only, poly on every scan, none; the "
+        "run keeps it, so predictions are corrected the same way",
+        choices=BIAS_CORRECTIONS, flag="--bias-correction")
     # optimisation
     lr: float | None = _setting(None, "peak learning rate", kind=float, flag="--lr")
     lr_schedule: str | None = _setting(
@@ -779,6 +790,8 @@ class TrainConfig:
                 f"{type(data).__name__}"
             )
         _check_names(data, name)
+        # a run saved before the setting existed was trained on scans as read
+        data.setdefault("bias_correction", "none")
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:

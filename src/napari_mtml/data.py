@@ -315,6 +315,7 @@ class HealthyCollection:
         spacing: float | None = None,
         multiple: int | dict[int, int] = 16,
         brain_mask: str | Path | None = None,
+        bias_correction: str = "none",
     ) -> HealthyCollection:
         """Read healthy scans from files/folders and bring each into the model's frame.
 
@@ -335,6 +336,8 @@ class HealthyCollection:
             (`napari_mtml.brainmask`; heads with the skull on), the image keeps its head; a
             folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images keep
             their foreground.
+        bias_correction : {"none", "poly"}
+            MRI: divide each scan by its estimated bias field first (`to_frame`).
 
         Returns
         -------
@@ -390,6 +393,7 @@ class HealthyCollection:
                 spacing,
                 foregrounds.pop(path, None),
                 placement,
+                bias_correction,
             )
             if single_slice:
                 array, fg = array[0], None if fg is None else fg[0]
@@ -650,6 +654,7 @@ def _frame_scan(
     spacing: float | None = None,
     foreground=None,
     placement=None,
+    bias_correction: str = "none",
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
     foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
@@ -665,6 +670,7 @@ def _frame_scan(
             downsample=downsample,
             spacing=spacing,
             foreground=foreground,
+            bias_correction=bias_correction,
         )
     except ValueError as exc:
         msg = str(exc)

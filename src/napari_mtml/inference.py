@@ -313,6 +313,8 @@ class Ensemble:
         self.spacing = spacing
         self.fixed_frame = bool(fixed_frame)
         self.min_foreground = float((config or {}).get("min_foreground", 0.05) or 0.0)
+        #: MRI preprocessing the run trained with (`TrainConfig.bias_correction`)
+        self.bias_correction = str((config or {}).get("bias_correction") or "none")
         self.folds = tuple(folds) if folds is not None else tuple(range(len(self.models)))
         self.device = resolve_device(device)
         self.run_dir = run_dir
@@ -481,6 +483,7 @@ class Ensemble:
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         resample = {"downsample": self.downsample, "spacing": self.spacing}
+        bias = {"bias_correction": self.bias_correction}
         frame = self.frame
         kind = self.kind
         try:
@@ -496,7 +499,13 @@ class Ensemble:
                 if len(need) == len(frame):
                     frame = tuple(max(a, b) for a, b in zip(frame, need, strict=True))
             frames, frame_fg, transform = to_frame(
-                scan, kind=kind, dims=self.dims, frame=frame, foreground=foreground, **resample
+                scan,
+                kind=kind,
+                dims=self.dims,
+                frame=frame,
+                foreground=foreground,
+                **resample,
+                **bias,
             )
         except FrameFitError as exc:
             res = (

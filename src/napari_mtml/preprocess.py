@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mtml.anomalies.boxes import bounding_box
+from napari_mtml.bias import BIAS_CORRECTIONS, correct_bias
 from napari_mtml.io import Scan
 
 __all__ = [
@@ -232,6 +233,13 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Foreground
 # --------------------------------------------------------------------------------------------
+def looks_skull_stripped(array: np.ndarray) -> bool:
+    """True when at least `STRIPPED_BACKGROUND_FRACTION` of the voxels hold exactly the
+    minimum value: a background set to one value by skull-stripping (or masking)."""
+    array = np.asarray(array)
+    return bool(np.mean(array == array.min()) >= STRIPPED_BACKGROUND_FRACTION)
+
+
 def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarray:
     """The anatomy to z-score over and to place anomalies on: bool, `scan.array`'s shape.
 
@@ -284,8 +292,7 @@ def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarra
         if kind == "cxr":
             method = "all"
         else:
-            lo = arr.min()
-            method = "nonzero" if np.mean(arr == lo) >= STRIPPED_BACKGROUND_FRACTION else "head"
+            method = "nonzero" if looks_skull_stripped(arr) else "head"
     if method == "all":
         return np.ones(arr.shape, dtype=bool)
     if method == "nonzero":
@@ -417,6 +424,7 @@ def to_frame(
     foreground=None,
     spacing: float | None = None,
     multiple: int = 16,
+    bias_correction: str = "none",
 ):
     """Bring a scan into the model's frame (see the module docstring for both pipelines).
 
@@ -436,6 +444,11 @@ def to_frame(
         replaces `downsample` (the factor per axis becomes `spacing / scan.spacing`, so scans of
         any voxel size arrive at one physical scale). Ignored for CXR.
     multiple : the size multiple of a fitted frame (a U-Net of depth d needs 2**(d-1)).
+    bias_correction : MRI: "poly" divides the scan by its bias field estimated inside the
+        foreground (`napari_mtml.bias.correct_bias`) before the z-score; "auto" does so for
+        skull-stripped scans only (`looks_skull_stripped`: with the skull on, the estimator
+        takes the partial volume of skull and scalp for a field); "none" (default).
+        Ignored for CXR.
 
     Returns
     -------
@@ -470,6 +483,11 @@ def to_frame(
         kind = infer_kind(scan)
     if kind not in ("mri", "cxr"):
         raise ValueError(f"kind must be 'mri', 'cxr' or 'auto'; got {kind!r}.")
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(
+            f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}; "
+            f"got {bias_correction!r}."
+        )
     if dims is None:
         dims = scan.ndim
     if dims not in (2, 3):
@@ -503,7 +521,7 @@ def to_frame(
         foreground = fg
         frame = fit_frame(_content(fg, factors, stacked), multiple)
     frame = _plain_frame(frame, dims, MRI_FRAME_2D if dims == 2 else MRI_FRAME_3D)
-    return _mri_to_frame(scan, frame, factors, stacked, foreground, name)
+    return _mri_to_frame(scan, frame, factors, stacked, foreground, name, bias_correction)
 
 
 def mri_factors(
@@ -617,10 +635,12 @@ def _content(fg: np.ndarray, factors, stacked: bool) -> tuple[int, ...]:
     return tuple(int(math.ceil((b - a) / s)) for (a, b), s in zip(box, factors, strict=True))
 
 
-def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name):
+def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias="none"):
     arr = scan.array
     fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
     _check_foreground(fg, name)
+    if bias == "poly" or (bias == "auto" and looks_skull_stripped(arr)):
+        arr = correct_bias(arr, fg, scan.spacing)
     values = arr[fg].astype(np.float64)
     mean, std = float(values.mean()), float(values.std())
     if not std > 0:

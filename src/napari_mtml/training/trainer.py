@@ -183,6 +183,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
             min_foreground=config.min_foreground,
             multiple=_multiple(config),
             brain_mask=config.brain_mask if config.brain_mask != "none" else None,
+            bias_correction=config.bias_correction,
             **config.resample,
         )
     if config.dims is not None and collection.dims != config.dims:
@@ -206,6 +207,7 @@ def _train_run(config, collection, external, model_factory, dist, device, cpu_no
             frame="fit" if cfg.fit_frame else cfg.frame,
             min_foreground=cfg.min_foreground,
             multiple=_multiple(cfg),
+            bias_correction=cfg.bias_correction,
             **cfg.resample,
         )
     if external is not None and external.dims != collection.dims:
