@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_unseen as qu
 
 
-def _data_folder(work: Path, data: str | None) -> Path:
+def data_folder(work: Path, data: str | None) -> Path:
     if data:
         return work / data
     for folder in sorted(work.glob("data-*")):
@@ -41,6 +41,31 @@ def _data_folder(work: Path, data: str | None) -> Path:
         if manifest.is_file() and "contrast" not in json.loads(manifest.read_text())["settings"]:
             return folder
     raise SystemExit(f"no quality_unseen data set in {work}: run quality_unseen.py --work first")
+
+
+def regenerate(template, seed: int, quick: bool, item: dict) -> dict:
+    """{"with": variant, "without": variant}: one non-lesioned volume of a quality_unseen data
+    set from its own seeds, as generated and with its bias field turned off (the bias draws
+    from its own random stream, so pose, warp, contrast and noise stay as they were)."""
+    from napari_mtml.variants import VariantSettings, make_variant
+
+    spacing, thickness, skull = qu._protocol_geometry(
+        item["protocol"], qu._rng(seed, *item["keys"], 0), quick
+    )
+    return {
+        label: make_variant(
+            template,
+            qu._rng(seed, *item["keys"], 1, item["attempt"]),
+            spacing=spacing,
+            thickness=thickness,
+            skull=skull,
+            settings=scanner,
+        )
+        for label, scanner in (
+            ("with", VariantSettings()),
+            ("without", VariantSettings(bias_range=(0.0, 0.0))),
+        )
+    }
 
 
 def main(argv=None) -> int:
@@ -51,9 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--names", default=None, help="comma-separated volumes (default: healthy)")
     args = parser.parse_args(argv)
 
-    from napari_mtml.variants import VariantSettings, make_variant
-
-    folder = _data_folder(Path(args.work), args.data)
+    folder = data_folder(Path(args.work), args.data)
     manifest = json.loads((folder / "manifest.json").read_text())
     settings, items = manifest["settings"], {it["name"]: it for it in manifest["items"]}
     names = (
@@ -78,23 +101,8 @@ def main(argv=None) -> int:
         spreads, spacings = {}, {}
         for name in names:
             item = items[name]
-            spacing, thickness, skull = qu._protocol_geometry(
-                item["protocol"], qu._rng(seed, *item["keys"], 0), settings["quick"]
-            )
-            images = {}
-            for label, scanner in (
-                ("with", VariantSettings()),
-                ("without", VariantSettings(bias_range=(0.0, 0.0))),
-            ):
-                v = make_variant(
-                    template,
-                    qu._rng(seed, *item["keys"], 1, item["attempt"]),
-                    spacing=spacing,
-                    thickness=thickness,
-                    skull=skull,
-                    settings=scanner,
-                )
-                images[label] = v
+            images = regenerate(template, seed, settings["quick"], item)
+            for label, v in images.items():
                 qu._write_volume(tmp / label / f"{name}.nii.gz", v.image, v.spacing)
             saved = qu._read(folder / f"{name}.nii.gz").array
             if not np.array_equal(images["with"].image, saved):

@@ -142,8 +142,8 @@ def test_to_frame_corrects_only_when_asked():
 
 
 def test_auto_corrects_skull_stripped_scans_only():
-    """ "auto": a scan whose background is one value (skull-stripped) is corrected, a head
-    with a noisy background (the skull on) is left as read."""
+    """ "auto": a scan whose background is one value (skull-stripped) is corrected as "poly"
+    corrects it; a head with a noisy background (the skull on) is left as read."""
     image, head, (z, y, x) = head_phantom()
     biased = (image * np.exp(0.4 * y)).astype(np.float32)
     noisy = biased + np.abs(np.random.default_rng(0).normal(0, 2, biased.shape)).astype(np.float32)

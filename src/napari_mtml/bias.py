@@ -10,8 +10,8 @@ log_field = estimate_bias(volume, foreground, spacing)              # log of the
 Why: the smooth-intensity task teaches the model that a smooth change of brightness is an
 anomaly, and a receive coil's bias field is one (a ratio of 0.8-1.4 across a brain is common).
 On held-out healthy volumes the highest peaks of the map were those of the strongest fields
-(`benchmarks/bias_peaks.py`). `TrainConfig.bias_correction = "poly"` preprocesses the training
-scans and every scan predicted with this correction.
+(`benchmarks/bias_peaks.py`). `TrainConfig.bias_correction` ("auto" by default) applies this
+correction to the training scans and to every scan the run predicts.
 
 Model: `log I = tissue + b + noise`, with `b` a polynomial of total degree `degree` in the
 coordinates (Legendre products, the coordinates scaled to [-1, 1] over the foreground's bounding
@@ -19,19 +19,24 @@ box). Inside one tissue the gradient of `log I` is the gradient of `b`; at tissu
 much larger. So the log image is averaged in blocks of about `grid_mm` mm and smoothed by
 `smooth_mm` (both inside the foreground only), its gradient is taken by central differences
 where a block and its neighbours lie wholly inside, and the polynomial's gradient is fitted to
-it by least squares, `rounds` times, each time leaving out the blocks whose residual is more than
-`cut` times the median (the edges between tissues, lesions, vessels). A gradient fit needs no
-tissue classes: a class model fitted in turn with the field (tried first) mistook up to half of a
-strong field for tissue. The field is then evaluated on the whole grid (separably, one axis at a
-time), limited to the range it takes on the fitted blocks, and shifted to a mean of 0 over the
-foreground, so the corrected image keeps the original's overall brightness.
+it by least squares, `rounds` times, each time leaving out the blocks whose residual is more
+than `cut` times the median (the edges between tissues, lesions, vessels). A gradient fit needs
+no tissue classes: a class model fitted in turn with the field (tried first) left 56 % of the
+field added (below), mistaking the rest for tissue. The field is then evaluated on the whole
+grid (separably, one axis at a time), limited to the range it takes on the fitted blocks, and
+shifted to a mean of 0 over the foreground, so the corrected image keeps the original's overall
+brightness.
 
-On held-out-free training variants of the packaged MNI152 with a known field (the generator's
-`bias_range`), the correction takes out about 80 % of the field added (the field estimated on a
-volume minus the one estimated on the same volume without bias, against the field added). It
-also flattens the template's own slow variation, the same way on every scan. The field is smooth
-by construction: a cubic over a head cannot follow a lesion, so correction does not erase what
-the model must find.
+Measured by `benchmarks/bias_fit.py` on the 16 training variants of
+`benchmarks/quality_unseen.py` (the packaged MNI152 with a known random field, the generator's
+`bias_range`), each estimated with and without its field: the difference of the two estimates
+leaves about 22 % of the field added (cubic; 59 % for a linear field). The estimate also
+flattens the template's own slow variation, the same way on every scan. With the skull on in 5-6
+mm slices, a cubic bends to the partial volume of skull, scalp and cortex into a dome of up to
+2.7x across the brain (the same dome on every such scan, but a distortion); a linear field
+cannot, but trained on, it lowered the maps' AP with the skull on (README), which is why "auto"
+corrects skull-stripped scans only. The field is smooth by construction: it cannot follow a
+lesion, so correction does not erase what the model must find.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from scipy import ndimage
 
 __all__ = ["correct_bias", "estimate_bias", "BIAS_CORRECTIONS"]
 
-#: the values of `TrainConfig.bias_correction`: "none"; "poly" (this module's estimator on
-#: every MRI scan); "auto" (on skull-stripped scans only, `preprocess.looks_skull_stripped`)
+#: the values of `TrainConfig.bias_correction`: "none"; "poly" (this module's field on every
+#: MRI scan); "auto" (on skull-stripped scans only, `preprocess.looks_skull_stripped`)
 BIAS_CORRECTIONS = ("none", "poly", "auto")
 
 _MIN_BLOCKS_PER_TERM = 10

@@ -376,8 +376,8 @@ class TrainConfig:
         masks named like the scans (NAME[_mask].nii.gz); unset = the head.
     bias_correction
         MRI: "poly" divides every scan (trained on and predicted) by its estimated bias
-        field before the z-score (`napari_mtml.bias`); "auto" (default) skull-stripped scans
-        only (with the skull on, the estimator takes skull and scalp for a field); "none"
+        field before the z-score (`napari_mtml.bias`); "auto" (default): skull-stripped
+        scans only (with the skull on, the fit takes skull and scalp for a field); "none"
         leaves intensities as read (and runs saved before the setting existed).
     lr
         peak learning rate, None = 1e-3 (3D) / 5e-3 (2D).
@@ -522,8 +522,8 @@ class TrainConfig:
         flag="--brain-mask", metavar="auto|DIR")
     bias_correction: str = _setting(
         "auto", "MRI: divide every scan by its estimated scanner bias field before the "
-        "z-score: auto (default) on skull-stripped scans only, poly on every scan, none; the "
-        "run keeps it, so predictions are corrected the same way",
+        "z-score: auto (default: skull-stripped scans only), poly (every scan), none; the run "
+        "keeps it, so predictions are corrected the same way",
         choices=BIAS_CORRECTIONS, flag="--bias-correction")
     # optimisation
     lr: float | None = _setting(None, "peak learning rate", kind=float, flag="--lr")

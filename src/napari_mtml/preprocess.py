@@ -446,9 +446,8 @@ def to_frame(
     multiple : the size multiple of a fitted frame (a U-Net of depth d needs 2**(d-1)).
     bias_correction : MRI: "poly" divides the scan by its bias field estimated inside the
         foreground (`napari_mtml.bias.correct_bias`) before the z-score; "auto" does so for
-        skull-stripped scans only (`looks_skull_stripped`: with the skull on, the estimator
-        takes the partial volume of skull and scalp for a field); "none" (default).
-        Ignored for CXR.
+        skull-stripped scans only (`looks_skull_stripped`: with the skull on, the fit takes
+        skull and scalp for a field); "none" (default). Ignored for CXR.
 
     Returns
     -------
@@ -639,6 +638,9 @@ def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias="n
     arr = scan.array
     fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
     _check_foreground(fg, name)
+    # "auto": with the skull on, the fit takes the partial volume of skull, scalp and cortex
+    # for a field (a dome of up to 2.7x in 5-6 mm slices); a linear field avoids the dome but
+    # lowered the maps' AP (benchmarks/quality_unseen.py, README), so such scans stay as read
     if bias == "poly" or (bias == "auto" and looks_skull_stripped(arr)):
         arr = correct_bias(arr, fg, scan.spacing)
     values = arr[fg].astype(np.float64)
