@@ -336,8 +336,9 @@ class HealthyCollection:
             (`napari_mtml.brainmask`; heads with the skull on), the image keeps its head; a
             folder: the masks of the same NAME there (`batch.mask_dir_lookup`); 2D images keep
             their foreground.
-        bias_correction : {"none", "poly"}
-            MRI: divide each scan by its estimated bias field first (`to_frame`).
+        bias_correction : {"none", "auto", "poly"}
+            MRI: divide each scan by its estimated bias field first (`to_frame`; "auto":
+            skull-stripped scans only).
 
         Returns
         -------

@@ -483,7 +483,6 @@ class Ensemble:
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         resample = {"downsample": self.downsample, "spacing": self.spacing}
-        bias = {"bias_correction": self.bias_correction}
         frame = self.frame
         kind = self.kind
         try:
@@ -504,8 +503,8 @@ class Ensemble:
                 dims=self.dims,
                 frame=frame,
                 foreground=foreground,
+                bias_correction=self.bias_correction,
                 **resample,
-                **bias,
             )
         except FrameFitError as exc:
             res = (
