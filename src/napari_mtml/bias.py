@@ -48,6 +48,8 @@ import numpy as np
 from numpy.polynomial import legendre
 from scipy import ndimage
 
+from napari_mtml.anomalies.boxes import bounding_box
+
 __all__ = ["correct_bias", "estimate_bias", "BIAS_CORRECTIONS"]
 
 #: the values of `TrainConfig.bias_correction`: "none"; "poly" (this module's field on every
@@ -73,15 +75,6 @@ def _check(array: np.ndarray, foreground, spacing) -> tuple[np.ndarray, np.ndarr
     if len(sp) != array.ndim or not all(s > 0 and math.isfinite(s) for s in sp):
         raise ValueError(f"spacing {spacing} must give one positive mm value per axis")
     return array, fg, sp
-
-
-def _extent(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[lo, hi) per axis of the True voxels (from the axis projections: no index arrays)."""
-    out = []
-    for d in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(e for e in range(mask.ndim) if e != d)))
-        out.append((int(hit[0]), int(hit[-1]) + 1))
-    return out
 
 
 def _terms(ndim: int, degree: int) -> list[tuple[int, ...]]:
@@ -204,8 +197,8 @@ def estimate_bias(
     region = fg & np.isfinite(array) & (array > 0)
     if not region.any():
         return out
-    box = _extent(region)
-    crop = tuple(slice(lo, hi) for lo, hi in box)
+    crop = bounding_box(region)
+    box = [(sl.start, sl.stop) for sl in crop]
     steps = tuple(max(1, int(round(grid_mm / s))) for s in sp)
     step_mm = tuple(st * s for st, s in zip(steps, sp, strict=True))
     inside = region[crop]
