@@ -117,7 +117,7 @@ def _fit_gradient(
         centre[tuple(edge)] = False
     terms = _terms(ndim, degree)
     idx = np.nonzero(centre)
-    if not terms or idx[0].size < _MIN_BLOCKS_PER_TERM * len(terms):
+    if idx[0].size < _MIN_BLOCKS_PER_TERM * len(terms):
         return None
     u = [c[i] for c, i in zip(coords, idx, strict=True)]
     values = [legendre.legvander(x, degree) for x in u]
@@ -269,7 +269,6 @@ def correct_bias(
     >>> bool(ratio.max() / ratio.min() < 1.05)
     True
     """
-    array, fg, _ = _check(array, foreground, spacing)
-    log_field = estimate_bias(array, fg, spacing, **options)
+    log_field = estimate_bias(array, foreground, spacing, **options)  # validates the input
     # the log field is 0 outside the foreground: a factor of exactly 1 there
     return np.asarray(array, dtype=np.float32) * np.exp(-log_field)

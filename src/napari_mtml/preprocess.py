@@ -634,14 +634,14 @@ def _content(fg: np.ndarray, factors, stacked: bool) -> tuple[int, ...]:
     return tuple(int(math.ceil((b - a) / s)) for (a, b), s in zip(box, factors, strict=True))
 
 
-def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias="none"):
+def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias_correction="none"):
     arr = scan.array
     fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
     _check_foreground(fg, name)
     # "auto": with the skull on, the fit takes the partial volume of skull, scalp and cortex
     # for a field (a dome of up to 2.7x in 5-6 mm slices); a linear field avoids the dome but
     # lowered the maps' AP (benchmarks/quality_unseen.py, README), so such scans stay as read
-    if bias == "poly" or (bias == "auto" and looks_skull_stripped(arr)):
+    if bias_correction == "poly" or (bias_correction == "auto" and looks_skull_stripped(arr)):
         arr = correct_bias(arr, fg, scan.spacing)
     values = arr[fg].astype(np.float64)
     mean, std = float(values.mean()), float(values.std())
