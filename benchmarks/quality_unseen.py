@@ -507,6 +507,7 @@ def run_steps(run: Path) -> dict[str, Any]:
             "dims",
             "preset",
             "bias_correction",
+            "bias_augment",
         ):
             if k in cfg:
                 out[k] = cfg[k]

@@ -196,3 +196,152 @@ def test_training_collections_are_corrected_when_asked(tmp_path):
         err_plain = np.abs(a.image - truth)[inside].mean()
         err_flat = np.abs(b.image - truth)[inside].mean()
         assert err_flat < 0.3 * err_plain
+
+
+# ------------------------------------------------------------------ bias fields as augmentation
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (24, 32, 28)])
+def test_random_fields_span_the_ratio_asked_and_keep_the_level(shape):
+    from napari_mtml.bias import random_bias_field
+
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(3, n - 5) for n in shape)] = True
+    ratios = []
+    for seed in range(30):
+        field = random_bias_field(shape, np.random.default_rng(seed), 0.5, mask=mask)
+        assert field.shape == shape and field.dtype == np.float32
+        inside = field[mask].astype(np.float64)
+        ratios.append(inside.max() / inside.min())
+        assert abs(np.log(inside).mean()) < 1e-5  # tilts the brightness, keeps its level
+        again = random_bias_field(shape, np.random.default_rng(seed), 0.5, mask=mask)
+        np.testing.assert_array_equal(field, again)  # one seed, one field
+    ratios = np.array(ratios)
+    assert ratios.min() >= 1.0 - 1e-5 and ratios.max() <= 1.5 + 1e-5
+    assert ratios.max() > 1.3 and ratios.min() < 1.2  # drawn across the range, not fixed
+    flat = random_bias_field(shape, np.random.default_rng(0), 0.0, mask=mask)
+    np.testing.assert_array_equal(flat, np.ones(shape, np.float32))
+
+
+def test_random_fields_are_smooth():
+    """A cubic over the mask's box: neighbouring voxels differ by a tiny fraction of the span."""
+    from napari_mtml.bias import random_bias_field
+
+    field = random_bias_field((64, 64), np.random.default_rng(3), 0.5)
+    log = np.log(field.astype(np.float64))
+    span = log.max() - log.min()
+    assert span > 0
+    assert np.abs(np.diff(log, axis=0)).max() < 0.15 * span
+    assert np.abs(np.diff(log, axis=1)).max() < 0.15 * span
+
+
+def test_random_field_input_is_checked():
+    from napari_mtml.bias import random_bias_field
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        random_bias_field((8,), rng, 0.4)
+    with pytest.raises(ValueError, match="max_ratio"):
+        random_bias_field((8, 8), rng, -0.1)
+    with pytest.raises(ValueError, match="mask of shape"):
+        random_bias_field((8, 8), rng, 0.4, mask=np.ones((8, 9), bool))
+
+
+def test_a_field_on_the_z_score_is_the_field_on_the_scan():
+    """`apply_bias_field(z, b, -mean/std)` equals the z-score (same mean and std) of the scan
+    multiplied by `b`; the frame's background stays 0."""
+    from napari_mtml.bias import apply_bias_field, random_bias_field
+
+    rng = np.random.default_rng(1)
+    raw = np.abs(rng.normal(100.0, 20.0, (48, 40)))
+    head = np.zeros(raw.shape, bool)
+    head[6:42, 5:35] = True
+    mean, std = raw[head].mean(), raw[head].std()
+    z = np.where(head, (raw - mean) / std, 0.0).astype(np.float32)
+    field = random_bias_field(raw.shape, rng, 0.5, mask=head)
+    out = apply_bias_field(z, field, -mean / std)
+    expected = np.where(head, (raw * field - mean) / std, 0.0)
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert not np.any(out[~head]) and out.dtype == np.float32
+    with pytest.raises(ValueError, match="does not match"):
+        apply_bias_field(z, field[:-1], 0.0)
+
+
+def _framed_collection(tmp_path, n=5):
+    import nibabel as nib
+
+    from napari_mtml.data import HealthyCollection
+
+    image, head, _ = head_phantom(shape=(20, 40, 36), rng=np.random.default_rng(0), noise=0.05)
+    files = []
+    for i in range(n):
+        files.append(tmp_path / f"h{i}.nii.gz")
+        scaled = (image * (1 + 0.1 * i)).astype(np.float32)
+        nib.save(nib.Nifti1Image(scaled.T.copy(), np.diag([2.0, 2.0, 2.0, 1.0])), files[-1])
+    collection = HealthyCollection.from_paths(
+        files, dims=2, frame=(48, 48), downsample=1, bias_correction="none"
+    )
+    return collection, image, head
+
+
+def test_collections_know_the_z_value_of_zero_intensity(tmp_path):
+    from napari_mtml.data import HealthyCollection
+
+    collection, image, head = _framed_collection(tmp_path)
+    values = image[head]
+    for s in collection.samples:
+        i = int(s.name.split("h")[1][0])
+        scaled = values * (1 + 0.1 * i)
+        assert s.zero == pytest.approx(-scaled.mean() / scaled.std(), rel=1e-4)
+    arrays = HealthyCollection.from_arrays(np.zeros((5, 16, 16), np.float32) + 1)
+    assert all(s.zero is None for s in arrays.samples)
+
+
+def test_training_items_carry_a_bias_field_only_when_asked(tmp_path):
+    """`bias_augment` changes the healthy image under the anomalies (deterministically per seed)
+    and leaves the background at 0; 0, or a sample without `zero`, leaves items as they were."""
+    from napari_mtml.data import HealthyCollection, SyntheticDataset
+
+    collection, _, _ = _framed_collection(tmp_path)
+    kw = {"tasks": [4], "seed": 7}
+    plain = SyntheticDataset(collection.samples, **kw)
+    biased = SyntheticDataset(collection.samples, bias_augment=0.6, **kw)
+    changed = 0
+    for k in range(6):
+        a, la, ta = plain.draw(k)
+        b, lb, tb = biased.draw(k)
+        assert ta == tb
+        assert np.all(b[a == 0] == 0)  # background kept
+        assert 0 <= lb.min() and lb.max() <= 1
+        b2, lb2, _ = SyntheticDataset(collection.samples, bias_augment=0.6, **kw).draw(k)
+        np.testing.assert_array_equal(b, b2)
+        np.testing.assert_array_equal(lb, lb2)
+        changed += not np.allclose(a, b, atol=1e-3)
+    assert changed >= 5
+    # without the z-value of 0 (arrays given already framed) no field can be applied
+    arrays = HealthyCollection.from_arrays([s.image for s in collection.samples])
+    off = SyntheticDataset(arrays.samples, **kw)
+    on = SyntheticDataset(arrays.samples, bias_augment=0.6, **kw)
+    for k in range(3):
+        np.testing.assert_array_equal(off.draw(k)[0], on.draw(k)[0])
+
+
+def test_bias_augment_is_a_config_field_and_a_flag(tmp_path):
+    cfg = TrainConfig(healthy=("a",), out="r", bias_augment=0.3)
+    cfg.to_json(tmp_path / "config.json")
+    assert TrainConfig.from_json(tmp_path / "config.json").bias_augment == 0.3
+    saved = TrainConfig(healthy=("a",), out="r").to_dict()
+    del saved["bias_augment"]
+    # a run saved before the setting existed trained without fields
+    assert TrainConfig.from_json(text=json.dumps(saved)).bias_augment == 0.0
+    # unset: the recipe's for MRI (METHOD's paper recipe has none), never for X-rays
+    unset = TrainConfig(healthy=("a",), out="r", max_steps=10)
+    for recipe, expected in (("small", 0.5), ("light", 0.5), ("paper", 0.0)):
+        resolved = unset.replace(recipe=recipe).resolve(2, "mri", (64, 64))
+        assert resolved.bias_augment == expected
+        assert unset.replace(recipe=recipe).resolve(2, "cxr", (64, 64)).bias_augment == 0.0
+    given = unset.replace(recipe="paper", bias_augment=0.2)
+    assert given.resolve(2, "mri", (64, 64)).bias_augment == 0.2
+    for bad in (-0.1, 5.0, True, "x"):
+        with pytest.raises(ValueError, match="bias_augment"):
+            TrainConfig(bias_augment=bad).validate()

@@ -448,6 +448,7 @@ TRAIN_FLAGS = {
     "--downsample": "downsample",
     "--brain-mask": "brain_mask",
     "--bias-correction": "bias_correction",
+    "--bias-augment": "bias_augment",
     "--lr": "lr",
     "--lr-schedule": "lr_schedule",
     "--ema": "ema",

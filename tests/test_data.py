@@ -141,8 +141,8 @@ def _fake_io(monkeypatch, shapes):
         if arr.ndim == 3 and dims == 2:
             fg = np.zeros(arr.shape, bool)
             fg[1:-1, 2:-2, 2:-2] = True  # first and last slice empty
-            return arr * fg, fg, "mri"
-        return arr, None, "mri"
+            return arr * fg, fg, "mri", None
+        return arr, None, "mri", None
 
     monkeypatch.setattr(data_mod, "_read_scan", read)
     monkeypatch.setattr(data_mod, "_frame_scan", frame)

@@ -272,3 +272,78 @@ def correct_bias(
     log_field = estimate_bias(array, foreground, spacing, **options)  # validates the input
     # the log field is 0 outside the foreground: a factor of exactly 1 there
     return np.asarray(array, dtype=np.float32) * np.exp(-log_field)
+
+
+# ------------------------------------------------------------------------ training augmentation
+
+
+def random_bias_field(
+    shape: Sequence[int],
+    rng: np.random.Generator,
+    max_ratio: float,
+    mask: np.ndarray | None = None,
+    degree: int = 3,
+) -> np.ndarray:
+    """A random smooth multiplicative field, float32 of `shape`, for training augmentation.
+
+    The log field is a polynomial of total degree `degree` (Legendre products, normal
+    coefficients halved for each degree above 1, so that slow drifts dominate as in real coils),
+    the coordinates scaled to [-1, 1] over `mask`'s bounding box (default: the whole grid). It
+    is scaled so that its largest / smallest value inside `mask` is `1 + U(0, max_ratio)` (0.4
+    is the "40 % intensity non-uniformity" of the BrainWeb simulator) and shifted to a mean log
+    of 0 there, so it tilts the brightness without changing its overall level.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = random_bias_field((64, 64), np.random.default_rng(0), max_ratio=0.4)
+    >>> f.shape, f.dtype, bool(1.0 <= f.max() / f.min() <= 1.4 + 1e-5)
+    ((64, 64), dtype('float32'), True)
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"a bias field needs a 2D or 3D shape; got {shape}")
+    if not (math.isfinite(max_ratio) and max_ratio >= 0):
+        raise ValueError(f"max_ratio must be a finite number >= 0; got {max_ratio}")
+    inside = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if inside.shape != shape:
+        raise ValueError(f"mask of shape {inside.shape} does not match the field's {shape}")
+    ratio = 1.0 + float(rng.uniform(0.0, max_ratio))
+    if ratio == 1.0 or not inside.any():
+        return np.ones(shape, dtype=np.float32)
+    box = bounding_box(inside)
+    bases = []  # per axis: (n, degree + 1), the Legendre polynomials at the coordinates
+    for n, sl in zip(shape, box, strict=True):
+        centre, half = 0.5 * (sl.start + sl.stop - 1), max(0.5 * (sl.stop - sl.start - 1), 1.0)
+        u = (np.arange(n, dtype=np.float64) - centre) / half
+        bases.append(legendre.legvander(u, degree).astype(np.float32))
+    coeffs = np.zeros((degree + 1,) * len(shape), dtype=np.float32)
+    for term in _terms(len(shape), degree):
+        coeffs[term] = float(rng.standard_normal()) * 0.5 ** (sum(term) - 1)
+    # the sum of the products, one axis at a time: (d+1)^ndim coefficients -> the whole grid
+    log = coeffs
+    for basis in bases:
+        log = np.tensordot(log, basis, axes=([0], [1]))
+    lo_v = float(np.min(log, where=inside, initial=np.inf))
+    hi_v = float(np.max(log, where=inside, initial=-np.inf))
+    if not hi_v > lo_v:
+        return np.ones(shape, dtype=np.float32)
+    log *= np.float32(math.log(ratio) / (hi_v - lo_v))
+    log -= np.float32(np.mean(log, where=inside, dtype=np.float64))
+    return np.exp(log, out=log)
+
+
+def apply_bias_field(image: np.ndarray, field: np.ndarray, zero: float) -> np.ndarray:
+    """A z-scored frame image as if its scan had been multiplied by `field` before the z-score.
+
+    A z-score `z = (I - mean) / std` of a scan multiplied by `b` is `zero + (z - zero) * b` with
+    `zero = -mean / std` (the z-value of intensity 0, `HealthySample.zero`), taking the same mean
+    and std. The frame's background (exactly 0) stays 0. Returns a float32 copy.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    field = np.asarray(field, dtype=np.float32)
+    if field.shape != image.shape:
+        raise ValueError(f"field of shape {field.shape} does not match the image's {image.shape}")
+    z0 = np.float32(zero)
+    out = z0 + (image - z0) * field
+    return np.where(image != 0, out, np.float32(0.0)).astype(np.float32, copy=False)

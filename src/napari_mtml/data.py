@@ -41,6 +41,7 @@ __all__ = [
 
 N_DATA_FOLDS = 5
 _PERM_KEY = 0x5EED  # separates the per-epoch permutation streams from the per-item streams
+_BIAS_KEY = 0xB1A5  # the per-item bias-field streams (`SyntheticDataset.bias_augment`)
 _VAL_KEY = 0x7A1  # separates the validation stream
 
 
@@ -164,13 +165,17 @@ class HealthySample:
     """One healthy training item in the model's frame.
 
     image: float32 `(*frame)`; foreground: bool `(*frame)` or None (= everywhere, X-rays);
-    name: the file name (with `[z=K]` for a slice of a volume); group: index of the file.
+    name: the file name (with `[z=K]` for a slice of a volume); group: index of the file;
+    zero: MRI, the z-value of intensity 0 in the scan (`-mean / std` of its z-score), around which
+    a multiplicative bias field scales the image (`bias.apply_bias_field`); None when unknown
+    (X-rays, `HealthyCollection.from_arrays`).
     """
 
     image: np.ndarray
     foreground: np.ndarray | None
     name: str
     group: int
+    zero: float | None = None
 
 
 class HealthyCollection:
@@ -384,7 +389,7 @@ class HealthyCollection:
             placement = None
             if placer is not None and scan_ndim == 3 and not single_slice:
                 placement = placer(path, scan)
-            array, fg, item_kind = _frame_scan(
+            array, fg, item_kind, zero = _frame_scan(
                 scan,
                 path,
                 kind,
@@ -414,6 +419,7 @@ class HealthyCollection:
                             None if sl_fg is None else np.ascontiguousarray(sl_fg, dtype=bool),
                             f"{_display_name(path)}[z={z}]",
                             group,
+                            zero,
                         )
                     )
             else:
@@ -426,6 +432,7 @@ class HealthyCollection:
                         None if fg is None else np.asarray(fg, dtype=bool),
                         _display_name(path),
                         group,
+                        zero,
                     )
                 )
         if not samples and small_files:
@@ -656,10 +663,11 @@ def _frame_scan(
     foreground=None,
     placement=None,
     bias_correction: str = "none",
-) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """`to_frame` for one scan: (array, foreground, kind); with dims=2 and a 3D scan, array and
-    foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
-    narrows the returned foreground (where anomalies go), e.g. the brain of a head."""
+) -> tuple[np.ndarray, np.ndarray | None, str, float | None]:
+    """`to_frame` for one scan: (array, foreground, kind, zero); with dims=2 and a 3D scan, array
+    and foreground are stacks `(Z, *frame2d)`. `placement`: a bool mask on the scan's grid that
+    narrows the returned foreground (where anomalies go), e.g. the brain of a head. `zero`: MRI,
+    the z-value of intensity 0 (`HealthySample.zero`), else None."""
     from napari_mtml.preprocess import infer_kind, mask_to_frame, to_frame
 
     try:
@@ -683,7 +691,9 @@ def _frame_scan(
         item_kind = kind if kind in ("mri", "cxr") else infer_kind(scan)
     array = np.asarray(array, dtype=np.float32)
     fg = None if fg is None else np.asarray(fg, dtype=bool)
-    return array, fg, item_kind
+    mean, std = float(getattr(transform, "mean", math.nan)), float(getattr(transform, "std", 0))
+    zero = -mean / std if item_kind == "mri" and math.isfinite(mean) and std > 0 else None
+    return array, fg, item_kind, zero
 
 
 # ------------------------------------------------------------------------------------- dataset
@@ -715,14 +725,25 @@ def _synthesize_item(
     task_params: dict,
     intra: SourcePool,
     external: SourcePool | None,
+    bias_augment: float = 0.0,
+    bias_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """(healthy, augmented, label, foreground, mask) for one item; healthy possibly flipped."""
+    """(healthy, augmented, label, foreground, mask) for one item; healthy possibly flipped and,
+    with `bias_augment` > 0 on an MRI sample (`sample.zero` known), multiplied by a random bias
+    field drawn from `bias_rng` (`bias.random_bias_field`) before its anomalies: a healthy image
+    under another coil's field, which the label keeps at 0."""
     from napari_mtml.anomalies import synthesize
 
     image, fg = sample.image, sample.foreground
     if flip and rng.random() < 0.5:
         image = np.ascontiguousarray(image[..., ::-1])
         fg = None if fg is None else np.ascontiguousarray(fg[..., ::-1])
+    if bias_augment > 0 and sample.zero is not None and bias_rng is not None:
+        from napari_mtml.bias import apply_bias_field, random_bias_field
+
+        head = image != 0  # the frame's background is exactly 0; fg may be the brain only
+        field = random_bias_field(image.shape, bias_rng, bias_augment, mask=head)
+        image = apply_bias_field(image, field, sample.zero)
     pool = external if (task == 1 and external) else intra
     source = _source_sampler(pool, exclude=sample) if task in (0, 1) else None
     # A synthesis whose anomaly changed nothing would give an all-zero label: training items
@@ -813,6 +834,7 @@ class SyntheticDataset:
         task_params: dict | None = None,
         intra: SourcePool | None = None,
         external: SourcePool | None = None,
+        bias_augment: float = 0.0,
     ):
         if not samples:
             raise ValueError("the fold has no training samples; add more healthy scans")
@@ -829,6 +851,7 @@ class SyntheticDataset:
         self.task_params = dict(task_params or {})
         self.intra = list(intra) if intra is not None else self.samples
         self.external = list(external) if external else None
+        self.bias_augment = float(bias_augment)
         self.items_per_epoch = math.ceil(len(self.samples) / self.world_size)
         self._perms: dict[int, np.ndarray] = {}
 
@@ -855,9 +878,16 @@ class SyntheticDataset:
 
     def draw(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The k-th item as numpy arrays: (augmented (*frame), label (*frame), task id)."""
-        _, _, sid = self.locate(k)
+        epoch, index, sid = self.locate(k)
         rng = self.item_rng(k)
         task = self.tasks[int(rng.integers(len(self.tasks)))]
+        bias_rng = None
+        if self.bias_augment > 0:
+            # its own stream: the anomalies drawn are the same with and without bias fields
+            ss = np.random.SeedSequence(
+                [self.seed, self.rank, epoch, index], spawn_key=(_BIAS_KEY,)
+            )
+            bias_rng = np.random.Generator(np.random.PCG64(ss))
         item = _item_on_some_image(
             self.samples,
             sid,
@@ -867,6 +897,8 @@ class SyntheticDataset:
             task_params=self.task_params,
             intra=self.intra,
             external=self.external,
+            bias_augment=self.bias_augment,
+            bias_rng=bias_rng,
         )
         return item[2], item[3], task
 

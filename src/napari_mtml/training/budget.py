@@ -135,7 +135,13 @@ def measure_costs(
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
     task_params = cfg.task_params()
     dataset = SyntheticDataset(
-        samples, tasks, seed=0x71AE, flip=bool(cfg.flip), task_params=task_params, external=external
+        samples,
+        tasks,
+        seed=0x71AE,
+        flip=bool(cfg.flip),
+        task_params=task_params,
+        external=external,
+        bias_augment=float(cfg.bias_augment or 0.0),
     )
     loader = make_loader(
         dataset, int(cfg.batch_size), workers=int(cfg.workers), pin_memory=device.type == "cuda"

@@ -750,6 +750,7 @@ def _fold_data(run: _Run, split: FoldSplit, fold: _Fold, start_step: int):
         flip=bool(cfg.flip),
         task_params=task_params,
         external=ext,
+        bias_augment=float(cfg.bias_augment or 0.0),
     )
     val_set = None
     if fold.dist.main:
