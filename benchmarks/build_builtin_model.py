@@ -168,6 +168,12 @@ def main(argv=None) -> int:
         "small",
         "--init",
         "none",  # from scratch, not from the model this rebuilds
+        # the settings the shipped model was trained with (before these existed): its scans as
+        # read, no random bias fields; --train-args may change them for a new model
+        "--bias-correction",
+        "none",
+        "--bias-augment",
+        "0",
         "--brain-mask",
         str(masks),
         "--external",
