@@ -86,6 +86,16 @@ def _terms(ndim: int, degree: int) -> list[tuple[int, ...]]:
     return [t for t in out if 0 < sum(t) <= degree]
 
 
+def _on_grid(table: np.ndarray, bases: list[np.ndarray]) -> np.ndarray:
+    """The sum over exponents t of `table[t] * prod_d bases[d][:, t_d]` on the whole grid, one
+    axis at a time: `table` holds one coefficient per Legendre product, `(degree + 1,) * ndim`;
+    `bases[d]` the polynomials at axis d's coordinates, `(n_d, degree + 1)`."""
+    field = table
+    for d in reversed(range(table.ndim)):
+        field = np.moveaxis(np.tensordot(field, bases[d], axes=([d], [1])), -1, d)
+    return field
+
+
 def _block_sums(a: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
     """Sums over blocks of `steps` voxels (the array zero-padded to whole blocks)."""
     pad = [(0, (-n) % s) for n, s in zip(a.shape, steps, strict=True)]
@@ -231,9 +241,7 @@ def estimate_bias(
     table = np.zeros((degree + 1,) * array.ndim, dtype=np.float32)
     for t, c in zip(terms, coef, strict=True):
         table[t] = c
-    field = table
-    for d in reversed(range(array.ndim)):
-        field = np.moveaxis(np.tensordot(field, axes[d], axes=([d], [1])), -1, d)
+    field = _on_grid(table, axes)
     # no extrapolation beyond what the fitted blocks saw
     fitted_voxels = full
     for d, st in enumerate(steps):
@@ -320,10 +328,7 @@ def random_bias_field(
     coeffs = np.zeros((degree + 1,) * len(shape), dtype=np.float32)
     for term in _terms(len(shape), degree):
         coeffs[term] = float(rng.standard_normal()) * 0.5 ** (sum(term) - 1)
-    # the sum of the products, one axis at a time: (d+1)^ndim coefficients -> the whole grid
-    log = coeffs
-    for basis in bases:
-        log = np.tensordot(log, basis, axes=([0], [1]))
+    log = _on_grid(coeffs, bases)
     lo_v = float(np.min(log, where=inside, initial=np.inf))
     hi_v = float(np.max(log, where=inside, initial=-np.inf))
     if not hi_v > lo_v:
