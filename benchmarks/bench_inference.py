@@ -15,8 +15,6 @@ set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the
 - before: the models built as before issue 11 (random initialisation, then the weights
   loaded; default memory format), float32;
 - float32: `load_ensemble(run)` (no random initialisation, channels-last 3D);
-- contiguous (not in the default set): the same ensemble in torch's default memory layout (what
-  a CPU used for 3D before channels-last inference);
 - bfloat16: `load_ensemble(run, precision="bfloat16")`, with the largest difference of its
   ensemble map from the float32 one (`max |diff|`; on random weights, which move more than
   trained ones).
@@ -97,16 +95,6 @@ def _before(run, device):
     )
 
 
-def _contiguous(ens):
-    """`ens` with its models put back in torch's default memory layout (a 3D ensemble
-    predicts channels-last on a CPU): that layout's cost, side by side."""
-    import torch
-
-    for model in ens.models:
-        model.to(memory_format=torch.contiguous_format)
-    return ens
-
-
 def _child(run: str, scan_name: str, out: str) -> int:
     """Time one set-up in this process (the `--previous` checkout's package)."""
     import numpy as np
@@ -172,7 +160,6 @@ def main(argv=None) -> int:
     makers = {
         "before": lambda run: _before(run, "cpu"),
         "float32": lambda run: load_ensemble(run, device="cpu"),
-        "contiguous": lambda run: _contiguous(load_ensemble(run, device="cpu")),
         "bfloat16": lambda run: load_ensemble(run, device="cpu", precision="bfloat16"),
     }
     names = args.setups.split(",")
@@ -217,7 +204,7 @@ def main(argv=None) -> int:
                     del ens
             for name in case_names:
                 diff = ""
-                if name in ("bfloat16", "previous", "contiguous") and "float32" in maps:
+                if name in ("bfloat16", "previous") and "float32" in maps:
                     diff = f"{float(np.abs(maps[name] - maps['float32']).max()):.3f}"
                 rows.append(
                     (

@@ -122,20 +122,15 @@ def test_channels_last_3d_same_function():
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = net(x)
-    devices.prepare_model_for_device(net, "cpu")  # training on a CPU keeps the default layout
+    devices.prepare_model_for_device(net, "cpu")  # the CPU keeps the default layout
     assert net.encoder[1][0].conv.weight.is_contiguous()
-    devices.prepare_model_for_device(net, "cpu", inference=True)  # predicting goes channels-last
-    assert net.encoder[1][0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    with torch.inference_mode():
-        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-4)
-    net.to(memory_format=torch.contiguous_format)
     devices.prepare_model_for_device(net, "cpu", channels_last=True)
     assert net.encoder[1][0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         got = net(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     net2d = UNet(2, (16, 16), base_features=4, depth=3, max_features=8, init_seed=0)
-    devices.prepare_model_for_device(net2d, "cpu", inference=True)  # 2D keeps the default layout
+    devices.prepare_model_for_device(net2d, "cpu")  # 2D keeps the default layout
     assert net2d.encoder[1][0].conv.weight.is_contiguous()
 
 

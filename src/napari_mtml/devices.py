@@ -470,35 +470,23 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
 
 
 def prepare_model_for_device(
-    model: torch.nn.Module,
-    device: torch.device | str,
-    *,
-    channels_last: bool | None = None,
-    inference: bool = False,
+    model: torch.nn.Module, device: torch.device | str, *, channels_last: bool | None = None
 ) -> torch.nn.Module:
     """Move ``model`` to ``device`` in the memory format that runs fastest there; returns it.
 
-    ``channels_last`` None (default) = on for 3D models on CUDA, and on a CPU for 3D models that
-    only predict (``inference=True``, as `load_ensemble` asks); off otherwise. The U-Net's
-    graph-free instance norm, upsampling and head work on the channels-last layout directly, and
-    oneDNN's 3D convolutions ran faster on it: one forward pass of the paper's 3D U-Net on an
-    80x112x80 frame, 2 CPU threads, 1.64 -> 1.39 s (its convolutions 1.48 -> 1.15 s). Whole
-    5-fold predictions gained less, by run: 9.01 -> 8.42 s (median of 6, one process, the two
-    layouts interleaved) but 8.93 -> 9.09 s in ``bench_inference.py --setups
-    float32,contiguous`` (noise on a machine whose speed drifts by 1.5x across a day); the light
-    U-Net 3.16 -> 3.14 s and 3.23 -> 3.17 s. A 3D training step (autograd's instance norm) ran
-    slower channels-last (light, batch 2: 6.5 against 5.8 s float32, 2.6 against 2.3 s bf16),
-    and 2D inference made no difference (0.93-1.03x; the training step 0.98x), so those keep the
-    default layout. Inputs need not be converted: a convolution whose weights are
-    channels-last gives channels-last activations.
+    ``channels_last`` None (default) = on for 3D models on CUDA, off otherwise. Measured on a
+    quiet 2-core CPU (oneDNN, `python benchmarks/bench_inference.py --threads 2`, interleaved):
+    5-fold 3D prediction took 21.0 s channels-last against 16.2 s in the default layout with
+    the paper U-Net, 7.7 s against 7.3 s with the light one (an earlier ~1.2x gain was measured
+    on a loaded machine and did not hold), and for the 2D training step it made no difference
+    (bench_training.py --variants: 0.98x); so CPUs keep the default layout. Inputs need not be
+    converted: a convolution whose weights are channels-last gives channels-last activations.
 
     Parameters
     ----------
     model : torch.nn.Module
     device : torch.device or str
     channels_last : bool, optional
-    inference : bool
-        The model will only predict (no graph): a 3D model goes channels-last on a CPU too.
 
     Returns
     -------
@@ -507,7 +495,7 @@ def prepare_model_for_device(
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if channels_last is None:
-        channels_last = _spatial_dims(model) == 3 and (dev.type == "cuda" or inference)
+        channels_last = dev.type == "cuda" and _spatial_dims(model) == 3
     model.to(dev)
     if channels_last:
         dims = _spatial_dims(model)

@@ -688,7 +688,7 @@ def load_ensemble(
                 f"{path} does not match the model described in {run_dir / 'config.json'} "
                 f"({first}); was the config edited? re-train this fold"
             ) from exc
-        models.append(prepare_model_for_device(model, dev, inference=True).eval())
+        models.append(prepare_model_for_device(model, dev).eval())
     from napari_mtml.calibration import read_calibration
 
     ensemble = Ensemble(

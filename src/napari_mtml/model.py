@@ -194,14 +194,8 @@ def _upsample2_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     written straight into the joined tensor (torch's trilinear kernel and the separate copy of
     `cat` took 0.3 s of a 5-fold 3D light prediction). Float rounding apart, the same values."""
     c = h.shape[1]
-    fmt = torch.contiguous_format
-    if _channels_last(skip):
-        fmt = torch.channels_last if skip.ndim == 4 else torch.channels_last_3d
     joined = torch.empty(
-        (h.shape[0], c + skip.shape[1], *skip.shape[2:]),
-        dtype=h.dtype,
-        device=h.device,
-        memory_format=fmt,
+        (h.shape[0], c + skip.shape[1], *skip.shape[2:]), dtype=h.dtype, device=h.device
     )
     joined[:, c:].copy_(skip)
     x = h
@@ -213,7 +207,7 @@ def _upsample2_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         else:
             shape = list(x.shape)
             shape[axis] = 2 * n
-            out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
         pairs = out.unflatten(axis, (n, 2))
         even, odd = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
         if n > 1:
@@ -235,41 +229,16 @@ def _upsample2_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return joined
 
 
-def _channels_last(h: torch.Tensor) -> bool:
-    """Whether `h` (4D or 5D, more than one channel) is laid out channels-last (NHWC, NDHWC)."""
-    if h.shape[1] == 1 or h.is_contiguous():
-        return False
-    fmt = torch.channels_last if h.ndim == 4 else torch.channels_last_3d
-    return h.ndim in (4, 5) and h.is_contiguous(memory_format=fmt)
-
-
-def _voxels_by_channel(h: torch.Tensor) -> torch.Tensor:
-    """The ``(N, voxels, C)`` view of a channels-last `h` (no copy)."""
-    return h.movedim(1, -1).reshape(h.shape[0], -1, h.shape[1])
-
-
 def _instance_norm_gelu_(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """``GELU(InstanceNorm(h))`` in place on a float32 tensor no graph needs (inference,
     validation): two passes over `h` for the statistics and two in place, where the norm and the
     activation each wrote a new tensor (a 5-fold 3D light prediction spent 0.6 s in them).
     The same function to float32 rounding: mean first, then the biased variance of the centred
-    values, as `torch.instance_norm` computes them.
-
-    A channels-last `h` is normalised through its ``(N, voxels, C)`` view, the sums of squares of
-    the centred values taken as the diagonal of one matrix product (torch's norm over the
-    strided spatial axes ran 20x slower than over contiguous ones), the affine map as one
-    ``addcmul``."""
-    n = math.prod(h.shape[2:])
-    if _channels_last(h):
-        v = _voxels_by_channel(h)
-        v.sub_(v.mean(1, keepdim=True))
-        var = torch.bmm(v.transpose(1, 2), v).diagonal(dim1=1, dim2=2).unsqueeze(1).div_(n)
-        scale = torch.rsqrt(var.add_(norm.eps)).mul_(norm.weight)
-        torch.addcmul(norm.bias, v, scale, out=v)
-        return torch.ops.aten.gelu_(h)
+    values, as `torch.instance_norm` computes them."""
     spatial = tuple(range(2, h.ndim))
     shape = (1, -1) + (1,) * (h.ndim - 2)
     h.sub_(h.mean(spatial, keepdim=True))
+    n = math.prod(h.shape[2:])
     var = torch.linalg.vector_norm(h, dim=spatial, keepdim=True).square_().div_(n)
     scale = torch.rsqrt(var.add_(norm.eps)).mul_(norm.weight.view(shape))
     h.mul_(scale).add_(norm.bias.view(shape))
@@ -528,9 +497,6 @@ class UNet(nn.Module):
         conv to one channel ran at 0.5 GFLOPS, 45 ms of a 3D light forward against 5)."""
         weight = self.head.weight
         b, c = h.shape[:2]
-        if _channels_last(h):
-            out = torch.matmul(_voxels_by_channel(h), weight.reshape(c, 1).to(h.dtype))
-            return out.reshape(b, 1, *h.shape[2:])
         flat = h.reshape(b, c, -1)
         out = torch.matmul(weight.reshape(1, c).to(flat.dtype), flat)
         return out.reshape(b, 1, *h.shape[2:])
