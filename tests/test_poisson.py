@@ -100,8 +100,6 @@ CASES = [
     ((23, 31), False),
     ((40, 37), True),
     ((44, 50), False),
-    # (the 2D boxes above transform by products with sine matrices, this one by scipy's dstn)
-    ((104, 110), True),
     ((9, 13, 11), False),
     ((12, 10, 14), True),
     ((7, 16, 9), False),
@@ -125,41 +123,12 @@ def test_box_matches_sparse_direct_solve(shape, smooth, mix):
     assert change_err < 1e-5
 
 
-# boxes up to (interior voxels x longest interior side) = 1e6 transform by products with sine
-# matrices, larger ones by scipy's dstn: each kind in 2D here (3D: the test below)
-@pytest.mark.parametrize("shape", [(10, 12, 9), (30, 26), (112, 104)])
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_explicit_precisions_match_sparse_solve(precision, shape):
+def test_explicit_precisions_match_sparse_solve(precision):
     rng = np.random.default_rng(5)
-    target, source, mask = _random_case(rng, shape, smooth=False)
+    target, source, mask = _random_case(rng, (10, 12, 9), smooth=False)
     ours = solve_poisson_box(target, source, mask, precision=precision)
-    # float32 over 11,000 unknowns of white noise: 1.5e-6 (scipy's dstn path)
-    tolerance = 3e-6 if precision == "float32" and target.size > 10_000 else 1e-6
-    assert _relative_error(ours, _reference_blend(target, source, mask)) < tolerance
-
-
-@pytest.mark.parametrize("shape", [(12, 17, 9), (40, 33)])
-@pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_matrix_and_fft_transforms_give_the_same_blend(monkeypatch, shape, precision):
-    from napari_mtml.anomalies import poisson
-
-    rng = np.random.default_rng(11)
-    target, source, mask = _random_case(rng, shape, smooth=True)
-    by_matrices = solve_poisson_box(target, source, mask, precision=precision)
-    monkeypatch.setattr(poisson, "_MATRIX_DST_WORK", 0)  # every box through scipy's dstn
-    by_fft = solve_poisson_box(target, source, mask, precision=precision)
-    assert _relative_error(by_matrices, by_fft.astype(np.float64)) < 1e-6
-
-
-def test_sine_matrix_is_the_orthonormal_dst():
-    from napari_mtml.anomalies.poisson import _sine_matrix
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((7, 5))
-    matrix = _sine_matrix(7, np.dtype(np.float64))
-    np.testing.assert_allclose(matrix @ x, scipy.fft.dst(x, type=1, norm="ortho", axis=0))
-    np.testing.assert_allclose(matrix @ matrix, np.eye(7), atol=1e-12)  # its own inverse
-    assert _sine_matrix(7, np.dtype(np.float32)).dtype == np.float32
+    assert _relative_error(ours, _reference_blend(target, source, mask)) < 1e-6
 
 
 def test_full_image_blend_is_the_box_solve():

@@ -14,8 +14,7 @@ voxel a forward difference starts from.
 
 The interior system is diagonalised by the type-I discrete sine transform along every axis, with
 eigenvalues ``sum_d (2 cos(pi (k_d + 1) / (N_d - 1)) - 2)``, so a solve costs ``O(V log V)`` for a
-box of ``V`` voxels. On small boxes (most 2D ones) the transform runs as products with cached
-sine matrices instead of scipy's FFT-based ``dstn``: ``O(V sum_d N_d)``, but 2-5x faster there.
+box of ``V`` voxels.
 
 Functions here are pure: inputs are never modified, float32 comes out.
 """
@@ -245,53 +244,12 @@ def _blend_into(out, t, s, mask, mix_gradients, workers) -> None:
     if not rhs.any():
         return
     # The orthonormal DST-I is its own inverse, so no separate scaling pass is needed.
-    inverse = _inverse_eigen_table(shape, np.dtype(t.dtype))
-    if rhs.ndim >= 2 and rhs.size * max(rhs.shape) <= _MATRIX_DST_WORK:
-        # a small box: the transform as products with the (symmetric) sine matrices
-        matrices = [_sine_matrix(m, np.dtype(t.dtype)) for m in rhs.shape]
-        spectrum = _dst_by_matrices(rhs, matrices)
-        spectrum *= inverse
-        change = _dst_by_matrices(spectrum, matrices)
-    else:
-        spectrum = scipy.fft.dstn(rhs, type=1, norm="ortho", workers=workers, overwrite_x=True)
-        spectrum *= inverse
-        change = scipy.fft.dstn(spectrum, type=1, norm="ortho", workers=workers, overwrite_x=True)
+    spectrum = scipy.fft.dstn(rhs, type=1, norm="ortho", workers=workers, overwrite_x=True)
+    spectrum *= _inverse_eigen_table(shape, np.dtype(t.dtype))
+    change = scipy.fft.dstn(spectrum, type=1, norm="ortho", workers=workers, overwrite_x=True)
     # add in the working precision, round once
     change += t[inner]
     out[inner] = change
-
-
-#: A box's DST-I runs as products with sine matrices while its interior's voxels times its
-#: longest side stay under this (a 100 x 100 interior, an 18 x 28 x 18 one): there the transform
-#: took 3-60 us against 23-330 us for scipy's ``dstn`` (2D float64, 20x30 to 100x90 interiors)
-#: and 26 against 142 us (3D float32, 18x28x18), one thread, and OpenBLAS still runs each
-#: product on one thread (bigger ones spread over every core, which a data loader's worker
-#: processes already use).
-_MATRIX_DST_WORK = 100**3
-
-
-def _dst_by_matrices(x: np.ndarray, matrices: list[np.ndarray]) -> np.ndarray:
-    """The orthonormal DST-I of ``x`` along every axis, one product with ``matrices[d]``
-    (`_sine_matrix` of the axis' length) per axis ``d``; a new array."""
-    shape = x.shape
-    y = (x.reshape(-1, shape[-1]) @ matrices[-1]).reshape(shape)
-    for d in range(x.ndim - 2, -1, -1):
-        # the sine matrix times every (axis d) x (axes after d) slab: a batch of products
-        slabs = y.reshape(math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :]))
-        y = np.matmul(matrices[d], slabs).reshape(shape)
-    return y
-
-
-@functools.lru_cache(maxsize=128)
-def _sine_matrix(m: int, dtype: np.dtype) -> np.ndarray:
-    """The orthonormal DST-I matrix of ``m`` points, ``sqrt(2 / (m + 1)) sin(pi j k / (m + 1))``
-    for j, k in 1..m: symmetric and its own inverse (at most 80 KB each under
-    `_MATRIX_DST_WORK`)."""
-    k = np.arange(1, m + 1, dtype=np.float64)
-    matrix = np.sqrt(2.0 / (m + 1)) * np.sin(np.outer(k, k) * (np.pi / (m + 1)))
-    matrix = matrix.astype(dtype, copy=False)
-    matrix.setflags(write=False)
-    return matrix
 
 
 def _working_dtype(precision: str, ndim: int) -> type:
