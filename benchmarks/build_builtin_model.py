@@ -174,6 +174,8 @@ def main(argv=None) -> int:
         "none",
         "--bias-augment",
         "0",
+        "--train-tasks",  # the shipped model's 1/4 split (the small recipe's default is 4/1 now)
+        "1",
         "--brain-mask",
         str(masks),
         "--external",

@@ -102,6 +102,22 @@ def test_auto_recipe_follows_the_device_and_explicit_settings_win():
         TrainConfig(recipe="huge")
 
 
+def test_split_follows_the_recipe_unless_given():
+    # the small (CPU) recipe trains each model on four tasks, the paper's on one; five folds each
+    assert TrainConfig().train_tasks is None and TrainConfig().tasks_per_model == 4
+    assert TrainConfig().resolve(2, "mri", (96, 96), "cpu").train_tasks == 4
+    assert TrainConfig().resolve(3, "mri", (80, 112, 80), "cuda").train_tasks == 1
+    assert TrainConfig(recipe="light").with_recipe("cpu").train_tasks == 1
+    assert TrainConfig(recipe="paper").tasks_per_model == 1
+    assert TrainConfig(train_tasks=2).resolve(2, "mri", (96, 96), "cpu").train_tasks == 2
+    assert TrainConfig(train_tasks=2).n_folds == 10 and TrainConfig().n_folds == 5
+    assert TrainConfig(fold=4).fold_indices() == [4]
+    with pytest.raises(ValueError, match="0..4"):
+        TrainConfig(fold=5)
+    with pytest.raises(ValueError, match="0..9"):
+        TrainConfig(train_tasks=3, fold=10)
+
+
 def test_small_recipe_reads_volumes_as_slices_unless_told():
     assert TrainConfig().read_dims == 2
     assert TrainConfig(recipe="paper").read_dims is None

@@ -80,7 +80,8 @@ def test_a_few_steps_lower_the_loss(tmp_path, shape, steps):
         RunFinished,
     ]
     started = next(e for e in events if isinstance(e, FoldStarted))
-    assert started.train_tasks == ("intra_blend",) and len(started.val_tasks) == 4
+    # the small (CPU) recipe's 4/1 split: fold 0 trains on tasks 0-3, validates on task 4
+    assert len(started.train_tasks) == 4 and started.val_tasks == ("smooth_intensity",)
     val = next(e for e in events if isinstance(e, ValidationEvent))
     assert val.best and set(val.ap) <= set(started.val_tasks)
     assert result.folds[0].best_step == steps
@@ -97,7 +98,9 @@ def test_run_folder_layout_and_weights_only_loading(tmp_path):
     folds = json.loads((run / "folds.json").read_text())
     assert folds["n_folds"] == 5 and len(folds["folds"]) == 5
     f0 = folds["folds"][0]
-    assert f0["train_tasks"] == [0] and f0["train_data_folds"] == [1, 2, 3, 4]
+    # the recipe's split is recorded, so that the run replays and resumes as it was
+    assert saved.train_tasks == 4 and folds["train_tasks"] == 4
+    assert f0["train_tasks"] == [0, 1, 2, 3] and f0["train_data_folds"] == [0, 1, 2, 3]
     assert not set(f0["train_data"]) & set(f0["val_data"])
     best = torch.load(run / "fold_0" / "best.pt", weights_only=True)
     net = UNet(**saved.model_kwargs())

@@ -234,7 +234,9 @@ def test_spin_ranges_and_tooltips_come_from_the_config(make_napari_viewer):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     declared = settings()
-    assert (widget.tasks_spin.minimum(), widget.tasks_spin.maximum()) == (1, 4)
+    # 0 is "auto": the recipe's split
+    assert (widget.tasks_spin.minimum(), widget.tasks_spin.maximum()) == (0, 4)
+    assert widget.tasks_spin.value() == 0 and widget.tasks_spin.specialValueText()
     for spin, name in (
         (widget.tasks_spin, "train_tasks"),
         (widget.batch_spin, "batch_size"),

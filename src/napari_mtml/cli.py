@@ -151,10 +151,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_folder(config.out, "run (--out)")
     show = _rank() == 0
     if show:
+        from napari_mtml.devices import resolve_device
+
+        try:  # the recipe, hence the split, follows the device
+            planned = config.with_recipe(resolve_device(config.device).type)
+        except ValueError:  # an unknown device: train() says so
+            planned = config
+        t = planned.tasks_per_model
         print(
-            f"training {config.n_folds if config.fold == 'all' else 1} model(s) of the "
-            f"{config.train_tasks}/{5 - config.train_tasks} split on {len(config.healthy)} "
-            f"input(s) -> {config.out}"
+            f"training {planned.n_folds if config.fold == 'all' else 1} model(s) of the "
+            f"{t}/{5 - t} split on {len(config.healthy)} input(s) -> {config.out}"
         )
     _render_training(train(config), show=show)
     return 0

@@ -145,7 +145,7 @@ class TrainingWidget(QWidget):
         self.dims_combo.addItems(["auto", "2", "3"])
         self.frame_edit = QLineEdit()
         self.frame_edit.setPlaceholderText("auto (the recipe's: fitted to the data)")
-        self.tasks_spin = _field_spin("train_tasks")
+        self.tasks_spin = _field_spin("train_tasks", unset="auto (the recipe's: 4 on a CPU)")
         self.fold_combo = QComboBox()
         self.recipe_combo = QComboBox()
         self.recipe_combo.addItems(list(RECIPE_NAMES))
@@ -283,7 +283,8 @@ class TrainingWidget(QWidget):
 
     # ----------------------------------------------------------------------------- fields
     def _tasks_changed(self, *args) -> None:
-        n = math.comb(5, self.tasks_spin.value())
+        # unset (0): the recipe's split, 1/4 or 4/1, five folds either way
+        n = math.comb(5, self.tasks_spin.value() or 1)
         self.fold_combo.clear()
         self.fold_combo.addItems(["all"] + [str(i) for i in range(n)])
 
@@ -354,7 +355,7 @@ class TrainingWidget(QWidget):
             if self.dims_combo.currentText() == "auto"
             else int(self.dims_combo.currentText()),
             frame=self.frame_edit.text().strip() or None,
-            train_tasks=self.tasks_spin.value(),
+            train_tasks=self.tasks_spin.value() or None,
             fold="all" if fold == "all" else int(fold),
             external=self.external_edit.text().strip() or None,
             max_steps=self.steps_spin.value() or None,
@@ -620,7 +621,7 @@ def _field_spin(name: str, hi: int | None = None, unset: str | None = None) -> Q
     setting = settings()[name]
     default = TrainConfig.__dataclass_fields__[name].default
     if setting.choices is not None:
-        lo, hi = min(setting.choices), max(setting.choices)
+        lo, hi = 0 if unset is not None else min(setting.choices), max(setting.choices)
     else:
         lo = 0 if unset is not None else setting.minimum
     spin = _spin(lo, hi, default or 0)
