@@ -118,6 +118,19 @@ def test_split_follows_the_recipe_unless_given():
         TrainConfig(train_tasks=3, fold=10)
 
 
+def test_messages_before_training_see_the_device_recipe():
+    from napari_mtml.devices import with_device_recipe
+
+    cpu = with_device_recipe(TrainConfig(device="cpu"))
+    assert (cpu.resolved_recipe, cpu.train_tasks, cpu.n_folds) == ("small", 4, 5)
+    assert with_device_recipe(TrainConfig(device="cpu", recipe="paper")).train_tasks == 1
+    # a device that cannot be used (Apple's MPS on Linux or Windows): unchanged, train() raises
+    # on it with the reason
+    bad = TrainConfig(device="mps")
+    if not torch.backends.mps.is_available():
+        assert with_device_recipe(bad) is bad
+
+
 def test_small_recipe_reads_volumes_as_slices_unless_told():
     assert TrainConfig().read_dims == 2
     assert TrainConfig(recipe="paper").read_dims is None

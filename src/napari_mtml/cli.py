@@ -151,12 +151,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_folder(config.out, "run (--out)")
     show = _rank() == 0
     if show:
-        from napari_mtml.devices import resolve_device
+        from napari_mtml.devices import with_device_recipe
 
-        try:  # the recipe, hence the split, follows the device
-            planned = config.with_recipe(resolve_device(config.device).type)
-        except ValueError:  # an unknown device: train() says so
-            planned = config
+        planned = with_device_recipe(config)  # the recipe, hence the split, follows the device
         t = planned.tasks_per_model
         print(
             f"training {planned.n_folds if config.fold == 'all' else 1} model(s) of the "

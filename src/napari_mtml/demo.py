@@ -276,7 +276,7 @@ def run_demo(
     """
     from napari_mtml import brainmask
     from napari_mtml.config import TrainConfig
-    from napari_mtml.devices import resolve_device
+    from napari_mtml.devices import with_device_recipe
     from napari_mtml.inference import load_ensemble
     from napari_mtml.io import Scan, read_image, write_image
     from napari_mtml.preprocess import foreground_mask
@@ -338,7 +338,7 @@ def run_demo(
         **model,
     )
     budget = f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold"
-    planned = config.with_recipe(resolve_device(config.device).type)  # the split is the recipe's
+    planned = with_device_recipe(config)  # the split is the recipe's
     t = planned.tasks_per_model
     print(
         f"mtml demo: {t}/{5 - t} task cross-validation ({planned.n_folds} models) for {budget} on "

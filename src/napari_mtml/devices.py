@@ -60,6 +60,7 @@ __all__ = [
     "pick_device",
     "prepare_model_for_device",
     "resolve_device",
+    "with_device_recipe",
     "torch_thread_count",
 ]
 
@@ -120,6 +121,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {device!r} requested but it is not available; use --device cpu or auto"
         )
     return dev
+
+
+def with_device_recipe(config):
+    """`config` (a `TrainConfig`) with the recipe of the device it names filled in, as `train`
+    will resolve it (`TrainConfig.with_recipe`): what a message before training can show (the
+    split, the number of models). A device name torch does not know or cannot use leaves
+    `config` as it is; `train` raises on it with the reason.
+
+    Examples
+    --------
+    >>> from napari_mtml.config import TrainConfig
+    >>> with_device_recipe(TrainConfig(device="cpu")).resolved_recipe
+    'small'
+    """
+    try:
+        return config.with_recipe(resolve_device(config.device).type)
+    except ValueError:
+        return config
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> tuple[torch.device, str | None]:
