@@ -223,6 +223,29 @@ def test_random_fields_span_the_ratio_asked_and_keep_the_level(shape):
     np.testing.assert_array_equal(flat, np.ones(shape, np.float32))
 
 
+def test_a_field_on_a_small_head_in_a_large_frame_stays_finite():
+    """A head a few voxels wide (the tip of a skull in an axial slice) scales the polynomial by
+    thousands outside its box: the field must not overflow there (training printed "overflow
+    encountered in multiply"), and inside the head it keeps its ratio and level."""
+    from napari_mtml.bias import apply_bias_field, random_bias_field
+
+    shape = (112, 96)
+    mask = np.zeros(shape, bool)
+    mask[2:6, 3:8] = True  # 20 voxels in a corner of the frame
+    image = np.where(mask, np.float32(1.5), np.float32(0.0))
+    for seed in range(20):
+        with np.errstate(over="raise", invalid="raise"):
+            field = random_bias_field(shape, np.random.default_rng(seed), 0.5, mask=mask)
+            out = apply_bias_field(image, field, zero=-2.0)
+        assert np.isfinite(field).all()
+        inside = field[mask].astype(np.float64)
+        assert inside.max() / inside.min() <= 1.5 + 1e-5
+        assert abs(np.log(inside).mean()) < 1e-5
+        # clamped outside to the range inside: no larger ratio anywhere
+        assert field.max() <= inside.max() and field.min() >= inside.min()
+        assert (out[~mask] == 0).all() and np.isfinite(out).all()
+
+
 def test_random_fields_are_smooth():
     """A cubic over the mask's box: neighbouring voxels differ by a tiny fraction of the span."""
     from napari_mtml.bias import random_bias_field

@@ -299,7 +299,8 @@ def random_bias_field(
     the coordinates scaled to [-1, 1] over `mask`'s bounding box (default: the whole grid). It
     is scaled so that its largest / smallest value inside `mask` is `1 + U(0, max_ratio)` (0.4
     is the "40 % intensity non-uniformity" of the BrainWeb simulator) and shifted to a mean log
-    of 0 there, so it tilts the brightness without changing its overall level.
+    of 0 there, so it tilts the brightness without changing its overall level. Outside `mask`
+    the field is clamped to its range inside (finite everywhere, the same ratio overall).
 
     Examples
     --------
@@ -333,6 +334,10 @@ def random_bias_field(
     hi_v = float(np.max(log, where=inside, initial=-np.inf))
     if not hi_v > lo_v:
         return np.ones(shape, dtype=np.float32)
+    # Outside the mask's box the polynomial runs off (a head a few voxels wide in a large frame
+    # scales it by thousands): clamp it to its range inside the mask first, so that the field
+    # stays finite everywhere and its values inside the mask are unchanged.
+    np.clip(log, np.float32(lo_v), np.float32(hi_v), out=log)
     log *= np.float32(math.log(ratio) / (hi_v - lo_v))
     log -= np.float32(np.mean(log, where=inside, dtype=np.float64))
     return np.exp(log, out=log)
