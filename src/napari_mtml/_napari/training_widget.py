@@ -145,7 +145,10 @@ class TrainingWidget(QWidget):
         self.dims_combo.addItems(["auto", "2", "3"])
         self.frame_edit = QLineEdit()
         self.frame_edit.setPlaceholderText("auto (the recipe's: fitted to the data)")
-        self.tasks_spin = _field_spin("train_tasks", unset="auto (the recipe's: 4 on a CPU)")
+        cpu_tasks = TrainConfig().tasks_per_model  # the "auto" recipe's split on a CPU
+        self.tasks_spin = _field_spin(
+            "train_tasks", unset=f"auto (the recipe's: {cpu_tasks} on a CPU)"
+        )
         self.fold_combo = QComboBox()
         self.recipe_combo = QComboBox()
         self.recipe_combo.addItems(list(RECIPE_NAMES))
