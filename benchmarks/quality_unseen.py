@@ -1091,6 +1091,12 @@ def print_synthetic(res: dict[str, Any]) -> None:
             )
     print("volume AUROC (brain) per severity, lesioned of that severity vs healthy:")
     _print_volume_aurocs(res, sevs)
+    print(
+        "volume AUROC (brain) per kind ("
+        + ", ".join(kinds)
+        + "), lesioned of that kind vs healthy:"
+    )
+    _print_volume_aurocs(res, kinds)
     protocols = [p for p in PROTOCOLS if f"volume:{p}" in res["sample"]["model"]["brain"]["mean"]]
     print("volume AUROC (brain) per protocol (" + ", ".join(protocols) + "), within it:")
     _print_volume_aurocs(res, protocols)
