@@ -111,6 +111,9 @@ def test_split_follows_the_recipe_unless_given():
     assert TrainConfig(recipe="paper").tasks_per_model == 1
     assert TrainConfig(train_tasks=2).resolve(2, "mri", (96, 96), "cpu").train_tasks == 2
     assert TrainConfig(train_tasks=2).n_folds == 10 and TrainConfig().n_folds == 5
+    # the label every message writes
+    assert TrainConfig().split_label == "4/1" and TrainConfig(recipe="paper").split_label == "1/4"
+    assert TrainConfig(train_tasks=3).split_label == "3/2"
     assert TrainConfig(fold=4).fold_indices() == [4]
     with pytest.raises(ValueError, match="0..4"):
         TrainConfig(fold=5)

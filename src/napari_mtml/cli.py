@@ -154,10 +154,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from napari_mtml.devices import with_device_recipe
 
         planned = with_device_recipe(config)  # the recipe, hence the split, follows the device
-        t = planned.tasks_per_model
         print(
             f"training {planned.n_folds if config.fold == 'all' else 1} model(s) of the "
-            f"{t}/{5 - t} split on {len(config.healthy)} input(s) -> {config.out}"
+            f"{planned.split_label} split on {len(config.healthy)} input(s) -> {config.out}"
         )
     _render_training(train(config), show=show)
     return 0

@@ -969,7 +969,13 @@ class TrainConfig:
         if self.train_tasks is not None:
             return int(self.train_tasks)
         name = self.resolved_recipe or recipe_for_device(self.recipe, "cpu")
-        return int(RECIPES[name].get("train_tasks", 1))
+        return int(RECIPES[name]["train_tasks"])
+
+    @property
+    def split_label(self) -> str:
+        """The T/(5-T) split as messages write it, e.g. ``"4/1"``."""
+        t = self.tasks_per_model
+        return f"{t}/{5 - t}"
 
     @property
     def n_folds(self) -> int:

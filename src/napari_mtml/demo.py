@@ -339,11 +339,10 @@ def run_demo(
     )
     budget = f"{time_budget / 60:.1f} min" if time_budget else f"{max_steps} steps per fold"
     planned = with_device_recipe(config)  # the split is the recipe's
-    t = planned.tasks_per_model
     print(
-        f"mtml demo: {t}/{5 - t} task cross-validation ({planned.n_folds} models) for {budget} on "
-        f"{len(healthy_slices)} lesion-free slices of {paths['image'].name}; external dataset "
-        f"for inter-dataset blending: {paths['external'].name}; brain mask: "
+        f"mtml demo: {planned.split_label} task cross-validation ({planned.n_folds} models) "
+        f"for {budget} on {len(healthy_slices)} lesion-free slices of {paths['image'].name}; "
+        f"external dataset for inter-dataset blending: {paths['external'].name}; brain mask: "
         + (
             "automatic (deepbet)"
             if use_brain
