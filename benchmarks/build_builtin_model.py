@@ -176,6 +176,8 @@ def main(argv=None) -> int:
         "0",
         "--train-tasks",  # the shipped model's 1/4 split (the small recipe's default is 4/1 now)
         "1",
+        "--sampling",  # every slice equally often (the default draws every scan so now)
+        "slices",
         "--brain-mask",
         str(masks),
         "--external",

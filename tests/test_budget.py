@@ -121,6 +121,19 @@ def test_split_follows_the_recipe_unless_given():
         TrainConfig(train_tasks=3, fold=10)
 
 
+def test_sampling_setting_round_trips_and_is_checked():
+    assert TrainConfig().sampling == "scans"
+    for value in ("scans", "slices"):
+        cfg = TrainConfig(sampling=value)
+        assert TrainConfig.from_json(text=cfg.to_json()).sampling == value
+    # a run saved before the setting existed drew every slice equally often: resumed the same
+    saved = json.loads(TrainConfig().to_json())
+    del saved["sampling"]
+    assert TrainConfig.from_json(text=json.dumps(saved)).sampling == "slices"
+    with pytest.raises(ValueError, match="sampling"):
+        TrainConfig(sampling="volumes")
+
+
 def test_messages_before_training_see_the_device_recipe():
     from napari_mtml.devices import with_device_recipe
 

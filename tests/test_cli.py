@@ -449,6 +449,7 @@ TRAIN_FLAGS = {
     "--brain-mask": "brain_mask",
     "--bias-correction": "bias_correction",
     "--bias-augment": "bias_augment",
+    "--sampling": "sampling",
     "--lr": "lr",
     "--lr-schedule": "lr_schedule",
     "--ema": "ema",

@@ -336,6 +336,41 @@ def test_flip_only_when_asked(monkeypatch):
         assert flipped == 0 if not flip else 5 < flipped < 35
 
 
+def test_scan_sampling_draws_every_scan_equally_often():
+    # a "1 mm" scan of 30 slices and a "5 mm" one of 6, as 2D items of two groups
+    groups = [0] * 30 + [1] * 6
+    samples = HealthyCollection.from_arrays(
+        _images(36), [_fg((32, 32))] * 36, groups=groups
+    ).samples
+    assert [s.group for s in samples] == groups
+
+    def share_of_thick(ds, epochs=100):
+        ids = [ds.locate(k)[2] for k in range(36 * epochs)]
+        return np.mean([samples[i].group == 1 for i in ids]), ids
+
+    slices, _ = share_of_thick(SyntheticDataset(samples, [2], seed=4, sampling="slices"))
+    scans, ids = share_of_thick(SyntheticDataset(samples, [2], seed=4))  # the default
+    assert slices == pytest.approx(6 / 36)  # a shuffled pass: exactly each slice once
+    assert 0.45 < scans < 0.55  # 3,600 draws: a binomial sd of 0.008
+    assert set(ids) == set(range(36))  # every slice still comes up
+    # fixed by the seed and the epoch: a resumed run draws the same items
+    again = SyntheticDataset(samples, [2], seed=4, sampling="scans")
+    assert [again.locate(k)[2] for k in range(200, 300)] == ids[200:300]
+    other = SyntheticDataset(samples, [2], seed=5, sampling="scans")
+    assert [other.locate(k)[2] for k in range(100)] != ids[:100]
+
+
+def test_scan_sampling_is_the_permutation_where_scans_give_as_many_items():
+    samples = HealthyCollection.from_arrays(
+        _images(6), [_fg((32, 32))] * 6, groups=[0, 0, 1, 1, 2, 2]
+    ).samples
+    a = SyntheticDataset(samples, [2], seed=3, sampling="slices")
+    b = SyntheticDataset(samples, [2], seed=3, sampling="scans")
+    assert [a.locate(k) for k in range(18)] == [b.locate(k) for k in range(18)]
+    with pytest.raises(ValueError, match="sampling"):
+        SyntheticDataset(samples, [2], seed=3, sampling="volumes")
+
+
 def test_dataset_bad_inputs():
     with pytest.raises(ValueError, match="no training samples"):
         SyntheticDataset([], [0], seed=0)

@@ -314,6 +314,8 @@ def _setting(default: Any, help: str, **spec: Any) -> Any:
 
 
 _BOOL_OR_UNSET = "use true, false, or leave unset"
+#: the values of `TrainConfig.sampling` (`napari_mtml.data.SyntheticDataset`)
+SAMPLINGS = ("slices", "scans")
 
 
 @dataclass
@@ -429,6 +431,12 @@ class TrainConfig:
         None = 5 for MRI, 10 for CXR; sigma: the label's).
     flip
         left-right flips of the training images; None = yes for MRI, no for CXR.
+    sampling
+        how training draws its items: "scans" (default; each scan equally often, then one of
+        its items: with 2D slices of volumes of mixed slice counts, a 5 mm clinical scan of
+        28 slices is drawn as often as a 1 mm one of 150) or "slices" (a shuffled pass over
+        every item, each equally often; runs saved before the setting existed). The same
+        draws where every scan gives as many items (3D volumes, X-rays, one volume's slices).
     fold_steps
         per fold index (str), the steps of that fold instead of `max_steps`: a time budget
         records here the folds it planned again because the machine's pace changed
@@ -591,6 +599,10 @@ class TrainConfig:
         kind=float, maximum=0.8)
     flip: bool | None = _setting(None, "left-right flips of the training images", kind=bool,
                                  allowed=_BOOL_OR_UNSET)
+    sampling: str = _setting(
+        "scans", "2D slices of volumes: scans (default: every scan drawn equally often, its "
+        "slices sharing its turns, so thick-slice scans weigh as much as 1 mm ones) or slices "
+        "(every slice equally often)", choices=SAMPLINGS, flag="--sampling")
     # fmt: on
     # filled by `resolve` once the data is known; saved in config.json
     resolved_kind: str | None = field(default=None)
@@ -822,6 +834,7 @@ class TrainConfig:
         # a run saved before the setting existed was trained on scans as read
         data.setdefault("bias_correction", "none")
         data.setdefault("bias_augment", 0.0)
+        data.setdefault("sampling", "slices")
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:

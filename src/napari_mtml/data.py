@@ -819,6 +819,12 @@ class SyntheticDataset:
     source from `intra` (task 0; default: the training samples) or `external` (task 1; falls
     back to `intra` when None). With `flip`, the last axis is flipped with p = 0.5 (brain).
 
+    Each epoch has one item per sample: with `sampling="scans"` (the default) draws in which
+    every scan (`HealthySample.group`) comes up equally often and then one of its items (with
+    replacement), with `sampling="slices"` a shuffled pass over `samples`; the two are the same
+    permutation where every scan gives as many items. Both are fixed by `seed` and the epoch,
+    so a resumed run draws the same items.
+
     samples: the fold's training data; seed: the fold's base seed; rank/world_size: DDP.
     """
 
@@ -835,9 +841,12 @@ class SyntheticDataset:
         intra: SourcePool | None = None,
         external: SourcePool | None = None,
         bias_augment: float = 0.0,
+        sampling: str = "scans",
     ):
         if not samples:
             raise ValueError("the fold has no training samples; add more healthy scans")
+        if sampling not in ("slices", "scans"):
+            raise ValueError(f"sampling must be 'slices' or 'scans', got {sampling!r}")
         if not tasks:
             raise ValueError("no training tasks given")
         if not 0 <= rank < world_size:
@@ -854,6 +863,16 @@ class SyntheticDataset:
         self.bias_augment = float(bias_augment)
         self.items_per_epoch = math.ceil(len(self.samples) / self.world_size)
         self._perms: dict[int, np.ndarray] = {}
+        # "scans": each item's chance is 1 / (scans x that scan's items); None where that is
+        # uniform anyway (every scan gives as many items), so the draw stays a permutation
+        self.sampling = sampling
+        self._weights = None
+        if sampling == "scans":
+            groups = np.asarray([s.group for s in self.samples])
+            _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+            if counts.min() != counts.max():
+                w = 1.0 / counts[inverse]
+                self._weights = w / w.sum()
 
     def __len__(self) -> int:
         return self.items_per_epoch
@@ -866,9 +885,13 @@ class SyntheticDataset:
             if len(self._perms) > 4:
                 self._perms.clear()
             ss = np.random.SeedSequence([self.seed, epoch], spawn_key=(_PERM_KEY,))
-            perm = self._perms[epoch] = np.random.Generator(np.random.PCG64(ss)).permutation(
-                len(self.samples)
-            )
+            gen = np.random.Generator(np.random.PCG64(ss))
+            n = len(self.samples)
+            if self._weights is None:
+                perm = gen.permutation(n)
+            else:  # an epoch of n draws, each scan as often on average
+                perm = gen.choice(n, size=n, p=self._weights)
+            self._perms[epoch] = perm
         return epoch, index, int(perm[(self.rank + index * self.world_size) % len(perm)])
 
     def item_rng(self, k: int) -> np.random.Generator:

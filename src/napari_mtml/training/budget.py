@@ -142,6 +142,7 @@ def measure_costs(
         task_params=task_params,
         external=external,
         bias_augment=float(cfg.bias_augment or 0.0),
+        sampling=cfg.sampling,
     )
     loader = make_loader(
         dataset, int(cfg.batch_size), workers=int(cfg.workers), pin_memory=device.type == "cuda"

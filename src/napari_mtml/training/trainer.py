@@ -751,6 +751,7 @@ def _fold_data(run: _Run, split: FoldSplit, fold: _Fold, start_step: int):
         task_params=task_params,
         external=ext,
         bias_augment=float(cfg.bias_augment or 0.0),
+        sampling=cfg.sampling,
     )
     val_set = None
     if fold.dist.main:
