@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_mtml.config import SAMPLINGS
 from napari_mtml.io import IMAGE_SUFFIXES, image_files
 
 __all__ = [
@@ -845,8 +846,8 @@ class SyntheticDataset:
     ):
         if not samples:
             raise ValueError("the fold has no training samples; add more healthy scans")
-        if sampling not in ("slices", "scans"):
-            raise ValueError(f"sampling must be 'slices' or 'scans', got {sampling!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
         if not tasks:
             raise ValueError("no training tasks given")
         if not 0 <= rank < world_size:
