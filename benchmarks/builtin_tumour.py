@@ -9,10 +9,11 @@ automatic brain mask when the `brain` extra is installed):
   `--repeats`; the brain mask's own time apart), threads used;
 - pixel AP / AUROC of the map on the tumour slices (inside the head mask, as `mtml demo`, and
   inside the brain mask) beside a random map;
-- the region table the widget shows (connected regions above a threshold, largest first) at the
-  widget's default threshold 0.5 and at thresholds set, as the widget's "from reference" does,
-  from the 99th / 99.9th percentile of the map on the healthy MNI152 T1: the number of regions
-  and the rank of the first region that touches the tumour (1 = first row).
+- the region table the widget shows (connected regions above a threshold, largest first) at
+  0.5, at thresholds set, as the widget's "from reference" does, from the 99th / 99.9th
+  percentile of the map on the healthy MNI152 T1, and (`cal99`) at the run's own healthy
+  calibration's 99th percentile, where the widget starts for a run that ships one: the number
+  of regions and the rank of the first region that touches the tumour (1 = first row).
 
 The tumour sample was never used to build or choose the built-in model (see its model card);
 this measures it, it must not tune it.
@@ -110,11 +111,14 @@ def main(argv=None) -> int:
         ap, auc = average_precision(s, y), roc_auc(s, y)
         rap = average_precision(rng.random(y.size), y)
         cells = []
-        for label, thr in (
+        thresholds = [
             ("0.5", 0.5),
             ("p99", float(np.percentile(ref_values, 99))),
             ("p99.9", float(np.percentile(ref_values, 99.9))),
-        ):
+        ]
+        if ens.calibration:  # where the Heatmap widget starts: the run's healthy 99th percentile
+            thresholds.append(("cal99", float(ens.calibration["thresholds"]["99"])))
+        for label, thr in thresholds:
             labels, regions = _regions(heat, thr, scan.spacing)
             rank = _tumour_rank(labels, regions, tumour)
             cells.append(f"{label}={thr:.3f}: {len(regions)}, rank {rank or '-'}")

@@ -312,7 +312,8 @@ def _format_metrics(metrics, indent: str = "") -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The whole method end to end on the built-in sample data.
 
-    Train a 1/4 ensemble (5 folds; on a CPU the small 2D recipe) for a few minutes on the
+    Train a cross-validation over tasks (5 folds; on a CPU the small 2D recipe's 4/1 split,
+    starting from the built-in brain model) for a few minutes on the
     lesion-free slices of the built-in brain tumour MRI, predict the volume, and score the
     heatmaps against the real tumour mask next to a random baseline.
     """
