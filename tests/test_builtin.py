@@ -99,6 +99,32 @@ def test_cli_predict_takes_a_builtin_name(tmp_path, capsys):
     assert "no such built-in model" in capsys.readouterr().err
 
 
+def test_an_xray_given_to_the_brain_model_is_predicted_with_a_warning(tmp_path, capsys):
+    from napari_mtml.inference import ModalityWarning
+
+    ens = load_ensemble("builtin:brain-t1", device="cpu")
+    xray = load_sample("chest_xray")
+    assert xray.metadata["modality"] == "CR"
+    with pytest.warns(ModalityWarning, match=r"chest_xray_RG1_UNCR_half\.dcm is an X-ray"):
+        pred = ens.predict(xray)
+    assert len(pred.notes) == 1 and "trained on MRI" in pred.notes[0]
+    assert pred.anomaly.shape == xray.array.shape  # still predicted: the user may know better
+    brain = load_sample("brain_tumour_image")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModalityWarning)
+        assert ens.predict(brain).notes == ()  # a NIfTI says nothing of its modality
+    # mtml predict says it on one line, the batch goes on, the map is written
+    out = tmp_path / "p"
+    args = ["predict", "builtin:brain-t1", str(sample_data_path("chest_xray")), "--out", str(out)]
+    assert main([*args, "--no-png", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    line = [t for t in err.splitlines() if "is an X-ray" in t]
+    assert len(line) == 1 and line[0].startswith("mtml predict: warning: ")
+    assert (out / "chest_xray_RG1_UNCR_half_anomaly.nii.gz").is_file()
+
+
 def test_fine_tuning_from_the_builtin_model_takes_its_settings(tmp_path):
     _, saved, _ = _one_step(tmp_path, "tuned", init="builtin:brain-t1")
     assert saved.init == "builtin:brain-t1" and saved.preset == "small"

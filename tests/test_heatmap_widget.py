@@ -546,3 +546,36 @@ def test_heatmap_starts_at_the_runs_healthy_threshold(
     widget.set_run(str(tiny_run))  # no calibration: the slider stays
     _predict(qtbot, widget)
     assert widget.threshold_slider.value() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_an_xray_predicted_by_the_brain_model_says_so(make_napari_viewer, qtbot, tmp_path):
+    """An image unlike the run's training data (an X-ray for the brain MRI model) gets its map
+    and a warning under its score, a napari warning and, in a batch, the table's row."""
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open_sample(PLUGIN, "chest_xray")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run("builtin:brain-t1")
+    widget.device_combo.setCurrentText("cpu")
+    widget.image_combo.set_layer(layer)
+    _predict(qtbot, widget)
+    assert widget.heatmap_layer is not None
+    assert "warning:" in widget.score_label.text() and "X-ray" in widget.score_label.text()
+    widget.threshold_slider.setValue(0.6)  # a new threshold: the warning stays with the score
+    assert "trained on MRI" in widget.score_label.text()
+    warned = [
+        str(n.message)
+        for n in notification_manager.records
+        if getattr(n.severity, "value", n.severity) == "warning"
+    ]
+    assert any("trained on MRI" in m for m in warned)
+
+    widget.batch_source_combo.setCurrentText("all open image layers")
+    widget.batch_out_edit.setText(str(tmp_path / "batch"))
+    widget.run_batch()
+    assert widget.wait(60)
+    assert widget.batch_table.rowCount() == 1  # the X-ray (the maps are outputs, not inputs)
+    assert widget.batch_table.item(0, 3).text() == "done, with a warning"
+    assert "X-ray" in widget.batch_table.item(0, 3).toolTip()
+    assert "1 with a warning" in widget.status.text()

@@ -80,6 +80,33 @@ def test_unstripped_head_gets_a_head_mask_without_background_noise():
     assert agreement > 0.99
 
 
+def test_kind_mismatch_names_the_image_what_it_is_and_what_the_run_knows():
+    from napari_mtml.preprocess import kind_mismatch
+
+    def scan(modality, path="scans/x.dcm"):
+        return Scan(
+            array=np.ones((4, 4), np.float32),
+            spacing=(1, 1),
+            metadata={"modality": modality, "path": path},
+        )
+
+    note = kind_mismatch(scan("CR"), "mri")
+    assert note is not None and note.startswith("scans/x.dcm is an X-ray (DICOM modality CR)")
+    assert "trained on MRI" in note
+    assert "a CT scan (DICOM modality CT)" in kind_mismatch(scan("ct"), "mri")
+    assert "an MRI (DICOM modality MR)" in kind_mismatch(scan("MR"), "cxr")
+    assert "trained on X-rays" in kind_mismatch(scan("MR"), "cxr")
+    assert "an image (DICOM modality OT)" in kind_mismatch(scan("OT"), "mri")
+    # fits, or nothing says what the image is, or not a pipeline: no note
+    assert kind_mismatch(scan("MR"), "mri") is None
+    for modality in ("CR", "DX", "XR", "MG"):
+        assert kind_mismatch(scan(modality), "cxr") is None
+    assert kind_mismatch(scan(""), "mri") is None and kind_mismatch(scan(""), "cxr") is None
+    assert kind_mismatch(scan("CR"), "auto") is None
+    assert kind_mismatch(np.ones((4, 4)), "mri") is None
+    assert kind_mismatch(scan("CR", path=None), "mri").startswith("the image is an X-ray")
+
+
 def test_foreground_of_an_xray_is_the_whole_image():
     scan = Scan(
         array=np.arange(12, dtype=np.float32).reshape(3, 4),

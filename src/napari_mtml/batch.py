@@ -70,6 +70,7 @@ class BatchItem:
         `png=False`); all None when the input failed.
     regions_path : `NAME_regions.csv` with `regions_at` (else None).
     error : one line naming the file, when this input failed; None otherwise.
+    notes : `Prediction.notes` of a successful input (e.g. an X-ray given to an MRI run).
     """
 
     index: int
@@ -86,6 +87,7 @@ class BatchItem:
     score_method: str | None = None
     mask_path: Path | None = None
     regions_path: Path | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -327,6 +329,7 @@ def _run(
                     score_method=getattr(pred, "score_method", None),
                     mask_path=mask_path,
                     regions_path=regions_path,
+                    notes=tuple(getattr(pred, "notes", ()) or ()),
                 )
             except errors as exc:
                 for f in written:  # a failed input leaves none of its outputs behind

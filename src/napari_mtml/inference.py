@@ -14,6 +14,11 @@ weights (`torch.load(..., weights_only=True)`: no arbitrary unpickling). `Ensemb
 Dimensionality: a 3D run predicts 3D volumes; a 2D run predicts 2D images, and 3D volumes slice by
 slice along the first (axial, z) axis, all slices batched. A 2D image given to a 3D run is refused.
 
+An image plainly unlike the run's training data (its DICOM modality says X-ray to an MRI run, CT to
+an MRI run, MRI to an X-ray run: `preprocess.kind_mismatch`) is still predicted, with a
+`ModalityWarning` and the same line in `Prediction.notes` (`mtml predict` prints it; the Heatmap
+widget shows it under the map).
+
 Volumes larger than the frame: the frame must hold the preprocessed foreground (cropped to its
 bounding box and downsampled by the run's factor). When it does not, prediction is refused with a
 `ValueError` that names the image, the run's frame and the frame that would fit: the models carry a
@@ -25,6 +30,7 @@ a larger `--frame`, or crop the image to the region of interest.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +42,18 @@ import torch
 from napari_mtml.devices import apply_thread_rule, prepare_model_for_device, resolve_device
 from napari_mtml.heap import keep_freed_memory
 
-__all__ = ["Ensemble", "Prediction", "load_ensemble", "resolve_device", "run_stamp"]
+__all__ = [
+    "Ensemble",
+    "ModalityWarning",
+    "Prediction",
+    "load_ensemble",
+    "resolve_device",
+    "run_stamp",
+]
+
+
+class ModalityWarning(UserWarning):
+    """An image predicted by a run trained on another kind of image (`Prediction.notes`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,8 @@ class Prediction:
         the brain mask given); None when the background was kept.
     scores : every sample score of the ensemble map (`napari_mtml.scores.all_scores`).
     score_method : the name of the method behind `score`.
+    notes : tuple of str; one line each about the input that the map's reader should know (an
+        image unlike the run's training data: `preprocess.kind_mismatch`); empty normally.
     """
 
     anomaly: np.ndarray
@@ -68,6 +87,7 @@ class Prediction:
     mask: np.ndarray | None = None
     scores: dict = field(default_factory=dict)
     score_method: str = "max"
+    notes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +477,7 @@ class Ensemble:
             fit_frame,
             foreground_mask,
             from_frame,
+            kind_mismatch,
             to_frame,
         )
         from napari_mtml.scores import DEFAULT_SAMPLE_SCORE, all_scores, sample_score
@@ -478,6 +499,10 @@ class Ensemble:
                     f"{name}: the mask has shape {mask.shape} but the image {array.shape}; give "
                     "a mask on the image's own grid"
                 )
+        mismatch = kind_mismatch(scan, self.kind)
+        notes = (mismatch,) if mismatch else ()
+        for note in notes:
+            warnings.warn(note, ModalityWarning, stacklevel=3)
         try:
             foreground = foreground_mask(scan, kind=self.kind)
         except ValueError as exc:
@@ -577,6 +602,7 @@ class Ensemble:
             None if keep_background else region,
             scores,
             method,
+            notes,
         )
 
     def predict_array(

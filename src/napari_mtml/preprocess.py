@@ -52,6 +52,8 @@ __all__ = [
     "content_shape",
     "fit_frame",
     "infer_kind",
+    "KIND_MODALITIES",
+    "kind_mismatch",
     "mask_to_frame",
     "mri_factors",
     "to_frame",
@@ -62,6 +64,20 @@ MRI_FRAME_3D = (80, 112, 80)
 MRI_FRAME_2D = (128, 128)
 CXR_FRAME = (256, 256)
 CXR_MODALITIES = ("CR", "DX", "XR", "MG")
+#: the DICOM modalities each pipeline's models are made for (`kind_mismatch`)
+KIND_MODALITIES = {"mri": ("MR",), "cxr": CXR_MODALITIES}
+_KIND_WORDS = {"mri": "MRI", "cxr": "X-rays"}
+_MODALITY_WORDS = {
+    "CR": "an X-ray",
+    "DX": "an X-ray",
+    "XR": "an X-ray",
+    "MG": "a mammogram",
+    "CT": "a CT scan",
+    "MR": "an MRI",
+    "PT": "a PET scan",
+    "NM": "a nuclear medicine image",
+    "US": "an ultrasound image",
+}
 # A volume whose exact-minimum voxels make up at least this fraction is taken as skull-stripped
 # (its background was set to one value); scanners' unstripped images have noisy backgrounds.
 STRIPPED_BACKGROUND_FRACTION = 0.25
@@ -128,6 +144,46 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 def _name(scan: Scan) -> str:
     path = scan.metadata.get("path")
     return f"{path}" if path else "the image"
+
+
+def kind_mismatch(scan: Scan, kind: str) -> str | None:
+    """A note when an image is plainly not what a run's models were trained on, else None.
+
+    Parameters
+    ----------
+    scan : Scan
+        Its `metadata["modality"]` (DICOM) decides.
+    kind : {"mri", "cxr"}
+        The run's pipeline (`Ensemble.kind`); any other value gives None.
+
+    Returns
+    -------
+    str or None
+        One line naming the image, what it is and what the run was trained on, when the image's
+        DICOM modality is known and not one of `KIND_MODALITIES[kind]` (an X-ray given to a
+        brain MRI run, a CT to an MRI run, an MRI to an X-ray run). None when the modality is
+        unknown (NIfTI, PNG: nothing says what they are) or fits. (A 3D volume given to an
+        X-ray run is refused by `to_frame`, not noted.)
+
+    Examples
+    --------
+    >>> xray = Scan(array=np.ones((4, 4)), spacing=(1.0, 1.0), metadata={"modality": "CR"})
+    >>> kind_mismatch(xray, "mri").split(":")[0]
+    'the image is an X-ray (DICOM modality CR) but the run was trained on MRI'
+    >>> kind_mismatch(xray, "cxr") is None
+    True
+    """
+    scan = _as_scan(scan)
+    if kind not in KIND_MODALITIES:
+        return None
+    modality = str(scan.metadata.get("modality", "") or "").upper()
+    if not modality or modality in KIND_MODALITIES[kind]:
+        return None
+    what = f"{_MODALITY_WORDS.get(modality, 'an image')} (DICOM modality {modality})"
+    return (
+        f"{_name(scan)} is {what} but the run was trained on {_KIND_WORDS[kind]}: its map says "
+        "nothing about this image; use a run trained on images like it"
+    )
 
 
 def infer_kind(scan: Scan) -> str:

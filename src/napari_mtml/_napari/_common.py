@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QMenu, QPushButton
 from superqt.utils import FunctionWorker, GeneratorWorker
@@ -141,6 +141,7 @@ def notify_error(what: str, exc: BaseException | str) -> None:
 
 
 notify_info = show_info
+notify_warning = show_warning
 
 
 # --------------------------------------------------------------------------------------------

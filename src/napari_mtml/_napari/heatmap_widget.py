@@ -78,6 +78,7 @@ from ._common import (
     layer_spacing,
     notify_error,
     notify_info,
+    notify_warning,
     push_button,
     scan_from_layer,
     set_or_add_image,
@@ -499,10 +500,13 @@ class HeatmapWidget(QWidget):
         if ens is not None:
             note = f"\n{len(ens.folds)} of {ens.n_folds} fold models: {list(ens.folds)}"
         how = SCORE_TEXT.get(getattr(prediction, "score_method", ""), "sample score")
+        # a note on the input stays beside the score it qualifies until the next prediction
+        warned = "".join(f"\nwarning: {n}" for n in getattr(prediction, "notes", ()))
         self.score_label.setText(
             f"sample score ({how}): {prediction.score:.4f}"
             + (f"\nper fold: {folds}" if folds else "")
             + note
+            + warned
         )
         self.status.setText(f"heatmap of '{layer.name}' ready.")
         healthy = self._calibrated_threshold(ens)
@@ -514,6 +518,8 @@ class HeatmapWidget(QWidget):
                 f"{self.status.text()}; the run's healthy threshold: 99 % of healthy "
                 "voxels stay under it"
             )
+        for note in getattr(prediction, "notes", ()):  # an image unlike the run's training data
+            notify_warning(f"Heatmap: {note}")
 
     def _calibrated_threshold(self, ens) -> float | None:
         """The run's healthy 99th percentile (`napari_mtml.calibration`) the first time a run
@@ -638,17 +644,20 @@ class HeatmapWidget(QWidget):
                 if item.name in self._batch_sources
                 else item.name
             )  # a layer by its own name
+            notes = getattr(item, "notes", ())
             cells = (
                 shown,
                 f"{item.score:.4f}" if ok else "-",
                 f"{item.mean_disagreement:.4f}" if ok else "-",
-                "done" if ok else "failed",
+                ("done, with a warning" if notes else "done") if ok else "failed",
             )
             for col, text in enumerate(cells):
                 cell = QTableWidgetItem(text)
                 cell.setFlags(cell.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 if not ok:
                     cell.setToolTip(item.error)
+                elif notes:
+                    cell.setToolTip("\n".join(notes))
                 self.batch_table.setItem(row, col, cell)
         self.batch_table.blockSignals(False)
 
@@ -657,10 +666,12 @@ class HeatmapWidget(QWidget):
             return
         self.batch_result = result
         failed = len(result.failures)
+        warned = sum(1 for item in result.items if getattr(item, "notes", ()))
         self.status.setText(
             f"batch done: {len(result.items) - failed} of {len(result.items)} "
             f"image(s) predicted; {result.scores_csv}"
             + (f"; {failed} failed (hover the table)" if failed else "")
+            + (f"; {warned} with a warning (hover the table)" if warned else "")
         )
         notify_info(f"Heatmap: batch written to {result.out_dir}")
 
