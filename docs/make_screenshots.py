@@ -111,6 +111,8 @@ def training(viewer, run_dir: Path, steps: int):
     widget.device_combo.setCurrentText("auto")
     widget.start()
     _wait(lambda: widget.worker is None)
+    bar = widget.scroll_area.verticalScrollBar()  # the dock scrolls: show the live plot
+    bar.setValue(bar.maximum())
     _shot(viewer, "training_widget.png")
     viewer.window.remove_dock_widget(dock)
     viewer.layers.clear()

@@ -226,3 +226,39 @@ def test_keyboard_shortcuts_new_seed_and_keep(make_napari_viewer, qtbot):
     assert other.seed_spin.value() != seed
     widget.stop()
     other.stop()
+
+
+def test_the_dock_s_x_stops_the_preview_for_good(make_napari_viewer, qtbot):
+    """napari's dock "x" only un-parents the widget (no close event): the widget notices,
+    waits for its running preview and previews nothing more, whatever the layers do."""
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    layer = viewer.add_image(_disc((64, 64), np.random.default_rng(1)), name="scan")
+    _next_update(qtbot, widget, 0)
+    widget.update_now()  # a preview running when the dock closes
+    viewer.window.remove_dock_widget(widget)
+    assert widget.closed and widget._worker is None  # waited for it
+    n, n_layers = widget.n_updates, len(viewer.layers)
+    viewer.add_image(_disc((48, 48), np.random.default_rng(2)), name="another")
+    widget.sliders["intensity_scale"].setValue(1.2)
+    layer.data = layer.data * 1.01
+    qtbot.wait(400)  # longer than the live preview's debounce
+    assert widget.n_updates == n and widget._worker is None and not widget.busy
+    assert len(viewer.layers) == n_layers + 1  # only the image added, no new preview layers
+
+
+def test_every_dock_scrolls_instead_of_outgrowing_a_laptop_screen(make_napari_viewer):
+    """The Training widget's form is ~1,050 px tall: in a scroll area its dock can be as short
+    as a laptop screen allows, and where there is room it still asks for all of it. Each
+    widget closes (cancelling its work) when napari takes it out of its dock."""
+    viewer = make_napari_viewer()
+    for name in ("Anomaly preview", "Training", "Heatmap"):
+        widget = _dock(viewer, name)
+        content = widget.scroll_area.widget()
+        assert widget.minimumSizeHint().height() <= 200 < content.minimumSizeHint().height()
+        assert widget.sizeHint().height() >= content.sizeHint().height()
+        assert widget.minimumSizeHint().width() >= content.minimumSizeHint().width()
+        closed = []
+        widget.closeEvent = lambda event, w=widget, seen=closed: seen.append(w)  # its close
+        viewer.window.remove_dock_widget(widget)  # the dock's "x"
+        assert closed == [widget]

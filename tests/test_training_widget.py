@@ -112,6 +112,28 @@ def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(
     assert widget.start_button.isEnabled()
 
 
+def test_closing_the_dock_cancels_the_run_and_keeps_the_checkpoint(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """napari's dock "x" sends the widget no close event, only takes it out of the dock: the
+    widget notices and cancels its run as Cancel does (before, it trained on unseen)."""
+    from napari_mtml.training.events import RunFinished, StepEvent
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    healthy = _healthy_folder(tmp_path / "healthy")
+    out = tmp_path / "run"
+    _fill(widget, healthy, out, steps=100_000)
+    widget.start()
+    qtbot.waitUntil(
+        lambda: sum(isinstance(e, StepEvent) for e in widget.events) >= 3, timeout=60000
+    )
+    viewer.window.remove_dock_widget(widget)
+    assert widget.wait(30), "the run went on after its dock was closed"
+    assert not any(isinstance(e, RunFinished) for e in widget.events)
+    assert (out / "fold_0" / "best.pt").is_file()
+
+
 def test_training_bad_input_notifies(make_napari_viewer, qtbot, tmp_path, napari_errors):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")

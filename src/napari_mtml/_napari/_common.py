@@ -13,8 +13,17 @@ from typing import Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QMenu, QPushButton
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QMenu,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 from superqt.utils import FunctionWorker, GeneratorWorker
 
 __all__ = [
@@ -30,7 +39,9 @@ __all__ = [
     "notify_error",
     "on_grid_of",
     "scan_from_geometry",
+    "removed_from_dock",
     "scan_from_layer",
+    "scrolling_layout",
     "set_or_add_image",
     "set_or_add_labels",
     "start_worker",
@@ -141,6 +152,7 @@ def notify_error(what: str, exc: BaseException | str) -> None:
 
 
 notify_info = show_info
+notify_warning = show_warning
 notify_warning = show_warning
 
 
@@ -582,3 +594,64 @@ class LayerCombo(QComboBox):
     def set_layer(self, layer) -> None:
         if layer in self._layers:
             self.setCurrentIndex(len(self._extras) + self._layers.index(layer))
+
+
+class _DockScrollArea(QScrollArea):
+    """A scroll area that asks for its whole content's height (so a dock with room shows it
+    all, as before) and its least width, but can shrink to a short dock, scrolling instead of
+    squeezing its labels."""
+
+    #: the least height it accepts: a few rows of the form stay visible
+    MIN_HEIGHT = 160
+
+    def _bar(self) -> int:
+        # the vertical bar's room (napari's style draws it wider than its size hint says)
+        bar = self.verticalScrollBar()
+        return max(bar.sizeHint().width(), bar.width() if bar.isVisible() else 0) + 4
+
+    def sizeHint(self) -> QSize:
+        # as narrow as the content allows (as the dock was before), as tall as it wants
+        inner = self.widget()
+        if inner is None:
+            return QSize(0, 0)
+        return QSize(inner.minimumSizeHint().width() + self._bar(), inner.sizeHint().height())
+
+    def minimumSizeHint(self) -> QSize:
+        inner = self.widget().minimumSizeHint() if self.widget() is not None else QSize(0, 0)
+        return QSize(inner.width() + self._bar(), min(inner.height(), self.MIN_HEIGHT))
+
+
+def scrolling_layout(widget: QWidget) -> QVBoxLayout:
+    """The layout for a dock widget's content, inside a scroll area (`widget.scroll_area`).
+
+    Without it a dock cannot be shorter than its content: the Training widget alone needs
+    about 1,050 px, so napari's window grew taller than a laptop's screen, and a short dock
+    squeezed the Heatmap widget's labels until their text was cut. With it the dock opens at
+    its content's size where there is room and scrolls where there is not.
+    """
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _DockScrollArea(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    # never sideways: the area is never narrower than its content's least width
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    content = QWidget()
+    area.setWidget(content)
+    outer.addWidget(area)
+    widget.scroll_area = area
+    return QVBoxLayout(content)
+
+
+def removed_from_dock(widget: QWidget, event: QEvent) -> bool:
+    """Whether `event` tells `widget` that napari took it out of its dock.
+
+    napari's dock "x" (`Window.remove_dock_widget`) only calls `setParent(None)` on the widget:
+    no close event reaches it, so a widget that must stop its work when closed (a prediction, a
+    training run, live previews) watches for this and closes itself.
+    """
+    return (
+        event.type() == QEvent.Type.ParentChange
+        and widget.parent() is None
+        and not getattr(widget, "_closed_by_dock", False)
+    )

@@ -50,7 +50,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 from superqt import QLabeledDoubleSlider
@@ -80,7 +79,9 @@ from ._common import (
     notify_info,
     notify_warning,
     push_button,
+    removed_from_dock,
     scan_from_layer,
+    scrolling_layout,
     set_or_add_image,
     set_or_add_labels,
     start_worker,
@@ -287,7 +288,7 @@ class HeatmapWidget(QWidget):
         )
         batch_form.addRow(_pair(self.batch_png_check, self.batch_button, self.batch_cancel_button))
         batch_form.addRow(self.batch_table)
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.table)
         layout.addWidget(_pair(self.export_button, self.save_button))
@@ -342,6 +343,12 @@ class HeatmapWidget(QWidget):
     def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a prediction running
         super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
+            self._closed_by_dock = True
+            self.close()
+        return super().event(event)
 
     # ----------------------------------------------------------------------------- predict
     def _ensemble(self, run_dir: str, device: str):

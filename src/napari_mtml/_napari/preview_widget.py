@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 from superqt import QLabeledDoubleSlider, QLabeledSlider
@@ -59,7 +58,9 @@ from ._common import (
     notify_error,
     on_grid_of,
     push_button,
+    removed_from_dock,
     scan_from_layer,
+    scrolling_layout,
     set_or_add_image,
     start_worker,
     wait_until,
@@ -152,6 +153,7 @@ class AnomalyPreviewWidget(QWidget):
         self.last_result: PreviewResult | None = None
         self.n_updates = 0  # previews shown so far (lets scripts wait for the next one)
         self._worker = None
+        self.closed = False  # set by closeEvent (napari's dock "x" included)
         self._pending = False
         self._last_error = ""
         self._inputs: dict = {}  # (id(layer), foreground key) -> PreviewInput
@@ -223,7 +225,7 @@ class AnomalyPreviewWidget(QWidget):
         buttons.addWidget(update_button)
         buttons.addWidget(keep_button)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(param_box)
         layout.addLayout(buttons)
@@ -276,7 +278,7 @@ class AnomalyPreviewWidget(QWidget):
 
     # ----------------------------------------------------------------------------- events
     def _changed(self, *args) -> None:
-        if self.live_check.isChecked():
+        if self.live_check.isChecked() and not self.closed:
             self._timer.start()
 
     def _task_changed(self, *args) -> None:
@@ -401,8 +403,11 @@ class AnomalyPreviewWidget(QWidget):
         return self._inputs[key]
 
     def update_now(self) -> None:
-        """Compute a preview now (in a worker); coalesces with one already running."""
+        """Compute a preview now (in a worker); coalesces with one already running. A closed
+        widget computes nothing."""
         self._timer.stop()
+        if self.closed:
+            return
         if self._worker is not None:
             self._pending = True
             return
@@ -504,6 +509,20 @@ class AnomalyPreviewWidget(QWidget):
             **grid,
         )
         return img, lab
+
+    def closeEvent(self, event) -> None:
+        # A closed preview computes no more: before, the widget napari took out of its dock
+        # kept previewing on every layer change (adding preview layers to the viewer), and a
+        # preview still running when napari quit aborted it.
+        self.closed = True
+        self.stop()
+        super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
+            self._closed_by_dock = True
+            self.close()
+        return super().event(event)
 
     def stop(self, timeout_ms: int = 10000) -> None:
         """Drop pending changes and wait for a running preview (for closing and tests)."""

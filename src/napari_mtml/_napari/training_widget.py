@@ -34,7 +34,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -51,7 +50,9 @@ from ._common import (
     cancelable_bar,
     notify_error,
     notify_info,
+    removed_from_dock,
     scan_from_layer,
+    scrolling_layout,
     start_worker,
     theme_colours,
     wait_until,
@@ -169,7 +170,8 @@ class TrainingWidget(QWidget):
         self.steps_spin.setToolTip("optimiser steps per fold (with a time budget: at most)")
         self.batch_spin = _field_spin("batch_size", 4096, unset="auto (the recipe's)")
         self.val_spin = _field_spin("val_interval", 1_000_000, unset="auto")
-        self.val_size_spin = _field_spin("val_size", 100_000, unset="auto (16 in 3D, 64 in 2D)")
+        self.val_size_spin = _field_spin("val_size", 100_000, unset="auto")
+        self.val_size_spin.setToolTip(f"{self.val_size_spin.toolTip()} (auto: 16 in 3D, 64 in 2D)")
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([PRESET_FROM_RECIPE, "small", "light", "paper"])
         self.preset_combo.setToolTip(
@@ -223,9 +225,9 @@ class TrainingWidget(QWidget):
         healthy_row = _row(self.healthy_edit, browse_button(self, self.healthy_edit, files=True))
         external_row = _row(self.external_edit, browse_button(self, self.external_edit))
         validation = _row(self.val_spin, QLabel("steps on"), self.val_size_spin)
-        model = _row(
-            self.preset_combo, QLabel("depth"), self.depth_spin, QLabel("width"), self.width_spin
-        )
+        # depth and width on a row of their own: the three beside each other made the widget
+        # wider than before
+        shape = _row(self.depth_spin, QLabel("width"), self.width_spin)
         out_row = _row(self.out_edit, browse_button(self, self.out_edit))
         data = _section(
             "Data",
@@ -245,7 +247,8 @@ class TrainingWidget(QWidget):
             ("max steps", self.steps_spin),
             ("batch size", self.batch_spin),
             ("validate every", validation),
-            ("model", model),
+            ("model", self.preset_combo),
+            ("depth", shape),
             ("start from", self.init_edit),
             ("anomalies in", self.brain_combo),
         )
@@ -258,7 +261,7 @@ class TrainingWidget(QWidget):
             ("workers", self.workers_spin),
             ("seed", self.seed_spin),
         )
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         for part in (data, training, machine):
             layout.addWidget(part)
         layout.addLayout(_hbox(self.start_button, self.cancel_button))
@@ -422,9 +425,23 @@ class TrainingWidget(QWidget):
             self.message.setText("cancelling after the current step …")
             self.worker.quit()
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        # napari's style sheet gives spin boxes a fixed least width that is narrower than their
+        # own text and "-"/"+" buttons: "preset" showed as "eset"
+        for spin in self.findChildren(QSpinBox):
+            spin.setMinimumWidth(max(spin.minimumWidth(), spin.minimumSizeHint().width()))
+        self.scroll_area.updateGeometry()  # the dock widens to the new least width
+
     def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a run training in the background
         super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
+            self._closed_by_dock = True
+            self.close()
+        return super().event(event)
 
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Process events until the worker is done (scripts and tests); True if it ended."""
