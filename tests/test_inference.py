@@ -106,6 +106,43 @@ def test_ensemble_mean_std_of_clipped_fold_outputs(rng):
     assert pred.score == pytest.approx(clipped.mean(), abs=1e-3)  # "max": smoothed by 2 mm
 
 
+def test_tta_averages_the_maps_of_the_image_and_of_its_mirror(tmp_path, rng):
+    """`predict(scan, tta=True)`: every fold also sees the preprocessed frames mirrored
+    left-right; its two maps (the mirrored one mirrored back) are averaged per fold."""
+    ens = load_ensemble(make_run(tmp_path), device="cpu")
+    img = disc_image((30, 26), rng)
+    img[:, :12] *= 1.3  # not symmetric: the mirror changes what the folds see
+    scan = Scan(array=img, spacing=(1.0, 1.0))
+    calls = []
+    real = ens.predict_frames
+
+    def spy(frames):
+        calls.append(np.array(frames))
+        return real(frames)
+
+    ens.predict_frames = spy
+    off = ens.predict(scan, keep_folds=True)
+    assert len(calls) == 1
+    calls.clear()
+    tta = ens.predict(scan, tta=True, keep_folds=True)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(calls[1], calls[0][..., ::-1])
+
+    def mirrored_only(frames):  # every fold on the mirrored frames, mirrored back
+        per_fold = np.ascontiguousarray(real(np.ascontiguousarray(frames[..., ::-1]))[2][..., ::-1])
+        return per_fold.mean(0), per_fold.std(0), per_fold
+
+    ens.predict_frames = mirrored_only
+    mirror = ens.predict(scan, keep_folds=True)
+    assert not np.allclose(mirror.anomaly, off.anomaly, atol=1e-4)
+    np.testing.assert_allclose(tta.anomaly, (off.anomaly + mirror.anomaly) / 2, atol=1e-5)
+    for k in range(5):
+        want = (off.fold_maps[k] + mirror.fold_maps[k]) / 2
+        np.testing.assert_allclose(tta.fold_maps[k], want, atol=1e-5)
+    with pytest.raises(ValueError, match="tta must be True or False"):
+        ens.predict(scan, tta="off")
+
+
 def test_2d_run_on_a_3d_volume_slice_by_slice(tmp_path, rng):
     run = make_run(tmp_path)
     vol = np.stack([disc_image((30, 30), rng, radius=r) for r in (0.2, 0.3, 0.35, 0.3, 0.25)])
