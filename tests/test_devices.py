@@ -149,3 +149,44 @@ def test_compile_model_falls_back_cleanly(monkeypatch):
     monkeypatch.delattr(torch, "compile")
     model, reason = devices.compile_model(net)
     assert model is net and "torch.compile" in reason
+
+
+def test_training_channels_last_follows_the_cpu_the_dims_and_the_variable(monkeypatch):
+    """Channels-last training: 2D models on a bf16 CPU without AMX (measured faster there,
+    slower with AMX); never 3D, float32 CPUs or GPUs; MTML_CHANNELS_LAST forces it."""
+    monkeypatch.delenv("MTML_CHANNELS_LAST", raising=False)
+    monkeypatch.delenv("MTML_CPU_BF16", raising=False)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    rule = devices.training_channels_last
+    assert rule("cpu", 2) and rule(torch.device("cpu"), 2)
+    assert not rule("cpu", 3) and not rule("cpu", None) and not rule("cuda", 2)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
+    assert not rule("cpu", 2)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv("MTML_CPU_BF16", "0")  # float32 training
+    assert not rule("cpu", 2)
+    monkeypatch.setenv("MTML_CHANNELS_LAST", "1")
+    assert rule("cpu", 2) and not rule("cpu", 3)
+    monkeypatch.delenv("MTML_CPU_BF16")
+    monkeypatch.setenv("MTML_CHANNELS_LAST", "0")
+    assert not rule("cpu", 2)
+    monkeypatch.setenv("MTML_CHANNELS_LAST", "yes")
+    with pytest.raises(ValueError, match="MTML_CHANNELS_LAST"):
+        rule("cpu", 2)
+
+
+def test_cpu_flags_read_amx_and_bf16(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    real = devices.Path
+
+    def fake_path(p):
+        return info if str(p) == "/proc/cpuinfo" else real(p)
+
+    monkeypatch.setattr(devices, "Path", fake_path)
+    assert devices.cpu_has_amx() and devices.cpu_supports_bf16()
+    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    assert not devices.cpu_has_amx() and devices.cpu_supports_bf16()
+    info.write_text("processor : 0\nflags : fpu avx2\n")
+    assert not devices.cpu_has_amx() and not devices.cpu_supports_bf16()

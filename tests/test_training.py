@@ -422,3 +422,33 @@ def test_a_3d_cpu_fold_keeps_freed_memory_while_it_trains(tmp_path, monkeypatch)
     cfg2 = _config(tmp_path / "2d", max_steps=2, val_interval=2, batch_size=2)
     _run(train(cfg2, collection=_collection((32, 32), n=10)))
     assert seen == []
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_a_fold_trains_channels_last_where_the_rule_says(tmp_path, monkeypatch, flag):
+    """`devices.training_channels_last` reaches the fold's model (and the budget warm-up's):
+    its 2D weights are channels-last while it trains; the checkpoint predicts like any other."""
+    from napari_mtml.inference import load_ensemble
+    from napari_mtml.model import UNet
+
+    monkeypatch.setenv("MTML_CHANNELS_LAST", flag)
+    seen = []
+
+    def factory(cfg, seed):
+        net = UNet(**cfg.model_kwargs(), init_seed=seed)
+
+        def hook(module, args):
+            if module.training:
+                w = next(p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1)
+                seen.append(w.is_contiguous(memory_format=torch.channels_last))
+                seen.append(not w.is_contiguous())
+
+        net.register_forward_pre_hook(hook)
+        return net
+
+    _run(train(_config(tmp_path, max_steps=3), collection=_collection(), model_factory=factory))
+    assert seen and all(s == (flag == "1") for s in seen)
+    ens = load_ensemble(tmp_path / "run", device="cpu", folds="available")
+    image = np.pad(np.ones((24, 24), np.float32), 4)
+    heat = ens.predict_array(image + 0.01 * np.arange(32)).anomaly
+    assert heat.shape == (32, 32) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1

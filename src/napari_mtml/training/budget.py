@@ -124,7 +124,7 @@ def measure_costs(
     StepCosts
     """
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
-    from napari_mtml.devices import apply_thread_rule, autocast_dtype
+    from napari_mtml.devices import apply_thread_rule, autocast_dtype, training_channels_last
     from napari_mtml.heap import keep_freed_memory_while_training
     from napari_mtml.training.step import train_step
 
@@ -132,6 +132,8 @@ def measure_costs(
     rng_state = torch.get_rng_state()
     t0 = time.perf_counter()
     model = model_factory(cfg, 0).to(device)
+    if training_channels_last(device, getattr(model, "dims", None)):  # as each fold will
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
     task_params = cfg.task_params()
     dataset = SyntheticDataset(

@@ -43,7 +43,13 @@ from napari_mtml.data import (
     make_loader,
     make_validation_set,
 )
-from napari_mtml.devices import ThreadWatch, apply_thread_rule, autocast_dtype, pick_device
+from napari_mtml.devices import (
+    ThreadWatch,
+    apply_thread_rule,
+    autocast_dtype,
+    pick_device,
+    training_channels_last,
+)
 from napari_mtml.heap import keep_freed_memory_while_training
 from napari_mtml.training.checkpoint import (
     FORMAT_VERSION,
@@ -407,6 +413,8 @@ def _recipe_notice(cfg: TrainConfig, device: torch.device) -> str:
     from napari_mtml.devices import autocast_dtype
 
     precision = "bf16 autocast" if autocast_dtype(device) is not None else "float32"
+    if training_channels_last(device, cfg.read_dims or cfg.dims):
+        precision += ", channels-last"
     return (
         f"recipe '{name}' ({how}, {device.type}): {cfg.preset} U-Net "
         f"{cfg.base_features or base}-{cfg.max_features or maxf} wide, depth "
@@ -689,6 +697,8 @@ def _new_fold(
     if cfg.init:
         model.load_state_dict(_init_weights(cfg.init, index))
     model.to(device)
+    if training_channels_last(device, getattr(model, "dims", None)):
+        model.to(memory_format=torch.channels_last)  # the weights; activations follow
     return _Fold(
         model=model,
         ema=WeightAverage(model, cfg.ema) if cfg.ema else None,
