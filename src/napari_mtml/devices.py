@@ -533,8 +533,9 @@ def prepare_model_for_device(
     quiet 2-core CPU (oneDNN, `python benchmarks/bench_inference.py --threads 2`, interleaved):
     5-fold 3D prediction took 21.0 s channels-last against 16.2 s in the default layout with
     the paper U-Net, 7.7 s against 7.3 s with the light one (an earlier ~1.2x gain was measured
-    on a loaded machine and did not hold), and for the 2D training step it made no difference
-    (bench_training.py --variants: 0.98x); so CPUs keep the default layout. Inputs need not be
+    on a loaded machine and did not hold), and for the 2D float32 training step it made no
+    difference (bench_training.py --variants: 0.98x); so CPUs keep the default layout here
+    (2D training folds in bf16 follow `training_channels_last`). Inputs need not be
     converted: a convolution whose weights are channels-last gives channels-last activations.
 
     Parameters
