@@ -120,7 +120,7 @@ def test_closing_the_dock_cancels_the_run_and_keeps_the_checkpoint(
     from napari_mtml.training.events import RunFinished, StepEvent
 
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
     healthy = _healthy_folder(tmp_path / "healthy")
     out = tmp_path / "run"
     _fill(widget, healthy, out, steps=100_000)
@@ -128,7 +128,11 @@ def test_closing_the_dock_cancels_the_run_and_keeps_the_checkpoint(
     qtbot.waitUntil(
         lambda: sum(isinstance(e, StepEvent) for e in widget.events) >= 3, timeout=60000
     )
-    viewer.window.remove_dock_widget(widget)
+    dock.close()  # the dock's "hide" (eye) button: training goes on
+    n = sum(isinstance(e, StepEvent) for e in widget.events)
+    qtbot.waitUntil(lambda: sum(isinstance(e, StepEvent) for e in widget.events) > n + 2)
+    assert widget.worker is not None
+    viewer.window.remove_dock_widget(widget)  # its "x": cancelled
     assert widget.wait(30), "the run went on after its dock was closed"
     assert not any(isinstance(e, RunFinished) for e in widget.events)
     assert (out / "fold_0" / "best.pt").is_file()
