@@ -139,8 +139,9 @@ def test_tta_averages_the_maps_of_the_image_and_of_its_mirror(tmp_path, rng):
     for k in range(5):
         want = (off.fold_maps[k] + mirror.fold_maps[k]) / 2
         np.testing.assert_allclose(tta.fold_maps[k], want, atol=1e-5)
-    with pytest.raises(ValueError, match="tta must be True or False"):
-        ens.predict(scan, tta="off")
+    for bad in ("off", 2, [True]):
+        with pytest.raises(ValueError, match="tta must be True or False"):
+            ens.predict(scan, tta=bad)
 
 
 def test_2d_run_on_a_3d_volume_slice_by_slice(tmp_path, rng):

@@ -485,8 +485,10 @@ class Ensemble:
         array = np.asarray(scan.array)
         name = _scan_name(scan)
         method = score or DEFAULT_SAMPLE_SCORE
-        if not isinstance(tta, (bool, np.bool_)):  # a string such as "off" would be true
+        if isinstance(tta, str) or (tta is not None and tta not in (0, 1)):
+            # a string such as "off" would have been true: the full augmentation
             raise ValueError(f"tta must be True or False, got {tta!r}")
+        tta = bool(tta)
         if array.ndim not in (2, 3):
             raise ValueError(f"{name}: expected a 2D or 3D image, got shape {array.shape}")
         if array.ndim == 2 and self.dims == 3:
