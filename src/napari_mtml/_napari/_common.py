@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 from superqt.utils import FunctionWorker, GeneratorWorker
 
 __all__ = [
+    "ClosesWithItsDock",
     "RUN_BUS",
     "available_devices",
     "cancelable_bar",
@@ -39,7 +40,6 @@ __all__ = [
     "notify_error",
     "on_grid_of",
     "scan_from_geometry",
-    "removed_from_dock",
     "scan_from_layer",
     "scrolling_layout",
     "set_or_add_image",
@@ -152,7 +152,6 @@ def notify_error(what: str, exc: BaseException | str) -> None:
 
 
 notify_info = show_info
-notify_warning = show_warning
 notify_warning = show_warning
 
 
@@ -643,15 +642,21 @@ def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     return QVBoxLayout(content)
 
 
-def removed_from_dock(widget: QWidget, event: QEvent) -> bool:
-    """Whether `event` tells `widget` that napari took it out of its dock.
+class ClosesWithItsDock:
+    """Mixin for the dock widgets (first among the bases, before `QWidget`): the widget closes
+    itself, so that its `closeEvent` stops its work, when napari takes it out of its dock.
 
     napari's dock "x" (`Window.remove_dock_widget`) only calls `setParent(None)` on the widget:
     no close event reaches it, so a widget that must stop its work when closed (a prediction, a
-    training run, live previews) watches for this and closes itself.
+    training run, live previews) watches for that parent change.
     """
-    return (
-        event.type() == QEvent.Type.ParentChange
-        and widget.parent() is None
-        and not getattr(widget, "_closed_by_dock", False)
-    )
+
+    def event(self, event: QEvent) -> bool:
+        if (
+            event.type() == QEvent.Type.ParentChange
+            and self.parent() is None
+            and not getattr(self, "_closed_by_dock", False)
+        ):
+            self._closed_by_dock = True
+            self.close()
+        return super().event(event)

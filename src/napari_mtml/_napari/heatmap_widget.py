@@ -70,6 +70,7 @@ from napari_mtml.regions import (
 
 from ._common import (
     RUN_BUS,
+    ClosesWithItsDock,
     LayerCombo,
     available_devices,
     browse_button,
@@ -79,7 +80,6 @@ from ._common import (
     notify_info,
     notify_warning,
     push_button,
-    removed_from_dock,
     scan_from_layer,
     scrolling_layout,
     set_or_add_image,
@@ -127,7 +127,7 @@ SUSPICIOUS = " suspicious"
 MAX_ROWS = 100
 
 
-class HeatmapWidget(QWidget):
+class HeatmapWidget(ClosesWithItsDock, QWidget):
     """Predict with a trained run and show heatmap, disagreement and suspicious regions.
 
     Parameters
@@ -343,12 +343,6 @@ class HeatmapWidget(QWidget):
     def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a prediction running
         super().closeEvent(event)
-
-    def event(self, event) -> bool:
-        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
-            self._closed_by_dock = True
-            self.close()
-        return super().event(event)
 
     # ----------------------------------------------------------------------------- predict
     def _ensemble(self, run_dir: str, device: str):

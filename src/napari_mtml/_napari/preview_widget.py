@@ -51,6 +51,7 @@ from napari_mtml.preview import (
 )
 
 from ._common import (
+    ClosesWithItsDock,
     LayerCombo,
     geometry_metadata,
     image_layer_array,
@@ -58,7 +59,6 @@ from ._common import (
     notify_error,
     on_grid_of,
     push_button,
-    removed_from_dock,
     scan_from_layer,
     scrolling_layout,
     set_or_add_image,
@@ -128,7 +128,7 @@ def _bind_shortcuts(viewer, widget) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The widget
 # --------------------------------------------------------------------------------------------
-class AnomalyPreviewWidget(QWidget):
+class AnomalyPreviewWidget(ClosesWithItsDock, QWidget):
     """Live preview of the synthetic anomaly tasks on an image layer.
 
     Parameters
@@ -517,12 +517,6 @@ class AnomalyPreviewWidget(QWidget):
         self.closed = True
         self.stop()
         super().closeEvent(event)
-
-    def event(self, event) -> bool:
-        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
-            self._closed_by_dock = True
-            self.close()
-        return super().event(event)
 
     def stop(self, timeout_ms: int = 10000) -> None:
         """Drop pending changes and wait for a running preview (for closing and tests)."""

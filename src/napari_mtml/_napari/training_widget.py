@@ -45,12 +45,12 @@ from napari_mtml.training import events, train
 
 from ._common import (
     RUN_BUS,
+    ClosesWithItsDock,
     available_devices,
     browse_button,
     cancelable_bar,
     notify_error,
     notify_info,
-    removed_from_dock,
     scan_from_layer,
     scrolling_layout,
     start_worker,
@@ -103,7 +103,7 @@ def _run_training(config: TrainConfig, layers=None):
     return result
 
 
-class TrainingWidget(QWidget):
+class TrainingWidget(ClosesWithItsDock, QWidget):
     """Train a T/(5-T) cross-validation ensemble from the viewer.
 
     Parameters
@@ -436,12 +436,6 @@ class TrainingWidget(QWidget):
     def closeEvent(self, event) -> None:
         self.cancel()  # closing the dock must not leave a run training in the background
         super().closeEvent(event)
-
-    def event(self, event) -> bool:
-        if removed_from_dock(self, event):  # napari's dock "x" sends no close event
-            self._closed_by_dock = True
-            self.close()
-        return super().event(event)
 
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Process events until the worker is done (scripts and tests); True if it ended."""

@@ -124,16 +124,21 @@ def measure_costs(
     StepCosts
     """
     from napari_mtml.data import SyntheticDataset, make_loader, make_validation_set
-    from napari_mtml.devices import apply_thread_rule, autocast_dtype, training_channels_last
+    from napari_mtml.devices import (
+        apply_thread_rule,
+        autocast_dtype,
+        prepare_model_for_device,
+        training_channels_last,
+    )
     from napari_mtml.heap import keep_freed_memory_while_training
     from napari_mtml.training.step import train_step
 
     apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
     rng_state = torch.get_rng_state()
     t0 = time.perf_counter()
-    model = model_factory(cfg, 0).to(device)
-    if training_channels_last(device, getattr(model, "dims", None)):  # as each fold will
-        model.to(memory_format=torch.channels_last)
+    model = model_factory(cfg, 0)
+    dims = getattr(model, "dims", None)  # in the memory format each fold will train in
+    prepare_model_for_device(model, device, channels_last=training_channels_last(device, dims))
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
     task_params = cfg.task_params()
     dataset = SyntheticDataset(

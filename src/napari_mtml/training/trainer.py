@@ -48,6 +48,7 @@ from napari_mtml.devices import (
     apply_thread_rule,
     autocast_dtype,
     pick_device,
+    prepare_model_for_device,
     training_channels_last,
 )
 from napari_mtml.heap import keep_freed_memory_while_training
@@ -696,9 +697,8 @@ def _new_fold(
     model = model_factory(cfg, seed)  # initialised from the fold's seed, no global RNG
     if cfg.init:
         model.load_state_dict(_init_weights(cfg.init, index))
-    model.to(device)
-    if training_channels_last(device, getattr(model, "dims", None)):
-        model.to(memory_format=torch.channels_last)  # the weights; activations follow
+    dims = getattr(model, "dims", None)  # channels-last weights give channels-last activations
+    prepare_model_for_device(model, device, channels_last=training_channels_last(device, dims))
     return _Fold(
         model=model,
         ema=WeightAverage(model, cfg.ema) if cfg.ema else None,
