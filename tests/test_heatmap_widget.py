@@ -130,7 +130,9 @@ def test_the_healthy_threshold_follows_a_retrained_run(
     shutil.copytree(tiny_run, run)
     calls = []
     real = hw.healthy_scores
-    monkeypatch.setattr(hw, "healthy_scores", lambda ens, scan: calls.append(1) or real(ens, scan))
+    monkeypatch.setattr(
+        hw, "healthy_scores", lambda ens, scan, **kw: calls.append(kw) or real(ens, scan, **kw)
+    )
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
     widget.set_run(str(run))
@@ -143,6 +145,9 @@ def test_the_healthy_threshold_follows_a_retrained_run(
     os.utime(config, ns=(later, later))  # retrained: config.json is written anew
     widget.threshold_from_reference()
     assert widget.wait(60) and len(calls) == 2
+    widget.tta_check.setChecked(True)  # mirrored maps need the mirrored reference
+    widget.threshold_from_reference()
+    assert widget.wait(60) and len(calls) == 3 and calls[-1] == {"tta": True}
 
 
 def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors):
@@ -367,6 +372,51 @@ def _batch_folder(root, n=3):
         nib.save(nib.Nifti1Image(img.T, np.diag([0.8, 0.8, 1.0, 1.0])), folder / f"img{i}.nii.gz")
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     return folder
+
+
+def test_mirror_tta_checkbox_reaches_predict_reference_and_batch(
+    make_napari_viewer, qtbot, tiny_run, tmp_path
+):
+    """TTA: predict mirrored too": Predict, the healthy reference and the batch all give the
+    maps of `Ensemble.predict(tta=True)`, which differ from the plain ones on an asymmetric
+    image."""
+    from napari_mtml.inference import load_ensemble
+    from napari_mtml.io import Scan, read_image
+    from napari_mtml.regions import healthy_scores, percentile_threshold
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    assert not widget.tta_check.isChecked()  # off by default, as `mtml predict`
+    image = _disc((40, 40), 9)
+    image[5:12, 28:36] += 40.0  # a bright patch on one side: the mirror sees another image
+    layer = viewer.add_image(image, name="lopsided")
+    widget.image_combo.set_layer(layer)
+    ens = load_ensemble(tiny_run, folds="available")  # the widget's load
+    scan = Scan(array=image.astype(np.float32), spacing=(1.0, 1.0))
+    plain = ens.predict(scan).anomaly
+    mirrored = ens.predict(scan, tta=True).anomaly
+    assert np.abs(plain - mirrored).max() > 1e-4
+
+    widget.tta_check.setChecked(True)
+    _predict(qtbot, widget)
+    np.testing.assert_allclose(widget.heatmap_layer.data, mirrored, atol=1e-6)
+
+    widget.reference_combo.set_layer(layer)
+    widget.percentile_spin.setValue(90.0)
+    widget.threshold_from_reference()
+    assert widget.wait(60)
+    expected = percentile_threshold(healthy_scores(ens, scan, tta=True), 90.0)
+    assert widget.threshold_slider.value() == pytest.approx(expected, abs=1e-3)
+
+    widget.batch_source_combo.setCurrentText("all open image layers")
+    out = tmp_path / "tta_batch"
+    widget.batch_out_edit.setText(str(out))
+    widget.batch_png_check.setChecked(False)
+    widget.run_batch()
+    assert widget.wait(60)
+    back = read_image(out / "lopsided_anomaly.nii.gz").array
+    np.testing.assert_allclose(back.reshape(mirrored.shape), mirrored, atol=1e-5)
 
 
 def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tiny_run, tmp_path):

@@ -91,7 +91,7 @@ def test_nearest_voxel_lies_inside_a_curved_region():
 
 def test_percentile_threshold_of_healthy_scores():
     class Flat:  # an ensemble whose map is a ramp: the percentile is known
-        def predict(self, scan):
+        def predict(self, scan, tta=False):
             return type(
                 "P",
                 (),

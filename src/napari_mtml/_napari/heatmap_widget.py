@@ -135,7 +135,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
     napari_viewer : napari.Viewer
 
     Tests and scripts may use `run_edit`, `image_combo`, `reference_combo`, `percentile_spin`,
-    `threshold_slider`, `table`, `score_label`, `predict()`, `cancel()`,
+    `threshold_slider`, `tta_check` (mirror TTA for every prediction), `table`, `score_label`, `predict()`, `cancel()`,
     `threshold_from_reference()`, `show_region(label)`, `export_csv(path)`, `save(path)`,
     `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`, `labels_layer`, `busy`,
     `progress` (the napari progress bar while a prediction runs) and `wait()`; for batches
@@ -202,6 +202,12 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(devices.names))
         self.device_combo.setToolTip(devices.note)
+        self.tta_check = QCheckBox("predict mirrored too")
+        self.tta_check.setToolTip(
+            "predict the image mirrored left-right as well and average both maps (the models "
+            "train with that flip): about twice the time; used by Predict, the healthy "
+            "reference and the batch (mtml predict --tta)"
+        )
         self.predict_button = push_button("Predict", self.predict)
         self.cancel_button = push_button("Cancel", self.cancel)
         self.cancel_button.setEnabled(False)
@@ -271,6 +277,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         if self.mask_note.text():
             form.addRow("", self.mask_note)
         form.addRow("device", self.device_combo)
+        form.addRow("TTA", self.tta_check)
         form.addRow(_pair(self.predict_button, self.cancel_button))
         form.addRow(self.score_label)
         form.addRow("threshold", self.threshold_slider)
@@ -363,9 +370,9 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             self._ensembles = {key: load_ensemble(folder, device=device, folds="available")}
         return key, self._ensembles[key]
 
-    def _job(self, run_dir, device, scan, mask_choice):
-        """The worker: load the run, the mask, then predict; each step can be cancelled
-        before it."""
+    def _job(self, run_dir, device, scan, mask_choice, tta=False):
+        """The worker: load the run, the mask, then predict (mirrored too with `tta`); each
+        step can be cancelled before it."""
         yield "loading the run"
         _, ensemble = self._ensemble(run_dir, device)
         mask = mask_choice
@@ -375,7 +382,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             yield "finding the brain"
             mask = auto_brain_mask(None, scan)  # 2D images keep their foreground
         yield f"predicting with {len(ensemble.folds)} fold model(s)"
-        return ensemble.predict(scan, mask=mask, fold_scores=True)
+        return ensemble.predict(scan, mask=mask, fold_scores=True, tta=tta)
 
     def _builtin_chosen(self, text: str) -> None:
         if text and text != BUILTIN_PICK:
@@ -456,7 +463,8 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self.status.setText(f"predicting '{layer.name}' …")
         steps = 3 if isinstance(mask_choice, str) else 2  # an automatic mask is a step
         show = partial(self._show, layer)
-        self._start(self._job, (scan, mask_choice), f"mtml heatmap: {layer.name}", steps, show)
+        args = (scan, mask_choice, self.tta_check.isChecked())
+        self._start(self._job, args, f"mtml heatmap: {layer.name}", steps, show)
 
     def cancel(self) -> None:
         """Stop the running prediction after its current step; its result is dropped."""
@@ -605,21 +613,36 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self.batch_table.setRowCount(0)
         self._batch_running = True
         self.status.setText(f"batch of {n} image(s) into {out_dir} …")
-        args = (inputs, Path(out_dir).expanduser(), self.batch_png_check.isChecked())
+        # the widgets are read here, in the GUI thread, not by the worker
+        auto_mask = self.mask_combo.current_extra() == MASK_AUTO and brain_available()
+        args = (
+            inputs,
+            Path(out_dir).expanduser(),
+            self.batch_png_check.isChecked(),
+            auto_mask,
+            self.tta_check.isChecked(),
+        )
         self._start(self._batch_job, args, "mtml batch", n + 1, self._batch_done)
 
-    def _batch_job(self, run_dir, device, inputs, out_dir, png):
+    def _batch_job(self, run_dir, device, inputs, out_dir, png, auto_mask=False, tta=False):
         """The worker: the run, then the core's batch generator (closing this closes it)."""
         from napari_mtml.batch import predict_batch
 
         yield "loading the run"
         _, ensemble = self._ensemble(run_dir, device)
         mask_for = None
-        if self.mask_combo.current_extra() == MASK_AUTO and brain_available():
+        if auto_mask:
             from napari_mtml.batch import auto_brain_mask
 
             mask_for = auto_brain_mask
-        result = yield from predict_batch(ensemble, inputs, out_dir, png=png, mask_for=mask_for)
+        result = yield from predict_batch(
+            ensemble,
+            inputs,
+            out_dir,
+            png=png,
+            mask_for=mask_for,
+            predict_kwargs={"tta": True} if tta else None,
+        )
         return result
 
     def _batch_item(self, item) -> None:
@@ -872,16 +895,18 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             return
         self.status.setText(f"predicting the healthy reference '{ref.name}' …")
         desc = f"mtml reference: {ref.name}"
-        self._start(self._reference_job, (scan, ref, pct), desc, 2, self._set_threshold)
+        args = (scan, ref, pct, self.tta_check.isChecked())
+        self._start(self._reference_job, args, desc, 2, self._set_threshold)
 
-    def _reference_job(self, run_dir, device, scan, ref, pct):
+    def _reference_job(self, run_dir, device, scan, ref, pct, tta=False):
         yield "loading the run"
         run_key, ensemble = self._ensemble(run_dir, device)
-        # the run's files are in the key: a run retrained in the same folder predicts again
-        key = (id(ref), id(ref.data), run_key)
+        # the run's files are in the key: a run retrained in the same folder predicts again;
+        # a threshold for mirrored maps comes from the reference's mirrored map
+        key = (id(ref), id(ref.data), run_key, bool(tta))
         if key not in self._reference_cache:
             yield "predicting the healthy reference"
-            self._reference_cache[key] = healthy_scores(ensemble, scan)
+            self._reference_cache[key] = healthy_scores(ensemble, scan, tta=tta)
         return percentile_threshold(self._reference_cache[key], pct), ref.name
 
     def _set_threshold(self, value_and_name) -> None:
