@@ -136,8 +136,9 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
 
     Tests and scripts may use `run_edit`, `image_combo`, `reference_combo`, `percentile_spin`,
     `threshold_slider`, `tta_check` (mirror TTA for every prediction), `table`, `score_label`,
-    `predict()`, `cancel()`, `threshold_from_reference()`, `show_region(label)`, `export_csv(path)`, `save(path)`,
-    `regions`, `prediction`, `heatmap_layer`, `disagreement_layer`, `labels_layer`, `busy`,
+    `predict()`, `cancel()`, `threshold_from_reference()`, `show_region(label)`,
+    `export_csv(path)`, `save(path)`, `regions`, `prediction`, `heatmap_layer`,
+    `disagreement_layer`, `labels_layer`, `busy`,
     `progress` (the napari progress bar while a prediction runs) and `wait()`; for batches
     `batch_source_combo`, `batch_folder_edit`, `batch_out_edit`, `batch_png_check`,
     `batch_table`, `run_batch()`, `batch_items` (the `BatchItem`s so far, ranked),
