@@ -463,6 +463,8 @@ def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tin
     np.testing.assert_allclose(widget.heatmap_layer.scale, image.scale)
     assert len(viewer.layers) > n_layers and widget.labels_layer is not None
     assert widget.prediction.score == pytest.approx(ok[1].score)
+    # the score line names the batch's score, as after Predict
+    assert "(peak of the map smoothed by 2 mm" in widget.score_label.text()
     widget.batch_table.selectRow(1)  # again: the same layers, not new copies
     assert sum(ly.name == ok[1].name for ly in viewer.layers) == 1
 

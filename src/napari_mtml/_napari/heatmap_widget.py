@@ -509,11 +509,11 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         note = ""
         if ens is not None:
             note = f"\n{len(ens.folds)} of {ens.n_folds} fold models: {list(ens.folds)}"
-        how = SCORE_TEXT.get(getattr(prediction, "score_method", ""), "sample score")
+        how = SCORE_TEXT.get(getattr(prediction, "score_method", ""))
         # a note on the input stays beside the score it qualifies until the next prediction
         warned = "".join(f"\nwarning: {n}" for n in getattr(prediction, "notes", ()))
         self.score_label.setText(
-            f"sample score ({how}): {prediction.score:.4f}"
+            ("sample score" + (f" ({how})" if how else "") + f": {prediction.score:.4f}")
             + (f"\nper fold: {folds}" if folds else "")
             + note
             + warned
@@ -723,7 +723,14 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self.viewer.layers.selection.active = layer
         self._show(
             layer,
-            SimpleNamespace(anomaly=anomaly, disagreement=spread, score=item.score, fold_scores=()),
+            SimpleNamespace(
+                anomaly=anomaly,
+                disagreement=spread,
+                score=item.score,
+                score_method=item.score_method or "",
+                fold_scores=(),
+                notes=tuple(item.notes),
+            ),
         )
         for out in (self.heatmap_layer, self.labels_layer):
             if out is not None:
