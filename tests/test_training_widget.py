@@ -41,6 +41,17 @@ def _fill(widget, healthy, out, steps):
     widget.device_combo.setCurrentText("cpu")
 
 
+def _start_long_run(make_napari_viewer, tmp_path):
+    """A Training dock started on a run far longer than any test waits for: (viewer, dock,
+    widget, the run folder)."""
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
+    out = tmp_path / "run"
+    _fill(widget, _healthy_folder(tmp_path / "healthy"), out, steps=100_000)
+    widget.start()
+    return viewer, dock, widget, out
+
+
 def test_training_runs_to_the_end_and_offers_the_run(make_napari_viewer, qtbot, tmp_path):
     from napari_mtml.training.events import RunFinished, StepEvent, ValidationEvent
 
@@ -93,12 +104,7 @@ def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(
             yield event
 
     monkeypatch.setattr(tw, "train", counting_train)
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
-    healthy = _healthy_folder(tmp_path / "healthy")
-    out = tmp_path / "run"
-    _fill(widget, healthy, out, steps=100_000)
-    widget.start()
+    _, _, widget, out = _start_long_run(make_napari_viewer, tmp_path)
     qtbot.waitUntil(lambda: len(produced) >= 3, timeout=60000)  # past the first validation
     widget.cancel()
     n_at_cancel = len(produced)
@@ -119,12 +125,7 @@ def test_closing_the_dock_cancels_the_run_and_keeps_the_checkpoint(
     widget notices and cancels its run as Cancel does (before, it trained on unseen)."""
     from napari_mtml.training.events import RunFinished, StepEvent
 
-    viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Training")
-    healthy = _healthy_folder(tmp_path / "healthy")
-    out = tmp_path / "run"
-    _fill(widget, healthy, out, steps=100_000)
-    widget.start()
+    viewer, dock, widget, out = _start_long_run(make_napari_viewer, tmp_path)
     qtbot.waitUntil(
         lambda: sum(isinstance(e, StepEvent) for e in widget.events) >= 3, timeout=60000
     )
