@@ -562,3 +562,24 @@ def test_resume_alone_continues_a_run_with_its_saved_settings(tiny, tmp_path):
         assert again[key] == saved[key], key
     # a flag that contradicts the saved run is still refused
     assert main(["train", "--out", str(run), "--resume", "--fold", "1", "--seed", "5"]) == 2
+
+
+def test_predict_contralateral_flag_reaches_the_ensemble(trained, tiny, capsys, monkeypatch):
+    from napari_mtml.inference import Ensemble
+
+    seen = []
+    real = Ensemble.predict
+
+    def spy(self, scan, **kwargs):
+        seen.append(kwargs.get("contralateral"))
+        return real(self, scan, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "predict", spy)
+    case = tiny["test"] / "case1.nii.gz"
+    for i, extra in enumerate(([], ["--contralateral", "on"], ["--contralateral", "off"])):
+        out = tiny["root"] / f"pred_sides_{i}"
+        argv = ["predict", str(trained), str(case), "--out", str(out), "--no-png", *extra]
+        assert main([*argv, "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert seen == ["auto", True, False]
+    with pytest.raises(SystemExit):
+        main(["predict", str(trained), str(case), "--out", "x", "--contralateral", "maybe"])

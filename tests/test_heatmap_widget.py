@@ -147,7 +147,12 @@ def test_the_healthy_threshold_follows_a_retrained_run(
     assert widget.wait(60) and len(calls) == 2
     widget.tta_check.setChecked(True)  # mirrored maps need the mirrored reference
     widget.threshold_from_reference()
-    assert widget.wait(60) and len(calls) == 3 and calls[-1] == {"tta": True}
+    assert widget.wait(60) and len(calls) == 3
+    assert calls[-1] == {"tta": True, "contralateral": "auto"}
+    widget.contra_check.setChecked(False)  # maps not compared across sides: their own reference
+    widget.threshold_from_reference()
+    assert widget.wait(60) and len(calls) == 4
+    assert calls[-1] == {"tta": True, "contralateral": False}
 
 
 def test_heatmap_bad_input_notifies(make_napari_viewer, qtbot, tiny_run, tmp_path, napari_errors):
@@ -417,6 +422,37 @@ def test_mirror_tta_checkbox_reaches_predict_reference_and_batch(
     assert widget.wait(60)
     back = read_image(out / "lopsided_anomaly.nii.gz").array
     np.testing.assert_allclose(back.reshape(mirrored.shape), mirrored, atol=1e-5)
+
+
+def test_left_right_checkbox_reaches_predict(make_napari_viewer, qtbot, tiny_run):
+    """ "compare left and right" (on by default, as `mtml predict`): Predict on a volume gives
+    the maps of `Ensemble.predict(contralateral="auto")`; unticked, the models' own."""
+    from napari_mtml.inference import load_ensemble
+    from napari_mtml.io import Scan
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Heatmap")
+    widget.set_run(str(tiny_run))
+    assert widget.contra_check.isChecked()
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (10, 40, 40)], indexing="ij")
+    inside = z**2 + y**2 + x**2 < 0.8
+    rng = np.random.default_rng(3)
+    image = np.where(inside, 50 + 15 * np.cos(6 * y) * np.cos(5 * x) + rng.normal(0, 1, z.shape), 0)
+    image[4:7, 10:16, 26:33] += 40.0  # one side only
+    image = image.astype(np.float32)
+    layer = viewer.add_image(image, name="head", scale=(3.0, 1.0, 1.0))
+    widget.image_combo.set_layer(layer)
+    ens = load_ensemble(tiny_run, folds="available")
+    scan = Scan(array=image, spacing=(3.0, 1.0, 1.0))
+    compared = ens.predict(scan)
+    own = ens.predict(scan, contralateral=False)
+    assert compared.midplane is not None and own.midplane is None
+    assert np.abs(compared.anomaly - own.anomaly).max() > 1e-3
+    _predict(qtbot, widget)
+    np.testing.assert_allclose(widget.heatmap_layer.data, compared.anomaly, atol=1e-6)
+    widget.contra_check.setChecked(False)
+    _predict(qtbot, widget)
+    np.testing.assert_allclose(widget.heatmap_layer.data, own.anomaly, atol=1e-6)
 
 
 def test_batch_of_a_folder_ranks_writes_and_opens(make_napari_viewer, qtbot, tiny_run, tmp_path):

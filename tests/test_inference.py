@@ -317,3 +317,61 @@ def test_a_run_trained_with_bias_correction_predicts_with_it(tmp_path, rng, monk
     assert corrected.bias_correction == "poly"
     corrected.predict_array(img)
     assert calls == [img.shape]
+
+
+def _two_sided_head(shape=(10, 40, 40), seed=3):
+    """A ball with a left-right symmetric texture and a bright patch on one side only."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = z**2 + y**2 + x**2 < 0.8
+    rng = np.random.default_rng(seed)
+    texture = 15 * np.cos(6 * y) * np.cos(5 * x) + rng.normal(0, 1, z.shape)
+    image = np.where(inside, 50 + texture, 0)
+    image[4:7, 10:16, 26:33] += 40.0
+    return image.astype(np.float32)
+
+
+def test_contralateral_compares_the_two_sides_of_a_volume(tmp_path):
+    from napari_mtml.symmetry import contralateral
+
+    ens = load_ensemble(make_run(tmp_path, frame=(32, 32)), device="cpu")
+    scan = Scan(array=_two_sided_head(), spacing=(3.0, 1.0, 1.0))
+    own = ens.predict(scan, contralateral=False, keep_folds=True)
+    auto = ens.predict(scan, keep_folds=True, fold_scores=True)  # the default: "auto"
+    assert own.midplane is None and auto.midplane is not None
+    assert auto.midplane.correlation >= 0.3 and not auto.notes
+    # the plane of this phantom is x = its centre, untilted
+    assert abs(auto.midplane.normal[2]) > 0.99
+    assert auto.midplane.point[2] == pytest.approx(19.5, abs=1.0)
+    expected = contralateral(own.anomaly, scan.spacing, auto.midplane)
+    np.testing.assert_allclose(auto.anomaly, expected, atol=1e-6)
+    assert np.all(auto.anomaly <= own.anomaly + 1e-6)
+    for mine, theirs in zip(auto.fold_maps, own.fold_maps, strict=True):
+        np.testing.assert_allclose(
+            mine, contralateral(theirs, scan.spacing, auto.midplane), atol=1e-6
+        )
+    np.testing.assert_allclose(auto.disagreement, own.disagreement)  # the std is not compared
+    assert auto.score <= own.score + 1e-6 and len(auto.fold_scores) == 5
+
+
+def test_contralateral_auto_leaves_2d_images_and_refuses_bad_values(tmp_path):
+    ens = load_ensemble(make_run(tmp_path, frame=(32, 32)), device="cpu")
+    img = _two_sided_head()[5]
+    scan = Scan(array=img, spacing=(1.0, 1.0))
+    auto = ens.predict(scan)
+    assert auto.midplane is None
+    np.testing.assert_array_equal(auto.anomaly, ens.predict(scan, contralateral=False).anomaly)
+    assert ens.predict(scan, contralateral=True).midplane is not None  # asked for: a 2D mirror
+    for bad in ("on", "off", 2, 0.5):
+        with pytest.raises(ValueError, match="contralateral"):
+            ens.predict(scan, contralateral=bad)
+
+
+def test_a_volume_without_mirror_symmetry_keeps_its_map_and_says_so(tmp_path, rng):
+    ens = load_ensemble(make_run(tmp_path, frame=(32, 32)), device="cpu")
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (10, 40, 40)], indexing="ij")
+    noise = np.where(z**2 + y**2 + x**2 < 0.8, 50 + 20 * rng.standard_normal(z.shape), 0)
+    scan = Scan(array=noise.astype(np.float32), spacing=(3.0, 1.0, 1.0))
+    pred = ens.predict(scan)
+    assert pred.midplane is None
+    assert any("no left-right mirror symmetry" in n for n in pred.notes)
+    np.testing.assert_array_equal(pred.anomaly, ens.predict(scan, contralateral=False).anomaly)

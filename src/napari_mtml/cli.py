@@ -197,7 +197,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.threshold is not None and not args.regions:
         raise ValueError("--threshold sets the threshold of the region tables: add --regions")
     ensemble = load_ensemble(args.run, device=args.device, batch_size=args.batch_size)
-    predict_kwargs = {"keep_background": args.keep_background, "score": args.score, "tta": args.tta}
+    predict_kwargs = {
+        "keep_background": args.keep_background,
+        "score": args.score,
+        "tta": args.tta,
+        "contralateral": {"auto": "auto", "on": True, "off": False}[args.contralateral],
+    }
     regions_at = None
     if args.regions:
         from napari_mtml.calibration import calibration_threshold
@@ -450,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action="store_true",
         help="also predict each image mirrored left-right and average (twice the time)",
+    )
+    p.add_argument(
+        "--contralateral",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compare the two sides: each voxel of the map less the map near its mirror image "
+        "across the fitted mid-sagittal plane, so that what both sides share (skull base, eyes, "
+        "ventricles) drops out (auto, the default: on for 3D MRI volumes; off: the models' own "
+        "map, e.g. for bilateral, symmetric disease; on: also 2D images, mirrored left-right)",
     )
     p.add_argument(
         "--regions",

@@ -76,7 +76,11 @@ class Prediction:
     scores : every sample score of the ensemble map (`napari_mtml.scores.all_scores`).
     score_method : the name of the method behind `score`.
     notes : tuple of str; one line each about the input that the map's reader should know (an
-        image unlike the run's training data: `preprocess.kind_mismatch`); empty normally.
+        image unlike the run's training data: `preprocess.kind_mismatch`; a volume in which no
+        mirror symmetry was found for the left-right comparison); empty normally.
+    midplane : the mirror plane (`napari_mtml.symmetry.MidPlane`) the map was compared across
+        (`predict(..., contralateral=...)`): the map holds what one side has and the other has
+        not; None when the map is the models' own.
     """
 
     anomaly: np.ndarray
@@ -88,6 +92,7 @@ class Prediction:
     scores: dict = field(default_factory=dict)
     score_method: str = "max"
     notes: tuple[str, ...] = ()
+    midplane: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +428,7 @@ class Ensemble:
         score: str | None = None,
         tta: bool = False,
         fold_scores: bool = False,
+        contralateral: bool | str = "auto",
     ) -> Prediction:
         """Ensemble heatmaps for one scan, on the scan's own grid.
 
@@ -443,6 +449,17 @@ class Ensemble:
             `scores.DEFAULT_SAMPLE_SCORE`.
         tta : also predict the image mirrored along its last axis (the models train with that
             flip for MRI) and average both.
+        contralateral : "auto" (default), True or False. Compare the two sides of the body:
+            fit the image's mid-sagittal plane (`napari_mtml.symmetry.fit_midplane`, over the
+            mask or foreground) and take from each voxel the highest value of the map within
+            3 mm of its mirror image (`symmetry.contralateral`), so that what both sides share
+            (the skull base, the eyes, the ventricles' rims on a healthy head) drops out and
+            what one side has alone stays. "auto": for 3D volumes of MRI runs, where the last
+            axis is left-right (the readers' RAS-canonical order); True: any 2D or 3D image,
+            mirrored along its last axis. A lesion with a mirror image on the other side
+            (bilateral, symmetric disease) is suppressed with it: use False there. Where the
+            fit finds no symmetry (correlation under `symmetry.MIN_CORRELATION`) the map is
+            left as the models made it and a note says so.
 
         A 2D run on a volume leaves the map at 0 on slices whose foreground covers less of the
         frame than the run's `min_foreground` (training dropped such slices: the models never
@@ -467,10 +484,12 @@ class Ensemble:
         """
         # scan-sized arrays and 3D activations reuse pages instead of faulting new ones in
         with keep_freed_memory():
-            options = (keep_folds, mask, keep_background, score, tta, fold_scores)
+            options = (keep_folds, mask, keep_background, score, tta, fold_scores, contralateral)
             return self._predict(scan, *options)
 
-    def _predict(self, scan, keep_folds, mask, keep_background, score, tta, fold_scores):
+    def _predict(
+        self, scan, keep_folds, mask, keep_background, score, tta, fold_scores, contralateral
+    ):
         from napari_mtml.preprocess import (
             FrameFitError,
             content_shape,
@@ -489,6 +508,8 @@ class Ensemble:
             # a string such as "off" would have been true: the full augmentation
             raise ValueError(f"tta must be True or False, got {tta!r}")
         tta = bool(tta)
+        if contralateral not in ("auto", True, False, 0, 1) or isinstance(contralateral, float):
+            raise ValueError(f"contralateral must be 'auto', True or False, got {contralateral!r}")
         if array.ndim not in (2, 3):
             raise ValueError(f"{name}: expected a 2D or 3D image, got shape {array.shape}")
         if array.ndim == 2 and self.dims == 3:
@@ -586,6 +607,15 @@ class Ensemble:
             for m in (anomaly, disagreement, *fold_maps):
                 m[~region] = 0.0
         spacing = getattr(scan, "spacing", None)
+        if contralateral == "auto":
+            contralateral = array.ndim == 3 and self.kind != "cxr"
+        midplane = None
+        if contralateral:
+            midplane, anomaly, fold_maps, note = _compare_sides(
+                array, spacing, region, anomaly, fold_maps
+            )
+            if note:
+                notes = (*notes, f"{name}: {note}")
         scores = all_scores(anomaly, region, spacing=spacing)
         value = (
             scores[method]
@@ -607,6 +637,7 @@ class Ensemble:
             scores,
             method,
             notes,
+            midplane,
         )
 
     def predict_array(
@@ -640,6 +671,31 @@ class Ensemble:
         meta = {"path": None, "warnings": []}
         meta.update(metadata or {})
         return self.predict(Scan(array=arr, spacing=spacing, affine=affine, metadata=meta))
+
+
+def _compare_sides(array, spacing, region, anomaly, fold_maps):
+    """`Ensemble.predict(contralateral=True)`: the fitted mid-sagittal plane and the maps less
+    their mirror images (`napari_mtml.symmetry`), or (None, the maps, a note) where the image has
+    no mirror symmetry to use."""
+    from napari_mtml.symmetry import MIN_CORRELATION, contralateral, fit_midplane
+
+    sp = np.asarray(spacing if spacing is not None else (1.0,) * array.ndim, dtype=np.float64)
+    sp = sp[-array.ndim :]
+    try:
+        plane = fit_midplane(array, sp, region)
+    except ValueError as exc:
+        return None, anomaly, fold_maps, f"the two sides were not compared ({exc})"
+    if not plane.correlation >= MIN_CORRELATION:
+        return (
+            None,
+            anomaly,
+            fold_maps,
+            f"no left-right mirror symmetry found (correlation {plane.correlation:.2f} < "
+            f"{MIN_CORRELATION}): the map is not compared across the two sides",
+        )
+    anomaly = contralateral(anomaly, sp, plane)
+    fold_maps = tuple(contralateral(f, sp, plane) for f in fold_maps)
+    return plane, anomaly, fold_maps, None
 
 
 def _scan_name(scan: Any) -> str:

@@ -220,7 +220,7 @@ def nearest_voxel(labels: np.ndarray, region: Region) -> np.ndarray | None:
     return voxels[np.argmin(((voxels - np.asarray(region.centroid)) ** 2).sum(axis=1))]
 
 
-def healthy_scores(ensemble, scan, tta: bool = False) -> np.ndarray:
+def healthy_scores(ensemble, scan, tta: bool = False, contralateral="auto") -> np.ndarray:
     """The ensemble's scores on a healthy reference scan: its map inside the scan's foreground
     (`preprocess.foreground_mask`), or the whole map when the foreground is empty.
 
@@ -232,6 +232,8 @@ def healthy_scores(ensemble, scan, tta: bool = False) -> np.ndarray:
     tta : bool
         Predict it mirrored as well (`Ensemble.predict(tta=True)`), as the maps the
         threshold will be applied to.
+    contralateral : "auto", True or False
+        `Ensemble.predict(contralateral=...)`, as the maps the threshold will be applied to.
 
     Returns
     -------
@@ -240,7 +242,7 @@ def healthy_scores(ensemble, scan, tta: bool = False) -> np.ndarray:
     """
     from napari_mtml.preprocess import foreground_mask
 
-    heat = ensemble.predict(scan, tta=tta).anomaly
+    heat = ensemble.predict(scan, tta=tta, contralateral=contralateral).anomaly
     fg = np.asarray(foreground_mask(scan), dtype=bool)
     return heat[fg] if fg.any() else heat.ravel()
 

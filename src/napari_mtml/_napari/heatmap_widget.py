@@ -135,7 +135,8 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
     napari_viewer : napari.Viewer
 
     Tests and scripts may use `run_edit`, `image_combo`, `reference_combo`, `percentile_spin`,
-    `threshold_slider`, `tta_check` (mirror TTA for every prediction), `table`, `score_label`,
+    `threshold_slider`, `tta_check` (mirror TTA for every prediction), `contra_check` (compare
+    left and right, `Ensemble.predict(contralateral=...)`), `table`, `score_label`,
     `predict()`, `cancel()`, `threshold_from_reference()`, `show_region(label)`,
     `export_csv(path)`, `save(path)`, `regions`, `prediction`, `heatmap_layer`,
     `disagreement_layer`, `labels_layer`, `busy`,
@@ -209,6 +210,14 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             "train with that flip): about twice the time; used by Predict, the healthy "
             "reference and the batch (mtml predict --tta)"
         )
+        self.contra_check = QCheckBox("compare left and right")
+        self.contra_check.setChecked(True)
+        self.contra_check.setToolTip(
+            "3D MRI: each voxel of the map less the map near its mirror image across the "
+            "fitted mid-sagittal plane, so that what both sides share (skull base, eyes, "
+            "ventricles) drops out and what one side has alone stays; untick it for bilateral, "
+            "symmetric disease (mtml predict --contralateral)"
+        )
         self.predict_button = push_button("Predict", self.predict)
         self.cancel_button = push_button("Cancel", self.cancel)
         self.cancel_button.setEnabled(False)
@@ -279,6 +288,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             form.addRow("", self.mask_note)
         form.addRow("device", self.device_combo)
         form.addRow("TTA", self.tta_check)
+        form.addRow("sides", self.contra_check)
         form.addRow(_pair(self.predict_button, self.cancel_button))
         form.addRow(self.score_label)
         form.addRow("threshold", self.threshold_slider)
@@ -371,7 +381,12 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             self._ensembles = {key: load_ensemble(folder, device=device, folds="available")}
         return key, self._ensembles[key]
 
-    def _job(self, run_dir, device, scan, mask_choice, tta=False):
+    def _contralateral(self):
+        """What the "compare left and right" box asks of `Ensemble.predict` (read in the GUI
+        thread)."""
+        return "auto" if self.contra_check.isChecked() else False
+
+    def _job(self, run_dir, device, scan, mask_choice, tta=False, contralateral="auto"):
         """The worker: load the run, the mask, then predict (mirrored too with `tta`); each
         step can be cancelled before it."""
         yield "loading the run"
@@ -383,7 +398,9 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             yield "finding the brain"
             mask = auto_brain_mask(None, scan)  # 2D images keep their foreground
         yield f"predicting with {len(ensemble.folds)} fold model(s)"
-        return ensemble.predict(scan, mask=mask, fold_scores=True, tta=tta)
+        return ensemble.predict(
+            scan, mask=mask, fold_scores=True, tta=tta, contralateral=contralateral
+        )
 
     def _builtin_chosen(self, text: str) -> None:
         if text and text != BUILTIN_PICK:
@@ -464,7 +481,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self.status.setText(f"predicting '{layer.name}' …")
         steps = 3 if isinstance(mask_choice, str) else 2  # an automatic mask is a step
         show = partial(self._show, layer)
-        args = (scan, mask_choice, self.tta_check.isChecked())
+        args = (scan, mask_choice, self.tta_check.isChecked(), self._contralateral())
         self._start(self._job, args, f"mtml heatmap: {layer.name}", steps, show)
 
     def cancel(self) -> None:
@@ -622,10 +639,21 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             self.batch_png_check.isChecked(),
             auto_mask,
             self.tta_check.isChecked(),
+            self._contralateral(),
         )
         self._start(self._batch_job, args, "mtml batch", n + 1, self._batch_done)
 
-    def _batch_job(self, run_dir, device, inputs, out_dir, png, auto_mask=False, tta=False):
+    def _batch_job(
+        self,
+        run_dir,
+        device,
+        inputs,
+        out_dir,
+        png,
+        auto_mask=False,
+        tta=False,
+        contralateral="auto",
+    ):
         """The worker: the run, then the core's batch generator (closing this closes it)."""
         from napari_mtml.batch import predict_batch
 
@@ -642,7 +670,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             out_dir,
             png=png,
             mask_for=mask_for,
-            predict_kwargs={"tta": True} if tta else None,
+            predict_kwargs={"tta": bool(tta), "contralateral": contralateral},
         )
         return result
 
@@ -903,18 +931,20 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             return
         self.status.setText(f"predicting the healthy reference '{ref.name}' …")
         desc = f"mtml reference: {ref.name}"
-        args = (scan, ref, pct, self.tta_check.isChecked())
+        args = (scan, ref, pct, self.tta_check.isChecked(), self._contralateral())
         self._start(self._reference_job, args, desc, 2, self._set_threshold)
 
-    def _reference_job(self, run_dir, device, scan, ref, pct, tta=False):
+    def _reference_job(self, run_dir, device, scan, ref, pct, tta=False, contralateral="auto"):
         yield "loading the run"
         run_key, ensemble = self._ensemble(run_dir, device)
         # the run's files are in the key: a run retrained in the same folder predicts again;
         # a threshold for mirrored maps comes from the reference's mirrored map
-        key = (id(ref), id(ref.data), run_key, bool(tta))
+        key = (id(ref), id(ref.data), run_key, bool(tta), contralateral)
         if key not in self._reference_cache:
             yield "predicting the healthy reference"
-            self._reference_cache[key] = healthy_scores(ensemble, scan, tta=tta)
+            self._reference_cache[key] = healthy_scores(
+                ensemble, scan, tta=tta, contralateral=contralateral
+            )
         return percentile_threshold(self._reference_cache[key], pct), ref.name
 
     def _set_threshold(self, value_and_name) -> None:

@@ -1,0 +1,180 @@
+"""The left-right comparison: mid-sagittal plane fit, mirror images, contralateral maps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_mtml.symmetry import MidPlane, contralateral, fit_midplane, mirror_values
+
+SPACING = (2.0, 1.5, 1.5)
+SHAPE = (40, 64, 64)
+
+
+def _points(shape, spacing):
+    idx = np.indices(shape).reshape(len(shape), -1).T.astype(np.float64)
+    return idx * np.asarray(spacing)
+
+
+def symmetric_head(plane: MidPlane, rng, shape=SHAPE, spacing=SPACING, noise=0.02):
+    """A head-like volume exactly mirror-symmetric about `plane` (up to `noise`): an ellipsoid
+    whose inside is a smooth random texture g(p) + g(mirror(p))."""
+    pts = _points(shape, spacing)
+    centre = np.asarray(plane.point)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 3.0).astype(np.float64)
+    field /= field.std()
+
+    def g(p):
+        return ndimage.map_coordinates(field, (p / np.asarray(spacing)).T, order=1, mode="nearest")
+
+    texture = g(pts) + g(plane.reflect(pts))
+    radii = np.array([30.0, 40.0, 36.0])
+
+    def ellipsoid(p):
+        return (((p - centre) / radii) ** 2).sum(axis=1) < 1.0
+
+    inside = ellipsoid(pts) & ellipsoid(plane.reflect(pts))  # the outline is symmetric too
+    image = np.where(inside, 100.0 + 15.0 * texture, 0.0)
+    image = image + noise * 100.0 * rng.standard_normal(image.shape) * inside
+    return image.reshape(shape).astype(np.float32), inside.reshape(shape)
+
+
+def _tilted(deg_a: float, deg_b: float, offset_mm: float) -> MidPlane:
+    n = np.array([math.tan(math.radians(deg_a)), math.tan(math.radians(deg_b)), 1.0])
+    n /= np.linalg.norm(n)
+    centre = np.asarray(SHAPE) * np.asarray(SPACING) / 2.0
+    return MidPlane(tuple(n), tuple(centre + offset_mm * n), 1.0)
+
+
+def _angle_deg(a, b) -> float:
+    return math.degrees(math.acos(min(1.0, abs(float(np.dot(a, b))))))
+
+
+def _mirror_error_mm(fit: MidPlane, truth: MidPlane, inside: np.ndarray) -> tuple[float, float]:
+    """Mean and largest distance (mm) between the two planes' mirror images of the voxels of
+    `inside`: what a wrong plane costs the comparison."""
+    pts = np.argwhere(inside).astype(np.float64) * np.asarray(SPACING)
+    d = np.linalg.norm(fit.reflect(pts) - truth.reflect(pts), axis=1)
+    return float(d.mean()), float(d.max())
+
+
+@pytest.mark.parametrize("deg_a, deg_b, offset", [(0.0, 0.0, 0.0), (8.0, -10.0, 4.0), (-5, 12, -6)])
+def test_fit_recovers_a_known_plane(deg_a, deg_b, offset):
+    truth = _tilted(deg_a, deg_b, offset)
+    image, inside = symmetric_head(truth, np.random.default_rng(1))
+    fit = fit_midplane(image, SPACING, inside)
+    # within a few degrees, and the mirror images within a voxel or two of the true ones
+    assert _angle_deg(fit.normal, truth.normal) < 3.0
+    mean, worst = _mirror_error_mm(fit, truth, inside)
+    assert mean < 2.0 and worst < 4.0
+    assert 0.5 < fit.correlation <= 1.0
+
+
+def test_fit_ignores_a_bias_field_across_the_head():
+    truth = _tilted(6.0, 0.0, 3.0)
+    image, inside = symmetric_head(truth, np.random.default_rng(2))
+    x = np.arange(SHAPE[2], dtype=np.float32) / SHAPE[2]
+    biased = image * (0.6 + 0.8 * x)[None, None, :]  # one side up to 2.3x the other
+    fit = fit_midplane(biased, SPACING, inside)
+    assert _angle_deg(fit.normal, truth.normal) < 3.0
+    mean, worst = _mirror_error_mm(fit, truth, inside)
+    assert mean < 2.0 and worst < 4.0
+
+
+def test_noise_has_no_mirror_symmetry():
+    rng = np.random.default_rng(3)
+    pts = _points(SHAPE, SPACING)
+    centre = np.asarray(SHAPE) * np.asarray(SPACING) / 2.0
+    inside = ((((pts - centre) / [30.0, 40.0, 36.0]) ** 2).sum(axis=1) < 1).reshape(SHAPE)
+    image = np.where(inside, 100 + 30 * rng.standard_normal(SHAPE), 0).astype(np.float32)
+    assert fit_midplane(image, SPACING, inside).correlation < 0.3
+
+
+def test_reflection_is_an_involution_and_mirror_values_flip_a_centred_plane():
+    plane = _tilted(7.0, -4.0, 2.5)
+    pts = np.random.default_rng(4).uniform(0, 80, size=(50, 3))
+    np.testing.assert_allclose(plane.reflect(plane.reflect(pts)), pts, atol=1e-9)
+    # a plane through the centre of the last axis, untilted: the mirror is a flip of that axis
+    shape, sp = (4, 6, 9), (1.0, 1.0, 2.0)
+    flip = MidPlane((0.0, 0.0, 1.0), (0.0, 0.0, (shape[2] - 1) * sp[2] / 2), 1.0)
+    vol = np.random.default_rng(5).random(shape).astype(np.float32)
+    np.testing.assert_allclose(mirror_values(vol, sp, flip), vol[..., ::-1], atol=1e-6)
+    where = vol > 0.5
+    part = mirror_values(vol, sp, flip, where=where)
+    np.testing.assert_allclose(part[where], vol[..., ::-1][where], atol=1e-6)
+    assert np.all(part[~where] == 0)
+
+
+def test_contralateral_keeps_one_sided_spots_and_drops_shared_ones():
+    plane = _tilted(5.0, 3.0, 1.0)
+    pts = _points(SHAPE, SPACING)
+    heat = np.zeros(len(pts))
+
+    def spot(centre, value, sigma=4.0):
+        d2 = ((pts - centre) ** 2).sum(axis=1)
+        return value * np.exp(-d2 / (2 * sigma**2))
+
+    shared = np.array([40.0, 50.0, 30.0])
+    heat += spot(shared, 0.8) + spot(plane.reflect(shared[None])[0], 0.7)  # both sides
+    lone = np.array([40.0, 35.0, 28.0])
+    heat += spot(lone, 0.9)  # one side only
+    heat = np.clip(heat, 0, 1).reshape(SHAPE).astype(np.float32)
+    heat[heat < 1e-3] = 0.0
+    out = contralateral(heat, SPACING, plane, radius_mm=3.0)
+    assert out.dtype == np.float32 and out.shape == heat.shape
+    assert np.all(out >= 0) and np.all(out <= heat + 1e-7)
+    assert np.all(out[heat == 0] == 0)
+    lone_idx = tuple(np.round(lone / SPACING).astype(int))
+    shared_idx = tuple(np.round(shared / SPACING).astype(int))
+    assert out[lone_idx] > 0.85 * heat[lone_idx]
+    # the stronger side of a shared pair keeps little more than its excess over the other
+    # (0.8 - 0.7, and what the 1.5-2 mm grid loses of the weaker one's peak)
+    assert out[shared_idx] < 0.2 * heat[shared_idx]
+    assert out.max() == pytest.approx(out[lone_idx], abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: fit_midplane(np.zeros((4, 4, 4, 4)), None), "2D or 3D"),
+        (lambda: fit_midplane(np.ones((8, 8, 8)), (1.0, 1.0)), "spacing"),
+        (lambda: fit_midplane(np.ones((8, 8, 8)), None, np.zeros((8, 8, 8), bool)), "empty"),
+        (lambda: fit_midplane(np.ones((8, 8, 8)), None, np.ones((8, 8, 7), bool)), "shape"),
+        (lambda: fit_midplane(np.full((8, 8, 8), np.nan), None, np.ones((8, 8, 8), bool)), "NaN"),
+        (lambda: contralateral(np.ones((8, 8, 8)), (1, 1, -1), _tilted(0, 0, 0)), "spacing"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_volume_of_one_slice_is_compared_in_plane():
+    truth = _tilted(0.0, 6.0, 2.0)
+    image, inside = symmetric_head(truth, np.random.default_rng(7))
+    one = image[20:21]
+    fit = fit_midplane(one, SPACING, inside[20:21])
+    assert np.isfinite(fit.correlation) and all(np.isfinite(fit.normal))
+    out = contralateral(np.where(inside[20:21], 0.5, 0.0).astype(np.float32), SPACING, fit)
+    assert out.shape == one.shape and np.all(np.isfinite(out))
+
+
+def test_2d_images_fit_a_mirror_line():
+    rng = np.random.default_rng(6)
+    shape, sp = (80, 90), (1.0, 1.0)
+    angle = math.radians(7.0)
+    n = np.array([math.sin(angle), math.cos(angle)])
+    truth = MidPlane(tuple(n), (40.0, 47.0), 1.0)
+    pts = _points(shape, sp)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5)
+
+    def g(p):
+        return ndimage.map_coordinates(field, p.T, order=1, mode="nearest")
+
+    inside = ((((pts - [40.0, 47.0]) / [35.0, 30.0]) ** 2).sum(axis=1) < 1).reshape(shape)
+    image = np.where(inside, 100 + 200 * (g(pts) + g(truth.reflect(pts))).reshape(shape), 0)
+    fit = fit_midplane(image.astype(np.float32), sp, inside, step_mm=2.0)
+    assert _angle_deg(fit.normal, truth.normal) < 2.0
