@@ -12,7 +12,8 @@
    MNI152 template as the external dataset of the inter-dataset blending task, `--seed`.
 3. With `--install`: the five folds' weights (float16, weights-only torch files) and the run's
    config.json (paths removed) are copied into `src/napari_mtml/models/brain-t1/`, and its
-   calibration.json is measured on 8 fresh healthy variants (another seed stream).
+   calibration.json is measured on 8 fresh healthy variants (another seed stream), with
+   `Ensemble.predict`'s defaults (the two sides compared); `--calibrate-only` measures it again.
 
 Everything random is seeded from `--seed`; with the same seed, number of threads and torch build
 the weights are the same. The model card (docs/model_card_brain-t1.md) records the command and
@@ -146,7 +147,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="copy the weights into src/napari_mtml/models/brain-t1/",
     )
+    parser.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="only measure the installed model's calibration.json again (after a change to "
+        "what `Ensemble.predict` makes of the maps by default)",
+    )
     args = parser.parse_args(argv)
+    if args.calibrate_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        calibrate_installed(args.work, args.seed)
+        return 0
     if not args.time and not args.max_steps:
         parser.error("give --time or --max-steps")
 

@@ -90,8 +90,11 @@ def test_nearest_voxel_lies_inside_a_curved_region():
 
 
 def test_percentile_threshold_of_healthy_scores():
+    seen = []
+
     class Flat:  # an ensemble whose map is a ramp: the percentile is known
-        def predict(self, scan, tta=False):
+        def predict(self, scan, tta=False, contralateral="auto"):
+            seen.append((tta, contralateral))
             return type(
                 "P",
                 (),
@@ -111,3 +114,6 @@ def test_percentile_threshold_of_healthy_scores():
     assert percentile_threshold(scores, 90) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="percentile"):
         percentile_threshold(scores, 120)
+    # the options of the maps the threshold is for reach the reference's prediction
+    healthy_scores(Flat(), Scan(array=image, spacing=(1.0, 1.0)), tta=True, contralateral=False)
+    assert seen == [(False, "auto"), (True, False)]

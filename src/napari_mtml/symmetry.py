@@ -126,8 +126,47 @@ def fit_midplane(
         raise ValueError("fit_midplane: the mask is empty")
     if not np.all(np.isfinite(img[mask])):
         raise ValueError("fit_midplane: the image has NaN or infinite values inside the mask")
-    # the comparison grid: about step_mm per axis, never finer than the image
-    zoom = np.minimum(1.0, sp / float(step_mm))
+    # the search: a coarse look over tilts and offsets on a grid twice as coarse (a head may be
+    # turned by 10-15 degrees, and the mask's centroid is not on the plane of an asymmetric
+    # mask), then a local simplex search on the `step_mm` grid from the best (steps of 3
+    # degrees and 2 mm: the comparison has narrow peaks on fine texture, which a line search
+    # over the whole range jumps across)
+    grid = _resampled(img, mask, sp, float(step_mm))
+    fine, centre = _comparison(*grid, axis)
+    coarse, _ = _comparison(*_resampled(*grid, 2.0 * float(step_mm)), axis, centre)
+    tilts = np.radians([-16.0, -8.0, 0.0, 8.0, 16.0])
+    grids = np.meshgrid(*([tilts] * (ndim - 1)), [-8.0, 0.0, 8.0], indexing="ij")
+    starts = np.stack([g.ravel() for g in grids], axis=1)
+    start = starts[int(np.argmax([coarse(t) for t in starts]))]
+    limits = np.array([_MAX_TILT] * (ndim - 1) + [_MAX_OFFSET_MM])
+    seen: dict[str, object] = {"best": -np.inf, "theta": None}
+
+    def cost(theta: np.ndarray) -> float:
+        if np.any(np.abs(theta) > limits):
+            return 1.0  # outside the tilts and offsets a head takes
+        c = fine(theta)
+        if c > seen["best"]:  # the search may wander off; the best point seen is the answer
+            seen["best"], seen["theta"] = c, np.array(theta, dtype=np.float64)
+        return -c
+
+    cost(start)
+    simplex = np.vstack([start, start + np.diag([math.radians(3.0)] * (ndim - 1) + [2.0])])
+    optimize.minimize(
+        cost,
+        start,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 2e-3, "fatol": 5e-4, "maxfev": 300},
+    )
+    res = optimize.OptimizeResult(x=seen["theta"], fun=-float(seen["best"]))
+    theta = np.asarray(res.x, dtype=np.float64)
+    n = _normal(theta[:-1], ndim, axis)
+    return MidPlane(tuple(n.tolist()), tuple((centre + theta[-1] * n).tolist()), -float(res.fun))
+
+
+def _resampled(img, mask, sp, step_mm):
+    """The image on a grid of about `step_mm` (never finer than it), its values averaged from
+    the mask's voxels only; with the grid's mask and its mm per voxel."""
+    zoom = np.minimum(1.0, sp / step_mm)
     # smoothed inside the mask before it is sampled (no aliasing of fine texture into a false
     # asymmetry, and no ramp at the mask's edge)
     inside = np.where(mask, img, 0.0).astype(np.float32)
@@ -141,10 +180,18 @@ def fit_midplane(
     small = ndimage.zoom(inside.astype(np.float32), zoom, order=1) / np.maximum(share, 1e-3)
     small = np.where(small_mask, small, 0.0).astype(np.float32)
     if small_mask.sum() < 8:  # a tiny mask: compare at full resolution
-        small, small_mask = np.where(mask, img, 0.0).astype(np.float32), mask
+        return np.where(mask, img, 0.0).astype(np.float32), mask, sp
     # mm between the grid's voxels (`ndimage.zoom` keeps the first and the last voxel's centres)
     n_in, n_out = np.asarray(img.shape), np.asarray(small.shape)
     step = np.where(n_out > 1, sp * (n_in - 1) / np.maximum(n_out - 1, 1), sp * n_in)
+    return small, small_mask, step
+
+
+def _comparison(small, small_mask, step, axis, centre=None):
+    """The correlation of a resampled image (`_resampled`) with its mirror image as a function
+    of the plane's `(tilts..., offset)`; and the point offsets are measured from (the mask's
+    centroid, or `centre`)."""
+    ndim = small.ndim
     # divide out slow intensity changes (a bias field brightens one side of a head) by the
     # image's local mean over FLATTEN_MM, taken inside the mask only
     sigma = FLATTEN_MM / step
@@ -156,7 +203,7 @@ def fit_midplane(
     pts = np.argwhere(small_mask).astype(np.float64) * step
     vals = small[small_mask].astype(np.float64)
     vals = (vals - vals.mean()) / (vals.std() + 1e-12)
-    centre = pts.mean(axis=0)
+    centre = pts.mean(axis=0) if centre is None else np.asarray(centre, dtype=np.float64)
     coords_scale = 1.0 / step
 
     def correlation(theta: np.ndarray) -> float:
@@ -169,38 +216,7 @@ def fit_midplane(
             return 0.0
         return float(np.mean(vals * (r - r.mean())) / sd)
 
-    limits = np.array([_MAX_TILT] * (ndim - 1) + [_MAX_OFFSET_MM])
-    seen: dict[str, object] = {"best": -np.inf, "theta": None}
-
-    def cost(theta: np.ndarray) -> float:
-        if np.any(np.abs(theta) > limits):
-            return 1.0  # outside the tilts and offsets a head takes
-        c = correlation(theta)
-        if c > seen["best"]:  # the search may wander off; the best point seen is the answer
-            seen["best"], seen["theta"] = c, np.array(theta, dtype=np.float64)
-        return -c
-
-    # a coarse look over tilts and offsets first (a head may be turned by 10-15 degrees, and
-    # the mask's centroid is not on the plane of an asymmetric mask), then a local simplex
-    # search from the best (steps of 3 degrees and 2 mm: the comparison has narrow peaks
-    # on fine texture, which a line search over the whole range jumps across)
-    tilts = np.radians([-16.0, -8.0, 0.0, 8.0, 16.0])
-    grids = np.meshgrid(*([tilts] * (ndim - 1)), [-8.0, 0.0, 8.0], indexing="ij")
-    starts = np.stack([g.ravel() for g in grids], axis=1)
-    for t in starts:
-        cost(t)
-    start = np.asarray(seen["theta"], dtype=np.float64)
-    simplex = np.vstack([start, start + np.diag([math.radians(3.0)] * (ndim - 1) + [2.0])])
-    optimize.minimize(
-        cost,
-        start,
-        method="Nelder-Mead",
-        options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4, "maxfev": 400},
-    )
-    res = optimize.OptimizeResult(x=seen["theta"], fun=-float(seen["best"]))
-    theta = np.asarray(res.x, dtype=np.float64)
-    n = _normal(theta[:-1], ndim, axis)
-    return MidPlane(tuple(n.tolist()), tuple((centre + theta[-1] * n).tolist()), -float(res.fun))
+    return correlation, centre
 
 
 def mirror_values(
