@@ -23,6 +23,13 @@ set-ups are timed in turn (A B C A B C ...), loading (`load`) and predicting the
   (e.g. the last release), run in a child process with that `src` first on `PYTHONPATH`, in the
   same rounds as the others, with the largest difference of its map from this float32 one.
 
+`--contralateral off|auto|on` (default `off`): `Ensemble.predict`'s comparison of the two sides
+of a brain (`napari_mtml.symmetry`), on by default for 3D MRI in `mtml predict` and the widget. Off
+here by default so that the network's path is timed as in earlier releases (which had none);
+`auto` adds the mid-sagittal plane fit and the mirror comparison to every 3D MRI prediction (the
+2D X-ray cases have none either way). The `--previous` checkout is asked for the same where its
+`predict` knows the option.
+
 Goals (issue 11, 2 threads): 3D paper <= 6 s, 3D light <= 2.5 s.
 """
 
@@ -95,7 +102,19 @@ def _before(run, device):
     )
 
 
-def _child(run: str, scan_name: str, out: str) -> int:
+def _predict_kwargs(ens, contralateral) -> dict:
+    """`contralateral=` for `ens.predict` where its release knows it (none before it existed)."""
+    import inspect
+
+    if "contralateral" in inspect.signature(ens.predict).parameters:
+        return {"contralateral": contralateral}
+    return {}
+
+
+_CONTRALATERAL = {"off": False, "auto": "auto", "on": True}
+
+
+def _child(run: str, scan_name: str, out: str, contralateral: str = "off") -> int:
     """Time one set-up in this process (the `--previous` checkout's package)."""
     import numpy as np
 
@@ -106,18 +125,19 @@ def _child(run: str, scan_name: str, out: str) -> int:
     t = time.perf_counter()
     ens = load_ensemble(run, device="cpu")
     load = time.perf_counter() - t
-    ens.predict(scan)  # warm-up, as for the others
+    kwargs = _predict_kwargs(ens, _CONTRALATERAL[contralateral])
+    ens.predict(scan, **kwargs)  # warm-up, as for the others
     t = time.perf_counter()
-    pred = ens.predict(scan)
+    pred = ens.predict(scan, **kwargs)
     predict = time.perf_counter() - t
     np.save(out, pred.anomaly)
     print(json.dumps({"load": load, "predict": predict}))
     return 0
 
 
-def _previous(src: str, run, scan_name: str, out: Path):
+def _previous(src: str, run, scan_name: str, out: Path, contralateral: str = "off"):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
-    cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out)]
+    cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out), contralateral]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"--previous {src}: the child failed:\n{done.stderr[-2000:]}")
@@ -139,7 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--previous", default=None, help="another checkout's src folder, timed side by side"
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--contralateral",
+        choices=tuple(_CONTRALATERAL),
+        default="off",
+        help="compare the two sides of 3D MRI (Ensemble.predict's option; default off: the "
+        "network's path, as earlier releases timed it)",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(*args.child)
@@ -188,7 +215,9 @@ def main(argv=None) -> int:
                 for name in case_names:
                     if name == "previous":
                         out = Path(tmp) / "previous.npy"
-                        load_s, predict_s = _previous(args.previous, run, scan_name, out)
+                        load_s, predict_s = _previous(
+                            args.previous, run, scan_name, out, args.contralateral
+                        )
                         loads[name].append(load_s)
                         predicts[name].append(predict_s)
                         maps[name] = np.load(out)
@@ -196,9 +225,10 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     ens = makers[name](run)
                     loads[name].append(time.perf_counter() - t)
-                    ens.predict(scan)  # warm-up (allocator, oneDNN kernels)
+                    kwargs = _predict_kwargs(ens, _CONTRALATERAL[args.contralateral])
+                    ens.predict(scan, **kwargs)  # warm-up (allocator, oneDNN kernels)
                     t = time.perf_counter()
-                    pred = ens.predict(scan)
+                    pred = ens.predict(scan, **kwargs)
                     predicts[name].append(time.perf_counter() - t)
                     maps[name] = pred.anomaly
                     del ens
@@ -223,7 +253,8 @@ def main(argv=None) -> int:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
-        f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
+        f"median of {args.repeats} interleaved rounds; contralateral {args.contralateral}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print("| frame | preset | M params | set-up | load s | predict s (min-max) | max abs diff |")
     print("|---|---|---|---|---|---|---|")
