@@ -124,6 +124,8 @@ def calibrate_installed(work: Path, seed: int, n: int = 8, dest: Path = INSTALL_
     scans = [read_image(p) for p in sorted(data.glob("*.nii.gz"))]
     cal = calibrate(dest, scans, device="cpu")
     print(f"calibration on {n} fresh healthy volumes: {cal['thresholds']}")
+    if "thresholds_uncompared" in cal:
+        print(f"  without the two sides compared: {cal['thresholds_uncompared']}")
     return cal
 
 

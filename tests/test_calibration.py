@@ -108,6 +108,13 @@ def test_cli_calibrate_writes_the_file_and_predict_regions_use_it(
                  "--regions", "--device", "cpu"]) == 0  # fmt: skip
     rows = (tmp_path / "p" / f"{image.name.split('.')[0]}_regions.csv").read_text().splitlines()
     assert rows[0] == "threshold,1e-06" and len(rows) == 3  # the threshold, header, one region
+    # --contralateral off: the threshold of the models' own maps, where the file has one
+    cal["thresholds_uncompared"] = {"95": 1e-7, "99": 2e-6, "99.9": 1e-5}
+    (run / CALIBRATION_FILE).write_text(json.dumps(cal))
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "q"), "--no-png",
+                 "--regions", "--device", "cpu", "--contralateral", "off"]) == 0  # fmt: skip
+    rows = (tmp_path / "q" / f"{image.name.split('.')[0]}_regions.csv").read_text().splitlines()
+    assert rows[0] == "threshold,2e-06"
     assert main(["calibrate", "builtin:brain-t1", str(image)]) == 2
     assert "ships its own calibration" in capsys.readouterr().err
 
@@ -117,3 +124,40 @@ def test_the_builtin_model_ships_a_valid_calibration():
     assert cal is not None and cal["images"] == 8
     t = cal["thresholds"]
     assert 0 < t["95"] < t["99"] < t["99.9"] < 1
+
+
+def test_3d_mri_calibration_records_the_maps_with_and_without_the_two_sides_compared():
+    # a 2 mm MNI152 head through the built-in 2D model: predict compares the two sides by
+    # default, so the file keeps both sets of percentiles from the same predictions
+    from scipy import ndimage
+
+    from napari_mtml.calibration import thresholds_for
+    from napari_mtml.inference import load_ensemble
+    from napari_mtml.preprocess import foreground_mask
+    from napari_mtml.samples import load_sample
+
+    mni = load_sample("mni152_t1")
+    array = ndimage.zoom(np.asarray(mni.array, dtype=np.float32), 0.5, order=1)
+    scan = Scan(array=array, spacing=(2.0, 2.0, 2.0))
+    cal = calibrate("builtin:brain-t1", [scan], device="cpu", write=False)
+    where = foreground_mask(scan)
+    ens = load_ensemble("builtin:brain-t1", device="cpu")
+    compared = ens.predict(scan, mask=where)
+    assert compared.midplane is not None  # the comparison applied
+    own = ens.predict(scan, mask=where, contralateral=False).anomaly[where]
+    for key, values in (("thresholds", compared.anomaly[where]), ("thresholds_uncompared", own)):
+        assert cal[key]["99"] == pytest.approx(float(np.percentile(values, 99)), abs=1e-6)
+    # the comparison lowers the healthy map's high values
+    assert cal["thresholds"]["99"] < cal["thresholds_uncompared"]["99"]
+    assert thresholds_for(cal, "auto") is cal["thresholds"]
+    assert thresholds_for(cal, True) is cal["thresholds"]
+    assert thresholds_for(cal, False) is cal["thresholds_uncompared"]
+    # a calibration without them (2D runs, older files) serves its thresholds for both
+    assert thresholds_for({"thresholds": {"99": 0.2}}, False) == {"99": 0.2}
+
+
+def test_the_builtin_calibration_serves_both_kinds_of_map():
+    compared = calibration_threshold("builtin:brain-t1", 99.0)
+    own = calibration_threshold("builtin:brain-t1", 99.0, contralateral=False)
+    assert compared is not None and own is not None and 0 < compared < own < 1
+    assert calibration_threshold("builtin:brain-t1", 99.0, contralateral="auto") == compared

@@ -634,6 +634,15 @@ def test_heatmap_starts_at_the_runs_healthy_threshold(
     widget.set_run(str(tiny_run))  # no calibration: the slider stays
     _predict(qtbot, widget)
     assert widget.threshold_slider.value() == pytest.approx(0.7, abs=1e-3)
+    # a calibration with the models' own maps' thresholds too (a 3D MRI run's): this 2D image
+    # is not compared across two sides, so the slider takes those
+    run2 = shutil.copytree(tiny_run, tmp_path / "run2")
+    cal2 = dict(cal, thresholds_uncompared={"95": 0.2, "99": 0.31, "99.9": 0.4})
+    (run2 / CALIBRATION_FILE).write_text(json.dumps(cal2))
+    widget.set_run(str(run2))
+    _predict(qtbot, widget)
+    assert widget.heatmap_layer is not None
+    assert widget.threshold_slider.value() == pytest.approx(0.31, abs=1e-3)
 
 
 def test_an_xray_predicted_by_the_brain_model_says_so(make_napari_viewer, qtbot, tmp_path):

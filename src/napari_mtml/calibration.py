@@ -5,6 +5,7 @@ from napari_mtml.calibration import calibrate, read_calibration
 cal = calibrate("runs/brain", healthy_scans)       # writes runs/brain/calibration.json
 cal["thresholds"]["99"]                            # 99 % of healthy voxels stay under this
 read_calibration("builtin:brain-t1")               # the shipped model's, or None
+calibration_threshold(run, 99, contralateral=False)  # for maps without the two sides compared
 ```
 
 A threshold that 99 % of the healthy foreground voxels stay under is the Heatmap widget's
@@ -13,6 +14,12 @@ and "from reference" computes one from a healthy layer). `mtml calibrate RUN HEA
 the file; the built-in models ship theirs. The file names the SHA-256 of every fold's weights,
 so a run retrained in the same folder no longer matches its old calibration, which is then
 ignored.
+
+`thresholds` are those of the maps `Ensemble.predict` makes by default, on a 3D MRI volume with
+the two sides of the brain compared (`contralateral="auto"`), which lowers a healthy map's
+peaks; where that comparison applied, the file also records `thresholds_uncompared`, those of
+the models' own maps (`contralateral=False`, `mtml predict --contralateral off`, the widget's
+"compare left and right" unticked), from the same predictions.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ __all__ = [
     "calibrate",
     "calibration_threshold",
     "read_calibration",
+    "thresholds_for",
     "weights_digest",
 ]
 
@@ -116,8 +124,11 @@ def calibrate(
     masks = list(masks) if masks is not None else [None] * len(scans)
     if len(masks) != len(scans):
         raise ValueError(f"{len(masks)} mask(s) for {len(scans)} scan(s)")
+    from napari_mtml.inference import _compare_sides
+
     ensemble = load_ensemble(run, device=device, folds="available")
-    values = []
+    values, uncompared = [], []
+    compared_any = False
     for i, (scan, mask) in enumerate(zip(scans, masks, strict=True)):
         where = foreground_mask(scan) if mask is None else np.asarray(mask, dtype=bool)
         if where.shape != tuple(scan.array.shape):
@@ -125,8 +136,18 @@ def calibrate(
                 f"{scan.metadata.get('path') or f'scan {i + 1}'}: mask of shape {where.shape} for "
                 f"an image of shape {tuple(scan.array.shape)}"
             )
-        heat = ensemble.predict(scan, mask=where).anomaly
+        # the models' own map once, then the two sides compared where `predict`'s default
+        # ("auto") compares them: both calibrations from one forward pass per scan
+        raw = ensemble.predict(scan, mask=where, contralateral=False).anomaly
+        heat = raw
+        if raw.ndim == 3 and ensemble.kind != "cxr":
+            array = np.asarray(scan.array)
+            plane, heat, _, _ = _compare_sides(
+                array, getattr(scan, "spacing", None), where, raw, ()
+            )
+            compared_any = compared_any or plane is not None
         values.append(heat[where].astype(np.float32, copy=False))
+        uncompared.append(raw[where].astype(np.float32, copy=False))
         if progress is not None:
             progress(i + 1, len(scans))
     pooled = np.concatenate(values)
@@ -135,6 +156,13 @@ def calibrate(
     result = {
         "format": _FORMAT,
         "thresholds": {_key(p): float(np.percentile(pooled, p)) for p in PERCENTILES},
+    }
+    if compared_any:
+        raw_pooled = np.concatenate(uncompared)
+        result["thresholds_uncompared"] = {
+            _key(p): float(np.percentile(raw_pooled, p)) for p in PERCENTILES
+        }
+    result |= {
         "images": len(scans),
         "voxels": int(pooled.size),
         "weights": weights_digest(ensemble.run_dir, ensemble.folds),
@@ -172,6 +200,12 @@ def read_calibration(run: str | os.PathLike) -> dict[str, Any] | None:
         if weights_digest(folder, folds) != cal["weights"]:
             return None
         thresholds = {k: float(v) for k, v in cal["thresholds"].items()}
+        raw = cal.get("thresholds_uncompared")
+        if raw is not None:
+            raw = {k: float(v) for k, v in raw.items()}
+            if not all(math.isfinite(v) for v in raw.values()):
+                return None
+            cal["thresholds_uncompared"] = raw
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
     if not all(math.isfinite(v) for v in thresholds.values()):
@@ -180,7 +214,9 @@ def read_calibration(run: str | os.PathLike) -> dict[str, Any] | None:
     return cal
 
 
-def calibration_threshold(run: str | os.PathLike, percentile: float = 99.0) -> float | None:
+def calibration_threshold(
+    run: str | os.PathLike, percentile: float = 99.0, contralateral: bool | str = "auto"
+) -> float | None:
     """The healthy threshold of `run` at `percentile` (one of `PERCENTILES`), or None.
 
     Parameters
@@ -188,6 +224,9 @@ def calibration_threshold(run: str | os.PathLike, percentile: float = 99.0) -> f
     run : str or PathLike
         A run folder or builtin:NAME.
     percentile : float
+    contralateral : "auto", True or False
+        The maps the threshold is for (`Ensemble.predict(contralateral=...)`): False takes
+        the file's `thresholds_uncompared` where it has them (a calibration of 3D MRI).
 
     Returns
     -------
@@ -196,4 +235,23 @@ def calibration_threshold(run: str | os.PathLike, percentile: float = 99.0) -> f
     cal = read_calibration(run)
     if cal is None:
         return None
-    return cal["thresholds"].get(_key(percentile))
+    return thresholds_for(cal, contralateral).get(_key(percentile))
+
+
+def thresholds_for(cal: dict[str, Any], contralateral: bool | str = "auto") -> dict[str, float]:
+    """A calibration's thresholds for maps predicted with `contralateral` ("auto", True or
+    False): `thresholds_uncompared` for False where the file has them, else `thresholds`.
+
+    Parameters
+    ----------
+    cal : dict
+        `read_calibration`'s result (or `Ensemble.calibration`).
+    contralateral : "auto", True or False
+
+    Returns
+    -------
+    dict of str to float
+    """
+    if not isinstance(contralateral, str) and not contralateral:
+        return cal.get("thresholds_uncompared") or cal["thresholds"]
+    return cal["thresholds"]

@@ -209,7 +209,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         regions_at = args.threshold
         if regions_at is None:  # the run's healthy 99th percentile, else 0.5
-            healthy = calibration_threshold(args.run)
+            healthy = calibration_threshold(args.run, contralateral=predict_kwargs["contralateral"])
             regions_at = 0.5 if healthy is None else healthy
     gen = predict_batch(
         ensemble,
@@ -273,6 +273,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(args.run, scans, masks, device=args.device, progress=show)
     levels = ", ".join(f"{k}th {v:.4f}" for k, v in cal["thresholds"].items())
     print(f"healthy percentiles over {cal['voxels']} voxels of {cal['images']} image(s): {levels}")
+    if "thresholds_uncompared" in cal:
+        raw = ", ".join(f"{k}th {v:.4f}" for k, v in cal["thresholds_uncompared"].items())
+        print(f"  the same without the two sides compared (--contralateral off): {raw}")
     print(f"wrote {Path(args.run) / 'calibration.json'}")
     return 0
 

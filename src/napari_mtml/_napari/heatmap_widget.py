@@ -536,7 +536,7 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
             + warned
         )
         self.status.setText(f"heatmap of '{layer.name}' ready.")
-        healthy = self._calibrated_threshold(ens)
+        healthy = self._calibrated_threshold(ens, prediction)
         if healthy is not None:
             self.threshold_slider.setValue(healthy)
         self.apply_threshold()
@@ -548,14 +548,19 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         for note in getattr(prediction, "notes", ()):  # an image unlike the run's training data
             notify_warning(f"Heatmap: {note}")
 
-    def _calibrated_threshold(self, ens) -> float | None:
+    def _calibrated_threshold(self, ens, prediction=None) -> float | None:
         """The run's healthy 99th percentile (`napari_mtml.calibration`) the first time a run
-        with a calibration predicts; None afterwards (the user's threshold stays) or without."""
+        with a calibration predicts; None afterwards (the user's threshold stays) or without.
+        That of the maps with the two sides compared where this prediction compared them,
+        else that of the models' own maps where the calibration has it."""
+        from napari_mtml.calibration import thresholds_for
+
         cal = getattr(ens, "calibration", None)
         if not cal or self._calibrated_run == ens.run_dir:
             return None
         self._calibrated_run = ens.run_dir
-        return cal["thresholds"].get("99")
+        compared = getattr(prediction, "midplane", None) is not None
+        return thresholds_for(cal, "auto" if compared else False).get("99")
 
     def _error(self, exc) -> None:
         self.status.setText(f"error: {exc}")
