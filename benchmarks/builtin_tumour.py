@@ -132,7 +132,10 @@ def main(argv=None) -> int:
             ("p99.9", float(np.percentile(ref_values, 99.9))),
         ]
         if ens.calibration:  # where the Heatmap widget starts: the run's healthy 99th percentile
-            thresholds.append(("cal99", float(ens.calibration["thresholds"]["99"])))
+            cal = ens.calibration
+            if contralateral is False:  # the models' own maps' thresholds, where it has them
+                cal = {"thresholds": cal.get("thresholds_uncompared") or cal["thresholds"]}
+            thresholds.append(("cal99", float(cal["thresholds"]["99"])))
         for label, thr in thresholds:
             labels, regions = _regions(heat, thr, scan.spacing)
             rank = _tumour_rank(labels, regions, tumour)
