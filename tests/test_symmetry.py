@@ -117,8 +117,12 @@ def test_mirror_values_grid_pass_matches_voxel_by_voxel_mirror_images():
     full = mirror_values(vol, sp, plane)
     idx = np.indices(SHAPE).reshape(3, -1).T.astype(np.float64)
     q = plane.reflect(idx * sp) / sp
-    direct = ndimage.map_coordinates(vol, q.T, order=1, mode="constant", cval=0.0)
+    direct = ndimage.map_coordinates(vol, q.T, order=1, mode="nearest")
     np.testing.assert_allclose(full.reshape(-1), direct, atol=1e-5)
+    zero = ndimage.map_coordinates(vol, q.T, order=1, mode="constant", cval=0.0)
+    np.testing.assert_allclose(
+        mirror_values(vol, sp, plane, mode="constant").reshape(-1), zero, atol=1e-5
+    )
     sparse = np.zeros(SHAPE, dtype=bool)
     sparse[::7, ::9, ::11] = True  # under 2 % of the voxels: the voxel-by-voxel path
     assert sparse.mean() < 0.02
@@ -126,6 +130,27 @@ def test_mirror_values_grid_pass_matches_voxel_by_voxel_mirror_images():
     np.testing.assert_allclose(part[sparse], full[sparse], atol=1e-5)
     assert np.all(part[~sparse] == 0)
     assert np.abs(full).max() > 0.5  # the mirror lands inside the volume
+
+
+def test_a_mirror_image_beyond_the_end_slices_takes_the_end_slice():
+    # a plane tilted across thick slices sends the mirror images of the first slice's voxels
+    # below it: what lies there was not acquired, so the first slice stands for it, and a map
+    # the same on both sides is not kept there as one-sided
+    sp = np.array([6.5, 1.0, 1.0])
+    shape = (6, 40, 60)
+    plane = MidPlane(tuple(np.array([0.08, 0.0, 1.0]) / np.hypot(0.08, 1.0)), (0.0, 0.0, 29.5), 1.0)
+    # a band 10-20 mm from the plane on each side: mirror images of each other
+    pts = np.indices(shape).reshape(3, -1).T * sp
+    d = np.abs((pts - np.asarray(plane.point)) @ np.asarray(plane.normal)).reshape(shape)
+    heat = np.where((d >= 10) & (d <= 20), 0.8, 0.0).astype(np.float32)
+    heat[:, :10] = heat[:, 30:] = 0.0
+    kept = contralateral(heat, sp, plane)
+    assert float(kept[0].max()) < 0.05 and float(kept[-1].max()) < 0.05
+    band = heat[0] > 0
+    zero = mirror_values(heat, sp, plane, mode="constant")[0][band]  # 0 beyond the volume
+    edge = mirror_values(heat, sp, plane)[0][band]
+    assert float(np.median(edge)) > 0.7 and float(edge.mean()) > float(zero.mean()) + 0.1
+    assert float(contralateral(heat, sp, plane)[0].max()) < 0.05
 
 
 def test_contralateral_keeps_one_sided_spots_and_drops_shared_ones():

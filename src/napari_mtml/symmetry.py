@@ -222,11 +222,20 @@ def _comparison(small, small_mask, step, axis, centre=None):
 
 
 def mirror_values(
-    volume: np.ndarray, spacing, plane: MidPlane, where: np.ndarray | None = None
+    volume: np.ndarray,
+    spacing,
+    plane: MidPlane,
+    where: np.ndarray | None = None,
+    *,
+    mode: str = "nearest",
 ) -> np.ndarray:
-    """`volume` at the mirror image of each voxel (linear interpolation, 0 outside).
+    """`volume` at the mirror image of each voxel (linear interpolation).
 
     With `where` (bool, the volume's shape) only those voxels are computed; the others are 0.
+    `mode` is how the volume goes on beyond its edges (scipy.ndimage's modes): "nearest" (the
+    default) repeats the edge, so that a mirror image that leaves the volume through its first
+    or last slice (a tilted plane) takes that slice's value, as the anatomy beyond the
+    acquired slab is unknown, not empty; "constant" is 0 outside.
     """
     volume, sp = _check(volume, spacing, "mirror_values")
     vol = np.asarray(volume, dtype=np.float32)
@@ -239,7 +248,7 @@ def mirror_values(
         idx = np.argwhere(where)
         q = plane.reflect(idx.astype(np.float64) * sp) / sp
         out = np.zeros(vol.shape, dtype=np.float32)
-        out[where] = ndimage.map_coordinates(vol, q.T, order=1, mode="constant", cval=0.0)
+        out[where] = ndimage.map_coordinates(vol, q.T, order=1, mode=mode, cval=0.0)
         return out
     # the mirror is an affine map of voxel indices, i -> S^-1 (I - 2 n n^T) S i + 2 (p.n) S^-1 n
     # (S the spacing): one pass over the grid, no coordinate arrays (4-5x faster than the points)
@@ -247,7 +256,7 @@ def mirror_values(
     p = np.asarray(plane.point, dtype=np.float64)
     matrix = (np.eye(vol.ndim) - 2.0 * np.outer(n, n)) * sp[None, :] / sp[:, None]
     offset = 2.0 * float(p @ n) * n / sp
-    out = ndimage.affine_transform(vol, matrix, offset=offset, order=1, mode="constant", cval=0.0)
+    out = ndimage.affine_transform(vol, matrix, offset=offset, order=1, mode=mode, cval=0.0)
     out = out.astype(np.float32, copy=False)
     if where is not None:
         out[~where] = 0.0
