@@ -132,10 +132,13 @@ def main(argv=None) -> int:
             ("p99.9", float(np.percentile(ref_values, 99.9))),
         ]
         if ens.calibration:  # where the Heatmap widget starts: the run's healthy 99th percentile
-            cal = ens.calibration
-            if contralateral is False:  # the models' own maps' thresholds, where it has them
-                cal = {"thresholds": cal.get("thresholds_uncompared") or cal["thresholds"]}
-            thresholds.append(("cal99", float(cal["thresholds"]["99"])))
+            try:  # the thresholds of the maps predicted here (with or without the comparison)
+                from napari_mtml.calibration import thresholds_for
+
+                cal = thresholds_for(ens.calibration, contralateral)
+            except ImportError:  # a release before there were two kinds
+                cal = ens.calibration["thresholds"]
+            thresholds.append(("cal99", float(cal["99"])))
         for label, thr in thresholds:
             labels, regions = _regions(heat, thr, scan.spacing)
             rank = _tumour_rank(labels, regions, tumour)

@@ -124,7 +124,7 @@ def calibrate(
     masks = list(masks) if masks is not None else [None] * len(scans)
     if len(masks) != len(scans):
         raise ValueError(f"{len(masks)} mask(s) for {len(scans)} scan(s)")
-    from napari_mtml.inference import _compare_sides
+    from napari_mtml.inference import _compare_sides, _compares_sides_by_default
 
     ensemble = load_ensemble(run, device=device, folds="available")
     values, uncompared = [], []
@@ -140,7 +140,7 @@ def calibrate(
         # ("auto") compares them: both calibrations from one forward pass per scan
         raw = ensemble.predict(scan, mask=where, contralateral=False).anomaly
         heat = raw
-        if raw.ndim == 3 and ensemble.kind != "cxr":
+        if _compares_sides_by_default(raw.ndim, ensemble.kind):
             array = np.asarray(scan.array)
             plane, heat, _, _ = _compare_sides(
                 array, getattr(scan, "spacing", None), where, raw, ()

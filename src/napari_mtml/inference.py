@@ -608,7 +608,7 @@ class Ensemble:
                 m[~region] = 0.0
         spacing = getattr(scan, "spacing", None)
         if contralateral == "auto":
-            contralateral = array.ndim == 3 and self.kind != "cxr"
+            contralateral = _compares_sides_by_default(array.ndim, self.kind)
         midplane = None
         if contralateral:
             midplane, anomaly, fold_maps, note = _compare_sides(
@@ -671,6 +671,12 @@ class Ensemble:
         meta = {"path": None, "warnings": []}
         meta.update(metadata or {})
         return self.predict(Scan(array=arr, spacing=spacing, affine=affine, metadata=meta))
+
+
+def _compares_sides_by_default(ndim: int, kind: str) -> bool:
+    """`contralateral="auto"`: the two sides are compared for 3D volumes of a body that has
+    them (MRI), not for 2D images or X-rays."""
+    return ndim == 3 and kind != "cxr"
 
 
 def _compare_sides(array, spacing, region, anomaly, fold_maps):
