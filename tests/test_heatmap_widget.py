@@ -577,7 +577,7 @@ def test_batch_cancel_keeps_scores_of_the_images_done(
 
 
 def test_heatmap_keeps_the_map_inside_a_labels_mask(
-    make_napari_viewer, qtbot, tiny_run, napari_errors, monkeypatch
+    make_napari_viewer, qtbot, tiny_run, napari_errors, monkeypatch, tmp_path
 ):
     from napari_mtml._napari import heatmap_widget as hw
 
@@ -605,6 +605,13 @@ def test_heatmap_keeps_the_map_inside_a_labels_mask(
     assert widget.mask_combo.current_extra() == hw.MASK_AUTO
     widget.predict()
     assert "napari-mtml[brain]" in napari_errors()[-1]
+    # and so is a batch asked for it: refused before it starts, not run without the mask
+    widget.batch_folder_edit.setText(str(_batch_folder(tmp_path)))
+    widget.batch_out_edit.setText(str(tmp_path / "batch_out"))
+    n_errors = len(napari_errors())
+    widget.run_batch()
+    assert len(napari_errors()) == n_errors + 1 and "napari-mtml[brain]" in napari_errors()[-1]
+    assert not widget.busy and not (tmp_path / "batch_out").exists()
 
 
 def test_heatmap_starts_at_the_runs_healthy_threshold(

@@ -628,6 +628,10 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
                     "no output folder chosen: choose where the maps and scores.csv go."
                 )
             inputs, n = self._batch_inputs()
+            auto_mask = self.mask_combo.current_extra() == MASK_AUTO
+            if auto_mask and not brain_available():
+                # the same refusal as a single Predict: a batch must not quietly drop the mask
+                raise ValueError(f"the automatic brain mask needs the brain extra: {INSTALL_HINT}")
         except (ValueError, OSError) as exc:
             self._error(exc)
             return
@@ -637,7 +641,6 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         self._batch_running = True
         self.status.setText(f"batch of {n} image(s) into {out_dir} …")
         # the widgets are read here, in the GUI thread, not by the worker
-        auto_mask = self.mask_combo.current_extra() == MASK_AUTO and brain_available()
         args = (
             inputs,
             Path(out_dir).expanduser(),
