@@ -30,6 +30,9 @@ here by default so that the network's path is timed as in earlier releases (whic
 2D X-ray cases have none either way). The `--previous` checkout is asked for the same where its
 `predict` knows the option.
 
+`--fold-scores`: `predict(..., fold_scores=True)`, the Heatmap widget's call (every fold's map
+mapped back, compared across the two sides where the ensemble map is, and scored).
+
 Goals (issue 11, 2 threads): 3D paper <= 6 s, 3D light <= 2.5 s.
 """
 
@@ -102,19 +105,23 @@ def _before(run, device):
     )
 
 
-def _predict_kwargs(ens, contralateral) -> dict:
-    """`contralateral=` for `ens.predict` where its release knows it (none before it existed)."""
+def _predict_kwargs(ens, contralateral, fold_scores: bool = False) -> dict:
+    """`contralateral=` for `ens.predict` where its release knows it (none before it existed);
+    `fold_scores=True` (the Heatmap widget's call: every fold's map and score too) when asked."""
     import inspect
 
+    kwargs = {"fold_scores": True} if fold_scores else {}
     if "contralateral" in inspect.signature(ens.predict).parameters:
-        return {"contralateral": contralateral}
-    return {}
+        kwargs["contralateral"] = contralateral
+    return kwargs
 
 
 _CONTRALATERAL = {"off": False, "auto": "auto", "on": True}
 
 
-def _child(run: str, scan_name: str, out: str, contralateral: str = "off") -> int:
+def _child(
+    run: str, scan_name: str, out: str, contralateral: str = "off", fold_scores: str = "0"
+) -> int:
     """Time one set-up in this process (the `--previous` checkout's package)."""
     import numpy as np
 
@@ -125,7 +132,7 @@ def _child(run: str, scan_name: str, out: str, contralateral: str = "off") -> in
     t = time.perf_counter()
     ens = load_ensemble(run, device="cpu")
     load = time.perf_counter() - t
-    kwargs = _predict_kwargs(ens, _CONTRALATERAL[contralateral])
+    kwargs = _predict_kwargs(ens, _CONTRALATERAL[contralateral], fold_scores == "1")
     ens.predict(scan, **kwargs)  # warm-up, as for the others
     t = time.perf_counter()
     pred = ens.predict(scan, **kwargs)
@@ -135,9 +142,12 @@ def _child(run: str, scan_name: str, out: str, contralateral: str = "off") -> in
     return 0
 
 
-def _previous(src: str, run, scan_name: str, out: Path, contralateral: str = "off"):
+def _previous(
+    src: str, run, scan_name: str, out: Path, contralateral: str = "off", fold_scores=False
+):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
     cmd = [sys.executable, __file__, "--child", str(run), scan_name, str(out), contralateral]
+    cmd.append("1" if fold_scores else "0")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"--previous {src}: the child failed:\n{done.stderr[-2000:]}")
@@ -166,7 +176,13 @@ def main(argv=None) -> int:
         help="compare the two sides of 3D MRI (Ensemble.predict's option; default off: the "
         "network's path, as earlier releases timed it)",
     )
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--fold-scores",
+        action="store_true",
+        help="predict as the Heatmap widget does: every fold's map and sample score too "
+        "(each compared across the two sides with --contralateral auto/on)",
+    )
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(*args.child)
@@ -216,7 +232,12 @@ def main(argv=None) -> int:
                     if name == "previous":
                         out = Path(tmp) / "previous.npy"
                         load_s, predict_s = _previous(
-                            args.previous, run, scan_name, out, args.contralateral
+                            args.previous,
+                            run,
+                            scan_name,
+                            out,
+                            args.contralateral,
+                            args.fold_scores,
                         )
                         loads[name].append(load_s)
                         predicts[name].append(predict_s)
@@ -225,7 +246,9 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     ens = makers[name](run)
                     loads[name].append(time.perf_counter() - t)
-                    kwargs = _predict_kwargs(ens, _CONTRALATERAL[args.contralateral])
+                    kwargs = _predict_kwargs(
+                        ens, _CONTRALATERAL[args.contralateral], args.fold_scores
+                    )
                     ens.predict(scan, **kwargs)  # warm-up (allocator, oneDNN kernels)
                     t = time.perf_counter()
                     pred = ens.predict(scan, **kwargs)
@@ -253,7 +276,8 @@ def main(argv=None) -> int:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, 5 folds, "
-        f"median of {args.repeats} interleaved rounds; contralateral {args.contralateral}; "
+        f"median of {args.repeats} interleaved rounds; contralateral {args.contralateral}"
+        f"{', fold maps and scores' if args.fold_scores else ''}; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print("| frame | preset | M params | set-up | load s | predict s (min-max) | max abs diff |")

@@ -622,11 +622,7 @@ class Ensemble:
             if method in scores
             else sample_score(anomaly, region, method, spacing=spacing)
         )
-        per_fold_scores = (
-            tuple(sample_score(f, region, method, spacing=spacing) for f in fold_maps)
-            if fold_scores
-            else ()
-        )
+        per_fold_scores = _fold_scores(fold_maps, region, method, spacing) if fold_scores else ()
         return Prediction(
             anomaly,
             disagreement,
@@ -673,6 +669,23 @@ class Ensemble:
         return self.predict(Scan(array=arr, spacing=spacing, affine=affine, metadata=meta))
 
 
+def _fold_scores(fold_maps, region, method, spacing) -> tuple[float, ...]:
+    """Each fold map's sample score, in as many threads as the models had (scipy's smoothing
+    releases the GIL; the same scores, in fold order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_mtml.scores import sample_score
+
+    def score(f):
+        return sample_score(f, region, method, spacing=spacing)
+
+    workers = min(len(fold_maps), max(1, torch.get_num_threads()))
+    if workers <= 1:
+        return tuple(score(f) for f in fold_maps)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return tuple(pool.map(score, fold_maps))
+
+
 def _compares_sides_by_default(ndim: int, kind: str) -> bool:
     """`contralateral="auto"`: the two sides are compared for 3D volumes of a body that has
     them (MRI), not for 2D images or X-rays."""
@@ -687,8 +700,10 @@ def _compare_sides(array, spacing, region, anomaly, fold_maps):
 
     sp = np.asarray(spacing if spacing is not None else (1.0,) * array.ndim, dtype=np.float64)
     sp = sp[-array.ndim :]
+    # as many threads as the models had (scipy's filters release the GIL)
+    workers = max(1, torch.get_num_threads())
     try:
-        plane = fit_midplane(array, sp, region)
+        plane = fit_midplane(array, sp, region, workers=workers)
     except ValueError as exc:
         return None, anomaly, fold_maps, f"the two sides were not compared ({exc})"
     if not plane.correlation >= MIN_CORRELATION:
@@ -699,8 +714,8 @@ def _compare_sides(array, spacing, region, anomaly, fold_maps):
             f"no left-right mirror symmetry found (correlation {plane.correlation:.2f} < "
             f"{MIN_CORRELATION}): the map is not compared across the two sides",
         )
-    anomaly = contralateral(anomaly, sp, plane)
-    fold_maps = tuple(contralateral(f, sp, plane) for f in fold_maps)
+    anomaly = contralateral(anomaly, sp, plane, workers=workers)
+    fold_maps = tuple(contralateral(f, sp, plane, workers=workers) for f in fold_maps)
     return plane, anomaly, fold_maps, None
 
 

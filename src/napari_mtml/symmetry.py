@@ -25,11 +25,17 @@ look over tilts and offsets is refined by a local simplex search (tilts within 2
 offset within 30 mm). The map's mirror is taken at `radius_mm` tolerance (a maximum filter of
 that half-width) so that a plane a few mm off, or a brain a little asymmetric, still cancels
 what both sides share.
+
+`workers` (every function): threads that split the work (scipy's filters and interpolation
+release the GIL): slabs of the first axis for the maps, the two blurs of the plane's
+resampling side by side; the same values (up to float rounding in the mirror's coordinates).
+`Ensemble.predict` passes torch's thread count.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +53,41 @@ _MAX_OFFSET_MM = 30.0
 FLATTEN_MM = 20.0
 #: below this share of the voxels, `mirror_values(where=...)` maps the voxels one by one
 _SPARSE = 0.02
+#: the fewest first-axis rows a worker's slab gets (below it fewer workers are used)
+_MIN_SLAB = 4
+
+
+def _workers(workers) -> int:
+    n = int(workers)
+    if n < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    return n
+
+
+def _slabs(n_rows: int, workers: int) -> list[tuple[int, int]]:
+    """`(start, stop)` ranges of the first axis, one per worker, at least `_MIN_SLAB` rows."""
+    k = max(1, min(int(workers), n_rows // _MIN_SLAB))
+    edges = np.linspace(0, n_rows, k + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def _bounds(mask: np.ndarray) -> list[tuple[int, int]]:
+    """`(first, last + 1)` index of `mask`'s True voxels on every axis (`mask` not empty);
+    from one projection per axis (much faster than the indices of every voxel)."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        out.append((int(hit[0]), int(hit[-1]) + 1))
+    return out
+
+
+def _map_threads(func, items, workers: int) -> list:
+    """`[func(item) for item in items]`, in `workers` threads when there is more than one."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [func(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(func, items))
 
 
 @dataclass(frozen=True)
@@ -95,6 +136,7 @@ def fit_midplane(
     *,
     axis: int = -1,
     step_mm: float = 4.0,
+    workers: int = 1,
 ) -> MidPlane:
     """The plane that mirrors `image` best onto itself (its mid-sagittal plane for a head).
 
@@ -106,6 +148,7 @@ def fit_midplane(
         above its 2nd percentile, i.e. everything but an empty background)
     axis : the left-right axis (the plane's normal starts along it)
     step_mm : the grid the comparison runs on (the image is resampled to it)
+    workers : threads (the resampling's two blurs side by side)
 
     Raises
     ------
@@ -133,7 +176,7 @@ def fit_midplane(
     # mask), then a local simplex search on the `step_mm` grid from the best (steps of 3
     # degrees and 2 mm: the comparison has narrow peaks on fine texture, which a line search
     # over the whole range jumps across)
-    grid = _resampled(img, mask, sp, float(step_mm))
+    grid = _resampled(img, mask, sp, float(step_mm), _workers(workers))
     fine, centre = _comparison(*grid, axis)
     coarse, _ = _comparison(*_resampled(*grid, 2.0 * float(step_mm)), axis, centre)
     tilts = np.radians([-16.0, -8.0, 0.0, 8.0, 16.0])
@@ -165,7 +208,7 @@ def fit_midplane(
     return MidPlane(tuple(n.tolist()), tuple((centre + theta[-1] * n).tolist()), -float(res.fun))
 
 
-def _resampled(img, mask, sp, step_mm):
+def _resampled(img, mask, sp, step_mm, workers: int = 1):
     """The image on a grid of about `step_mm` (never finer than it), its values averaged from
     the mask's voxels only; with the grid's mask and its mm per voxel."""
     zoom = np.minimum(1.0, sp / step_mm)
@@ -174,8 +217,10 @@ def _resampled(img, mask, sp, step_mm):
     inside = np.where(mask, img, 0.0).astype(np.float32)
     blur = 0.5 * np.maximum(1.0 / zoom - 1.0, 0.0)
     if np.any(blur > 0):
-        w = ndimage.gaussian_filter(mask.astype(np.float32), blur)
-        inside = np.where(mask, ndimage.gaussian_filter(inside, blur) / np.maximum(w, 1e-3), 0.0)
+        w, blurred = _map_threads(
+            lambda a: ndimage.gaussian_filter(a, blur), [mask.astype(np.float32), inside], workers
+        )
+        inside = np.where(mask, blurred / np.maximum(w, 1e-3), 0.0)
     # values at the grid's voxels from the mask's voxels only (the mask's share divided out)
     share = ndimage.zoom(mask.astype(np.float32), zoom, order=1)
     small_mask = share > 0.5
@@ -228,6 +273,7 @@ def mirror_values(
     where: np.ndarray | None = None,
     *,
     mode: str = "nearest",
+    workers: int = 1,
 ) -> np.ndarray:
     """`volume` at the mirror image of each voxel (linear interpolation).
 
@@ -235,29 +281,57 @@ def mirror_values(
     `mode` is how the volume goes on beyond its edges (scipy.ndimage's modes): "nearest" (the
     default) repeats the edge, so that a mirror image that leaves the volume through its first
     or last slice (a tilted plane) takes that slice's value, as the anatomy beyond the
-    acquired slab is unknown, not empty; "constant" is 0 outside.
+    acquired slab is unknown, not empty; "constant" is 0 outside. `workers` threads each map a
+    slab of the first axis.
     """
     volume, sp = _check(volume, spacing, "mirror_values")
+    workers = _workers(workers)
     vol = np.asarray(volume, dtype=np.float32)
     if where is not None:
         where = np.asarray(where, dtype=bool)
         if where.shape != vol.shape:
             raise ValueError(f"mirror_values: where {where.shape} is not the volume's {vol.shape}")
+    zero = (0,) * vol.ndim
+    return _mirror(vol, zero, sp, plane, zero, vol.shape, where, mode, workers)
+
+
+def _mirror(src, src_origin, sp, plane, out_origin, out_shape, where, mode, workers):
+    """The mirror images of the voxels of a box of the volume's grid (`out_shape` voxels from
+    index `out_origin`), read from `src`, the part of the volume from index `src_origin` (what
+    lies beyond `src` is what `mode` makes of its edges: the volume's own edges when `src`
+    reaches them); `where` (bool, `out_shape`, or None: all) the voxels computed, 0 elsewhere."""
+    src_origin = np.asarray(src_origin, dtype=np.float64)
+    out_origin = np.asarray(out_origin, dtype=np.float64)
     if where is not None and np.count_nonzero(where) < _SPARSE * where.size:
         # a few voxels: their mirror images one by one
-        idx = np.argwhere(where)
-        q = plane.reflect(idx.astype(np.float64) * sp) / sp
-        out = np.zeros(vol.shape, dtype=np.float32)
-        out[where] = ndimage.map_coordinates(vol, q.T, order=1, mode=mode, cval=0.0)
+        idx = np.argwhere(where).astype(np.float64) + out_origin
+        q = plane.reflect(idx * sp) / sp - src_origin
+        out = np.zeros(out_shape, dtype=np.float32)
+        out[where] = ndimage.map_coordinates(src, q.T, order=1, mode=mode, cval=0.0)
         return out
     # the mirror is an affine map of voxel indices, i -> S^-1 (I - 2 n n^T) S i + 2 (p.n) S^-1 n
-    # (S the spacing): one pass over the grid, no coordinate arrays (4-5x faster than the points)
+    # (S the spacing): one pass over the grid, no coordinate arrays (4-5x faster than the points);
+    # in the boxes' own indices its offset moves by M out_origin - src_origin
     n = np.asarray(plane.normal, dtype=np.float64)
     p = np.asarray(plane.point, dtype=np.float64)
-    matrix = (np.eye(vol.ndim) - 2.0 * np.outer(n, n)) * sp[None, :] / sp[:, None]
-    offset = 2.0 * float(p @ n) * n / sp
-    out = ndimage.affine_transform(vol, matrix, offset=offset, order=1, mode=mode, cval=0.0)
-    out = out.astype(np.float32, copy=False)
+    matrix = (np.eye(src.ndim) - 2.0 * np.outer(n, n)) * sp[None, :] / sp[:, None]
+    offset = 2.0 * float(p @ n) * n / sp + matrix @ out_origin - src_origin
+    out = np.empty(out_shape, dtype=np.float32)
+
+    def slab(rows: tuple[int, int]) -> None:
+        # output rows start..stop: the same map with its offset moved by `start` rows
+        start, stop = rows
+        out[start:stop] = ndimage.affine_transform(
+            src,
+            matrix,
+            offset=offset + matrix[:, 0] * start,
+            output_shape=(stop - start, *out_shape[1:]),
+            order=1,
+            mode=mode,
+            cval=0.0,
+        )
+
+    _map_threads(slab, _slabs(out_shape[0], workers), workers)
     if where is not None:
         out[~where] = 0.0
     return out
@@ -269,6 +343,7 @@ def contralateral(
     plane: MidPlane,
     *,
     radius_mm: float = 3.0,
+    workers: int = 1,
 ) -> np.ndarray:
     """`heat` minus the highest value of `heat` within `radius_mm` of each voxel's mirror
     image, clipped at 0: what one side has and the other has not.
@@ -280,6 +355,7 @@ def contralateral(
     plane : the mirror (`fit_midplane`)
     radius_mm : the tolerance of the mirror (a maximum filter of half-width `radius_mm`, at
         least one voxel across on each axis)
+    workers : threads, each on a slab of the first axis
 
     Returns
     -------
@@ -289,10 +365,50 @@ def contralateral(
     h = np.asarray(heat, dtype=np.float32)
     size = tuple(int(s) for s in (2 * np.round(float(radius_mm) / sp).astype(int) + 1))
     # the filter before the mirror: the mirror of a box's maximum is the maximum over the
-    # mirrored box, and only the voxels where the map is non-zero need their mirror
-    near = ndimage.maximum_filter(h, size=size, mode="constant", cval=0.0)
+    # mirrored box, and only the voxels where the map is non-zero need their mirror. Both run
+    # on boxes: the map's non-zero voxels' box (`inner`; 0 outside it, in the map and in the
+    # result) and, for the filtered map, that box grown by the filter's reach and one voxel
+    # more (`outer`; the filtered map is 0 beyond the reach, so the zero layer at the outer
+    # box's edge stands for the rest of the volume, in "nearest" as in "constant" mode; where
+    # the box meets the volume's edge, that edge is the volume's own): the same values as
+    # over the whole volume, for a head that fills a fraction of it
+    workers = _workers(workers)
     where = h > 0
-    other = mirror_values(near, sp, plane, where=where)
-    out = h - other
-    np.maximum(out, 0.0, out=out)
+    out = np.zeros(h.shape, dtype=np.float32)
+    if not where.any():
+        return out
+    reach = [s_ // 2 for s_ in size]
+    inner = _bounds(where)
+    outer = [
+        (max(0, a - r - 1), min(n_, b + r + 1))
+        for (a, b), r, n_ in zip(inner, reach, h.shape, strict=True)
+    ]
+    src_box = tuple(slice(a, b) for a, b in outer)
+    part = np.maximum(h[src_box], 0.0)  # a map is >= 0 (a negative value counts as 0)
+    near = np.empty_like(part)
+
+    def slab(rows: tuple[int, int]) -> None:
+        # the filter of rows start..stop needs `reach` rows more on each side (0 beyond the
+        # box, as beyond the volume): the same maxima
+        start, stop = rows
+        lo, hi = max(0, start - reach[0]), min(part.shape[0], stop + reach[0])
+        piece = ndimage.maximum_filter(part[lo:hi], size=size, mode="constant", cval=0.0)
+        near[start:stop] = piece[start - lo : stop - lo]
+
+    _map_threads(slab, _slabs(part.shape[0], workers), workers)
+    box = tuple(slice(a, b) for a, b in inner)
+    other = _mirror(
+        near,
+        [a for a, _ in outer],
+        sp,
+        plane,
+        [a for a, _ in inner],
+        tuple(b - a for a, b in inner),
+        where[box],
+        "nearest",
+        workers,
+    )
+    kept = h[box] - other
+    np.maximum(kept, 0.0, out=kept)
+    out[box] = kept
     return out
