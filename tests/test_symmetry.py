@@ -170,6 +170,30 @@ def test_contralateral_on_the_maps_box_equals_the_whole_volume_computation(where
     assert np.array_equal(contralateral(np.zeros(SHAPE, np.float32), sp, plane), np.zeros(SHAPE))
 
 
+def test_the_plane_fits_resampling_on_the_masks_box_equals_the_whole_arrays(monkeypatch):
+    """The plane fit's masked blurs run on the mask's box grown by the kernel's reach, in
+    threads: the same grid values as the blurs over the whole array, with the mask inside the
+    volume or touching its edges."""
+    import napari_mtml.symmetry as sym
+
+    rng = np.random.default_rng(41)
+    sp = np.array([1.0, 1.0, 1.0])
+    img = rng.random(SHAPE).astype(np.float32)
+    for box in [
+        (slice(5, 30), slice(10, 50), slice(12, 52)),
+        (slice(0, 8), slice(0, 20), slice(44, 64)),
+    ]:
+        mask = np.zeros(SHAPE, dtype=bool)
+        mask[box] = rng.random(mask[box].shape) > 0.2
+        got = sym._resampled(img, mask, sp, 4.0, workers=2)
+        # the same resampling with the bounds of the whole array: the blurs over all of it
+        monkeypatch.setattr(sym, "_bounds", lambda m: [(0, n) for n in m.shape])
+        whole = sym._resampled(img, mask, sp, 4.0, workers=1)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(got[0], whole[0])
+        np.testing.assert_array_equal(got[1], whole[1])
+
+
 def test_a_mirror_image_beyond_the_end_slices_takes_the_end_slice():
     # a plane tilted across thick slices sends the mirror images of the first slice's voxels
     # below it: what lies there was not acquired, so the first slice stands for it, and a map

@@ -217,9 +217,21 @@ def _resampled(img, mask, sp, step_mm, workers: int = 1):
     inside = np.where(mask, img, 0.0).astype(np.float32)
     blur = 0.5 * np.maximum(1.0 / zoom - 1.0, 0.0)
     if np.any(blur > 0):
-        w, blurred = _map_threads(
-            lambda a: ndimage.gaussian_filter(a, blur), [mask.astype(np.float32), inside], workers
+        # both are 0 beyond the mask, so the blurs run on its box grown by the kernel's reach
+        # (scipy's: 4 sigma): beyond it they are exactly 0, and where the box stays inside the
+        # array its edge reflects zeros as the array's would; the same values
+        reach = [int(4.0 * float(b) + 0.5) for b in blur]
+        box = tuple(
+            slice(max(0, a - r), min(n, b + r))
+            for (a, b), r, n in zip(_bounds(mask), reach, mask.shape, strict=True)
         )
+        w, blurred = (np.zeros(mask.shape, dtype=np.float32) for _ in range(2))
+        pieces = _map_threads(
+            lambda a: ndimage.gaussian_filter(a[box], blur),
+            [mask.astype(np.float32), inside],
+            workers,
+        )
+        w[box], blurred[box] = pieces
         inside = np.where(mask, blurred / np.maximum(w, 1e-3), 0.0)
     # values at the grid's voxels from the mask's voxels only (the mask's share divided out)
     share = ndimage.zoom(mask.astype(np.float32), zoom, order=1)
