@@ -187,7 +187,7 @@ def test_the_plane_fits_resampling_on_the_masks_box_equals_the_whole_arrays(monk
         mask[box] = rng.random(mask[box].shape) > 0.2
         got = sym._resampled(img, mask, sp, 4.0, workers=2)
         # the same resampling with the bounds of the whole array: the blurs over all of it
-        monkeypatch.setattr(sym, "_bounds", lambda m: [(0, n) for n in m.shape])
+        monkeypatch.setattr(sym, "bounding_box", lambda m: tuple(slice(0, n) for n in m.shape))
         whole = sym._resampled(img, mask, sp, 4.0, workers=1)
         monkeypatch.undo()
         np.testing.assert_array_equal(got[0], whole[0])

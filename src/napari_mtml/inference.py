@@ -672,18 +672,13 @@ class Ensemble:
 def _fold_scores(fold_maps, region, method, spacing) -> tuple[float, ...]:
     """Each fold map's sample score, in as many threads as the models had (scipy's smoothing
     releases the GIL; the same scores, in fold order)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from napari_mtml.scores import sample_score
+    from napari_mtml.symmetry import _map_threads
 
     def score(f):
         return sample_score(f, region, method, spacing=spacing)
 
-    workers = min(len(fold_maps), max(1, torch.get_num_threads()))
-    if workers <= 1:
-        return tuple(score(f) for f in fold_maps)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return tuple(pool.map(score, fold_maps))
+    return tuple(_map_threads(score, fold_maps, max(1, torch.get_num_threads())))
 
 
 def _compares_sides_by_default(ndim: int, kind: str) -> bool:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, optimize
 
+from napari_mtml.anomalies.boxes import bounding_box
+
 __all__ = ["MidPlane", "fit_midplane", "mirror_values", "contralateral", "MIN_CORRELATION"]
 
 #: a fit below this correlation finds no mirror symmetry worth using (`Ensemble.predict` then
@@ -69,16 +71,6 @@ def _slabs(n_rows: int, workers: int) -> list[tuple[int, int]]:
     k = max(1, min(int(workers), n_rows // _MIN_SLAB))
     edges = np.linspace(0, n_rows, k + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-def _bounds(mask: np.ndarray) -> list[tuple[int, int]]:
-    """`(first, last + 1)` index of `mask`'s True voxels on every axis (`mask` not empty);
-    from one projection per axis (much faster than the indices of every voxel)."""
-    out = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        out.append((int(hit[0]), int(hit[-1]) + 1))
-    return out
 
 
 def _map_threads(func, items, workers: int) -> list:
@@ -222,8 +214,8 @@ def _resampled(img, mask, sp, step_mm, workers: int = 1):
         # array its edge reflects zeros as the array's would; the same values
         reach = [int(4.0 * float(b) + 0.5) for b in blur]
         box = tuple(
-            slice(max(0, a - r), min(n, b + r))
-            for (a, b), r, n in zip(_bounds(mask), reach, mask.shape, strict=True)
+            slice(max(0, s.start - r), min(n, s.stop + r))
+            for s, r, n in zip(bounding_box(mask), reach, mask.shape, strict=True)
         )
         w, blurred = (np.zeros(mask.shape, dtype=np.float32) for _ in range(2))
         pieces = _map_threads(
@@ -387,10 +379,11 @@ def contralateral(
     workers = _workers(workers)
     where = h > 0
     out = np.zeros(h.shape, dtype=np.float32)
-    if not where.any():
+    tight = bounding_box(where)
+    if tight is None:
         return out
     reach = [s_ // 2 for s_ in size]
-    inner = _bounds(where)
+    inner = [(s.start, s.stop) for s in tight]
     outer = [
         (max(0, a - r - 1), min(n_, b + r + 1))
         for (a, b), r, n_ in zip(inner, reach, h.shape, strict=True)
