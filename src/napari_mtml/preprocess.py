@@ -276,13 +276,32 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(threshold_otsu(np.asarray(values), nbins=bins))
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_fill_holes(mask)` (its default face connectivity), the same voxels,
+    from one labelling of the background: a background component that touches no face of the
+    array is a hole. scipy grows the outside in from the array's faces one voxel per pass,
+    ~40 ms for a 1 mm head where the labelling takes ~10 ms; per slice, the same."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim == 0 or mask.size == 0:
+        return mask.copy()
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for index in (0, -1):
+            outside[np.take(labels, index, axis=axis)] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[labels]
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Hole filling in N-D, then per axial slice (holes open at the volume's top or bottom)."""
-    filled = ndimage.binary_fill_holes(mask)
+    filled = fill_holes(mask)
     if filled.ndim == 3:
         for z in range(filled.shape[0]):
             if filled[z].any():
-                filled[z] = ndimage.binary_fill_holes(filled[z])
+                filled[z] = fill_holes(filled[z])
     return filled
 
 
@@ -357,7 +376,7 @@ def foreground_mask(scan, kind: str = "auto", method: str = "auto") -> np.ndarra
             return inside
         box = tuple(slice(a, b) for a, b in _bbox(inside))
         out = np.zeros(arr.shape, dtype=bool)
-        out[box] = ndimage.binary_fill_holes(inside[box])
+        out[box] = fill_holes(inside[box])
         return out
     if method != "head":
         raise ValueError(f"method must be 'auto', 'nonzero', 'head' or 'all'; got {method!r}.")
