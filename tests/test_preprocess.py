@@ -96,9 +96,9 @@ def test_foreground_masks_of_the_samples_are_unchanged_by_the_faster_filling():
     from napari_mtml.samples import load_sample
 
     stripped = load_sample("mni152_t1")
-    stripped_array = np.where(
-        load_sample("mni152_brain_mask").array > 0, stripped.array, 0
-    ).astype(np.float32)
+    stripped_array = np.where(load_sample("mni152_brain_mask").array > 0, stripped.array, 0).astype(
+        np.float32
+    )
     scans = [
         load_sample("brain_tumour_image"),
         stripped,
