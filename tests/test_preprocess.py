@@ -248,6 +248,30 @@ def test_dims_2_on_a_volume_stacks_slices_with_one_shared_crop():
         from_frame(np.zeros((64, 64)), tr)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_to_frame_in_threads_gives_the_same_arrays(dims, monkeypatch):
+    # the image and its foreground are resampled side by side with workers > 1: the same
+    # frames, foreground and transform as one after the other
+    import napari_mtml.preprocess as pre
+
+    scan = _stripped_brain(np.random.default_rng(7), shape=(40, 70, 60))
+    frame = (64, 64) if dims == 2 else (32, 48, 48)
+    threads = []
+    real = pre.map_threads
+
+    def spy(func, items, workers):
+        threads.append(workers)
+        return real(func, items, workers)
+
+    monkeypatch.setattr(pre, "map_threads", spy)
+    one = to_frame(scan, kind="mri", dims=dims, frame=frame)
+    two = to_frame(scan, kind="mri", dims=dims, frame=frame, workers=2)
+    assert threads == [1, 2]
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    assert one[2] == two[2]
+
+
 def test_target_spacing_brings_scans_of_any_voxel_size_to_one_scale():
     rng = np.random.default_rng(7)
     fine = _stripped_brain(rng, shape=(40, 60, 50))  # 1 mm

@@ -490,6 +490,7 @@ class Ensemble:
     def _predict(
         self, scan, keep_folds, mask, keep_background, score, tta, fold_scores, contralateral
     ):
+        from napari_mtml.parallel import map_threads
         from napari_mtml.preprocess import (
             FrameFitError,
             content_shape,
@@ -533,6 +534,9 @@ class Ensemble:
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         resample = {"downsample": self.downsample, "spacing": self.spacing}
+        # scan-sized array work in as many threads as the models have (scipy and numpy release
+        # the GIL); the same arrays with any number
+        workers = max(1, torch.get_num_threads())
         frame = self.frame
         kind = self.kind
         try:
@@ -554,6 +558,7 @@ class Ensemble:
                 frame=frame,
                 foreground=foreground,
                 bias_correction=self.bias_correction,
+                workers=workers,
                 **resample,
             )
         except FrameFitError as exc:
@@ -593,16 +598,17 @@ class Ensemble:
         region = foreground if mask is None else mask
         if not region.any():
             region = np.ones_like(region)
-        anomaly = np.clip(np.asarray(from_frame(mean, transform), dtype=np.float32), 0.0, 1.0)
-        disagreement = np.clip(np.asarray(from_frame(std, transform), dtype=np.float32), 0.0, 1.0)
+
+        def back(m: np.ndarray) -> np.ndarray:
+            return np.clip(np.asarray(from_frame(m, transform), dtype=np.float32), 0.0, 1.0)
+
+        folds_back = list(per_fold) if keep_folds or fold_scores else []
+        anomaly, disagreement, *folds_back = map_threads(back, [mean, std, *folds_back], workers)
         if anomaly.shape != array.shape:  # a contract breach upstream, not a user error
             raise RuntimeError(
                 f"from_frame returned shape {anomaly.shape} for a scan of shape {array.shape}"
             )
-        fold_maps = tuple(
-            np.clip(np.asarray(from_frame(p, transform), dtype=np.float32), 0.0, 1.0)
-            for p in (per_fold if keep_folds or fold_scores else ())
-        )
+        fold_maps = tuple(folds_back)
         if not keep_background:
             for m in (anomaly, disagreement, *fold_maps):
                 m[~region] = 0.0
@@ -672,13 +678,13 @@ class Ensemble:
 def _fold_scores(fold_maps, region, method, spacing) -> tuple[float, ...]:
     """Each fold map's sample score, in as many threads as the models had (scipy's smoothing
     releases the GIL; the same scores, in fold order)."""
+    from napari_mtml.parallel import map_threads
     from napari_mtml.scores import sample_score
-    from napari_mtml.symmetry import _map_threads
 
     def score(f):
         return sample_score(f, region, method, spacing=spacing)
 
-    return tuple(_map_threads(score, fold_maps, max(1, torch.get_num_threads())))
+    return tuple(map_threads(score, fold_maps, max(1, torch.get_num_threads())))
 
 
 def _compares_sides_by_default(ndim: int, kind: str) -> bool:

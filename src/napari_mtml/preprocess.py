@@ -39,6 +39,7 @@ from scipy import ndimage
 from napari_mtml.anomalies.boxes import bounding_box
 from napari_mtml.bias import BIAS_CORRECTIONS, correct_bias
 from napari_mtml.io import Scan
+from napari_mtml.parallel import map_threads
 
 __all__ = [
     "CXR_FRAME",
@@ -500,6 +501,8 @@ def to_frame(
     spacing: float | None = None,
     multiple: int = 16,
     bias_correction: str = "none",
+    *,
+    workers: int = 1,
 ):
     """Bring a scan into the model's frame (see the module docstring for both pipelines).
 
@@ -523,6 +526,8 @@ def to_frame(
         foreground (`napari_mtml.bias.correct_bias`) before the z-score; "auto" does so for
         skull-stripped scans only (`looks_skull_stripped`: with the skull on, the fit takes
         skull and scalp for a field); "none" (default). Ignored for CXR.
+    workers : MRI: threads that resample the image and its foreground side by side
+        (`napari_mtml.parallel.map_threads`; the same arrays with any number).
 
     Returns
     -------
@@ -595,7 +600,9 @@ def to_frame(
         foreground = fg
         frame = fit_frame(_content(fg, factors, stacked), multiple)
     frame = _plain_frame(frame, dims, MRI_FRAME_2D if dims == 2 else MRI_FRAME_3D)
-    return _mri_to_frame(scan, frame, factors, stacked, foreground, name, bias_correction)
+    return _mri_to_frame(
+        scan, frame, factors, stacked, foreground, name, bias_correction, int(workers)
+    )
 
 
 def mri_factors(
@@ -709,7 +716,9 @@ def _content(fg: np.ndarray, factors, stacked: bool) -> tuple[int, ...]:
     return tuple(int(math.ceil((b - a) / s)) for (a, b), s in zip(box, factors, strict=True))
 
 
-def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias_correction="none"):
+def _mri_to_frame(
+    scan: Scan, frame, factors, stacked, foreground, name, bias_correction="none", workers=1
+):
     arr = scan.array
     fg = foreground_mask(scan, kind="mri") if foreground is None else foreground
     _check_foreground(fg, name)
@@ -746,8 +755,13 @@ def _mri_to_frame(scan: Scan, frame, factors, stacked, foreground, name, bias_co
             64 if len(frame) == 2 else 16,
         )
     z = np.where(fg[sl], (arr[sl] - np.float32(mean)) / np.float32(std), np.float32(0.0))
-    small = _resample(z, scale, scaled, order=1, anti_alias=True)
-    small_fg = _resample(fg[sl].astype(np.float32), scale, scaled, order=1, anti_alias=True) >= 0.5
+    # the image and its foreground side by side (scipy's filters and resampling release the GIL)
+    small, small_fg = map_threads(
+        lambda a: _resample(a, scale, scaled, order=1, anti_alias=True),
+        [z, fg[sl].astype(np.float32)],
+        workers,
+    )
+    small_fg = small_fg >= 0.5
     small[~small_fg] = 0.0
     offset = tuple((f - c) // 2 for f, c in zip(frame, content, strict=True))
     if stacked:

@@ -35,13 +35,13 @@ resampling side by side; the same values (up to float rounding in the mirror's c
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, optimize
 
 from napari_mtml.anomalies.boxes import bounding_box
+from napari_mtml.parallel import map_threads as _map_threads
 
 __all__ = ["MidPlane", "fit_midplane", "mirror_values", "contralateral", "MIN_CORRELATION"]
 
@@ -71,15 +71,6 @@ def _slabs(n_rows: int, workers: int) -> list[tuple[int, int]]:
     k = max(1, min(int(workers), n_rows // _MIN_SLAB))
     edges = np.linspace(0, n_rows, k + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-def _map_threads(func, items, workers: int) -> list:
-    """`[func(item) for item in items]`, in `workers` threads when there is more than one."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [func(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(func, items))
 
 
 @dataclass(frozen=True)
