@@ -370,6 +370,44 @@ def test_fine_tuning_starts_from_the_given_run(tmp_path):
         _drain(train(_tiny(tmp_path, "x", max_steps=1, init="builtin:nope"), collection=col))
 
 
+def test_a_fine_tuned_fold_is_validated_before_its_first_step(tmp_path, monkeypatch):
+    # the starting weights are a candidate for best.pt: where no later validation beats them
+    # (forced here: every score after the first is worse), best.pt holds them unchanged
+    from napari_mtml.training import trainer
+    from napari_mtml.training.events import ValidationEvent
+
+    col = _collection()
+    _drain(train(_tiny(tmp_path, "base", max_steps=4), collection=col))
+    base = torch.load(tmp_path / "base" / "fold_0" / "best.pt", weights_only=True)["model"]
+    base_rows = (tmp_path / "base" / "fold_0" / "log.jsonl").read_text().splitlines()
+    # from scratch: nothing to validate before the first step
+    assert 0 not in [json.loads(r)["step"] for r in base_rows if '"validation"' in r]
+
+    calls = []
+    real = trainer._selection_score
+
+    def first_is_best(selection, val_loss, ap):
+        calls.append(real(selection, val_loss, ap))
+        return 0.0 if len(calls) == 1 else 1.0
+
+    monkeypatch.setattr(trainer, "_selection_score", first_is_best)
+    cfg = _tiny(tmp_path, "tuned", max_steps=4, val_interval=2, init=str(tmp_path / "base"))
+    events = _drain(train(cfg, collection=col))
+    steps = [e.step for e in events if isinstance(e, ValidationEvent)]
+    assert steps == [0, 2, 4]
+    rows = [
+        json.loads(r)
+        for r in (tmp_path / "tuned" / "fold_0" / "log.jsonl").read_text().splitlines()
+        if '"validation"' in r
+    ]
+    assert [(r["step"], r["best"]) for r in rows] == [(0, True), (2, False), (4, False)]
+    last = torch.load(tmp_path / "tuned" / "fold_0" / "last.pt", weights_only=True)
+    assert last["best_step"] == 0 and last["step"] == 4
+    tuned = torch.load(tmp_path / "tuned" / "fold_0" / "best.pt", weights_only=True)["model"]
+    for k in base:
+        torch.testing.assert_close(tuned[k], base[k], atol=0, rtol=0)
+
+
 def test_selection_by_held_out_ap_or_by_loss():
     from napari_mtml.training.trainer import _selection_score
 

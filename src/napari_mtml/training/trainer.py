@@ -626,6 +626,13 @@ def _train_fold(run: _Run, split: FoldSplit):
     # the thread rule again while the fold trains: a job starting meanwhile gets its core back
     watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
     try:
+        if cfg.init and progress.step == 0 and progress.best_score == math.inf:
+            # A fold that starts from trained weights is validated before its first step, so
+            # that its start is a candidate for best.pt: a short or disrupted fine-tune never
+            # ends on a model its own held-out tasks rank below the one it started from.
+            event = _validate_and_save(cfg, fold, progress, val_set, paths, log)
+            if dist.main:
+                yield event
         net.train()
         while progress.step < cfg.max_steps:
             images, labels, _ = next(batches)
