@@ -280,6 +280,7 @@ def replan_steps(
     cap: int | None = None,
     earlier_s: float = 0.0,
     earlier_planned_s: float = 0.0,
+    n_val: int = VALIDATIONS_PER_FOLD,
 ) -> tuple[int, float]:
     """Steps for each of the `n_folds` folds still to train, planned again after a fold.
 
@@ -310,6 +311,8 @@ def replan_steps(
         At most this many steps.
     earlier_s, earlier_planned_s : float
         Seconds the folds before the last one took, and were planned to take.
+    n_val : int
+        Validations per fold planned for the folds left (`plan_steps`).
 
     Returns
     -------
@@ -333,7 +336,9 @@ def replan_steps(
         if pace < overall:  # faster than the run so far: half of the speed-up counts
             pace = 0.5 * (pace + overall)
     try:
-        steps = plan_steps(budget_s, elapsed_s, n_folds, costs.scaled(pace), val_size, cap=cap)
+        steps = plan_steps(
+            budget_s, elapsed_s, n_folds, costs.scaled(pace), val_size, n_val=n_val, cap=cap
+        )
     except ValueError:  # already too late for 10 steps per fold: train the fewest
         steps = MIN_REPLANNED_STEPS
     if current and abs(steps - current) < REPLAN_TOLERANCE * current:

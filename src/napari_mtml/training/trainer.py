@@ -463,6 +463,7 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
                 len(splits),
                 costs,
                 int(cfg.val_size),
+                n_val=_validations_per_fold(cfg),
                 cap=config.max_steps,
             )
         except ValueError as exc:
@@ -490,6 +491,20 @@ def _plan(config, cfg, collection, external, splits, factory, dist, device, kind
         f"{len(splits)} fold(s) (recorded in config.json; --max-steps {steps} replays it)"
     )
     return planned, notice
+
+
+def _start_validations(cfg: TrainConfig) -> int:
+    """1 when the run's folds start from trained weights and so are validated before their
+    first step (`_train_fold`), else 0."""
+    return 1 if cfg.init else 0
+
+
+def _validations_per_fold(cfg: TrainConfig) -> int:
+    """The validations a budget plans for in each fold: `VALIDATIONS_PER_FOLD`, and one more
+    before the first step of a fold that starts from trained weights."""
+    from napari_mtml.training.budget import VALIDATIONS_PER_FOLD
+
+    return VALIDATIONS_PER_FOLD + _start_validations(cfg)
 
 
 #: A fold given fewer steps than this of its own (a budget cut short by a slowdown) validates
@@ -520,6 +535,7 @@ def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, left: list[in
     if dist.main and "step_s" in cfg.plan:
         costs = StepCosts.from_dict(cfg.plan)
         validations = math.ceil(last.steps / cfg.val_interval) if last.steps else 0
+        validations += _start_validations(cfg)
         steps, ratio = replan_steps(
             float(cfg.time_budget),
             time.perf_counter() - t_start,
@@ -533,6 +549,7 @@ def _replan(config, run, t_start, pace: _Pace, last: FoldFinished, left: list[in
             cap=config.max_steps,
             earlier_s=pace.earlier_s,
             earlier_planned_s=pace.earlier_planned_s,
+            n_val=_validations_per_fold(cfg),
         )
         pace.earlier_s += pace.last_s
         pace.earlier_planned_s += fold_seconds(costs, last.steps, int(cfg.val_size), validations)
@@ -626,7 +643,7 @@ def _train_fold(run: _Run, split: FoldSplit):
     # the thread rule again while the fold trains: a job starting meanwhile gets its core back
     watch = ThreadWatch(cfg.workers) if device.type == "cpu" else None
     try:
-        if cfg.init and progress.step == 0 and progress.best_score == math.inf:
+        if _start_validations(cfg) and progress.step == 0 and progress.best_score == math.inf:
             # A fold that starts from trained weights is validated before its first step, so
             # that its start is a candidate for best.pt: a short or disrupted fine-tune never
             # ends on a model its own held-out tasks rank below the one it started from.
