@@ -492,7 +492,9 @@ def train_record(run: Path) -> dict[str, Any] | None:
 
 
 def run_steps(run: Path) -> dict[str, Any]:
-    """Steps actually run per fold (from fold_K/log.jsonl), the best step, and config values."""
+    """Steps actually run per fold (from fold_K/log.jsonl), the step of the checkpoint kept
+    (the last validation the log marks best: the run's own selection, the held-out tasks' AP
+    or the loss), and config values."""
     out: dict[str, Any] = {"folds": {}}
     cfg_path = run / "config.json"
     if cfg_path.is_file():
@@ -515,7 +517,7 @@ def run_steps(run: Path) -> dict[str, Any]:
             if k in cfg:
                 out[k] = cfg[k]
     for log in sorted(run.glob("fold_*/log.jsonl")):
-        steps, best, best_loss = 0, None, math.inf
+        steps, best = 0, None
         for line in log.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -523,10 +525,8 @@ def run_steps(run: Path) -> dict[str, Any]:
                 continue
             if rec.get("type") == "step":
                 steps = max(steps, int(rec.get("step", 0)))
-            elif rec.get("type") == "validation":
-                loss = rec.get("val_loss", math.inf)
-                if loss is not None and loss < best_loss:
-                    best_loss, best = loss, rec.get("step")
+            elif rec.get("type") == "validation" and rec.get("best"):
+                best = rec.get("step")
         out["folds"][log.parent.name] = {"steps": steps, "best_step": best}
     out["total_steps"] = sum(f["steps"] for f in out["folds"].values())
     return out

@@ -128,6 +128,23 @@ def _settings(**over):
     return base
 
 
+def test_run_steps_reports_the_checkpoint_the_run_kept(tmp_path):
+    # the step the log marks best (the run's selection: AP here, with a lower loss elsewhere),
+    # the validation before the first step of a fine-tuned fold included
+    fold = tmp_path / "run" / "fold_0"
+    fold.mkdir(parents=True)
+    rows = [
+        {"type": "validation", "step": 0, "val_loss": 0.05, "ap": {"sink": 0.6}, "best": True},
+        *({"type": "step", "step": k, "loss": 0.1} for k in range(1, 5)),
+        {"type": "validation", "step": 2, "val_loss": 0.01, "ap": {"sink": 0.5}, "best": False},
+        {"type": "validation", "step": 4, "val_loss": 0.04, "ap": {"sink": 0.7}, "best": True},
+    ]
+    (fold / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = qu.run_steps(tmp_path / "run")
+    assert out["folds"]["fold_0"] == {"steps": 4, "best_step": 4}
+    assert out["total_steps"] == 4
+
+
 def test_plan_balances_protocols_and_separates_seeds():
     items = qu.plan_items(
         _settings(
