@@ -9,8 +9,10 @@ checkpoint stays intact and nothing is half-written.
 Per fold (METHOD.md section 6): AdamW (weight decay 0); linear warm-up from 0.01 x lr over 100
 steps, then x0.9997122 per step down to lr/20, then constant; MSE against the soft label; bf16
 autocast on CUDA; validation every `val_interval` steps (val loss = MSE(healthy) + MSE(augmented),
-pixel AP per held-out task); `best.pt` at the lowest val loss; early stop `patience` steps after
-it; `last.pt` at every validation and at the end.
+pixel AP per held-out task); `best.pt` at the best selection score (the lowest val loss, the
+paper's, or the highest held-out AP, the small recipe's); early stop `patience` steps after it;
+`last.pt` at every validation and at the end. A fold that starts from trained weights (`init`)
+is validated before its first step too, so that its start competes for `best.pt`.
 
 Distributed: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) each fold is
 trained with DistributedDataParallel (gloo on CPU, nccl on CUDA); the global batch is split over
