@@ -374,7 +374,7 @@ def test_a_fine_tuned_fold_is_validated_before_its_first_step(tmp_path, monkeypa
     # the starting weights are a candidate for best.pt: where no later validation beats them
     # (forced here: every score after the first is worse), best.pt holds them unchanged
     from napari_mtml.training import trainer
-    from napari_mtml.training.events import ValidationEvent
+    from napari_mtml.training.events import Notice, ValidationEvent
 
     col = _collection()
     _drain(train(_tiny(tmp_path, "base", max_steps=4), collection=col))
@@ -395,6 +395,8 @@ def test_a_fine_tuned_fold_is_validated_before_its_first_step(tmp_path, monkeypa
     events = _drain(train(cfg, collection=col))
     steps = [e.step for e in events if isinstance(e, ValidationEvent)]
     assert steps == [0, 2, 4]
+    kept = [e for e in events if isinstance(e, Notice) and "beat the weights" in e.text]
+    assert len(kept) == 1 and kept[0].fold == 0 and "best.pt holds them" in kept[0].text
     rows = [
         json.loads(r)
         for r in (tmp_path / "tuned" / "fold_0" / "log.jsonl").read_text().splitlines()

@@ -685,6 +685,13 @@ def _train_fold(run: _Run, split: FoldSplit):
             log.close()
     if dist.active:
         torch.distributed.barrier()
+    if dist.main and _start_validations(cfg) and progress.best_step == 0 and progress.step > 0:
+        yield Notice(
+            f"fold {split.index}: no validation in {progress.step} steps beat the weights it "
+            f"started from ({cfg.init}), so best.pt holds them unchanged; more steps (--time, "
+            "--max-steps) give it a chance to adapt to this data",
+            fold=split.index,
+        )
     return (yield from _fold_finished(split, progress, paths, dist))
 
 
