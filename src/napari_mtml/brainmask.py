@@ -50,6 +50,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_mtml.io import Scan
+from napari_mtml.preprocess import fill_holes
 
 __all__ = [
     "INSTALL_HINT",
@@ -385,5 +386,5 @@ def brain_mask(
             "T1-weighted brain MRI in RAS orientation?"
         )
     mask = _largest_component(mask)
-    mask = ndi.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     return dilate_mask(mask, scan.spacing, dilate_mm)

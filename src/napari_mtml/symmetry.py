@@ -41,7 +41,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from napari_mtml.anomalies.boxes import bounding_box
-from napari_mtml.parallel import map_threads as _map_threads
+from napari_mtml.parallel import map_threads
 
 __all__ = ["MidPlane", "fit_midplane", "mirror_values", "contralateral", "MIN_CORRELATION"]
 
@@ -209,7 +209,7 @@ def _resampled(img, mask, sp, step_mm, workers: int = 1):
             for s, r, n in zip(bounding_box(mask), reach, mask.shape, strict=True)
         )
         w, blurred = (np.zeros(mask.shape, dtype=np.float32) for _ in range(2))
-        pieces = _map_threads(
+        pieces = map_threads(
             lambda a: ndimage.gaussian_filter(a[box], blur),
             [mask.astype(np.float32), inside],
             workers,
@@ -326,7 +326,7 @@ def _mirror(src, src_origin, sp, plane, out_origin, out_shape, where, mode, work
             cval=0.0,
         )
 
-    _map_threads(slab, _slabs(out_shape[0], workers), workers)
+    map_threads(slab, _slabs(out_shape[0], workers), workers)
     if where is not None:
         out[~where] = 0.0
     return out
@@ -391,7 +391,7 @@ def contralateral(
         piece = ndimage.maximum_filter(part[lo:hi], size=size, mode="constant", cval=0.0)
         near[start:stop] = piece[start - lo : stop - lo]
 
-    _map_threads(slab, _slabs(part.shape[0], workers), workers)
+    map_threads(slab, _slabs(part.shape[0], workers), workers)
     box = tuple(slice(a, b) for a, b in inner)
     other = _mirror(
         near,

@@ -510,7 +510,8 @@ def _validations_per_fold(cfg: TrainConfig) -> int:
 
 
 #: A fold given fewer steps than this of its own (a budget cut short by a slowdown) validates
-#: once, at its end, unless `val_interval` is set: eight validations, each over every
+#: once, at its end (besides the validation before its first step where it starts from
+#: trained weights), unless `val_interval` is set: eight validations, each over every
 #: validation image, would cost more than its steps, and it has no use for eight checkpoints.
 SHORT_FOLD_STEPS = 80
 
