@@ -11,7 +11,7 @@ with the bias field turned off (`VariantSettings(bias_range=(0, 0))`: the bias d
 own random stream, so the pose, warp, contrast and noise stay as they were), predicts both with
 `mtml predict RUN` and prints, per volume, the bias field's spread inside the brain (1st and
 99th percentile of its ratio) and the sample score quality_unseen ranks volumes by: the peak of
-the map smoothed by 2 mm inside the ground-truth brain mask.
+the map smoothed as `mtml predict`'s "max" score (4 mm) inside the ground-truth brain mask.
 
 A model whose healthy peaks fall when the bias is removed flags the bias field as an anomaly
 (the smooth-intensity task teaches it to flag smooth intensity changes): the false positives
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                 for label in ("with", "without")
             ]
             rows.append((name, *spreads[name], *peaks))
-    print(f"run {args.run}; data {folder.name}; peak = max of the 2 mm-smoothed map in the brain")
+    print(f"run {args.run}; data {folder.name}; peak = the 'max' score in the brain")
     print("| volume | bias ratio p1-p99 | peak with bias | peak without | change |")
     print("|---|---|---|---|---|")
     for name, lo, hi, with_bias, without in rows:

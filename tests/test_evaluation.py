@@ -188,7 +188,7 @@ def test_png_labels_pair_with_2d_predictions(tmp_path):
 
 def test_max_score_is_the_smoothed_peak_with_the_file_spacing(tmp_path):
     """`mtml evaluate` reports `mtml predict`'s default sample score ("max": the peak of the map
-    smoothed by 2 mm), using each prediction file's voxel spacing: the same spike is smoothed
+    smoothed by 4 mm), using each prediction file's voxel spacing: the same spike is smoothed
     less on a 5 mm-slice grid (the healthy scan here) than on a 1 mm grid (the lesioned one),
     so the healthy scan ranks first; ignoring the spacing would tie them."""
     from napari_mtml.io import Scan, write_image

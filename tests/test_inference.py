@@ -103,7 +103,7 @@ def test_ensemble_mean_std_of_clipped_fold_outputs(rng):
     np.testing.assert_allclose(pred.anomaly[inside], clipped.mean(), atol=1e-6)
     np.testing.assert_allclose(pred.disagreement[inside], clipped.std(), atol=1e-6)
     assert pred.scores["top1"] == pytest.approx(clipped.mean(), abs=1e-6)
-    assert pred.score == pytest.approx(clipped.mean(), abs=1e-3)  # "max": smoothed by 2 mm
+    assert pred.score == pytest.approx(clipped.mean(), abs=1e-3)  # "max": smoothed by 2 mm (2D)
 
 
 def test_tta_averages_the_maps_of_the_image_and_of_its_mirror(tmp_path, rng):

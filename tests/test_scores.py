@@ -60,20 +60,55 @@ def test_lesion_ranks_above_healthy_with_top1_not_always_with_mean():
     assert summary_scores(lesion[0].ravel())["top1"] == pytest.approx(top_l[0])
 
 
-def test_max_is_the_default_and_smooths_by_two_millimetres():
-    from napari_mtml.scores import DEFAULT_SAMPLE_SCORE
+def test_max_is_the_default_and_smooths_a_volume_by_four_millimetres():
+    from scipy import ndimage as ndi
+
+    from napari_mtml.scores import DEFAULT_SAMPLE_SCORE, SMOOTH_MM, SMOOTH_MM_2D, smoothing_mm
 
     assert DEFAULT_SAMPLE_SCORE == "max"
+    assert (SMOOTH_MM, SMOOTH_MM_2D) == (4.0, 2.0)
     spike = np.zeros((24, 40, 40), np.float32)
     spike[12, 20, 20] = 1.0  # one noisy voxel hardly counts
-    assert sample_score(spike, None, spacing=(1.0, 1.0, 1.0)) < 0.05
-    # 6 mm slices: 2 mm is a third of a slice, so the spike keeps more of its value
+    assert sample_score(spike, None, spacing=(1.0, 1.0, 1.0)) < 0.01
+    # 6 mm slices: 4 mm is two thirds of a slice, so the spike keeps more of its value
     assert sample_score(spike, None, spacing=(6.0, 1.0, 1.0)) > 3 * sample_score(
         spike, None, spacing=(1.0, 1.0, 1.0)
     )
-    blob = np.zeros_like(spike)
-    blob[6:18, 14:26, 14:26] = 0.9  # a 12 mm lesion keeps its peak
+    # the sigma is 4 mm / spacing voxels per axis on a volume
+    heat = ndi.gaussian_filter(np.random.default_rng(2).random((12, 30, 28)), 1.0)
+    heat = heat.astype(np.float32)
+    spacing = (5.0, 0.8, 1.0)
+    expected = ndi.gaussian_filter(heat, [4.0 / s for s in spacing], mode="nearest")
+    np.testing.assert_allclose(smoothed_map(heat, spacing), expected, rtol=1e-6)
+    blob = np.zeros((40, 48, 48), np.float32)
+    blob[8:32, 12:36, 12:36] = 0.9  # a 24 mm lesion keeps its peak
     assert sample_score(blob, None, spacing=(1.0, 1.0, 1.0)) == pytest.approx(0.9, abs=0.01)
+    # a 2D map, and a one-slice volume (nothing to average across), smooth by 2 mm in-plane
+    plane = heat[5]
+    assert smoothing_mm(plane.shape) == smoothing_mm((1, *plane.shape)) == 2.0
+    flat = ndi.gaussian_filter(plane, [2.0 / 0.8, 2.0], mode="nearest")
+    assert sample_score(plane, None, spacing=(0.8, 1.0)) == pytest.approx(float(flat.max()))
+    assert sample_score(plane[None], None, spacing=spacing) == pytest.approx(float(flat.max()))
+
+
+def test_a_thin_bright_rim_ranks_below_a_lesion_at_four_millimetres_not_at_two():
+    """Why a volume is smoothed by 4 mm: a map that lights a thin rim (a 4 mm band in one 6 mm
+    slice, as where a slab cuts the brain's edge, at 0.9) against one that lights a lesion
+    (three slices, 12 mm across, at 0.5). 4 mm puts the lesion first; 2 mm the rim."""
+    from scipy import ndimage as ndi
+
+    spacing = (6.0, 1.0, 1.0)
+    rim = np.zeros((12, 48, 48), np.float32)
+    rim[2, 8:40, 8:40] = 0.9
+    rim[2, 12:36, 12:36] = 0.0
+    lesion = np.zeros_like(rim)
+    lesion[5:8, 18:30, 18:30] = 0.5
+    assert sample_score(lesion, None, spacing=spacing) > sample_score(rim, None, spacing=spacing)
+
+    def at_2mm(heat):
+        return float(ndi.gaussian_filter(heat, [2.0 / s for s in spacing], mode="nearest").max())
+
+    assert at_2mm(rim) > at_2mm(lesion)
 
 
 @pytest.mark.parametrize("spacing", [None, (1.0, 0.5, 2.0), (3.0, 1.0, 1.0)])

@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score",
         choices=("mean", "max", "top1"),
-        help="the sample score of scores.csv (default max: the peak of the map smoothed by 2 mm; "
+        help="the sample score of scores.csv (default max: the peak of the map smoothed by 4 mm, "
+        "2 mm on a 2D map; "
         "every score is written as its own column too)",
     )
     p.add_argument(

@@ -232,7 +232,7 @@ def evaluate_folder(
         without anomaly) and ``mean_per_image_ap`` over images with an anomaly; ``slice``
         (``None`` when no image is 3D): ``n``, ``n_pos`` and for each score of
         ``metrics.SCORE_NAMES`` (``mean``, ``p75``, ``top25_mean``, ``top1`` and ``max``, the
-        peak of the map smoothed by 2 mm using the prediction file's voxel spacing: the
+        peak of the map smoothed by 4 mm (2 mm on 2D maps) using the file's voxel spacing: the
         default sample score of ``mtml predict``) an ``{"ap", "auroc"}``; ``sample``: the same
         over images; the PR/ROC plots show the ``max`` score;
         ``unmatched_predictions``, ``unmatched_labels``; ``files`` (paths written, when ``out``).

@@ -66,7 +66,8 @@ class Prediction:
     disagreement : float32 array, the input's shape; standard deviation over folds (ddof=0), in
         [0, 0.5].
     score : float; sample-level anomaly score of the ensemble map inside `mask`, by the method
-        `score_method` (`napari_mtml.scores`; default "max": its peak after a 2 mm smoothing).
+        `score_method` (`napari_mtml.scores`; default "max": its peak after a 4 mm smoothing,
+        2 mm on a 2D map).
     fold_scores : tuple of float; the same score for each fold model on its own (only with
         `predict(..., fold_scores=True)`, as the Heatmap widget asks; empty otherwise).
     fold_maps : tuple of float32 arrays of the input's shape, each fold's own clipped map

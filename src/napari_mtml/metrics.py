@@ -9,7 +9,7 @@
   bin, and :meth:`PooledMetrics.compute` also returns a guaranteed bound on the difference from
   the exact values of the clipped scores.
 - :func:`slice_scores` and :func:`sample_scores` turn maps into per-slice / per-image scores and
-  labels; their ``"max"`` is the peak of the map smoothed by 2 mm (`napari_mtml.scores`' default
+  labels; their ``"max"`` is the peak of the map smoothed by 4 mm (`napari_mtml.scores`' default
   sample score, the one `mtml predict` writes), the others summarise the raw values.
 
 Labels: ``bool``, or numbers binarised as ``label > 0.5`` (integer masks and soft labels alike).
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Names of the per-slice / per-sample scores: mean, 75th percentile, mean of the top 25 %, mean
-#: of the top 1 %, and "max", the peak of the map smoothed by 2 mm (the default sample score).
+#: of the top 1 %, and "max", the peak of the map smoothed by 4 mm (the default sample score).
 SCORE_NAMES = ("mean", "p75", "top25_mean", "top1", "max")
 #: A slice is anomalous if more than this fraction of its pixels is (5 pixels of a 128x128 slice).
 SLICE_ANOMALY_FRACTION = 5 / 128**2

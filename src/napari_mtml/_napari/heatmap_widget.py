@@ -67,6 +67,7 @@ from napari_mtml.regions import (
     regions_above,
     write_regions_csv,
 )
+from napari_mtml.scores import SAMPLE_SCORES, score_description
 
 from ._common import (
     RUN_BUS,
@@ -95,11 +96,6 @@ __all__ = ["HeatmapWidget", "Region", "regions_above"]  # the regions live in na
 BUILTIN_PICK = "built-in model…"
 MASK_FOREGROUND = "the image's foreground"
 MASK_AUTO = "automatic brain mask"
-SCORE_TEXT = {
-    "top1": "mean of the map's highest 1 % inside the mask",
-    "mean": "mean of the map inside the mask",
-    "max": "peak of the map smoothed by 2 mm inside the mask",
-}
 BATCH_FOLDER = "a folder of images"
 BATCH_LAYERS = "all open image layers"
 
@@ -526,7 +522,12 @@ class HeatmapWidget(ClosesWithItsDock, QWidget):
         note = ""
         if ens is not None:
             note = f"\n{len(ens.folds)} of {ens.n_folds} fold models: {list(ens.folds)}"
-        how = SCORE_TEXT.get(getattr(prediction, "score_method", ""))
+        method = getattr(prediction, "score_method", "")
+        how = (
+            score_description(method, np.shape(prediction.anomaly))
+            if method in SAMPLE_SCORES
+            else None
+        )
         # a note on the input stays beside the score it qualifies until the next prediction
         warned = "".join(f"\nwarning: {n}" for n in getattr(prediction, "notes", ()))
         self.score_label.setText(
