@@ -74,7 +74,8 @@ def test_heatmap_prediction_threshold_reference_and_save(
     assert heat.colormap.name == "inferno" and heat.blending == "additive"
     assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.opacity == pytest.approx(0.6)
     assert not widget.disagreement_layer.visible
-    assert "sample score" in widget.score_label.text()
+    # a volume's "max" score smooths by 4 mm, and the score line says so
+    assert "sample score (peak of the map smoothed by 4 mm" in widget.score_label.text()
 
     # Threshold -> a Labels layer whose regions are exactly the voxels above it, and a table.
     data = heat.data
