@@ -9,8 +9,9 @@ Reads what `benchmarks/quality_unseen.py --work W` left: the test volumes and th
 the others, as quality_unseen does) with each score, over the ground-truth brain ("brain") and
 over the map's own non-zero voxels ("fg", what `mtml predict` sees without a mask):
 
-- `max2`: the peak of the map smoothed by 2 mm (`napari_mtml.scores` "max", the default);
-- `max4`: the same at 4 mm;
+- `max2`: the peak of the map smoothed by 2 mm (`napari_mtml.scores` "max" before it smoothed
+  volumes by 4 mm);
+- `max4`: the same at 4 mm (the "max" score of a volume since);
 - `prom`, `p99`: the peak minus the median / the 99th percentile of the smoothed map;
 - `z`: (peak - mean) / standard deviation of the smoothed map;
 - `tophat`: the peak of the smoothed map minus a 15 mm smoothing of it;
@@ -33,7 +34,6 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from napari_mtml.metrics import roc_auc
-from napari_mtml.scores import smoothed_map
 from quality_unseen import SLICE_MIN_LESION_MM2, _load_masks, _read
 
 
@@ -48,12 +48,18 @@ def peak_scores(smooth: np.ndarray, region: np.ndarray) -> dict[str, float]:
     }
 
 
+def _smooth_2mm(anomaly: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """The 2 mm Gaussian the `max2` family of scores is measured on (the package's "max"
+    smoothing before it took 4 mm for volumes)."""
+    return ndimage.gaussian_filter(anomaly, 2.0 / sp, mode="nearest")
+
+
 def smoothings(anomaly: np.ndarray, spacing) -> dict[str, np.ndarray]:
-    """The map smoothed by 2 mm (`napari_mtml.scores.smoothed_map`, the "max" score's), by 4 mm,
-    and the 15 mm background of the top-hat: once per volume, for every region."""
+    """The map smoothed by 2 mm (the scores' base here), by 4 mm (`napari_mtml.scores`' "max"
+    of a volume), and the 15 mm background of the top-hat: once per volume, for every region."""
     sp = np.asarray(spacing, dtype=float)
     return {
-        "s2": smoothed_map(anomaly, sp),
+        "s2": _smooth_2mm(anomaly, sp),
         "s4": ndimage.gaussian_filter(anomaly, 4.0 / sp, mode="nearest"),
         "background": ndimage.gaussian_filter(anomaly, 15.0 / sp, mode="nearest"),
     }
@@ -136,7 +142,7 @@ def run_tumour(pred: Path) -> None:
     has = tumour.reshape(len(tumour), -1).any(axis=1)
     brain, how = tumour_brain_mask(scan)
     anomaly = _read(pred / "brain1_image_anomaly.nii.gz").array.astype(np.float32)
-    s2 = smoothed_map(anomaly, scan.spacing)
+    s2 = _smooth_2mm(anomaly, np.asarray(scan.spacing, dtype=float))
     rows, labels = [], []
     for z in range(len(anomaly)):
         if brain[z].any():
