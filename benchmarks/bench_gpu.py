@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         print(
             f"| {name} {'x'.join(map(str, frame))} | {n_params / 1e6:.2f} M | {batch} | "
             f"{rate:.2f} | {rate * batch:.1f} | {mem_s} | {flops / 1e9:.3g} | {mfu} | "
-            f"{predict:.2f} |",
+            f"{predict:.3g} |",
             flush=True,
         )
         samples = _healthy(dims, frame)
