@@ -135,6 +135,9 @@ def measure_costs(
 
     apply_thread_rule(int(cfg.workers), device)  # as each fold will: measure what it will get
     rng_state = torch.get_rng_state()
+    # The first optimiser a process makes imports torch's compiler stack (0.7-2 s, once): paid
+    # here, outside the clock, or `setup_s` would charge that one-time cost to every fold.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     t0 = time.perf_counter()
     model = model_factory(cfg, 0)
     dims = getattr(model, "dims", None)  # in the memory format each fold will train in
