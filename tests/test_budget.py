@@ -501,16 +501,10 @@ def test_a_one_time_cost_of_the_first_optimiser_is_not_charged_to_every_fold(mon
         return real_adamw(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", adamw)
-    rng = np.random.default_rng(0)
-    fg = np.zeros((32, 32), bool)
-    fg[4:28, 4:28] = True
-    col = HealthyCollection.from_arrays(
-        [(rng.normal(size=(32, 32)) * fg).astype(np.float32) for _ in range(5)], [fg] * 5
-    )
     cfg = _tiny(tmp_path, max_steps=4).resolve(2, "mri", (32, 32))
     costs = budget.measure_costs(
         cfg,
-        col.samples,
+        _collection(5).samples,
         (0,),
         lambda c, seed: UNet(**c.model_kwargs(), init_seed=seed),
         torch.device("cpu"),
